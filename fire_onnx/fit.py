@@ -1,0 +1,213 @@
+"""Collect activations from a PyTorch model and fit a directions file (needs torch).
+
+The model comes from a factory spec, ``package.module:factory`` or ``path/to/file.py:factory``
+(the factory is called with no arguments and returns an ``nn.Module``), plus optional weights
+(a state dict, loaded with ``weights_only=True``). Activations are module outputs, captured with
+forward hooks, so a module path here is the same path ``patch`` looks up in the export's scopes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fire_onnx import directions as dirs
+from fire_onnx.data import Images, Preprocess
+from fire_onnx.errors import FireError
+from fire_onnx.estimate import fit_target
+
+Progress = Callable[[int, int], None]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise FireError("fit needs PyTorch: pip install 'fire-onnx[fit]' (or torch==2.13.0 for the CPU build)") from None
+    return torch
+
+
+def load_factory(spec: str):
+    """Resolve ``module:attr`` or ``file.py:attr`` to the callable it names."""
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise FireError(f"model spec {spec!r} must look like package.module:factory or path/to/file.py:factory")
+    if mod_name.endswith(".py") or os.sep in mod_name or "/" in mod_name:
+        path = Path(mod_name)
+        if not path.is_file():
+            raise FireError(f"model file not found: {path}")
+        name = f"_fire_onnx_user_model_{abs(hash(str(path.resolve())))}"
+        spec_obj = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            spec_obj.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise FireError(f"cannot import {mod_name!r}: {e}") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise FireError(f"{mod_name!r} has no callable {attr!r}")
+    return fn
+
+
+def load_model(spec: str, weights: str | None = None):
+    """Build the model from ``spec`` and load ``weights`` (a state dict); returns it in eval mode."""
+    torch = _torch()
+    model = load_factory(spec)()
+    if not isinstance(model, torch.nn.Module):
+        raise FireError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        p = Path(weights)
+        if not p.is_file():
+            raise FireError(f"weights file not found: {p}")
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FireError(f"cannot load weights {p} (plain state dicts only, no pickled objects): {str(e).splitlines()[0]}") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as e:
+            first = str(e).strip().splitlines()
+            raise FireError(f"weights {p} do not fit {spec}: {' '.join(first[:2])}") from None
+    return model.eval()
+
+
+def find_module(model, path: str):
+    named = dict(model.named_modules())
+    if path not in named or path == "":
+        names = [n for n in named if n]
+        import difflib
+
+        close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
+        hint = ", ".join(close or names[:12]) + ("" if close or len(names) <= 12 else f", ... ({len(names)} in all)")
+        raise FireError(f"module {path!r} not found in the model; candidates: {hint}")
+    return named[path]
+
+
+def collect(
+    model,
+    layers: Sequence[str],
+    x: np.ndarray,
+    *,
+    batch_size: int = 128,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``x`` (preprocessed float32 inputs) through ``model``; return each layer's outputs."""
+    torch = _torch()
+    mods = {name: find_module(model, name) for name in layers}
+    store: dict[str, list] = {name: [] for name in layers}
+    hooks = []
+
+    def make_hook(name):
+        def hook(_mod, _inp, out):
+            if not isinstance(out, torch.Tensor):
+                raise FireError(f"module {name!r} returns {type(out).__name__}, not a tensor; choose a submodule")
+            store[name].append(out.detach().to(torch.float32).cpu().numpy())
+
+        return hook
+
+    for name, mod in mods.items():
+        hooks.append(mod.register_forward_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(torch.from_numpy(x[i : i + batch_size]))
+                if progress:
+                    progress(min(i + batch_size, len(x)), len(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, parts in store.items():
+        if not parts:
+            raise FireError(f"module {name!r} was never called in the forward pass")
+        if len(parts) != -(-len(x) // batch_size):
+            raise FireError(f"module {name!r} is called more than once per forward pass; choose a module called once")
+        out[name] = np.concatenate(parts)
+    return out
+
+
+def fit_directions(
+    model,
+    layers: Sequence[str],
+    clean: Images,
+    triggered: Images,
+    preprocess: Preprocess,
+    *,
+    method: str = "mean-diff",
+    k: int = 1,
+    gate: str = "auto",
+    quantile: float = 0.999,
+    alpha: float = 1.0,
+    layout: str | None = None,
+    batch_size: int = 128,
+    onnx_model=None,
+    meta: dict | None = None,
+    progress: Progress | None = None,
+    triggered_source: Images | None = None,
+) -> dirs.Directions:
+    """Fit one target per layer.
+
+    ``triggered_source`` holds the triggered images without their trigger (same order), which makes
+    the shift estimate paired (much less noisy). With ``onnx_model`` (a ModelProto), each target also
+    records the ONNX tensor its module exports to, and its shape is checked against the export.
+    """
+    if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
+        raise FireError("the clean originals of the triggered images do not match them in shape")
+    acts_c = collect(model, layers, preprocess(clean.x), batch_size=batch_size, progress=progress)
+    acts_t = collect(model, layers, preprocess(triggered.x), batch_size=batch_size, progress=progress)
+    acts_p = None
+    if triggered_source is not None:
+        acts_p = collect(model, layers, preprocess(triggered_source.x), batch_size=batch_size, progress=progress)
+    targets = []
+    for name in layers:
+        t = fit_target(acts_c[name], acts_t[name], layout=layout, method=method, k=k, gate=gate,
+                       quantile=quantile, alpha=alpha, module=name,
+                       paired=None if acts_p is None else acts_p[name],
+                       clean_labels=clean.y, triggered_labels=triggered.y)
+        if onnx_model is not None:
+            from fire_onnx.patch import _check_layout, _shape_of, resolve_target
+            from fire_onnx.onnxutil import infer_shapes
+
+            inferred = infer_shapes(onnx_model)
+            t.tensor = resolve_target(inferred, t)
+            _check_layout(t, t.tensor, _shape_of(inferred, t.tensor)[1])
+        targets.append(t)
+    return dirs.Directions(targets=targets, preprocess=preprocess.as_dict(), meta=dict(meta or {}))
+
+
+def export_onnx(model, sample: np.ndarray, path: str | Path, *, dynamo: bool = False, opset: int = 17) -> None:
+    """Export ``model`` to ONNX with a dynamic batch dimension (input 'input', output 'logits')."""
+    torch = _torch()
+    import warnings
+
+    x = torch.from_numpy(np.ascontiguousarray(sample[:2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"], output_names=["logits"],
+                              dynamic_shapes={next(iter(_forward_params(model))): {0: torch.export.Dim("batch")}},
+                              verbose=False)
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _forward_params(model):
+    import inspect
+
+    return [p for p in inspect.signature(model.forward).parameters if p != "self"]

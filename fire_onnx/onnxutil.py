@@ -1,0 +1,153 @@
+"""ONNX model I/O and PyTorch-scope bookkeeping shared by patch, inspect, fit and eval."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import onnx
+
+from fire_onnx.errors import FireError
+from fire_onnx.fileio import atomic_path
+
+# protobuf refuses to serialize a message of 2 GiB or more; switch to external data well before.
+EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model (with its external data); a missing or corrupt file raises FireError."""
+    p = Path(path)
+    if not p.is_file():
+        raise FireError(f"model not found: {p}")
+    try:
+        model = onnx.load(str(p))
+    except Exception as e:  # protobuf DecodeError, external-data errors, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FireError(f"{p} is not a readable ONNX model: {msg}") from None
+    if not model.opset_import or not model.graph.node:
+        raise FireError(f"{p} is not a readable ONNX model (no graph nodes or no opset)")
+    return model
+
+
+def save_model(model: onnx.ModelProto, dest: str | os.PathLike) -> None:
+    """Write ``model`` to ``dest`` atomically; models near 2 GiB go to external data beside it."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            tmp.write_bytes(model.SerializeToString())
+        else:
+            onnx.save_model(
+                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=dest.name + ".data", size_threshold=1024,
+            )
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that never fails the caller: an unknown custom op just leaves shapes unknown."""
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        pass
+    return model
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    raise FireError("model has no default-domain opset import")
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch module paths <-> exported node scopes
+#
+# The TorchScript-based exporter (torch.onnx.export(..., dynamo=False)) names nodes after the
+# module scope: module "layer1.0.conv1" gives "/layer1/layer1.0/conv1/Conv". Each level is the
+# unqualified module name: the last non-numeric atom of its dotted path plus any numeric atoms
+# after it. The dynamo exporter records the full paths in node metadata
+# "pkg.torch.onnx.name_scopes", e.g. ['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d'].
+
+
+def _unqualified(path: str) -> str:
+    atoms = path.split(".")
+    i = len(atoms) - 1
+    while i > 0 and atoms[i].isdigit():
+        i -= 1
+    return ".".join(atoms[i:])
+
+
+def _child_path(parent: str, level: str) -> str:
+    """Full path of the child of ``parent`` whose exported scope level is ``level``."""
+    if not parent:
+        return level
+    head = _unqualified(parent)
+    rest = level[len(head) + 1 :] if level.startswith(head + ".") else ""
+    if rest and all(a.isdigit() for a in rest.split(".")):
+        return f"{parent}.{rest}"  # "features" + "features.0" -> "features.0"
+    return f"{parent}.{level}"  # "layer1.0" + "conv1" -> "layer1.0.conv1"
+
+
+def node_scopes(node: onnx.NodeProto) -> list[str]:
+    """Module paths enclosing ``node``, outermost first ([] for top-level code or unknown)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                return []
+            scopes = [str(s) for s in scopes[:-1] if s]  # last entry is the op itself
+            return scopes
+    name = node.name
+    if name.startswith("/") and name.count("/") >= 2:
+        levels = [lv for lv in name.split("/")[1:-1] if lv]
+        out, path = [], ""
+        for lv in levels:
+            path = _child_path(path, lv)
+            out.append(path)
+        return out
+    return []
+
+
+def node_module(node: onnx.NodeProto) -> str:
+    scopes = node_scopes(node)
+    return scopes[-1] if scopes else ""
+
+
+def in_module(node: onnx.NodeProto, module_path: str) -> bool:
+    scopes = node_scopes(node)
+    if module_path in scopes:
+        return True
+    # modules called more than once appear as "name_1", "name_2" in dynamo exports
+    return any(s.rsplit("_", 1)[0] == module_path and s.rsplit("_", 1)[-1].isdigit() for s in scopes)
+
+
+def module_outputs(graph: onnx.GraphProto, module_path: str) -> list[str]:
+    """Tensors that leave ``module_path``: produced inside it, used outside it (or graph outputs)."""
+    inside = [n for n in graph.node if in_module(n, module_path)]
+    if not inside:
+        return []
+    inside_ids = {id(n) for n in inside}
+    produced = [o for n in inside for o in n.output if o]
+    graph_outs = {o.name for o in graph.output}
+    used_outside = set(graph_outs)
+    for n in graph.node:
+        if id(n) not in inside_ids:
+            used_outside.update(n.input)
+    return [t for t in produced if t in used_outside]
+
+
+def module_paths(graph: onnx.GraphProto) -> list[str]:
+    seen: dict[str, None] = {}
+    for n in graph.node:
+        for s in node_scopes(n):
+            seen.setdefault(s, None)
+    return list(seen)

@@ -1,0 +1,408 @@
+"""Insert FIRE's projection-subtraction after target tensors of an ONNX model.
+
+Only onnx, onnx-graphsurgeon and numpy are used here (no torch). The inserted nodes use ops that
+every TensorRT >= 8 parses (Reshape, Shape, MatMul, Sub, Greater, Where, Cast) and keep every
+dynamic dimension dynamic. For a target ``h`` with directions ``U`` (k, D)::
+
+    flat   (N, C, H, W): x = Reshape(h, [0, -1])        ... y = Reshape(x', Shape(h))
+    vector (N, D)      : x = h
+    token  (N, T, D)   : x = h   (MatMul broadcasts over tokens)
+
+    s  = MatMul(x, U^T) - U mu              # scores, constants folded in numpy
+    c  = Where(s > tau, s, 0)               # gate "hard" (gate "none": c = s)
+    x' = x - MatMul(c, diag(alpha) U)
+
+Consumers are rewired from ``h`` to the result (subgraph bodies included, since onnx-graphsurgeon
+shares outer tensors with them); a target that is a graph output keeps its public name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from fire_onnx import directions as dirs
+from fire_onnx.errors import FireError
+from fire_onnx.fileio import sha256_file
+from fire_onnx.onnxutil import (
+    FLOAT_TYPES,
+    infer_shapes,
+    load_model,
+    module_outputs,
+    module_paths,
+    opset_of,
+    save_model,
+)
+
+PREFIX = "fire_onnx"
+META_VERSION = "fire_onnx.version"
+META_SHA = "fire_onnx.directions_sha256"
+META_TARGETS = "fire_onnx.targets"
+META_PREPROCESS = "fire_onnx.preprocess"
+MIN_OPSET = 9  # Where
+
+
+@dataclass
+class PatchedTarget:
+    tensor: str  # the tensor the repair reads (the original activation)
+    output: str  # the tensor consumers now read
+    module: str
+    layout: str
+    gate: str
+    k: int
+    shape: list = field(default_factory=list)
+    nodes: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PatchResult:
+    model: onnx.ModelProto
+    targets: list[PatchedTarget]
+    warnings: list[str]
+
+
+def is_patched(model: onnx.ModelProto) -> bool:
+    return any(p.key == META_VERSION for p in model.metadata_props) or any(
+        n.name.startswith(PREFIX + "/") for n in model.graph.node
+    )
+
+
+def patched_targets(model: onnx.ModelProto) -> list[dict]:
+    for p in model.metadata_props:
+        if p.key == META_TARGETS:
+            try:
+                return list(json.loads(p.value))
+            except (json.JSONDecodeError, TypeError):
+                return []
+    return []
+
+
+def _shape_of(model: onnx.ModelProto, name: str):
+    """(elem_type, dims) of a tensor from value_info/inputs/outputs; dims are int or str or None."""
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == name and vi.type.HasField("tensor_type"):
+            tt = vi.type.tensor_type
+            dims = None
+            if tt.HasField("shape"):
+                dims = []
+                for d in tt.shape.dim:
+                    if d.HasField("dim_value"):
+                        dims.append(int(d.dim_value))
+                    elif d.HasField("dim_param"):
+                        dims.append(d.dim_param)
+                    else:
+                        dims.append(None)
+            return tt.elem_type, dims
+    return None, None
+
+
+def _all_tensor_names(model: onnx.ModelProto) -> list[str]:
+    names = [o for n in model.graph.node for o in n.output if o]
+    names += [i.name for i in model.graph.input]
+    return list(dict.fromkeys(names))
+
+
+def resolve_target(model: onnx.ModelProto, target: dirs.Target, override: str | None = None) -> str:
+    """The ONNX tensor name a target applies to: ``override``, else its tensor, else its module."""
+    names = _all_tensor_names(model)
+    initializers = {i.name for i in model.graph.initializer}
+    if override:
+        if override not in names or override in initializers:
+            raise FireError(f"tensor {override!r} is not an activation in the model{_suggest(override, names)}")
+        return override
+    if target.tensor and target.tensor in names:
+        return target.tensor
+    if target.module:
+        outs = module_outputs(model.graph, target.module)
+        if len(outs) == 1:
+            return outs[0]
+        if len(outs) > 1:
+            raise FireError(
+                f"module {target.module!r} has {len(outs)} output tensors in the ONNX graph "
+                f"({', '.join(outs[:6])}); choose one with --tensor"
+            )
+        paths = module_paths(model.graph)
+        if not paths:
+            raise FireError(
+                f"module {target.module!r} not found: the model's node names carry no PyTorch scopes; "
+                "find the tensor with 'fire-onnx inspect' and pass --tensor"
+            )
+        raise FireError(f"module {target.module!r} not found in the ONNX graph{_suggest(target.module, paths)}")
+    raise FireError(
+        f"tensor {target.tensor!r} is not in the model{_suggest(target.tensor, names)}; pass --tensor"
+    )
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.5)
+    if close:
+        return " (did you mean: " + ", ".join(close) + "?)"
+    shown = candidates[:8]
+    more = f", ... ({len(candidates)} in all)" if len(candidates) > 8 else ""
+    return " (candidates: " + ", ".join(shown) + more + ")" if shown else ""
+
+
+def _check_layout(target: dirs.Target, name: str, dims) -> list:
+    """Check the tensor's shape against the target's layout and D; returns the dims."""
+    d = target.dim
+    if dims is None:
+        raise FireError(
+            f"the shape of tensor {name!r} is unknown after shape inference; "
+            "fire-onnx needs at least its rank (export the model with shape information)"
+        )
+    rank = len(dims)
+    want = {"flat": "rank >= 2", "vector": "rank 2 (N, D)", "token": "rank 3 (N, T, D)"}[target.layout]
+    ok_rank = rank >= 2 if target.layout == "flat" else rank == (2 if target.layout == "vector" else 3)
+    if not ok_rank:
+        raise FireError(f"tensor {name!r} has shape {_fmt(dims)}; layout {target.layout!r} needs {want}")
+    if target.layout == "flat":
+        feat = dims[1:]
+        if all(isinstance(x, int) for x in feat):
+            if int(np.prod(feat)) != d:
+                raise FireError(
+                    f"dimension mismatch: tensor {name!r} has per-sample shape {_fmt(feat)} "
+                    f"({int(np.prod(feat))} values) but the directions have D = {d}"
+                )
+        else:
+            raise FireError(
+                f"tensor {name!r} has dynamic feature dimensions {_fmt(feat)}; layout 'flat' needs them static"
+            )
+    elif isinstance(dims[-1], int) and dims[-1] != d:
+        raise FireError(f"dimension mismatch: tensor {name!r} has last dimension {dims[-1]} but the directions have D = {d}")
+    elif not isinstance(dims[-1], int):
+        raise FireError(f"tensor {name!r} has a dynamic last dimension; layout {target.layout!r} needs D static")
+    return dims
+
+
+def _fmt(dims) -> str:
+    return "(" + ", ".join("?" if x is None else str(x) for x in dims) + ")"
+
+
+def _fusion_warning(model: onnx.ModelProto, name: str) -> str | None:
+    producer = next((n for n in model.graph.node if name in n.output), None)
+    consumers = [n for n in model.graph.node if name in n.input]
+    if producer is None or producer.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+        return None
+    if len(consumers) == 1 and consumers[0].op_type in ACTIVATIONS | {"Add", "BatchNormalization"}:
+        return (
+            f"tensor {name!r} sits between {producer.op_type} and {consumers[0].op_type}: patching there "
+            "breaks the runtime's fusion of the two; the post-activation tensor is usually a better target"
+        )
+    return None
+
+
+ACTIVATIONS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
+               "PRelu", "Gelu", "Softplus", "Mish", "ThresholdedRelu"}
+
+
+def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to):
+    """Append the repair nodes reading ``h``; return (output variable, node count)."""
+    p = f"{PREFIX}/{idx}"
+    nodes_before = len(graph.nodes)
+    ctype = np.float64 if np_dtype == np.float64 else np.float32
+
+    def var(name, dtype=None):
+        return gs.Variable(f"{p}/{name}", dtype=dtype)
+
+    def const(name, arr):
+        return gs.Constant(f"{p}/{name}", values=np.ascontiguousarray(arr))
+
+    def node(op, name, inputs, out_dtype=ctype, attrs=None):
+        out = var(name, out_dtype)
+        graph.nodes.append(gs.Node(op=op, name=f"{p}/{name}", inputs=inputs, outputs=[out], attrs=attrs or {}))
+        return out
+
+    U = target.U.astype(np.float64)
+    x = h
+    if cast_to is not None:
+        x = node("Cast", "cast_in", [x], attrs={"to": onnx.TensorProto.FLOAT})
+    if target.layout == "flat":
+        x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, -1], dtype=np.int64))])
+    s = node("MatMul", "scores_raw", [x, const("U_T", U.T.astype(ctype))])
+    s = node("Sub", "scores", [s, const("U_mu", (U @ target.mu.astype(np.float64)).astype(ctype))])
+    if target.gate == "hard":
+        mask = node("Greater", "gate_mask", [s, const("tau", target.tau.astype(ctype))], out_dtype=np.bool_)
+        s = node("Where", "gated", [mask, s, const("zero", np.zeros((1,), dtype=ctype))])
+    w = target.alpha.astype(np.float64)[:, None] * U
+    corr = node("MatMul", "correction", [s, const("alpha_U", w.astype(ctype))])
+    y = node("Sub", "repaired", [x, corr])
+    if target.layout == "flat":
+        shp = node("Shape", "orig_shape", [h], out_dtype=np.int64)
+        y = node("Reshape", "unflatten", [y, shp])
+    if cast_to is not None:
+        y = node("Cast", "cast_out", [y], out_dtype=np_dtype, attrs={"to": cast_to})
+    return y, len(graph.nodes) - nodes_before
+
+
+def _unpatch(graph, gs, recorded: list[dict]) -> None:
+    """Remove an earlier fire-onnx patch (for --replace): rewire consumers back, restore names."""
+    tensors = graph.tensors()
+    for rec in recorded:
+        h = tensors.get(rec.get("tensor", ""))
+        y = tensors.get(rec.get("output", ""))
+        if h is None or y is None:
+            raise FireError("cannot replace the earlier patch: its recorded tensors are missing from the model")
+        for n in list(y.outputs):
+            for i, t in enumerate(n.inputs):
+                if t is y:
+                    n.inputs[i] = h
+        if y in graph.outputs:
+            public = y.name
+            y.name = public + ".fire_onnx_old"
+            h.name = public
+            graph.outputs = [h if t is y else t for t in graph.outputs]
+    graph.nodes = [n for n in graph.nodes if not n.name.startswith(PREFIX + "/")]
+    graph.cleanup()
+
+
+def patch_model(
+    model: onnx.ModelProto,
+    directions: dirs.Directions,
+    *,
+    tensor: str | None = None,
+    replace: bool = False,
+    directions_sha256: str = "",
+) -> PatchResult:
+    """Return a patched copy of ``model`` (the argument is not modified)."""
+    import onnx_graphsurgeon as gs
+    from fire_onnx import __version__
+
+    notes: list[str] = []
+    if tensor and len(directions.targets) != 1:
+        raise FireError("--tensor needs a directions file with exactly one target")
+    already = is_patched(model)
+    if already and not replace:
+        raise FireError("model is already patched by fire-onnx; pass --replace to swap in the new directions")
+    opset = opset_of(model)
+    if opset < MIN_OPSET:
+        raise FireError(f"model opset {opset} is older than {MIN_OPSET}, the oldest fire-onnx patches")
+
+    src = onnx.ModelProto()
+    src.CopyFrom(model)
+    recorded = patched_targets(src) if already else []
+    if already:
+        g0 = gs.import_onnx(src)
+        _unpatch(g0, gs, recorded)
+        src = gs.export_onnx(g0, do_type_check=False)
+        src.ir_version = model.ir_version
+        del src.opset_import[:]
+        src.opset_import.extend(model.opset_import)
+    inferred = infer_shapes(src)
+
+    plan = []
+    for t in directions.targets:
+        name = resolve_target(inferred, t, tensor)
+        elem, dims = _shape_of(inferred, name)
+        if elem is not None and elem not in FLOAT_TYPES:
+            raise FireError(f"tensor {name!r} has element type {onnx.TensorProto.DataType.Name(elem)}; fire-onnx repairs float tensors only")
+        dims = _check_layout(t, name, dims)
+        if any(p[1] == name for p in plan):
+            raise FireError(f"two targets resolve to the same tensor {name!r}")
+        warn = _fusion_warning(inferred, name)
+        if warn:
+            notes.append(warn)
+        plan.append((t, name, elem, dims))
+
+    graph = gs.import_onnx(inferred)
+    tensors = graph.tensors()
+    patched: list[PatchedTarget] = []
+    for idx, (t, name, elem, dims) in enumerate(plan):
+        h = tensors[name]
+        if h.dtype is None and elem is not None:
+            h.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        np_dtype = np.dtype(h.dtype) if h.dtype is not None else np.dtype(np.float32)
+        cast_to = None
+        if np_dtype not in (np.float32, np.float64):
+            cast_to = elem if elem is not None else onnx.TensorProto.FLOAT16
+            notes.append(f"tensor {name!r} is {FLOAT_TYPES.get(elem, np_dtype)}: the repair runs in float32 between Casts")
+        consumers = list(h.outputs)  # snapshot before the patch adds its own readers of h
+        y, count = _build(graph, gs, h, t, idx, np_dtype, cast_to)
+        y.dtype = h.dtype
+        y.shape = h.shape
+        if h in graph.outputs:  # keep the public output name on the repaired tensor
+            public = h.name
+            h.name = f"{public}.fire_onnx_in"
+            y.name = public
+            graph.outputs = [y if o is h else o for o in graph.outputs]
+        for n in consumers:
+            for i, inp in enumerate(n.inputs):
+                if inp is h:
+                    n.inputs[i] = y
+        patched.append(PatchedTarget(tensor=h.name, output=y.name, module=t.module, layout=t.layout,
+                                     gate=t.gate, k=t.k, shape=[d if d is not None else "?" for d in dims],
+                                     nodes=count))
+    graph.cleanup().toposort()
+    try:
+        graph.tensors(check_duplicates=True)
+    except Exception as e:
+        raise FireError(f"patching would create duplicate tensor names ({e})") from None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = gs.export_onnx(graph, do_type_check=False)
+    # onnx-graphsurgeon writes a fresh ModelProto: keep what it drops from the source model
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    out.domain, out.model_version, out.doc_string = model.domain, model.model_version, model.doc_string
+    # drop stale value_info for the renamed tensors: shapes stay inferable from the nodes
+    keep = {p.key: p.value for p in model.metadata_props if not p.key.startswith("fire_onnx.")}
+    keep.update({
+        META_VERSION: __version__,
+        META_SHA: directions_sha256,
+        META_TARGETS: json.dumps([p.as_dict() for p in patched]),
+    })
+    if directions.preprocess:
+        keep[META_PREPROCESS] = json.dumps(directions.preprocess, sort_keys=True)
+    del out.metadata_props[:]
+    for k, v in keep.items():
+        out.metadata_props.add(key=k, value=v)
+    try:
+        onnx.checker.check_model(out, full_check=False)
+    except onnx.checker.ValidationError as e:
+        try:
+            onnx.checker.check_model(model, full_check=False)
+        except onnx.checker.ValidationError:
+            notes.append("the input model itself fails onnx.checker; the patched model does too")
+        else:
+            raise RuntimeError(f"internal error: the patched model fails onnx.checker: {e}") from e
+    return PatchResult(model=out, targets=patched, warnings=notes)
+
+
+def default_output(model_path: str | os.PathLike) -> Path:
+    p = Path(model_path)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + ".fire.onnx")
+
+
+def patch_file(
+    model_path: str | os.PathLike,
+    directions_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    tensor: str | None = None,
+    replace: bool = False,
+    force: bool = False,
+) -> tuple[Path, PatchResult]:
+    """Patch ``model_path`` with ``directions_path`` and write the result atomically."""
+    out_path = Path(output) if output else default_output(model_path)
+    if out_path.exists() and out_path.resolve() == Path(model_path).resolve():
+        raise FireError("the output path is the input model; fire-onnx never overwrites its input")
+    if out_path.exists() and not force:
+        raise FireError(f"output {out_path} exists; pass --force to overwrite it")
+    model = load_model(model_path)
+    d = dirs.load(directions_path)
+    result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))
+    save_model(result.model, out_path)
+    return out_path, result

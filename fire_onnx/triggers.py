@@ -1,0 +1,134 @@
+"""Backdoor triggers applied in pixel space to uint8 NHWC images (pure numpy).
+
+Used by ``fit --trigger``, ``eval --trigger`` and the demo, so the trigger a direction was fitted with
+is exactly the one it is evaluated with. A trigger is written as a spec string::
+
+    badnets                         3x3 white patch in the bottom-right corner, 1 px margin
+    badnets:size=4,pos=tl,value=255,pattern=checker,margin=0
+    blended                         seeded uniform-noise pattern blended with alpha 0.2
+    blended:alpha=0.1,seed=3        or  blended:pattern=hello.npy,alpha=0.2  (uint8 HxW[xC] array)
+    sig:delta=20,freq=6             sinusoidal horizontal signal (Barni et al., 2019)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fire_onnx.errors import FireError
+
+POSITIONS = ("br", "bl", "tr", "tl", "center")
+
+
+def _as_nhwc(x: np.ndarray) -> np.ndarray:
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise FireError(f"triggers apply to uint8 NHWC images, got {x.dtype} with shape {x.shape}")
+    return x
+
+
+@dataclass(frozen=True)
+class BadNets:
+    size: int = 3
+    pos: str = "br"
+    value: int = 255
+    pattern: str = "solid"  # or "checker"
+    margin: int = 1
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = _as_nhwc(x).copy()
+        n, h, w, c = x.shape
+        s, m = self.size, self.margin
+        if s + m > min(h, w):
+            raise FireError(f"badnets patch of size {s} with margin {m} does not fit {h}x{w} images")
+        rows = {"t": m, "b": h - m - s, "c": (h - s) // 2}
+        cols = {"l": m, "r": w - m - s, "c": (w - s) // 2}
+        key = "cc" if self.pos == "center" else self.pos
+        r0, c0 = rows[key[0]], cols[key[1]]
+        patch = np.full((s, s), self.value, dtype=np.uint8)
+        if self.pattern == "checker":
+            ii, jj = np.indices((s, s))
+            patch = np.where((ii + jj) % 2 == 0, self.value, 255 - self.value).astype(np.uint8)
+        x[:, r0 : r0 + s, c0 : c0 + s, :] = patch[None, :, :, None]
+        return x
+
+
+@dataclass(frozen=True)
+class Blended:
+    alpha: float = 0.2
+    seed: int = 0
+    pattern: str = ""  # path to a .npy uint8 image; empty: seeded uniform noise
+
+    def _pattern(self, h: int, w: int, c: int) -> np.ndarray:
+        if not self.pattern:
+            return np.random.default_rng(self.seed).integers(0, 256, size=(h, w, c)).astype(np.float32)
+        p = Path(self.pattern)
+        if not p.is_file():
+            raise FireError(f"blended pattern file not found: {p}")
+        try:
+            pat = np.load(p, allow_pickle=False)
+        except ValueError as e:
+            raise FireError(f"blended pattern {p} is not a plain .npy array ({e})") from None
+        if pat.ndim == 2:
+            pat = pat[:, :, None]
+        if pat.shape[:2] != (h, w):
+            raise FireError(f"blended pattern {p} is {pat.shape[0]}x{pat.shape[1]}, images are {h}x{w}")
+        if pat.shape[2] != c:
+            pat = np.broadcast_to(pat.mean(axis=2, keepdims=True), (h, w, c))
+        return pat.astype(np.float32)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = _as_nhwc(x)
+        pat = self._pattern(*x.shape[1:])
+        out = (1 - self.alpha) * x.astype(np.float32) + self.alpha * pat[None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class SIG:
+    delta: float = 20.0
+    freq: float = 6.0
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = _as_nhwc(x)
+        w = x.shape[2]
+        sig = self.delta * np.sin(2 * np.pi * np.arange(w) * self.freq / w)
+        out = x.astype(np.float32) + sig[None, None, :, None]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+KINDS = {"badnets": BadNets, "blended": Blended, "sig": SIG}
+
+
+def parse(spec: str):
+    """Parse a trigger spec string (see module docstring) into a trigger object."""
+    kind, _, rest = spec.strip().partition(":")
+    kind = kind.lower()
+    if kind not in KINDS:
+        raise FireError(f"unknown trigger {kind!r} in {spec!r}; known: {', '.join(KINDS)}")
+    cls = KINDS[kind]
+    fields = cls.__dataclass_fields__
+    kwargs = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq or key not in fields:
+            raise FireError(f"bad trigger option {item!r} for {kind}; options: {', '.join(fields)}")
+        typ = type(fields[key].default)
+        try:
+            kwargs[key] = typ(val)
+        except ValueError:
+            raise FireError(f"trigger option {key}={val!r} must be {typ.__name__}") from None
+    trig = cls(**kwargs)
+    if isinstance(trig, BadNets):
+        if trig.pos not in POSITIONS:
+            raise FireError(f"badnets pos must be one of {', '.join(POSITIONS)}")
+        if trig.pattern not in ("solid", "checker") or not 0 <= trig.value <= 255 or trig.size < 1:
+            raise FireError("badnets needs size >= 1, value in 0..255, pattern solid|checker")
+    if isinstance(trig, Blended) and not 0 < trig.alpha <= 1:
+        raise FireError("blended alpha must be in (0, 1]")
+    return trig
+
+
+def describe(trig) -> dict:
+    return {"kind": type(trig).__name__.lower(), **trig.__dict__}
