@@ -1,2 +1,385 @@
-def main():
-    print("stub")
+"""The ``fire-onnx`` command line: a thin click layer over the library.
+
+User errors (:class:`fire_onnx.errors.FireError`) print one line ``fire-onnx: error: ...`` to stderr
+and exit 1; click's usage errors exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from fire_onnx import __version__
+from fire_onnx.errors import FireError
+
+
+def _floats(value: str | None, what: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise FireError(f"{what} must be comma-separated numbers, got {value!r}") from None
+
+
+def preprocess_options(f):
+    f = click.option("--input-layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
+                     help="Model input layout (default NCHW).")(f)
+    f = click.option("--std", default=None, help="Per-channel std after scaling, e.g. 0.247,0.243,0.261 (default 1).")(f)
+    f = click.option("--mean", default=None, help="Per-channel mean after scaling, e.g. 0.491,0.482,0.447 (default 0).")(f)
+    f = click.option("--scale", type=float, default=None, help="Pixel scale factor (default 1/255).")(f)
+    return f
+
+
+def _preprocess(scale, mean, std, layout, fallback=None):
+    from fire_onnx.data import Preprocess
+
+    base = fallback or Preprocess()
+    return Preprocess(
+        scale=base.scale if scale is None else scale,
+        mean=_floats(mean, "--mean") or base.mean,
+        std=_floats(std, "--std") or base.std,
+        layout=layout or base.layout,
+    ).validate()
+
+
+def _progress(label: str):
+    if not sys.stderr.isatty():
+        return None
+
+    def cb(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        click.echo(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", nl=False, err=True)
+        if done >= total:
+            click.echo("", err=True)
+
+    return cb
+
+
+def _write_json(dest: str, payload: dict) -> None:
+    text = json.dumps(payload, indent=2) + "\n"
+    if dest == "-":
+        click.echo(text, nl=False)
+    else:
+        from fire_onnx.fileio import write_text_atomic
+
+        write_text_atomic(dest, text)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fire-onnx")
+def cli():
+    """FIRE backdoor repair for ONNX models: fit directions in PyTorch, patch the ONNX graph,
+    evaluate and benchmark in onnxruntime."""
+
+
+# ----------------------------------------------------------------------------------------- fit
+@cli.command()
+@click.option("--model", "model_spec", required=True, metavar="SPEC",
+              help="Model factory: package.module:factory or path/to/file.py:factory.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict (.pt), loaded with weights_only=True.")
+@click.option("--layer", "layers", multiple=True, required=True, metavar="MODULE",
+              help="Module path whose output to repair (repeat for several layers).")
+@click.option("--clean", "clean_path", required=True, type=click.Path(dir_okay=False),
+              help="Clean images: npz with x (uint8 NHWC) [and y], or x_train/x_test.")
+@click.option("--triggered", "triggered_path", type=click.Path(dir_okay=False), default=None,
+              help="Triggered images: npz with x [, y, and x_clean = the same images without trigger].")
+@click.option("--trigger", "trigger_spec", default=None, metavar="SPEC",
+              help="Make triggered images from clean ones instead, e.g. badnets or blended:alpha=0.2.")
+@click.option("--target", type=int, default=None, help="Attack target class (excluded from triggered samples).")
+@click.option("--split", default="train", show_default=True, help="Split to read from x_<split> files.")
+@click.option("--n-clean", type=int, default=500, show_default=True, help="Clean samples to use.")
+@click.option("--n-triggered", type=int, default=20, show_default=True, help="Triggered samples to use.")
+@click.option("--method", type=click.Choice(["mean-diff", "subspace"]), default="mean-diff", show_default=True)
+@click.option("-k", "k", type=int, default=None, help="Directions for --method subspace (default 3).")
+@click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True,
+              help="hard: act only above tau; none: plain projection; auto: hard if it fires on >=95% of triggered samples.")
+@click.option("--quantile", type=float, default=0.999, show_default=True, help="Clean-score quantile used as tau.")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="Repair strength.")
+@click.option("--layout", type=click.Choice(["flat", "vector", "token"]), default=None,
+              help="Override the layout (default from the activation rank: 4->flat, 2->vector, 3->token).")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
+              help="The exported ONNX model: record each layer's tensor name and check its shape.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
+@click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(dir_okay=False))
+@preprocess_options
+def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, target, split, n_clean, n_triggered,
+        method, k, gate, quantile, alpha, layout, onnx_path, batch_size, seed, output, scale, mean, std, input_layout):
+    """Fit backdoor directions at one or more layers of a PyTorch model and save directions.npz."""
+    import numpy as np
+
+    from fire_onnx import directions as dirs
+    from fire_onnx import triggers
+    from fire_onnx.data import Images, load_images
+    from fire_onnx.fit import fit_directions, load_model
+
+    if (triggered_path is None) == (trigger_spec is None):
+        raise FireError("give exactly one of --triggered FILE or --trigger SPEC")
+    if n_clean < 2 or n_triggered < 1:
+        raise FireError("--n-clean must be >= 2 and --n-triggered >= 1")
+    if method == "mean-diff" and k not in (None, 1):
+        raise FireError("-k applies to --method subspace (mean-diff fits one direction)")
+    k = k or (3 if method == "subspace" else 1)
+    _guard_output(output, [clean_path, triggered_path, weights, onnx_path])
+    pre = _preprocess(scale, mean, std, input_layout)
+    rng = np.random.default_rng(seed)
+    pool = load_images(clean_path, split)
+    order = rng.permutation(len(pool))
+    source = None
+    meta = {"clean_file": Path(clean_path).name, "model": model_spec, "weights": Path(weights).name if weights else ""}
+    if trigger_spec:
+        trig = triggers.parse(trigger_spec)
+        rest = order[n_clean:]
+        if target is not None and pool.y is not None:
+            rest = rest[pool.y[rest] != target]
+        if len(rest) < n_triggered:
+            raise FireError(f"{clean_path} has too few images for {n_clean} clean + {n_triggered} triggered samples")
+        source = pool.subset(rest[:n_triggered])
+        triggered = Images(trig.apply(source.x), source.y)
+        meta["trigger"] = triggers.describe(trig)
+    else:
+        tri = load_images(triggered_path, split)
+        from fire_onnx.fileio import load_npz
+
+        extra = load_npz(triggered_path, "triggered file")
+        if target is not None and tri.y is not None:
+            keep = np.flatnonzero(tri.y != target)
+        else:
+            keep = np.arange(len(tri))
+        keep = keep[:n_triggered]
+        triggered = tri.subset(keep)
+        if "x_clean" in extra:
+            xc = extra["x_clean"]
+            if xc.shape != tri.x.shape and xc.ndim == 3 and xc.shape == tri.x.shape[:3]:
+                xc = xc[..., None]
+            if xc.shape != tri.x.shape or xc.dtype != np.uint8:
+                raise FireError(f"{triggered_path}: x_clean must be uint8 with the same shape as x")
+            source = Images(xc[keep], triggered.y)
+        meta["triggered_file"] = Path(triggered_path).name
+    clean = pool.subset(order[:n_clean])
+    if len(clean) < n_clean:
+        click.echo(f"note: {clean_path} has only {len(clean)} clean images", err=True)
+    if target is not None:
+        meta["target"] = target
+    model = load_model(model_spec, weights)
+    onnx_model = None
+    if onnx_path:
+        from fire_onnx.onnxutil import load_model as load_onnx
+
+        onnx_model = load_onnx(onnx_path)
+    d = fit_directions(model, list(layers), clean, triggered, pre, method=method, k=k, gate=gate, quantile=quantile,
+                       alpha=alpha, layout=layout, batch_size=batch_size, onnx_model=onnx_model, meta=meta,
+                       triggered_source=source, progress=_progress("collecting activations"))
+    dirs.save(d, output)
+    for t in d.targets:
+        f = t.fit
+        click.echo(
+            f"{t.module}: {t.layout} D={t.dim} k={t.k} gate={t.gate} ({f['reference']} shift, "
+            f"{f['n_triggered']} triggered / {f['n_clean']} clean), separation {f['separation_sigma'][0]:.1f} sigma, "
+            f"gate fires on {f['gate_recall_triggered']:.0%} triggered / {f['gate_fires_clean']:.1%} clean"
+            + (f", tensor {t.tensor}" if t.tensor else "")
+        )
+        if t.gate == "none" and gate == "auto":
+            click.echo(f"note: {t.module}: triggered and clean scores overlap; using the plain projection (gate none)", err=True)
+    click.echo(f"wrote {output}")
+
+
+def _guard_output(output, inputs) -> None:
+    out = Path(output).resolve()
+    for p in inputs:
+        if p and Path(p).exists() and Path(p).resolve() == out:
+            raise FireError(f"output {output} is one of the inputs; fire-onnx never overwrites its input")
+
+
+# --------------------------------------------------------------------------------------- patch
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("directions", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Output model (default: MODEL with .fire.onnx next to it).")
+@click.option("--tensor", default=None, help="Patch this ONNX tensor instead of the recorded one.")
+@click.option("--replace", is_flag=True, help="Replace the repair of an already patched model.")
+@click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
+def patch(model, directions, output, tensor, replace, json_out):
+    """Insert the repair described by DIRECTIONS into MODEL (an ONNX file); MODEL is never modified."""
+    from fire_onnx.patch import default_output, patch_file
+
+    out = Path(output) if output else default_output(model)
+    _guard_output(out, [model, directions])
+    path, res = patch_file(model, directions, out, tensor=tensor, replace=replace)
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for t in res.targets:
+        click.echo(f"patched {t.tensor} {list(t.shape)} ({t.layout}, k={t.k}, gate {t.gate}, {t.nodes} nodes)"
+                   + (f" [module {t.module}]" if t.module else ""))
+    click.echo(f"wrote {path}")
+    if json_out:
+        _write_json(json_out, {"output": str(path), "targets": [t.as_dict() for t in res.targets], "warnings": res.warnings})
+
+
+# ------------------------------------------------------------------------------------- inspect
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--all", "include_all", is_flag=True, help="Also list reshapes, elementwise ops and the like.")
+@click.option("--json", "json_out", default=None, metavar="PATH", help="Write JSON (- for stdout).")
+def inspect(model, include_all, json_out):
+    """List candidate tensors of MODEL: shape, producer op, PyTorch module, fusion hazards."""
+    from fire_onnx import inspect as insp
+    from fire_onnx.onnxutil import load_model
+
+    m = load_model(model)
+    summ = insp.summary(m)
+    cands = insp.candidates(m, include_all=include_all)
+    if json_out:
+        _write_json(json_out, {"model": summ, "candidates": [c.as_dict() for c in cands]})
+        if json_out == "-":
+            return
+    click.echo(f"{model}: ir_version {summ['ir_version']}, opset {summ['opset'].get('ai.onnx')}, {summ['nodes']} nodes, "
+               f"producer {summ['producer'] or '?'}")
+    for io in ("inputs", "outputs"):
+        click.echo(f"  {io}: " + ", ".join(f"{t['name']} {t['shape']}" for t in summ[io]))
+    if summ["patched"]:
+        click.echo("  already patched by fire-onnx: " + ", ".join(t.get("tensor", "?") for t in summ["fire_onnx_targets"]))
+    rows = [("tensor", "shape", "op", "module", "layout", "note")]
+    rows += [(c.tensor, "x".join(str(d) for d in c.shape), c.op, c.module or "-", c.layout, c.note) for c in cands]
+    widths = [min(60, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+# ---------------------------------------------------------------------------------------- eval
+@cli.command(name="eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="Clean labelled images: npz with x, y or x_test, y_test.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--triggered", "triggered_path", type=click.Path(dir_okay=False), default=None,
+              help="Triggered images with their true labels (npz x, y).")
+@click.option("--trigger", "trigger_spec", default=None, metavar="SPEC", help="Apply this trigger to --data instead.")
+@click.option("--target", type=int, default=None, help="Attack target class (needed for ASR).")
+@click.option("--limit", type=int, default=None, help="Use only the first N images.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--json", "json_out", default=None, metavar="PATH", help="Write JSON results (- for stdout).")
+@preprocess_options
+def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, limit, provider, batch_size, json_out,
+             scale, mean, std, input_layout):
+    """CA, ASR and RA of one or more ONNX MODELS in onnxruntime (e.g. model.onnx model.fire.onnx)."""
+    from fire_onnx import triggers
+    from fire_onnx.data import Images, load_images
+    from fire_onnx.evaluate import compute_metrics, model_preprocess, session
+
+    if triggered_path and trigger_spec:
+        raise FireError("give at most one of --triggered and --trigger")
+    if (triggered_path or trigger_spec) and target is None:
+        raise FireError("ASR needs the attack's target class: pass --target")
+    for m in models:
+        if not Path(m).is_file():
+            raise FireError(f"model not found: {m}")
+    recorded = next((p for p in (model_preprocess(m) for m in models) if p is not None), None)
+    pre = _preprocess(scale, mean, std, input_layout, fallback=recorded)
+    clean = load_images(data_path, split)
+    if limit:
+        clean = clean.subset(slice(0, limit))
+    trig = None
+    if trigger_spec:
+        trig = Images(triggers.parse(trigger_spec).apply(clean.x), clean.y)
+    elif triggered_path:
+        trig = load_images(triggered_path, split)
+        if limit:
+            trig = trig.subset(slice(0, limit))
+    results = {}
+    for m in models:
+        results[m] = compute_metrics(session(m, provider), clean, pre, trig, target, batch_size).as_dict()
+    click.echo("| model | CA | ASR | RA | clean | triggered |")
+    click.echo("|---|---|---|---|---|---|")
+    for m, r in results.items():
+        click.echo(f"| {m} | {_pct(r['ca'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | {r['n_clean']} | {r['n_triggered']} |")
+    if json_out:
+        _write_json(json_out, {"preprocess": pre.as_dict(), "target": target, "provider": provider,
+                               "trigger": trigger_spec, "models": results})
+
+
+# --------------------------------------------------------------------------------------- bench
+@cli.command()
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("patched", type=click.Path(dir_okay=False))
+@click.option("--batch", "batches", type=int, multiple=True, default=(1, 64), show_default=True)
+@click.option("--iters", type=int, default=200, show_default=True)
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="intra-op threads (0: one per core).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--json", "json_out", default=None, metavar="PATH", help="Write JSON results (- for stdout).")
+@click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write a markdown table.")
+def bench(original, patched, batches, iters, warmup, threads, provider, json_out, md_out):
+    """Latency of PATCHED vs ORIGINAL, interleaved in one process (the ratio is the claim)."""
+    from fire_onnx import bench as b
+    from fire_onnx.fileio import write_text_atomic
+
+    for m in (original, patched):
+        if not Path(m).is_file():
+            raise FireError(f"model not found: {m}")
+    res = b.compare(original, patched, batches=batches, iters=iters, warmup=warmup, provider=provider, threads=threads)
+    res.update(original=str(original), patched=str(patched))
+    md = b.markdown(res)
+    click.echo(md)
+    if json_out:
+        _write_json(json_out, res)
+    if md_out:
+        write_text_atomic(md_out, md + "\n")
+
+
+# ---------------------------------------------------------------------------------------- demo
+@cli.command()
+@click.option("-o", "--output", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data", "data_path", default=None, type=click.Path(dir_okay=False),
+              help="Labelled image npz with x_train/y_train/x_test/y_test (default: bundled MNIST-5k).")
+@click.option("--trigger", default="badnets", show_default=True, metavar="SPEC")
+@click.option("--target", type=int, default=0, show_default=True)
+@click.option("--poison-rate", type=float, default=0.1, show_default=True)
+@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--layer", default="block2", show_default=True)
+@click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(out_dir, data_path, trigger, target, poison_rate, epochs, layer, gate, seed):
+    """Backdoor a small CNN on real MNIST digits, fit, patch and evaluate: the whole path in a minute."""
+    from fire_onnx.demo import format_report, run_demo
+
+    if not 0 < poison_rate < 1 or epochs < 1:
+        raise FireError("--poison-rate must be in (0, 1) and --epochs >= 1")
+    report = run_demo(out_dir, data=data_path, trigger=trigger, target=target, poison_rate=poison_rate,
+                      epochs=epochs, layer=layer, gate=gate, seed=seed, log=click.echo)
+    click.echo("")
+    click.echo(format_report(report))
+    click.echo(f"\nartifacts in {out_dir}/ (report.json, model.onnx, directions.npz, model.fire.onnx); "
+               f"{report['seconds']} s")
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="fire-onnx", standalone_mode=False)
+    except FireError as e:
+        click.echo(f"fire-onnx: error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("fire-onnx: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("fire-onnx: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

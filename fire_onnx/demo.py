@@ -144,7 +144,7 @@ def run_demo(
 
     log("[4/5] patching the ONNX graph")
     patched_path = out / "model.fire.onnx"
-    _, res = patch_file(model_path, dir_path, patched_path, force=True)
+    _, res = patch_file(model_path, dir_path, patched_path)
     for wmsg in res.warnings:
         log(f"  warning: {wmsg}")
     log(f"  inserted {sum(p.nodes for p in res.targets)} nodes after {res.targets[0].tensor!r}")

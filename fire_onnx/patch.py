@@ -393,14 +393,13 @@ def patch_file(
     *,
     tensor: str | None = None,
     replace: bool = False,
-    force: bool = False,
 ) -> tuple[Path, PatchResult]:
-    """Patch ``model_path`` with ``directions_path`` and write the result atomically."""
+    """Patch ``model_path`` with ``directions_path`` and write the result atomically to ``output``
+    (default ``<model>.fire.onnx``). An existing output is replaced; the input never is."""
     out_path = Path(output) if output else default_output(model_path)
-    if out_path.exists() and out_path.resolve() == Path(model_path).resolve():
-        raise FireError("the output path is the input model; fire-onnx never overwrites its input")
-    if out_path.exists() and not force:
-        raise FireError(f"output {out_path} exists; pass --force to overwrite it")
+    for src in (model_path, directions_path):
+        if out_path.exists() and Path(src).exists() and out_path.resolve() == Path(src).resolve():
+            raise FireError(f"the output path {out_path} is an input; fire-onnx never overwrites its input")
     model = load_model(model_path)
     d = dirs.load(directions_path)
     result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))

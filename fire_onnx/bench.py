@@ -1,0 +1,82 @@
+"""Latency of an original vs a patched ONNX model, measured side by side in one process.
+
+Both sessions get identical options; their runs are interleaved (A, B, A, B, ...) on the same input so
+that machine noise hits both alike. The overhead reported is the ratio of median latencies.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from fire_onnx.errors import FireError
+
+
+def _input_for(sess, batch: int, seed: int = 0) -> dict:
+    inp = sess.get_inputs()
+    if len(inp) != 1:
+        raise FireError("bench supports single-input models")
+    shape = [batch] + [d if isinstance(d, int) and d > 0 else None for d in inp[0].shape[1:]]
+    if any(d is None for d in shape):
+        raise FireError(f"input {inp[0].name!r} has dynamic non-batch dimensions {inp[0].shape}; bench needs them static")
+    if inp[0].type not in ("tensor(float)",):
+        raise FireError(f"bench feeds float32 inputs; input {inp[0].name!r} is {inp[0].type}")
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return {inp[0].name: x}
+
+
+def compare(original, patched, *, batches=(1, 64), iters: int = 200, warmup: int = 20,
+            provider: str = "cpu", threads: int = 1) -> dict:
+    """Median/p90 latency (ms) of both models per batch size and the patched/original ratio."""
+    from fire_onnx.evaluate import session
+
+    if iters < 5 or warmup < 0:
+        raise FireError("bench needs --iters >= 5 and --warmup >= 0")
+    sa = session(original, provider, threads=threads)
+    sb = session(patched, provider, threads=threads)
+    rows = []
+    for batch in batches:
+        if batch < 1:
+            raise FireError("batch sizes must be >= 1")
+        feed = _input_for(sa, batch)
+        if [i.name for i in sb.get_inputs()] != list(feed):
+            raise FireError("the two models have different inputs; bench compares a model with its patched copy")
+        for _ in range(warmup):
+            sa.run(None, feed)
+            sb.run(None, feed)
+        ta, tb = [], []
+        for i in range(iters):
+            order = ((sa, ta), (sb, tb)) if i % 2 == 0 else ((sb, tb), (sa, ta))
+            for s, acc in order:
+                t0 = time.perf_counter()
+                s.run(None, feed)
+                acc.append(time.perf_counter() - t0)
+        a, b = np.array(ta) * 1e3, np.array(tb) * 1e3
+        rows.append({
+            "batch": batch,
+            "original_ms_p50": float(np.median(a)), "original_ms_p90": float(np.quantile(a, 0.9)),
+            "patched_ms_p50": float(np.median(b)), "patched_ms_p90": float(np.quantile(b, 0.9)),
+            "ratio_p50": float(np.median(b) / np.median(a)),
+            "overhead_us_per_sample": float((np.median(b) - np.median(a)) * 1e3 / batch),
+        })
+    import onnxruntime as ort
+
+    return {"provider": provider, "threads": threads, "iters": iters, "warmup": warmup,
+            "onnxruntime": ort.__version__, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"onnxruntime {result['onnxruntime']}, provider {result['provider']}, {result['threads']} thread(s), "
+        f"{result['iters']} interleaved runs each after {result['warmup']} warm-up runs",
+        "",
+        "| batch | original p50 (ms) | patched p50 (ms) | original p90 | patched p90 | patched/original (p50) | overhead per sample (µs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['original_ms_p50']:.3f} | {r['patched_ms_p50']:.3f} | {r['original_ms_p90']:.3f} | "
+            f"{r['patched_ms_p90']:.3f} | {r['ratio_p50']:.3f}× | {r['overhead_us_per_sample']:.2f} |"
+        )
+    return "\n".join(lines)
