@@ -58,6 +58,8 @@ def load_npz(path: str | os.PathLike, what: str = "npz file") -> dict[str, np.nd
     path = Path(path)
     if not path.is_file():
         raise FireError(f"{what} not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise FireError(f"{what} {path} is not a valid npz file (not a zip archive of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

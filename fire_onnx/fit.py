@@ -211,3 +211,35 @@ def _forward_params(model):
     import inspect
 
     return [p for p in inspect.signature(model.forward).parameters if p != "self"]
+
+
+def repair_module_output(target: dirs.Target):
+    """A forward hook that applies ``target``'s repair to a module's output, in PyTorch.
+
+    The same computation the ONNX patch performs; useful as a reference and to run FIRE in PyTorch.
+    """
+    torch = _torch()
+    U = torch.from_numpy(target.U.astype(np.float32))
+    mu = torch.from_numpy(target.mu.astype(np.float32))
+    tau = torch.from_numpy(target.tau.astype(np.float32))
+    alpha = torch.from_numpy(target.alpha.astype(np.float32))
+
+    def hook(_mod, _inp, out):
+        x = out.reshape(out.shape[0], -1) if target.layout == "flat" else out
+        s = (x.to(torch.float32) - mu) @ U.T
+        if target.gate == "hard":
+            s = torch.where(s > tau, s, torch.zeros_like(s))
+        y = x.to(torch.float32) - (s * alpha) @ U
+        return y.reshape(out.shape).to(out.dtype)
+
+    return hook
+
+
+def apply_in_torch(model, directions: dirs.Directions) -> list:
+    """Register the repair of every target (by module path) on ``model``; returns the hook handles."""
+    handles = []
+    for t in directions.targets:
+        if not t.module:
+            raise FireError(f"target {t.label} has no module path; it can only be applied to the ONNX model")
+        handles.append(find_module(model, t.module).register_forward_hook(repair_module_output(t)))
+    return handles

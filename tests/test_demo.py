@@ -1,0 +1,35 @@
+"""The demo's acceptance criteria, measured by the demo itself (seeded)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+
+def test_demo_meets_repair_criteria(demo_run):
+    out, report = demo_run
+    o, p = report["original"], report["patched"]
+    assert o["asr"] >= 0.9, "the demo model must actually be backdoored"
+    assert o["ca"] - p["ca"] <= 0.005
+    assert p["asr"] <= 0.02
+    assert p["ra"] >= p["ca"] - 0.03
+    assert all(report["checks"].values())
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["patched"] == p and on_disk["original"] == o
+    for name in ("model.onnx", "directions.npz", "model.fire.onnx"):
+        assert (out / name).is_file()
+    patched = onnx.load(str(out / "model.fire.onnx"))
+    assert any(n.name.startswith("fire_onnx/") for n in patched.graph.node)
+    assert report["config"]["n_triggered"] == 20
+
+
+def test_demo_fit_is_paired_and_gated(demo_run):
+    from fire_onnx import directions as dirs
+
+    out, report = demo_run
+    d = dirs.load(out / "directions.npz")
+    t = d.targets[0]
+    assert t.module == "block2" and t.tensor == report["config"]["tensor"]
+    assert t.fit["reference"] == "paired" and t.fit["n_triggered"] == 20
+    assert d.preprocess["mean"] == [0.5]

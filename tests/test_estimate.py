@@ -1,0 +1,91 @@
+"""Direction estimation on synthetic activations with a planted trigger direction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fire_onnx.errors import FireError
+from fire_onnx.estimate import fit_target
+
+
+def planted(n_clean=300, n_trig=20, d=64, strength=8.0, seed=0, spread=0.0):
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=d)
+    u /= np.linalg.norm(u)
+    clean = rng.normal(size=(n_clean, d))
+    src = rng.normal(size=(n_trig, d))
+    amp = strength * (1 + spread * rng.normal(size=(n_trig, 1)))
+    return clean, src + amp * u, src, u
+
+
+def test_mean_diff_recovers_planted_direction_from_20_samples():
+    clean, trig, src, u = planted()
+    t = fit_target(clean, trig, module="m")
+    assert abs(float(t.U[0] @ u)) > 0.9
+    assert t.gate == "hard" and t.fit["reference"] == "unpaired"
+    paired = fit_target(clean, trig, paired=src, module="m")
+    assert float(paired.U[0] @ u) > 0.999  # pairing cancels the content noise exactly
+    assert paired.fit["reference"] == "paired"
+
+
+def test_orientation_makes_triggered_scores_positive():
+    clean, trig, src, u = planted(d=16)
+    t = fit_target(clean, trig, method="subspace", k=3, paired=src, module="m")
+    scores = (trig - t.mu) @ t.U.T
+    assert (scores.mean(axis=0) > 0).all()
+    np.testing.assert_allclose(t.U @ t.U.T, np.eye(3), atol=1e-5)
+
+
+def test_tau_is_the_clean_quantile_and_gate_auto_falls_back():
+    clean, trig, _, _ = planted(strength=8.0)
+    t = fit_target(clean, trig, quantile=0.99, module="m")
+    s = (clean - t.mu) @ t.U[0]
+    assert abs(float(t.tau[0]) - float(np.quantile(s, 0.99))) < 1e-4
+    weak_clean, weak_trig, _, _ = planted(strength=1.0, seed=1)
+    weak = fit_target(weak_clean, weak_trig, module="m")
+    assert weak.gate == "none" and weak.fit["gate_recall_triggered"] < 0.95
+    forced = fit_target(weak_clean, weak_trig, gate="hard", module="m")
+    assert forced.gate == "hard"
+
+
+def test_class_matched_reference_removes_class_mix_bias():
+    rng = np.random.default_rng(3)
+    d = 32
+    class_means = rng.normal(size=(3, d)) * 5
+    y_clean = np.repeat([0, 1, 2], 100)
+    clean = class_means[y_clean] + rng.normal(size=(300, d))
+    y_trig = np.array([1, 2] * 10)  # no target-class (0) images among the triggered ones
+    u = np.eye(d)[0]
+    trig = class_means[y_trig] + rng.normal(size=(20, d)) + 6 * u
+    plain = fit_target(clean, trig, module="m")
+    matched = fit_target(clean, trig, clean_labels=y_clean, triggered_labels=y_trig, module="m")
+    assert matched.fit["reference"] == "class-matched"
+    assert float(matched.U[0] @ u) > 0.95 > abs(float(plain.U[0] @ u))
+
+
+def test_token_layout_uses_every_token():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(50, 5, 8))
+    trig = rng.normal(size=(10, 5, 8)) + 4 * np.eye(8)[2]
+    t = fit_target(clean, trig, module="m")
+    assert t.layout == "token" and t.dim == 8 and t.fit["observations_triggered"] == 50
+    assert float(t.U[0, 2]) > 0.95
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(method="pca"), "method"),
+    (dict(k=2), "exactly one direction"),
+    (dict(quantile=1.5), "quantile"),
+    (dict(gate="soft"), "gate"),
+])
+def test_bad_settings(kw, match):
+    clean, trig, _, _ = planted()
+    with pytest.raises(FireError, match=match):
+        fit_target(clean, trig, module="m", **kw)
+
+
+def test_no_shift_is_an_error():
+    clean = np.random.default_rng(0).normal(size=(30, 8))
+    with pytest.raises(FireError, match="does not move"):
+        fit_target(clean, clean[:5].copy(), paired=clean[:5].copy(), module="m")

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fire_onnx import triggers
+from fire_onnx.errors import FireError
+
+
+def imgs(c=1, n=4, s=28):
+    return np.random.default_rng(0).integers(0, 200, size=(n, s, s, c)).astype(np.uint8)
+
+
+def test_badnets_default_patch_bottom_right():
+    x = imgs()
+    y = triggers.parse("badnets").apply(x)
+    assert (y[:, 24:27, 24:27, :] == 255).all()
+    mask = np.ones_like(x, bool)
+    mask[:, 24:27, 24:27, :] = False
+    assert (y[mask] == x[mask]).all() and y.dtype == np.uint8
+    assert (x == imgs()).all(), "the input must not be modified"
+
+
+def test_badnets_options():
+    y = triggers.parse("badnets:size=4,pos=tl,value=0,margin=0,pattern=checker").apply(imgs(3, s=32))
+    assert y[0, 0, 0, 0] == 0 and y[0, 0, 1, 0] == 255 and y.shape == (4, 32, 32, 3)
+
+
+def test_blended_is_seeded_and_alpha_weighted():
+    x = imgs(3, s=32)
+    a = triggers.parse("blended:alpha=0.2,seed=3").apply(x)
+    b = triggers.parse("blended:alpha=0.2,seed=3").apply(x)
+    c = triggers.parse("blended:alpha=0.2,seed=4").apply(x)
+    assert (a == b).all() and (a != c).any()
+    diff = np.abs(a.astype(int) - x.astype(int))
+    assert diff.max() <= 0.2 * 255 + 1
+
+
+def test_blended_pattern_file(tmp_path):
+    pat = np.full((28, 28), 255, np.uint8)
+    np.save(tmp_path / "p.npy", pat)
+    y = triggers.parse(f"blended:pattern={tmp_path / 'p.npy'},alpha=1.0").apply(imgs())
+    assert (y == 255).all()
+
+
+def test_sig_changes_columns():
+    y = triggers.parse("sig:delta=20,freq=6").apply(np.full((1, 28, 28, 1), 100, np.uint8))
+    assert len(np.unique(y[0, 0, :, 0])) > 5 and (y[0, :, 3, 0] == y[0, 0, 3, 0]).all()
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("warp", "unknown trigger"),
+    ("badnets:size=abc", "must be int"),
+    ("badnets:colour=1", "bad trigger option"),
+    ("badnets:pos=middle", "pos"),
+    ("blended:alpha=0", "alpha"),
+])
+def test_bad_specs(spec, match):
+    with pytest.raises(FireError, match=match):
+        triggers.parse(spec)
+
+
+def test_patch_too_large_and_pattern_missing():
+    with pytest.raises(FireError, match="does not fit"):
+        triggers.parse("badnets:size=40").apply(imgs())
+    with pytest.raises(FireError, match="not found"):
+        triggers.parse("blended:pattern=/nonexistent.npy").apply(imgs())
