@@ -83,11 +83,13 @@ def cli():
 
 # ----------------------------------------------------------------------------------------- fit
 @cli.command()
-@click.option("--model", "model_spec", required=True, metavar="SPEC",
-              help="Model factory: package.module:factory or path/to/file.py:factory.")
+@click.option("--model", "model_spec", default=None, metavar="SPEC",
+              help="PyTorch model: package.module:factory, path/to/file.py:factory, or a TorchScript file. "
+                   "Without it, activations come from the --onnx model in onnxruntime.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict (.pt), loaded with weights_only=True.")
 @click.option("--layer", "layers", multiple=True, required=True, metavar="MODULE",
-              help="Module path whose output to repair (repeat for several layers).")
+              help="Module path whose output to repair, or an ONNX tensor name when fitting from --onnx "
+                   "(repeat for several layers).")
 @click.option("--clean", "clean_path", required=True, type=click.Path(dir_okay=False),
               help="Clean images: npz with x (uint8 NHWC) [and y], or x_train/x_test.")
 @click.option("--triggered", "triggered_path", type=click.Path(dir_okay=False), default=None,
@@ -107,7 +109,8 @@ def cli():
 @click.option("--layout", type=click.Choice(["flat", "vector", "token"]), default=None,
               help="Override the layout (default from the activation rank: 4->flat, 2->vector, 3->token).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
-              help="The exported ONNX model: record each layer's tensor name and check its shape.")
+              help="The exported ONNX model: record each layer's tensor name and check its shape "
+                   "(and the activation source when --model is not given).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
 @click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(dir_okay=False))
@@ -135,7 +138,8 @@ def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, t
     pool = load_images(clean_path, split)
     order = rng.permutation(len(pool))
     source = None
-    meta = {"clean_file": Path(clean_path).name, "model": model_spec, "weights": Path(weights).name if weights else ""}
+    meta = {"clean_file": Path(clean_path).name, "model": model_spec or Path(onnx_path or "").name,
+            "weights": Path(weights).name if weights else ""}
     if trigger_spec:
         trig = triggers.parse(trigger_spec)
         rest = order[n_clean:]
@@ -170,12 +174,28 @@ def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, t
         click.echo(f"note: {clean_path} has only {len(clean)} clean images", err=True)
     if target is not None:
         meta["target"] = target
-    model = load_model(model_spec, weights)
+    if model_spec is None and onnx_path is None:
+        raise FireError("give --model (PyTorch) or --onnx (fit from the ONNX model in onnxruntime)")
     onnx_model = None
     if onnx_path:
         from fire_onnx.onnxutil import load_model as load_onnx
 
         onnx_model = load_onnx(onnx_path)
+    model = None
+    if model_spec and Path(model_spec).is_file():  # a TorchScript file: hooks do not run on it
+        from fire_onnx.fit import torchscript_to_onnx
+
+        if weights:
+            raise FireError("--weights does not apply to a TorchScript file (its weights are inside)")
+        if onnx_model is None:
+            onnx_model = torchscript_to_onnx(model_spec, pre(clean.x[:2]))
+        else:
+            click.echo("note: fitting from the --onnx model; the TorchScript file is not needed", err=True)
+        meta["model"] = Path(model_spec).name
+    elif model_spec:
+        model = load_model(model_spec, weights)
+    elif weights:
+        raise FireError("--weights needs --model")
     d = fit_directions(model, list(layers), clean, triggered, pre, method=method, k=k, gate=gate, quantile=quantile,
                        alpha=alpha, layout=layout, batch_size=batch_size, onnx_model=onnx_model, meta=meta,
                        triggered_source=source, progress=_progress("collecting activations"))
@@ -183,13 +203,13 @@ def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, t
     for t in d.targets:
         f = t.fit
         click.echo(
-            f"{t.module}: {t.layout} D={t.dim} k={t.k} gate={t.gate} ({f['reference']} shift, "
+            f"{t.module or t.tensor}: {t.layout} D={t.dim} k={t.k} gate={t.gate} ({f['reference']} shift, "
             f"{f['n_triggered']} triggered / {f['n_clean']} clean), separation {f['separation_sigma'][0]:.1f} sigma, "
             f"gate fires on {f['gate_recall_triggered']:.0%} triggered / {f['gate_fires_clean']:.1%} clean"
             + (f", tensor {t.tensor}" if t.tensor else "")
         )
         if t.gate == "none" and gate == "auto":
-            click.echo(f"note: {t.module}: triggered and clean scores overlap; using the plain projection (gate none)", err=True)
+            click.echo(f"note: {t.module or t.tensor}: triggered and clean scores overlap; using the plain projection (gate none)", err=True)
     click.echo(f"wrote {output}")
 
 

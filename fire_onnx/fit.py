@@ -140,6 +140,69 @@ def collect(
     return out
 
 
+def collect_onnx(
+    model,
+    tensors: Sequence[str],
+    x: np.ndarray,
+    *,
+    batch_size: int = 128,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
+    """Activations of ONNX ``tensors`` for inputs ``x``, from onnxruntime (no torch needed).
+
+    The tensors are exposed as extra graph outputs of an in-memory copy of ``model`` (a ModelProto).
+    """
+    import onnx
+
+    from fire_onnx.evaluate import session
+    from fire_onnx.onnxutil import infer_shapes
+
+    m = infer_shapes(model)
+    present = {o.name for o in m.graph.output}
+    known = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.input)}
+    for name in tensors:
+        if name not in present:
+            m.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
+    sess = session(m.SerializeToString())
+    inp = sess.get_inputs()
+    if len(inp) != 1:
+        raise FireError(f"the ONNX model has {len(inp)} inputs; fit from ONNX supports single-input models")
+    out: dict[str, list] = {name: [] for name in tensors}
+    for i in range(0, len(x), batch_size):
+        res = sess.run(list(tensors), {inp[0].name: x[i : i + batch_size]})
+        for name, r in zip(tensors, res):
+            out[name].append(np.asarray(r, dtype=np.float32))
+        if progress:
+            progress(min(i + batch_size, len(x)), len(x))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def torchscript_to_onnx(path: str | Path, sample: np.ndarray):
+    """Export a TorchScript file to an in-memory ONNX model (scope names kept), for fitting from it.
+
+    Forward hooks do not run on loaded TorchScript modules, so activations are read in onnxruntime.
+    """
+    torch = _torch()
+    import io
+    import warnings
+
+    import onnx
+
+    try:
+        ts = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:
+        raise FireError(f"{path} is not a TorchScript file: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(ts.eval(), (torch.from_numpy(np.ascontiguousarray(sample[:2])),), buf, dynamo=False,
+                              input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+        except Exception as e:
+            raise FireError(f"cannot export TorchScript {path} to ONNX for fitting: {str(e).splitlines()[0]}") from None
+    return onnx.load_from_string(buf.getvalue())
+
+
 def fit_directions(
     model,
     layers: Sequence[str],
@@ -161,29 +224,54 @@ def fit_directions(
 ) -> dirs.Directions:
     """Fit one target per layer.
 
+    ``model`` is a ``torch.nn.Module`` (activations from forward hooks on the modules named by
+    ``layers``) or ``None``, in which case activations come from ``onnx_model`` in onnxruntime and
+    ``layers`` may name ONNX tensors or PyTorch module paths (resolved through export scopes).
     ``triggered_source`` holds the triggered images without their trigger (same order), which makes
-    the shift estimate paired (much less noisy). With ``onnx_model`` (a ModelProto), each target also
-    records the ONNX tensor its module exports to, and its shape is checked against the export.
+    the shift estimate paired (much less noisy). With ``onnx_model``, each target records the ONNX
+    tensor it applies to, and its shape is checked against the export.
     """
     if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
         raise FireError("the clean originals of the triggered images do not match them in shape")
-    acts_c = collect(model, layers, preprocess(clean.x), batch_size=batch_size, progress=progress)
-    acts_t = collect(model, layers, preprocess(triggered.x), batch_size=batch_size, progress=progress)
-    acts_p = None
-    if triggered_source is not None:
-        acts_p = collect(model, layers, preprocess(triggered_source.x), batch_size=batch_size, progress=progress)
+    inferred = None
+    if onnx_model is not None:
+        from fire_onnx.onnxutil import infer_shapes
+
+        inferred = infer_shapes(onnx_model)
+    tensor_of: dict[str, str] = {}
+    if model is None:
+        if inferred is None:
+            raise FireError("fit needs a PyTorch model (--model) or an ONNX model (--onnx)")
+        from fire_onnx.patch import resolve_target
+
+        names = {o for n in inferred.graph.node for o in n.output}
+        for layer in layers:
+            probe = dirs.Target(mu=np.zeros(1, np.float32), U=np.ones((1, 1), np.float32), tau=np.zeros(1, np.float32),
+                                alpha=np.ones(1, np.float32), layout="vector",
+                                tensor=layer if layer in names else "", module="" if layer in names else layer)
+            tensor_of[layer] = resolve_target(inferred, probe)
+
+        def run(x):
+            acts = collect_onnx(onnx_model, list(tensor_of.values()), x, batch_size=batch_size, progress=progress)
+            return {layer: acts[t] for layer, t in tensor_of.items()}
+    else:
+        def run(x):
+            return collect(model, layers, x, batch_size=batch_size, progress=progress)
+
+    acts_c, acts_t = run(preprocess(clean.x)), run(preprocess(triggered.x))
+    acts_p = run(preprocess(triggered_source.x)) if triggered_source is not None else None
     targets = []
     for name in layers:
+        is_tensor = tensor_of.get(name) == name
         t = fit_target(acts_c[name], acts_t[name], layout=layout, method=method, k=k, gate=gate,
-                       quantile=quantile, alpha=alpha, module=name,
+                       quantile=quantile, alpha=alpha, module="" if is_tensor else name,
+                       tensor=tensor_of.get(name, ""),
                        paired=None if acts_p is None else acts_p[name],
                        clean_labels=clean.y, triggered_labels=triggered.y)
-        if onnx_model is not None:
+        if inferred is not None:
             from fire_onnx.patch import _check_layout, _shape_of, resolve_target
-            from fire_onnx.onnxutil import infer_shapes
 
-            inferred = infer_shapes(onnx_model)
-            t.tensor = resolve_target(inferred, t)
+            t.tensor = t.tensor or resolve_target(inferred, t)
             _check_layout(t, t.tensor, _shape_of(inferred, t.tensor)[1])
         targets.append(t)
     return dirs.Directions(targets=targets, preprocess=preprocess.as_dict(), meta=dict(meta or {}))
