@@ -1,7 +1,8 @@
 """The ``fire-onnx`` command line: a thin click layer over the library.
 
 User errors (:class:`fire_onnx.errors.FireError`) print one line ``fire-onnx: error: ...`` to stderr
-and exit 1; click's usage errors exit 2; anything else is a bug and keeps its traceback.
+and exit 1; usage errors (unknown option, out-of-range value) print one such line and exit 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ def cli():
               help="Make triggered images from clean ones instead, e.g. badnets or blended:alpha=0.2.")
 @click.option("--target", type=int, default=None, help="Attack target class (excluded from triggered samples).")
 @click.option("--split", default="train", show_default=True, help="Split to read from x_<split> files.")
-@click.option("--n-clean", type=int, default=500, show_default=True, help="Clean samples to use.")
-@click.option("--n-triggered", type=int, default=20, show_default=True, help="Triggered samples to use.")
+@click.option("--n-clean", type=click.IntRange(min=2), default=500, show_default=True, help="Clean samples to use.")
+@click.option("--n-triggered", type=click.IntRange(min=1), default=20, show_default=True, help="Triggered samples to use.")
 @click.option("--method", type=click.Choice(["mean-diff", "subspace"]), default="mean-diff", show_default=True)
-@click.option("-k", "k", type=int, default=None, help="Directions for --method subspace (default 3).")
+@click.option("-k", "k", type=click.IntRange(min=1), default=None, help="Directions for --method subspace (default 3).")
 @click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True,
               help="hard: act only above tau; none: plain projection; auto: hard if it fires on >=95% of triggered samples.")
 @click.option("--quantile", type=float, default=0.999, show_default=True, help="Clean-score quantile used as tau.")
@@ -111,7 +112,7 @@ def cli():
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
               help="The exported ONNX model: record each layer's tensor name and check its shape "
                    "(and the activation source when --model is not given).")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
 @click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(dir_okay=False))
 @preprocess_options
@@ -132,7 +133,7 @@ def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, t
     if method == "mean-diff" and k not in (None, 1):
         raise FireError("-k applies to --method subspace (mean-diff fits one direction)")
     k = k or (3 if method == "subspace" else 1)
-    _guard_output(output, [clean_path, triggered_path, weights, onnx_path])
+    _guard_output(output, [clean_path, triggered_path, weights, onnx_path, model_spec])
     pre = _preprocess(scale, mean, std, input_layout)
     rng = np.random.default_rng(seed)
     pool = load_images(clean_path, split)
@@ -214,6 +215,9 @@ def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, t
 
 
 def _guard_output(output, inputs) -> None:
+    """Refuse an output path that names one of the inputs (fire-onnx never overwrites an input)."""
+    if not output or output == "-":
+        return
     out = Path(output).resolve()
     for p in inputs:
         if p and Path(p).exists() and Path(p).resolve() == out:
@@ -235,6 +239,7 @@ def patch(model, directions, output, tensor, replace, json_out):
 
     out = Path(output) if output else default_output(model)
     _guard_output(out, [model, directions])
+    _guard_output(json_out, [model, directions, out])
     path, res = patch_file(model, directions, out, tensor=tensor, replace=replace)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -256,6 +261,7 @@ def inspect(model, include_all, json_out):
     from fire_onnx import inspect as insp
     from fire_onnx.onnxutil import load_model
 
+    _guard_output(json_out, [model])
     m = load_model(model)
     summ = insp.summary(m)
     cands = insp.candidates(m, include_all=include_all)
@@ -286,9 +292,9 @@ def inspect(model, include_all, json_out):
               help="Triggered images with their true labels (npz x, y).")
 @click.option("--trigger", "trigger_spec", default=None, metavar="SPEC", help="Apply this trigger to --data instead.")
 @click.option("--target", type=int, default=None, help="Attack target class (needed for ASR).")
-@click.option("--limit", type=int, default=None, help="Use only the first N images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write JSON results (- for stdout).")
 @preprocess_options
 def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, limit, provider, batch_size, json_out,
@@ -305,6 +311,7 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
     for m in models:
         if not Path(m).is_file():
             raise FireError(f"model not found: {m}")
+    _guard_output(json_out, [*models, data_path, triggered_path])
     recorded = next((p for p in (model_preprocess(m) for m in models) if p is not None), None)
     pre = _preprocess(scale, mean, std, input_layout, fallback=recorded)
     clean = load_images(data_path, split)
@@ -333,10 +340,10 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
 @cli.command()
 @click.argument("original", type=click.Path(dir_okay=False))
 @click.argument("patched", type=click.Path(dir_okay=False))
-@click.option("--batch", "batches", type=int, multiple=True, default=(1, 64), show_default=True)
-@click.option("--iters", type=int, default=200, show_default=True)
-@click.option("--warmup", type=int, default=20, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="intra-op threads (0: one per core).")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 64), show_default=True)
+@click.option("--iters", type=click.IntRange(min=5), default=200, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="intra-op threads (0: one per core).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write JSON results (- for stdout).")
 @click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write a markdown table.")
@@ -348,6 +355,8 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
     for m in (original, patched):
         if not Path(m).is_file():
             raise FireError(f"model not found: {m}")
+    _guard_output(json_out, [original, patched])
+    _guard_output(md_out, [original, patched, json_out])
     res = b.compare(original, patched, batches=batches, iters=iters, warmup=warmup, provider=provider, threads=threads)
     res.update(original=str(original), patched=str(patched))
     md = b.markdown(res)
@@ -366,7 +375,7 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
 @click.option("--trigger", default="badnets", show_default=True, metavar="SPEC")
 @click.option("--target", type=int, default=0, show_default=True)
 @click.option("--poison-rate", type=float, default=0.1, show_default=True)
-@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--layer", default="block2", show_default=True)
 @click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -393,8 +402,12 @@ def main(argv=None) -> None:
     except click.exceptions.Abort:
         click.echo("fire-onnx: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # wrong option or value: one line, click's usage exit code 2
+        cmd = f" {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else ""
+        click.echo(f"fire-onnx: error: {e.format_message()} (see 'fire-onnx{cmd} --help')", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"fire-onnx: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("fire-onnx: interrupted", err=True)

@@ -42,10 +42,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def assert_user_error(proc, folder: Path, before: dict[str, str], *expect: str) -> str:
-    """Exit 1, one non-empty stderr line 'fire-onnx: error: ...', no traceback, folder unchanged."""
+def assert_user_error(proc, folder: Path, before: dict[str, str], *expect: str, code: int = 1) -> str:
+    """Exit 1 (2 for usage errors), one non-empty stderr line 'fire-onnx: error: ...', no traceback,
+    folder unchanged."""
     where = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert proc.returncode == 1, where
+    assert proc.returncode == code, where
     assert "Traceback" not in proc.stderr, where
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, where
@@ -350,9 +351,7 @@ def test_replace_after_refusal_patches_once(ws):
     assert {k: v for k, v in snapshot(ws).items() if k != "again.onnx"} == before
 
 
-# ------------------------------------------------------------------------------ known bugs (xfail)
-@pytest.mark.xfail(strict=True, reason="BUG: --json/--markdown outputs are not checked against the inputs; "
-                                       "'fire-onnx never overwrites its input' does not hold for them")
+# ------------------------------------------------------------- regressions (bugs found while writing these)
 @pytest.mark.parametrize("argv", [
     ["inspect", "model.onnx", "--json", "model.onnx"],
     ["patch", "model.onnx", "directions.npz", "-o", "p.onnx", "--json", "model.onnx"],
@@ -367,8 +366,6 @@ def test_report_output_never_overwrites_an_input(ws, argv):
     assert_user_error(run_cli(*argv, cwd=ws), ws, before, "never overwrites")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --batch-size 0 reaches range(..., 0) and dies with a ValueError "
-                                       "traceback instead of a one-line user error")
 @pytest.mark.parametrize("cmd", ["eval", "fit"])
 def test_batch_size_zero_is_a_user_error(ws, cmd):
     if cmd == "eval":
@@ -376,11 +373,9 @@ def test_batch_size_zero_is_a_user_error(ws, cmd):
     else:
         argv = fit_args(ws, "--trigger", "badnets", "--target", "0", "--batch-size", "0", "-o", "f.npz")
     before = snapshot(ws)
-    assert_user_error(run_cli(*argv, cwd=ws), ws, before, "batch")
+    assert_user_error(run_cli(*argv, cwd=ws), ws, before, "--batch-size", code=2)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: atomic writes go through tempfile.mkstemp, so every output "
-                                       "(model.fire.onnx, directions.npz, JSON) is created mode 0600, ignoring umask")
 def test_outputs_respect_umask(ws):
     old = os.umask(0o022)  # inherited by the subprocess
     try:
@@ -389,3 +384,9 @@ def test_outputs_respect_umask(ws):
         os.umask(old)
     for name in ("p.onnx", "p.json"):
         assert (ws / name).stat().st_mode & 0o777 == 0o644, oct((ws / name).stat().st_mode)
+
+
+def test_negative_limit_is_a_user_error(ws):
+    before = snapshot(ws)
+    assert_user_error(run_cli("eval", "model.onnx", "--data", "mnist.npz", "--limit", "-5", "--json", "e.json", cwd=ws),
+                      ws, before, "--limit", code=2)
