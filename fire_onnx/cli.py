@@ -232,15 +232,16 @@ def _guard_output(output, inputs) -> None:
               help="Output model (default: MODEL with .fire.onnx next to it).")
 @click.option("--tensor", default=None, help="Patch this ONNX tensor instead of the recorded one.")
 @click.option("--replace", is_flag=True, help="Replace the repair of an already patched model.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the patched model in onnxruntime before writing it.")
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
-def patch(model, directions, output, tensor, replace, json_out):
+def patch(model, directions, output, tensor, replace, no_verify, json_out):
     """Insert the repair described by DIRECTIONS into MODEL (an ONNX file); MODEL is never modified."""
     from fire_onnx.patch import default_output, patch_file
 
     out = Path(output) if output else default_output(model)
     _guard_output(out, [model, directions])
     _guard_output(json_out, [model, directions, out])
-    path, res = patch_file(model, directions, out, tensor=tensor, replace=replace)
+    path, res = patch_file(model, directions, out, tensor=tensor, replace=replace, verify=not no_verify)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     for t in res.targets:

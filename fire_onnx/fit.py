@@ -269,10 +269,11 @@ def fit_directions(
                        paired=None if acts_p is None else acts_p[name],
                        clean_labels=clean.y, triggered_labels=triggered.y)
         if inferred is not None:
-            from fire_onnx.patch import _check_layout, _shape_of, resolve_target
+            from fire_onnx.onnxutil import tensor_info
+            from fire_onnx.patch import check_layout, resolve_target
 
             t.tensor = t.tensor or resolve_target(inferred, t)
-            _check_layout(t, t.tensor, _shape_of(inferred, t.tensor)[1])
+            check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1])
         targets.append(t)
     return dirs.Directions(targets=targets, preprocess=preprocess.as_dict(), meta=dict(meta or {}))
 

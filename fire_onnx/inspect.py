@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import onnx
 
-from fire_onnx.onnxutil import FLOAT_TYPES, infer_shapes, node_module
-from fire_onnx.patch import ACTIVATIONS, _fusion_warning, _shape_of, is_patched, patched_targets
+from fire_onnx.onnxutil import FLOAT_TYPES, infer_shapes, node_module, tensor_info
+from fire_onnx.patch import ACTIVATIONS, fusion_hazard, is_patched, patched_targets
 
 POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "Add", "LayerNormalization",
                          "Flatten", "Reshape", "Concat"}
@@ -45,11 +45,11 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
         for name in n.output:
             if not name:
                 continue
-            elem, dims = _shape_of(inferred, name)
+            elem, dims = tensor_info(inferred, name)
             if elem not in FLOAT_TYPES or dims is None or len(dims) < 2:
                 continue
             layout = {2: "vector", 3: "token"}.get(len(dims), "flat")
-            fusion = _fusion_warning(inferred, name) is not None
+            fusion = fusion_hazard(inferred, name) is not None
             if fusion:
                 note = "pre-activation: patching breaks Conv/Gemm+activation fusion"
             elif name in outputs:

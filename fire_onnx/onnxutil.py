@@ -37,27 +37,47 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, data_location: str) -> None:
+    """Serialize ``model`` to ``path``; above ~2 GiB its weights go to ``data_location`` beside it."""
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        Path(path).write_bytes(model.SerializeToString())
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_location, size_threshold=1024)
+
+
 def save_model(model: onnx.ModelProto, dest: str | os.PathLike) -> None:
     """Write ``model`` to ``dest`` atomically; models near 2 GiB go to external data beside it."""
     dest = Path(dest)
     with atomic_path(dest) as tmp:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            tmp.write_bytes(model.SerializeToString())
-        else:
-            onnx.save_model(
-                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=dest.name + ".data", size_threshold=1024,
-            )
+        write_model(model, tmp, dest.name + ".data")
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference that never fails the caller: an unknown custom op just leaves shapes unknown."""
+    """Shape inference that never fails the caller: an unknown custom op just leaves shapes unknown.
+
+    Models too large to serialize in one protobuf go through ``infer_shapes_path`` on a temporary
+    copy with external data; only the inferred ``value_info`` is brought back.
+    """
     try:
         if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, str(src), save_as_external_data=True, location="model.data", size_threshold=1024)
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst), strict_mode=False, data_prop=True)
+            inferred = onnx.load(str(dst), load_external_data=False)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(inferred.graph.value_info)
+        return out
     except Exception:
-        pass
-    return model
+        return model
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -65,6 +85,26 @@ def opset_of(model: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return int(o.version)
     raise FireError("model has no default-domain opset import")
+
+
+def tensor_info(model: onnx.ModelProto, name: str):
+    """(elem_type, dims) of a tensor from value_info/inputs/outputs; dims are int or str or None."""
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.name == name and vi.type.HasField("tensor_type"):
+            tt = vi.type.tensor_type
+            dims = None
+            if tt.HasField("shape"):
+                dims = []
+                for d in tt.shape.dim:
+                    if d.HasField("dim_value"):
+                        dims.append(int(d.dim_value))
+                    elif d.HasField("dim_param"):
+                        dims.append(d.dim_param)
+                    else:
+                        dims.append(None)
+            return tt.elem_type, dims
+    return None, None
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,12 +34,14 @@ from fire_onnx.fileio import sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
     infer_shapes,
+    tensor_info,
     load_model,
     module_outputs,
     module_paths,
     opset_of,
-    save_model,
+    write_model,
 )
+from fire_onnx.fileio import atomic_path
 
 PREFIX = "fire_onnx"
 META_VERSION = "fire_onnx.version"
@@ -85,25 +87,6 @@ def patched_targets(model: onnx.ModelProto) -> list[dict]:
             except (json.JSONDecodeError, TypeError):
                 return []
     return []
-
-
-def _shape_of(model: onnx.ModelProto, name: str):
-    """(elem_type, dims) of a tensor from value_info/inputs/outputs; dims are int or str or None."""
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if vi.name == name and vi.type.HasField("tensor_type"):
-            tt = vi.type.tensor_type
-            dims = None
-            if tt.HasField("shape"):
-                dims = []
-                for d in tt.shape.dim:
-                    if d.HasField("dim_value"):
-                        dims.append(int(d.dim_value))
-                    elif d.HasField("dim_param"):
-                        dims.append(d.dim_param)
-                    else:
-                        dims.append(None)
-            return tt.elem_type, dims
-    return None, None
 
 
 def _all_tensor_names(model: onnx.ModelProto) -> list[str]:
@@ -152,7 +135,7 @@ def _suggest(name: str, candidates: list[str]) -> str:
     return " (candidates: " + ", ".join(shown) + more + ")" if shown else ""
 
 
-def _check_layout(target: dirs.Target, name: str, dims) -> list:
+def check_layout(target: dirs.Target, name: str, dims) -> list:
     """Check the tensor's shape against the target's layout and D; returns the dims."""
     d = target.dim
     if dims is None:
@@ -188,7 +171,7 @@ def _fmt(dims) -> str:
     return "(" + ", ".join("?" if x is None else str(x) for x in dims) + ")"
 
 
-def _fusion_warning(model: onnx.ModelProto, name: str) -> str | None:
+def fusion_hazard(model: onnx.ModelProto, name: str) -> str | None:
     producer = next((n for n in model.graph.node if name in n.output), None)
     consumers = [n for n in model.graph.node if name in n.input]
     if producer is None or producer.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
@@ -302,13 +285,13 @@ def patch_model(
     plan = []
     for t in directions.targets:
         name = resolve_target(inferred, t, tensor)
-        elem, dims = _shape_of(inferred, name)
+        elem, dims = tensor_info(inferred, name)
         if elem is not None and elem not in FLOAT_TYPES:
             raise FireError(f"tensor {name!r} has element type {onnx.TensorProto.DataType.Name(elem)}; fire-onnx repairs float tensors only")
-        dims = _check_layout(t, name, dims)
+        dims = check_layout(t, name, dims)
         if any(p[1] == name for p in plan):
             raise FireError(f"two targets resolve to the same tensor {name!r}")
-        warn = _fusion_warning(inferred, name)
+        warn = fusion_hazard(inferred, name)
         if warn:
             notes.append(warn)
         plan.append((t, name, elem, dims))
@@ -386,6 +369,33 @@ def default_output(model_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".fire.onnx")
 
 
+def verify_in_onnxruntime(path: str | os.PathLike, original: str | os.PathLike) -> str | None:
+    """Load the patched model in onnxruntime (CPU) if it is installed; returns a note when skipped.
+
+    A patched model that onnxruntime rejects while it accepts the original is a fire-onnx bug and
+    raises RuntimeError; when it rejects the original too (custom ops, say) the check is skipped.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed: the patched model was checked with onnx.checker only"
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return None
+    except Exception as patched_error:
+        try:
+            ort.InferenceSession(str(original), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception:
+            return "onnxruntime cannot load the input model either; skipped the onnxruntime check"
+        raise RuntimeError(
+            f"fire-onnx produced a model onnxruntime rejects although it accepts the input (please report): "
+            f"{str(patched_error).strip().splitlines()[0]}"
+        ) from patched_error
+
+
 def patch_file(
     model_path: str | os.PathLike,
     directions_path: str | os.PathLike,
@@ -393,9 +403,11 @@ def patch_file(
     *,
     tensor: str | None = None,
     replace: bool = False,
+    verify: bool = True,
 ) -> tuple[Path, PatchResult]:
     """Patch ``model_path`` with ``directions_path`` and write the result atomically to ``output``
-    (default ``<model>.fire.onnx``). An existing output is replaced; the input never is."""
+    (default ``<model>.fire.onnx``). An existing output is replaced; the input never is. With
+    ``verify``, the written model must load in onnxruntime before it replaces ``output``."""
     out_path = Path(output) if output else default_output(model_path)
     for src in (model_path, directions_path):
         if out_path.exists() and Path(src).exists() and out_path.resolve() == Path(src).resolve():
@@ -403,5 +415,10 @@ def patch_file(
     model = load_model(model_path)
     d = dirs.load(directions_path)
     result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))
-    save_model(result.model, out_path)
+    with atomic_path(out_path) as tmp:
+        write_model(result.model, tmp, out_path.name + ".data")
+        if verify:
+            note = verify_in_onnxruntime(tmp, model_path)
+            if note:
+                result.warnings.append(note)
     return out_path, result

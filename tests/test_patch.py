@@ -293,3 +293,39 @@ def test_fusion_hazard_is_warned(cnn_onnx):
     t = random_target(128, 1, "vector", "fc1")
     res = patch_model(onnx.load(str(cnn_onnx[1])), dirs.Directions([t]))
     assert any("fusion" in w for w in res.warnings)
+
+
+def test_large_model_path_uses_external_data(cnn_onnx, tmp_path, monkeypatch):
+    """Models past the protobuf limit: shape inference by path, weights written beside the model.
+    The threshold is lowered so a small model takes the same code path."""
+    import fire_onnx.onnxutil as ou
+    from fire_onnx.patch import patch_file
+
+    model, path = cnn_onnx
+    d = dirs.Directions([random_target(64 * 7 * 7, 1, "flat", "block2", gate="none")])
+    dpath = tmp_path / "d.npz"
+    dirs.save(d, dpath)
+    monkeypatch.setattr(ou, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    out, res = patch_file(path, dpath, tmp_path / "big.fire.onnx")
+    assert (tmp_path / "big.fire.onnx.data").is_file()
+    assert (tmp_path / "big.fire.onnx").stat().st_size < 100_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.fire.onnx", "big.fire.onnx.data", "d.npz"]
+    x = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
+    s = session(out)
+    np.testing.assert_allclose(s.run(None, {"input": x})[0], torch_ref(model, d, x), atol=1e-5, rtol=1e-5)
+
+
+def test_patch_file_verifies_in_onnxruntime(cnn_onnx, tmp_path):
+    from fire_onnx.patch import patch_file, verify_in_onnxruntime
+
+    dpath = tmp_path / "d.npz"
+    dirs.save(dirs.Directions([random_target(128, 1, "vector", "fc1_act")]), dpath)
+    out, res = patch_file(cnn_onnx[1], dpath, tmp_path / "p.onnx")
+    assert res.warnings == [] and verify_in_onnxruntime(out, cnn_onnx[1]) is None
+    broken = tmp_path / "broken.onnx"
+    m = onnx.load(str(out))
+    next(n for n in m.graph.node if n.name.endswith("/correction")).op_type = "NoSuchOp"
+    broken.write_bytes(m.SerializeToString())
+    with pytest.raises(RuntimeError, match="please report"):
+        verify_in_onnxruntime(broken, cnn_onnx[1])
+    assert "either" in verify_in_onnxruntime(broken, broken)
