@@ -244,10 +244,11 @@ def patch(model, directions, output, tensor, replace, no_verify, json_out):
     path, res = patch_file(model, directions, out, tensor=tensor, replace=replace, verify=not no_verify)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
-    for t in res.targets:
+    for t in res.targets if json_out != "-" else []:
         click.echo(f"patched {t.tensor} {list(t.shape)} ({t.layout}, k={t.k}, gate {t.gate}, {t.nodes} nodes)"
                    + (f" [module {t.module}]" if t.module else ""))
-    click.echo(f"wrote {path}")
+    if json_out != "-":
+        click.echo(f"wrote {path}")
     if json_out:
         _write_json(json_out, {"output": str(path), "targets": [t.as_dict() for t in res.targets], "warnings": res.warnings})
 
@@ -328,10 +329,11 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
     results = {}
     for m in models:
         results[m] = compute_metrics(session(m, provider), clean, pre, trig, target, batch_size).as_dict()
-    click.echo("| model | CA | ASR | RA | clean | triggered |")
-    click.echo("|---|---|---|---|---|---|")
-    for m, r in results.items():
-        click.echo(f"| {m} | {_pct(r['ca'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | {r['n_clean']} | {r['n_triggered']} |")
+    if json_out != "-":  # with --json - stdout carries the JSON alone
+        click.echo("| model | CA | ASR | RA | clean | triggered |")
+        click.echo("|---|---|---|---|---|---|")
+        for m, r in results.items():
+            click.echo(f"| {m} | {_pct(r['ca'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | {r['n_clean']} | {r['n_triggered']} |")
     if json_out:
         _write_json(json_out, {"preprocess": pre.as_dict(), "target": target, "provider": provider,
                                "trigger": trigger_spec, "models": results})
@@ -361,7 +363,8 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
     res = b.compare(original, patched, batches=batches, iters=iters, warmup=warmup, provider=provider, threads=threads)
     res.update(original=str(original), patched=str(patched))
     md = b.markdown(res)
-    click.echo(md)
+    if json_out != "-":
+        click.echo(md)
     if json_out:
         _write_json(json_out, res)
     if md_out:

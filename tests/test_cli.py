@@ -390,3 +390,57 @@ def test_negative_limit_is_a_user_error(ws):
     before = snapshot(ws)
     assert_user_error(run_cli("eval", "model.onnx", "--data", "mnist.npz", "--limit", "-5", "--json", "e.json", cwd=ws),
                       ws, before, "--limit", code=2)
+
+
+# ------------------------------------------------------------------ triggered files and fit sources
+def _triggered_file(ws: Path, with_clean: bool) -> Path:
+    from fire_onnx import triggers
+
+    with np.load(ws / "mnist.npz", allow_pickle=False) as z:
+        x, y = z["x_train"][:400], z["y_train"][:400]
+    keep = np.flatnonzero(y != 0)[:30]
+    arrays = {"x": triggers.parse("badnets").apply(x[keep]), "y": y[keep]}
+    if with_clean:
+        arrays["x_clean"] = x[keep]
+    path = ws / ("trig_paired.npz" if with_clean else "trig.npz")
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("with_clean,reference", [(True, "paired"), (False, "class-matched")])
+def test_fit_from_a_triggered_file(ws, with_clean, reference):
+    trig = _triggered_file(ws, with_clean)
+    run_cli(*fit_args(ws, "--triggered", trig.name, "--target", "0", "-o", "t.npz"), cwd=ws, check=True)
+    t = dirs.load(ws / "t.npz").targets[0]
+    assert t.fit["reference"] == reference and t.fit["n_triggered"] == 20
+    run_cli("patch", "model.onnx", "t.npz", "-o", "t.onnx", cwd=ws, check=True)
+    res = eval_json(ws, "model.onnx", "t.onnx", name="t.json")
+    assert res["models"]["t.onnx"]["asr"] <= 0.05 < 0.9 <= res["models"]["model.onnx"]["asr"]
+
+
+def test_eval_with_a_triggered_file(ws):
+    trig = _triggered_file(ws, True)
+    proc = run_cli("eval", "model.onnx", "model.fire.onnx", "--data", "mnist.npz", "--triggered", trig.name,
+                   "--target", "0", "--json", "-", cwd=ws, check=True)
+    res = json.loads(proc.stdout)["models"]  # with --json - stdout is the JSON alone
+    assert res["model.onnx"]["n_triggered"] == 30
+    assert res["model.fire.onnx"]["asr"] <= 0.05 and res["model.onnx"]["asr"] >= 0.9
+
+
+def test_fit_from_onnx_only_and_torchscript(ws):
+    """No PyTorch model code: activations from the ONNX model in onnxruntime, or from a TorchScript file."""
+    import torch
+
+    from fire_onnx.fit import load_model
+
+    common = ["--layer", "block2", "--clean", "mnist.npz", "--trigger", "badnets", "--target", "0",
+              "--mean", "0.5", "--std", "0.5"]
+    run_cli("fit", "--onnx", "model.onnx", *common, "-o", "o.npz", cwd=ws, check=True)
+    torch.jit.script(load_model(FACTORY, str(ws / "model.pt"))).save(str(ws / "model.ts"))
+    run_cli("fit", "--model", "model.ts", *common, "-o", "s.npz", cwd=ws, check=True)
+    a, b = dirs.load(ws / "o.npz").targets[0], dirs.load(ws / "s.npz").targets[0]
+    assert a.tensor == TENSOR and float(a.U[0] @ b.U[0]) > 0.9999
+    for name in ("o", "s"):
+        run_cli("patch", "model.onnx", f"{name}.npz", "-o", f"{name}.onnx", cwd=ws, check=True)
+    res = eval_json(ws, "o.onnx", "s.onnx", name="os.json")["models"]
+    assert res["o.onnx"]["asr"] <= 0.02 and res["s.onnx"]["asr"] <= 0.02
