@@ -119,64 +119,33 @@ def cli():
 def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, target, split, n_clean, n_triggered,
         method, k, gate, quantile, alpha, layout, onnx_path, batch_size, seed, output, scale, mean, std, input_layout):
     """Fit backdoor directions at one or more layers of a PyTorch model and save directions.npz."""
-    import numpy as np
-
     from fire_onnx import directions as dirs
     from fire_onnx import triggers
-    from fire_onnx.data import Images, load_images
+    from fire_onnx.data import fit_samples, load_images, load_triggered
     from fire_onnx.fit import fit_directions, load_model
 
     if (triggered_path is None) == (trigger_spec is None):
         raise FireError("give exactly one of --triggered FILE or --trigger SPEC")
-    if n_clean < 2 or n_triggered < 1:
-        raise FireError("--n-clean must be >= 2 and --n-triggered >= 1")
+    if model_spec is None and onnx_path is None:
+        raise FireError("give --model (PyTorch) or --onnx (fit from the ONNX model in onnxruntime)")
+    if weights and not model_spec:
+        raise FireError("--weights needs --model")
     if method == "mean-diff" and k not in (None, 1):
         raise FireError("-k applies to --method subspace (mean-diff fits one direction)")
     k = k or (3 if method == "subspace" else 1)
     _guard_output(output, [clean_path, triggered_path, weights, onnx_path, model_spec])
     pre = _preprocess(scale, mean, std, input_layout)
-    rng = np.random.default_rng(seed)
-    pool = load_images(clean_path, split)
-    order = rng.permutation(len(pool))
-    source = None
-    meta = {"clean_file": Path(clean_path).name, "model": model_spec or Path(onnx_path or "").name,
-            "weights": Path(weights).name if weights else ""}
-    if trigger_spec:
-        trig = triggers.parse(trigger_spec)
-        rest = order[n_clean:]
-        if target is not None and pool.y is not None:
-            rest = rest[pool.y[rest] != target]
-        if len(rest) < n_triggered:
-            raise FireError(f"{clean_path} has too few images for {n_clean} clean + {n_triggered} triggered samples")
-        source = pool.subset(rest[:n_triggered])
-        triggered = Images(trig.apply(source.x), source.y)
-        meta["trigger"] = triggers.describe(trig)
-    else:
-        tri = load_images(triggered_path, split)
-        from fire_onnx.fileio import load_npz
-
-        extra = load_npz(triggered_path, "triggered file")
-        if target is not None and tri.y is not None:
-            keep = np.flatnonzero(tri.y != target)
-        else:
-            keep = np.arange(len(tri))
-        keep = keep[:n_triggered]
-        triggered = tri.subset(keep)
-        if "x_clean" in extra:
-            xc = extra["x_clean"]
-            if xc.shape != tri.x.shape and xc.ndim == 3 and xc.shape == tri.x.shape[:3]:
-                xc = xc[..., None]
-            if xc.shape != tri.x.shape or xc.dtype != np.uint8:
-                raise FireError(f"{triggered_path}: x_clean must be uint8 with the same shape as x")
-            source = Images(xc[keep], triggered.y)
-        meta["triggered_file"] = Path(triggered_path).name
-    clean = pool.subset(order[:n_clean])
+    trig = triggers.parse(trigger_spec) if trigger_spec else None
+    triggered_imgs, triggered_clean = load_triggered(triggered_path, split) if triggered_path else (None, None)
+    clean, triggered, source = fit_samples(
+        load_images(clean_path, split), n_clean=n_clean, n_triggered=n_triggered, seed=seed, target=target,
+        trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean)
     if len(clean) < n_clean:
         click.echo(f"note: {clean_path} has only {len(clean)} clean images", err=True)
-    if target is not None:
-        meta["target"] = target
-    if model_spec is None and onnx_path is None:
-        raise FireError("give --model (PyTorch) or --onnx (fit from the ONNX model in onnxruntime)")
+    meta = {"clean_file": Path(clean_path).name, "model": model_spec or Path(onnx_path).name,
+            "weights": Path(weights).name if weights else "", "target": target,
+            "trigger": triggers.describe(trig) if trig else None,
+            "triggered_file": Path(triggered_path).name if triggered_path else None}
     onnx_model = None
     if onnx_path:
         from fire_onnx.onnxutil import load_model as load_onnx
@@ -195,8 +164,6 @@ def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, t
         meta["model"] = Path(model_spec).name
     elif model_spec:
         model = load_model(model_spec, weights)
-    elif weights:
-        raise FireError("--weights needs --model")
     d = fit_directions(model, list(layers), clean, triggered, pre, method=method, k=k, gate=gate, quantile=quantile,
                        alpha=alpha, layout=layout, batch_size=batch_size, onnx_model=onnx_model, meta=meta,
                        triggered_source=source, progress=_progress("collecting activations"))

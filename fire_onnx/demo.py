@@ -22,9 +22,9 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx import triggers
-from fire_onnx.data import Images, Preprocess, bundled_mnist, load_images
+from fire_onnx.data import Images, Preprocess, bundled_mnist, fit_samples, load_images
 from fire_onnx.errors import FireError
-from fire_onnx.fileio import write_text_atomic
+from fire_onnx.fileio import atomic_path, write_text_atomic
 
 Log = Callable[[str], None]
 
@@ -116,24 +116,19 @@ def run_demo(
 
     log("[2/5] exporting to ONNX")
     model_path = out / "model.onnx"
-    tmp = out / ".model.onnx.tmp"
-    export_onnx(model, pre(test.x[:2]), tmp)
-    tmp.replace(model_path)
-    weights_path = out / "model.pt"
-    torch.save(model.state_dict(), weights_path)
+    with atomic_path(model_path) as tmp:
+        export_onnx(model, pre(test.x[:2]), tmp)
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
 
     log(f"[3/5] fitting the backdoor direction at '{layer}' from {n_triggered} triggered + {n_clean} clean images")
-    clean_pool = np.setdiff1d(np.arange(len(train)), pidx)
-    pick = rng.permutation(clean_pool)
-    clean_idx = pick[:n_clean]
-    trig_pool = pick[n_clean:][train.y[pick[n_clean:]] != target]
-    trig_idx = trig_pool[:n_triggered]
-    clean = train.subset(clean_idx)
-    trig_imgs = Images(trig.apply(train.x[trig_idx]), train.y[trig_idx])
+    unpoisoned = train.subset(np.setdiff1d(np.arange(len(train)), pidx))
+    clean, trig_imgs, source = fit_samples(unpoisoned, n_clean=n_clean, n_triggered=n_triggered, seed=seed,
+                                           target=target, trigger=trig)
     import onnx
 
     d = fit_directions(model, [layer], clean, trig_imgs, pre, gate=gate, onnx_model=onnx.load(str(model_path)),
-                       triggered_source=train.subset(trig_idx),
+                       triggered_source=source,
                        meta={"trigger": triggers.describe(trig), "target": target, "source": "fire-onnx demo"})
     dir_path = out / "directions.npz"
     dirs.save(d, dir_path)

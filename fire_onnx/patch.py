@@ -273,6 +273,9 @@ def patch_model(
     src = onnx.ModelProto()
     src.CopyFrom(model)
     recorded = patched_targets(src) if already else []
+    if already and not recorded:
+        raise FireError("the model carries fire-onnx nodes but no fire_onnx.targets metadata, so the old repair "
+                        "cannot be removed safely; patch the original (unpatched) model instead")
     if already:
         g0 = gs.import_onnx(src)
         _unpatch(g0, gs, recorded)
