@@ -244,8 +244,9 @@ def inspect(model, include_all, json_out):
         click.echo(f"  {io}: " + ", ".join(f"{t['name']} {t['shape']}" for t in summ[io]))
     if summ["patched"]:
         click.echo("  already patched by fire-onnx: " + ", ".join(t.get("tensor", "?") for t in summ["fire_onnx_targets"]))
-    rows = [("tensor", "shape", "op", "module", "layout", "note")]
-    rows += [(c.tensor, "x".join(str(d) for d in c.shape), c.op, c.module or "-", c.layout, c.note) for c in cands]
+    rows = [("tensor", "shape", "op", "fit --layer", "layout", "note")]
+    rows += [(c.tensor, "x".join(str(d) for d in c.shape), c.op, ", ".join(c.layers) or "-", c.layout, c.note)
+             for c in cands]
     widths = [min(60, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import onnx
 
-from fire_onnx.onnxutil import FLOAT_TYPES, infer_shapes, node_module, tensor_info
-from fire_onnx.patch import ACTIVATIONS, fusion_hazard, is_patched, patched_targets
+from fire_onnx.onnxutil import FLOAT_TYPES, ScopeIndex, infer_shapes, node_module, tensor_info
+from fire_onnx.patch import ACTIVATIONS, fusion_pair, is_patched, patched_targets
 
-POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "Add", "LayerNormalization",
-                         "Flatten", "Reshape", "Concat"}
+POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "LayerNormalization"}
 
 
 @dataclass
@@ -19,7 +18,8 @@ class Candidate:
     shape: list
     dtype: str
     op: str
-    module: str
+    module: str  # innermost module whose code produced the tensor
+    layers: list  # module paths whose output this tensor is: the values ``fit --layer`` accepts
     consumers: int
     layout: str
     breaks_fusion: bool
@@ -30,9 +30,14 @@ class Candidate:
 
 
 def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candidate]:
-    """Float activations of rank >= 2 in graph order, with their shape, producer and module scope."""
+    """Float activations of rank >= 2 in graph order, with shape, producer and module scope.
+
+    By default only likely targets are listed: module outputs, post-activation/pooling/norm tensors
+    and graph outputs; ``include_all`` lists every float activation.
+    """
     inferred = infer_shapes(model)
     graph = inferred.graph
+    layers_of = ScopeIndex(graph).output_map()
     consumers: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
@@ -40,27 +45,23 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
     outputs = {o.name for o in graph.output}
     out = []
     for n in graph.node:
-        if n.op_type in ("Constant", "Shape") or n.name.startswith("fire_onnx/"):
+        if n.name.startswith("fire_onnx/"):
             continue
         for name in n.output:
-            if not name:
-                continue
-            elem, dims = tensor_info(inferred, name)
+            elem, dims = tensor_info(inferred, name) if name else (None, None)
             if elem not in FLOAT_TYPES or dims is None or len(dims) < 2:
                 continue
-            layout = {2: "vector", 3: "token"}.get(len(dims), "flat")
-            fusion = fusion_hazard(inferred, name) is not None
-            if fusion:
-                note = "pre-activation: patching breaks Conv/Gemm+activation fusion"
+            pair = fusion_pair(inferred, name)
+            layers = layers_of.get(name, [])
+            if pair:
+                note = f"splits {pair[0]}+{pair[1]} fusion"
             elif name in outputs:
                 note = "graph output"
-            elif n.op_type in POST_OPS:
-                note = "good target"
+            elif layers or n.op_type in POST_OPS:
+                note = "candidate"
             else:
                 note = ""
-            if not include_all and n.op_type in ("Transpose", "Unsqueeze", "Squeeze", "Cast", "Gather",
-                                                  "Slice", "Split", "Expand", "Softmax", "Mul", "Div", "Sub",
-                                                  "Sqrt", "Pow", "ReduceMean", "Erf", "Identity"):
+            if not include_all and not note.startswith(("candidate", "graph")) and not (layers and pair):
                 continue
             out.append(Candidate(
                 tensor=name,
@@ -68,9 +69,10 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 dtype=FLOAT_TYPES[elem],
                 op=n.op_type,
                 module=node_module(n),
+                layers=layers,
                 consumers=consumers.get(name, 0),
-                layout=layout,
-                breaks_fusion=fusion,
+                layout={2: "vector", 3: "token"}.get(len(dims), "flat"),
+                breaks_fusion=pair is not None,
                 note=note,
             ))
     return out

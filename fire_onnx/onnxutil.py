@@ -162,32 +162,55 @@ def node_module(node: onnx.NodeProto) -> str:
     return scopes[-1] if scopes else ""
 
 
-def in_module(node: onnx.NodeProto, module_path: str) -> bool:
-    scopes = node_scopes(node)
-    if module_path in scopes:
-        return True
-    # modules called more than once appear as "name_1", "name_2" in dynamo exports
-    return any(s.rsplit("_", 1)[0] == module_path and s.rsplit("_", 1)[-1].isdigit() for s in scopes)
+class ScopeIndex:
+    """The PyTorch module scopes of every node of a graph, computed once."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.nodes = list(graph.node)
+        self.scopes = [set(node_scopes(n)) for n in self.nodes]
+        seen: dict[str, None] = {}
+        for n in self.nodes:
+            for sc in node_scopes(n):
+                seen.setdefault(sc, None)
+        self.paths = list(seen)
+
+    def inside(self, module_path: str) -> list[int]:
+        """Indices of the nodes inside ``module_path``. A module called more than once shows up in
+        dynamo exports as "name_1", "name_2"; those count only when the exact path is absent."""
+        exact = [i for i, sc in enumerate(self.scopes) if module_path in sc]
+        if exact or not module_path:
+            return exact
+        prefix = module_path + "_"
+        return [i for i, sc in enumerate(self.scopes)
+                if any(s.startswith(prefix) and s[len(prefix):].isdigit() for s in sc)]
+
+    def outputs(self, module_path: str) -> list[str]:
+        """Tensors that leave ``module_path``: produced inside it, used outside it (or graph outputs)."""
+        inside = set(self.inside(module_path))
+        if not inside:
+            return []
+        used_outside = {o.name for o in self.graph.output}
+        for i, n in enumerate(self.nodes):
+            if i not in inside:
+                used_outside.update(n.input)
+        produced = [o for i in sorted(inside) for o in self.nodes[i].output if o]
+        return [t for t in produced if t in used_outside]
+
+    def output_map(self) -> dict[str, list[str]]:
+        """Tensor name -> the module paths whose single output it is (what ``--layer`` accepts)."""
+        out: dict[str, list[str]] = {}
+        for path in self.paths:
+            outs = self.outputs(path)
+            if len(outs) == 1:
+                out.setdefault(outs[0], []).append(path)
+        return out
 
 
 def module_outputs(graph: onnx.GraphProto, module_path: str) -> list[str]:
-    """Tensors that leave ``module_path``: produced inside it, used outside it (or graph outputs)."""
-    inside = [n for n in graph.node if in_module(n, module_path)]
-    if not inside:
-        return []
-    inside_ids = {id(n) for n in inside}
-    produced = [o for n in inside for o in n.output if o]
-    graph_outs = {o.name for o in graph.output}
-    used_outside = set(graph_outs)
-    for n in graph.node:
-        if id(n) not in inside_ids:
-            used_outside.update(n.input)
-    return [t for t in produced if t in used_outside]
+    """Tensors that leave ``module_path`` (see :meth:`ScopeIndex.outputs`)."""
+    return ScopeIndex(graph).outputs(module_path)
 
 
 def module_paths(graph: onnx.GraphProto) -> list[str]:
-    seen: dict[str, None] = {}
-    for n in graph.node:
-        for s in node_scopes(n):
-            seen.setdefault(s, None)
-    return list(seen)
+    return ScopeIndex(graph).paths

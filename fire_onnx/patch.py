@@ -171,17 +171,24 @@ def _fmt(dims) -> str:
     return "(" + ", ".join("?" if x is None else str(x) for x in dims) + ")"
 
 
-def fusion_hazard(model: onnx.ModelProto, name: str) -> str | None:
+def fusion_pair(model: onnx.ModelProto, name: str) -> tuple[str, str] | None:
+    """(producer op, consumer op) when ``name`` sits between a Conv/Gemm/MatMul and the op a runtime
+    fuses into it (activation, bias Add, BatchNormalization); patching there breaks that fusion."""
     producer = next((n for n in model.graph.node if name in n.output), None)
-    consumers = [n for n in model.graph.node if name in n.input]
     if producer is None or producer.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
         return None
+    consumers = [n for n in model.graph.node if name in n.input]
     if len(consumers) == 1 and consumers[0].op_type in ACTIVATIONS | {"Add", "BatchNormalization"}:
-        return (
-            f"tensor {name!r} sits between {producer.op_type} and {consumers[0].op_type}: patching there "
-            "breaks the runtime's fusion of the two; the post-activation tensor is usually a better target"
-        )
+        return producer.op_type, consumers[0].op_type
     return None
+
+
+def fusion_hazard(model: onnx.ModelProto, name: str) -> str | None:
+    pair = fusion_pair(model, name)
+    if pair is None:
+        return None
+    return (f"tensor {name!r} sits between {pair[0]} and {pair[1]}: patching there breaks the runtime's "
+            f"{pair[0]}+{pair[1]} fusion; the tensor after the {pair[1]} is usually a better target")
 
 
 ACTIVATIONS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",

@@ -329,3 +329,20 @@ def test_patch_file_verifies_in_onnxruntime(cnn_onnx, tmp_path):
     with pytest.raises(RuntimeError, match="please report"):
         verify_in_onnxruntime(broken, cnn_onnx[1])
     assert "either" in verify_in_onnxruntime(broken, broken)
+
+
+def test_inspect_maps_tensors_to_layer_names(resnet):
+    from fire_onnx.inspect import candidates
+
+    _, proto = resnet
+    cands = {c.tensor: c for c in candidates(proto)}
+    block = cands["/layer2/layer2.1/Add_output_0"]
+    assert block.layers == ["layer2", "layer2.1"] and block.layout == "flat" and not block.breaks_fusion
+    conv = cands["/layer2/layer2.0/conv1/Conv_output_0"]
+    assert conv.breaks_fusion and conv.note == "splits Conv+Relu fusion"
+    assert cands["logits"].note == "graph output"
+    # every listed layer name resolves back to its tensor, as fit/patch will resolve it
+    for c in cands.values():
+        for layer in c.layers:
+            t = random_target(4, 1, "vector", layer)
+            assert resolve_target(proto, t) == c.tensor
