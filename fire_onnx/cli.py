@@ -104,7 +104,8 @@ def cli():
 @click.option("--method", type=click.Choice(["mean-diff", "subspace"]), default="mean-diff", show_default=True)
 @click.option("-k", "k", type=click.IntRange(min=1), default=None, help="Directions for --method subspace (default 3).")
 @click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True,
-              help="hard: act only above tau; none: plain projection; auto: hard if it fires on >=95% of triggered samples.")
+              help="hard: act only above tau (a clean-score quantile); none: plain projection on every input; "
+                   "auto: hard, with tau lowered where needed to reach every triggered fitting sample.")
 @click.option("--quantile", type=float, default=0.999, show_default=True, help="Clean-score quantile used as tau.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Repair strength.")
 @click.option("--layout", type=click.Choice(["flat", "vector", "token"]), default=None,
@@ -176,8 +177,10 @@ def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, t
             f"gate fires on {f['gate_recall_triggered']:.0%} triggered / {f['gate_fires_clean']:.1%} clean"
             + (f", tensor {t.tensor}" if t.tensor else "")
         )
-        if t.gate == "none" and gate == "auto":
-            click.echo(f"note: {t.module or t.tensor}: triggered and clean scores overlap; using the plain projection (gate none)", err=True)
+        if f.get("tau_rule") == "triggered-margin":
+            click.echo(f"note: {t.module or t.tensor}: triggered and clean scores overlap here; tau was lowered to "
+                       f"reach the triggered samples, so the gate also fires on {f['gate_fires_clean']:.1%} of clean "
+                       "ones (another layer may separate them better)", err=True)
     click.echo(f"wrote {output}")
 
 

@@ -17,8 +17,11 @@ The shift of a triggered sample is measured against, in order of preference:
 
 Every direction is oriented so the triggered samples' mean score is positive (singular vectors have
 arbitrary sign, and the one-sided hard gate would otherwise never fire). The gate threshold of each
-direction is a high quantile of the clean scores; gate ``auto`` keeps the hard gate only when it fires
-on nearly all triggered fitting samples, and falls back to the plain projection otherwise.
+direction is a high quantile of the clean scores (gate ``hard``). Gate ``auto`` uses the hard gate with
+tau lowered, where the triggered scores reach below that quantile, to just under the lowest
+triggered score (minus half their standard deviation): it then fires on every triggered fitting
+sample while still leaving alone the clean samples below tau, which the plain projection (gate
+``none``) would all move.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from fire_onnx.errors import FireError
 
 METHODS = ("mean-diff", "subspace")
 GATE_CHOICES = ("auto", "hard", "none")
-AUTO_MIN_RECALL = 0.95
+AUTO_MARGIN = 0.5  # in standard deviations of the triggered scores
 
 
 def as_rows(a: np.ndarray, layout: str) -> np.ndarray:
@@ -129,19 +132,29 @@ def fit_target(
     sc, st = (C - mu) @ U.T, (T - mu) @ U.T
     sign = np.where(st.mean(axis=0) < 0, -1.0, 1.0)  # orient: triggered scores positive on average
     U, sc, st = U * sign[:, None], sc * sign, st * sign
-    tau = np.quantile(sc, quantile, axis=0)
+    tau_clean = np.quantile(sc, quantile, axis=0)
+    tau, chosen, rule = tau_clean, gate, "clean-quantile"
+    if gate == "auto":
+        # The hard gate touches only samples scoring above tau, the plain projection touches all of
+        # them; so a hard gate whose tau sits just under the triggered scores is never worse on clean
+        # inputs than no gate, and repairs the same triggered ones. Lower tau below the clean quantile
+        # only as far as needed to reach the triggered samples, with a margin for unseen ones.
+        reach = st.min(axis=0) - AUTO_MARGIN * st.std(axis=0)
+        tau = np.minimum(tau_clean, reach)
+        chosen = "hard"
+        if np.any(tau < tau_clean):
+            rule = "triggered-margin"
     fired = (st > tau).any(axis=1)
     recall = float(fired.mean())
     clean_fp = float((sc > tau).any(axis=1).mean())
-    chosen = gate
-    if gate == "auto":
-        chosen = "hard" if recall >= AUTO_MIN_RECALL else "none"
     sep = (st.mean(axis=0) - sc.mean(axis=0)) / np.maximum(sc.std(axis=0), 1e-12)
     fit = {
         "method": method,
         "reference": pairing,
         "gate_requested": gate,
         "gate_quantile": quantile,
+        "tau_rule": rule,
+        "tau_clean_quantile": [float(v) for v in tau_clean],
         "n_clean": int(clean.shape[0]),
         "n_triggered": int(triggered.shape[0]),
         "observations_clean": int(C.shape[0]),

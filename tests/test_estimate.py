@@ -37,16 +37,23 @@ def test_orientation_makes_triggered_scores_positive():
     np.testing.assert_allclose(t.U @ t.U.T, np.eye(3), atol=1e-5)
 
 
-def test_tau_is_the_clean_quantile_and_gate_auto_falls_back():
+def test_tau_is_the_clean_quantile_and_gate_auto_reaches_the_triggered_samples():
     clean, trig, _, _ = planted(strength=8.0)
-    t = fit_target(clean, trig, quantile=0.99, module="m")
-    s = (clean - t.mu) @ t.U[0]
-    assert abs(float(t.tau[0]) - float(np.quantile(s, 0.99))) < 1e-4
-    weak_clean, weak_trig, _, _ = planted(strength=1.0, seed=1)
-    weak = fit_target(weak_clean, weak_trig, module="m")
-    assert weak.gate == "none" and weak.fit["gate_recall_triggered"] < 0.95
+    hard = fit_target(clean, trig, quantile=0.99, gate="hard", module="m")
+    s = (clean - hard.mu) @ hard.U[0]
+    assert abs(float(hard.tau[0]) - float(np.quantile(s, 0.99))) < 1e-4
+    auto = fit_target(clean, trig, quantile=0.99, module="m")  # well separated: same tau as hard
+    assert auto.gate == "hard" and auto.fit["tau_rule"] == "clean-quantile"
+    np.testing.assert_allclose(auto.tau, hard.tau)
+    weak_clean, weak_trig, _, _ = planted(strength=2.0, seed=1)
     forced = fit_target(weak_clean, weak_trig, gate="hard", module="m")
-    assert forced.gate == "hard"
+    assert forced.fit["gate_recall_triggered"] < 0.95
+    weak = fit_target(weak_clean, weak_trig, module="m")
+    assert weak.gate == "hard" and weak.fit["tau_rule"] == "triggered-margin"
+    assert weak.fit["gate_recall_triggered"] == 1.0 and float(weak.tau[0]) < float(forced.tau[0])
+    assert weak.fit["gate_fires_clean"] < 1.0  # still leaves some clean samples alone, unlike gate none
+    none = fit_target(weak_clean, weak_trig, gate="none", module="m")
+    assert none.gate == "none"
 
 
 def test_class_matched_reference_removes_class_mix_bias():
