@@ -242,14 +242,13 @@ def fit_directions(
     if model is None:
         if inferred is None:
             raise FireError("fit needs a PyTorch model (--model) or an ONNX model (--onnx)")
-        from fire_onnx.patch import resolve_target
+        from fire_onnx.patch import resolve_tensor
 
         names = {o for n in inferred.graph.node for o in n.output}
-        for layer in layers:
-            probe = dirs.Target(mu=np.zeros(1, np.float32), U=np.ones((1, 1), np.float32), tau=np.zeros(1, np.float32),
-                                alpha=np.ones(1, np.float32), layout="vector",
-                                tensor=layer if layer in names else "", module="" if layer in names else layer)
-            tensor_of[layer] = resolve_target(inferred, probe)
+        for layer in layers:  # an ONNX tensor name, else a PyTorch module path
+            is_tensor = layer in names
+            tensor_of[layer] = resolve_tensor(inferred, tensor=layer if is_tensor else "",
+                                              module="" if is_tensor else layer)
 
         def run(x):
             acts = collect_onnx(onnx_model, list(tensor_of.values()), x, batch_size=batch_size, progress=progress)

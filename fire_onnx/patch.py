@@ -97,32 +97,38 @@ def _all_tensor_names(model: onnx.ModelProto) -> list[str]:
 
 def resolve_target(model: onnx.ModelProto, target: dirs.Target, override: str | None = None) -> str:
     """The ONNX tensor name a target applies to: ``override``, else its tensor, else its module."""
+    return resolve_tensor(model, tensor=target.tensor, module=target.module, override=override)
+
+
+def resolve_tensor(model: onnx.ModelProto, *, tensor: str = "", module: str = "", override: str | None = None) -> str:
+    """The ONNX tensor named ``override``, else ``tensor`` if the graph has it, else the single output
+    of the PyTorch module ``module`` (found through the exporter's scope names)."""
     names = _all_tensor_names(model)
     initializers = {i.name for i in model.graph.initializer}
     if override:
         if override not in names or override in initializers:
             raise FireError(f"tensor {override!r} is not an activation in the model{_suggest(override, names)}")
         return override
-    if target.tensor and target.tensor in names:
-        return target.tensor
-    if target.module:
-        outs = module_outputs(model.graph, target.module)
+    if tensor and tensor in names:
+        return tensor
+    if module:
+        outs = module_outputs(model.graph, module)
         if len(outs) == 1:
             return outs[0]
         if len(outs) > 1:
             raise FireError(
-                f"module {target.module!r} has {len(outs)} output tensors in the ONNX graph "
+                f"module {module!r} has {len(outs)} output tensors in the ONNX graph "
                 f"({', '.join(outs[:6])}); choose one with --tensor"
             )
         paths = module_paths(model.graph)
         if not paths:
             raise FireError(
-                f"module {target.module!r} not found: the model's node names carry no PyTorch scopes; "
+                f"module {module!r} not found: the model's node names carry no PyTorch scopes; "
                 "find the tensor with 'fire-onnx inspect' and pass --tensor"
             )
-        raise FireError(f"module {target.module!r} not found in the ONNX graph{_suggest(target.module, paths)}")
+        raise FireError(f"module {module!r} not found in the ONNX graph{_suggest(module, paths)}")
     raise FireError(
-        f"tensor {target.tensor!r} is not in the model{_suggest(target.tensor, names)}; pass --tensor"
+        f"tensor {tensor!r} is not in the model{_suggest(tensor, names)}; pass --tensor"
     )
 
 
