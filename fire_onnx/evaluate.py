@@ -31,6 +31,19 @@ def _ort():
     return ort
 
 
+def _both_runtimes_installed() -> bool:
+    from importlib import metadata
+
+    found = 0
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.distribution(dist)
+            found += 1
+        except metadata.PackageNotFoundError:
+            pass
+    return found == 2
+
+
 def session(model, provider: str = "cpu", threads: int = 0, optimization: str = "all"):
     """An InferenceSession on ``provider``; fails clearly if that provider did not load.
 
@@ -42,7 +55,13 @@ def session(model, provider: str = "cpu", threads: int = 0, optimization: str = 
         raise FireError(f"provider must be one of {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[provider]
     if wanted not in ort.get_available_providers():
-        raise FireError(f"onnxruntime here has no {wanted} (available: {', '.join(ort.get_available_providers())})")
+        hint = ""
+        if provider != "cpu" and _both_runtimes_installed():
+            hint = ("; both onnxruntime and onnxruntime-gpu are installed and shadow each other: "
+                    "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+        elif provider != "cpu":
+            hint = "; install fire-onnx[gpu] (onnxruntime-gpu) instead of fire-onnx[cpu]"
+        raise FireError(f"onnxruntime here has no {wanted} (available: {', '.join(ort.get_available_providers())}){hint}")
     chain = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
     if provider == "tensorrt":
         chain = [wanted, "CUDAExecutionProvider", "CPUExecutionProvider"]
