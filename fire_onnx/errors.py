@@ -11,3 +11,14 @@ class FireError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def suggest(name: str, candidates: list[str], limit: int = 8) -> str:
+    """A short " (closest candidates: ...)" or " (candidates: ...)" suffix for a not-found message."""
+    import difflib
+
+    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.5)
+    if close:
+        return " (closest candidates: " + ", ".join(close) + ")"
+    more = f", ... ({len(candidates)} in all)" if len(candidates) > limit else ""
+    return " (candidates: " + ", ".join(candidates[:limit]) + more + ")" if candidates else ""

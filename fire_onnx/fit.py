@@ -19,7 +19,7 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx.data import Images, Preprocess
-from fire_onnx.errors import FireError
+from fire_onnx.errors import FireError, suggest
 from fire_onnx.estimate import fit_target
 
 Progress = Callable[[int, int], None]
@@ -88,12 +88,7 @@ def load_model(spec: str, weights: str | None = None):
 def find_module(model, path: str):
     named = dict(model.named_modules())
     if path not in named or path == "":
-        names = [n for n in named if n]
-        import difflib
-
-        close = difflib.get_close_matches(path, names, n=5, cutoff=0.4)
-        hint = ", ".join(close or names[:12]) + ("" if close or len(names) <= 12 else f", ... ({len(names)} in all)")
-        raise FireError(f"module {path!r} not found in the model; candidates: {hint}")
+        raise FireError(f"module {path!r} not found in the model{suggest(path, [n for n in named if n], limit=12)}")
     return named[path]
 
 

@@ -18,7 +18,6 @@ shares outer tensors with them); a target that is a graph output keeps its publi
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import warnings
@@ -29,7 +28,7 @@ import numpy as np
 import onnx
 
 from fire_onnx import directions as dirs
-from fire_onnx.errors import FireError
+from fire_onnx.errors import FireError, suggest
 from fire_onnx.fileio import sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
@@ -107,7 +106,7 @@ def resolve_tensor(model: onnx.ModelProto, *, tensor: str = "", module: str = ""
     initializers = {i.name for i in model.graph.initializer}
     if override:
         if override not in names or override in initializers:
-            raise FireError(f"tensor {override!r} is not an activation in the model{_suggest(override, names)}")
+            raise FireError(f"tensor {override!r} is not an activation in the model{suggest(override, names)}")
         return override
     if tensor and tensor in names:
         return tensor
@@ -126,19 +125,10 @@ def resolve_tensor(model: onnx.ModelProto, *, tensor: str = "", module: str = ""
                 f"module {module!r} not found: the model's node names carry no PyTorch scopes; "
                 "find the tensor with 'fire-onnx inspect' and pass --tensor"
             )
-        raise FireError(f"module {module!r} not found in the ONNX graph{_suggest(module, paths)}")
+        raise FireError(f"module {module!r} not found in the ONNX graph{suggest(module, paths)}")
     raise FireError(
-        f"tensor {tensor!r} is not in the model{_suggest(tensor, names)}; pass --tensor"
+        f"tensor {tensor!r} is not in the model{suggest(tensor, names)}; pass --tensor"
     )
-
-
-def _suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.5)
-    if close:
-        return " (did you mean: " + ", ".join(close) + "?)"
-    shown = candidates[:8]
-    more = f", ... ({len(candidates)} in all)" if len(candidates) > 8 else ""
-    return " (candidates: " + ", ".join(shown) + more + ")" if shown else ""
 
 
 def check_layout(target: dirs.Target, name: str, dims) -> list:
