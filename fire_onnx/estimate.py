@@ -144,9 +144,11 @@ def fit_target(
         chosen = "hard"
         if np.any(tau < tau_clean):
             rule = "triggered-margin"
-    fired = (st > tau).any(axis=1)
-    recall = float(fired.mean())
-    clean_fp = float((sc > tau).any(axis=1).mean())
+    if chosen == "none":  # the plain projection acts on every sample
+        recall, clean_fp = 1.0, 1.0
+    else:
+        recall = float((st > tau).any(axis=1).mean())
+        clean_fp = float((sc > tau).any(axis=1).mean())
     sep = (st.mean(axis=0) - sc.mean(axis=0)) / np.maximum(sc.std(axis=0), 1e-12)
     fit = {
         "method": method,

@@ -53,7 +53,7 @@ def test_tau_is_the_clean_quantile_and_gate_auto_reaches_the_triggered_samples()
     assert weak.fit["gate_recall_triggered"] == 1.0 and float(weak.tau[0]) < float(forced.tau[0])
     assert weak.fit["gate_fires_clean"] < 1.0  # still leaves some clean samples alone, unlike gate none
     none = fit_target(weak_clean, weak_trig, gate="none", module="m")
-    assert none.gate == "none"
+    assert none.gate == "none" and none.fit["gate_fires_clean"] == 1.0
 
 
 def test_class_matched_reference_removes_class_mix_bias():
