@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="npz with x_train/y_train/x_test/y_test (default: bundled MNIST-5k)")
