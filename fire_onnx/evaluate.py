@@ -84,20 +84,41 @@ def session(model, provider: str = "cpu", threads: int = 0, optimization: str = 
     return sess
 
 
-def predict_logits(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def single_input(sess, x: np.ndarray) -> str:
+    """The name of the session's only input, after checking ``x`` fits its shape."""
     inp = sess.get_inputs()
     if len(inp) != 1:
-        raise FireError(f"the model has {len(inp)} inputs; eval supports single-input classifiers")
-    name = inp[0].name
+        raise FireError(f"the model has {len(inp)} inputs; fire-onnx feeds single-input image models")
     expect = inp[0].shape
     if len(expect) != x.ndim or any(isinstance(e, int) and e != s for e, s in zip(expect[1:], x.shape[1:])):
         raise FireError(
-            f"model input {name!r} expects shape {expect}, the preprocessed images are {list(x.shape)} "
-            "(check --input-layout and the image size)"
+            f"model input {inp[0].name!r} expects shape {expect}, the preprocessed images are {list(x.shape)} "
+            "(check --input-layout, the image size and the channels)"
         )
-    outs = []
+    return inp[0].name
+
+
+def run_batches(sess, x: np.ndarray, outputs, batch_size: int, progress=None) -> list[list[np.ndarray]]:
+    """Run ``x`` through ``sess`` in batches; per requested output, the list of batch results."""
+    name = single_input(sess, x)
+    parts: list[list[np.ndarray]] = []
     for i in range(0, len(x), batch_size):
-        outs.append(sess.run(None, {name: x[i : i + batch_size]})[0])
+        try:
+            res = sess.run(outputs, {name: x[i : i + batch_size]})
+        except Exception as e:  # onnxruntime's InvalidArgument / Fail for inputs the model rejects
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FireError(f"onnxruntime rejected the input batch: {msg}") from None
+        if not parts:
+            parts = [[] for _ in res]
+        for acc, r in zip(parts, res):
+            acc.append(r)
+        if progress:
+            progress(min(i + batch_size, len(x)), len(x))
+    return parts
+
+
+def predict_logits(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    outs = run_batches(sess, x, [sess.get_outputs()[0].name], batch_size)[0]
     logits = np.concatenate(outs)
     if logits.ndim != 2:
         raise FireError(f"the model's first output has shape {list(logits.shape)}; eval needs (N, classes) scores")

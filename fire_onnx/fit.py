@@ -119,7 +119,12 @@ def collect(
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                model(torch.from_numpy(x[i : i + batch_size]))
+                try:
+                    model(torch.from_numpy(x[i : i + batch_size]))
+                except (RuntimeError, ValueError) as e:
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise FireError(f"the model rejects the preprocessed images of shape {list(x.shape[1:])}: "
+                                    f"{msg} (check --input-layout, the image size and the channels)") from None
                 if progress:
                     progress(min(i + batch_size, len(x)), len(x))
     finally:
@@ -149,7 +154,7 @@ def collect_onnx(
     """
     import onnx
 
-    from fire_onnx.evaluate import session
+    from fire_onnx.evaluate import run_batches, session
     from fire_onnx.onnxutil import infer_shapes
 
     m = infer_shapes(model)
@@ -159,17 +164,8 @@ def collect_onnx(
         if name not in present:
             m.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
     sess = session(m.SerializeToString())
-    inp = sess.get_inputs()
-    if len(inp) != 1:
-        raise FireError(f"the ONNX model has {len(inp)} inputs; fit from ONNX supports single-input models")
-    out: dict[str, list] = {name: [] for name in tensors}
-    for i in range(0, len(x), batch_size):
-        res = sess.run(list(tensors), {inp[0].name: x[i : i + batch_size]})
-        for name, r in zip(tensors, res):
-            out[name].append(np.asarray(r, dtype=np.float32))
-        if progress:
-            progress(min(i + batch_size, len(x)), len(x))
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+    parts = run_batches(sess, x, list(tensors), batch_size, progress)
+    return {name: np.concatenate(p).astype(np.float32) for name, p in zip(tensors, parts)}
 
 
 def torchscript_to_onnx(path: str | Path, sample: np.ndarray):

@@ -247,6 +247,14 @@ def _truncated(ws: Path) -> Path:
     return _write(ws / "trunc.onnx", data[: len(data) // 2])
 
 
+def _digits8(ws: Path) -> Path:
+    """8x8 digit images: the wrong size for the 28x28 model."""
+    rng = np.random.default_rng(0)
+    path = ws / "digits8.npz"
+    np.savez(path, x=rng.integers(0, 256, size=(600, 8, 8, 1)).astype(np.uint8), y=rng.integers(0, 10, size=600))
+    return path
+
+
 # name -> (setup(ws) -> argv, substrings the error line must contain)
 BAD = {
     "patch-missing-model": (lambda ws: ["patch", ws / "absent.onnx", "directions.npz"], ["absent.onnx", "not found"]),
@@ -295,6 +303,17 @@ BAD = {
                                              "-o", "f.npz"), ["rand.onnx"]),
     "fit-output-is-clean": (lambda ws: fit_args(ws, "--trigger", "badnets", "--target", "0", "-o", "mnist.npz"),
                             ["never overwrites"]),
+    "fit-wrong-image-size": (lambda ws: fit_args(ws, "--trigger", "badnets", "--target", "0", "-o", "f.npz",
+                                                 "--clean", _digits8(ws)), ["model rejects", "[1, 8, 8]"]),
+    "fit-wrong-layout": (lambda ws: fit_args(ws, "--trigger", "badnets", "--target", "0", "--input-layout", "NHWC",
+                                             "-o", "f.npz"), ["model rejects", "--input-layout"]),
+    "fit-onnx-wrong-image-size": (lambda ws: ["fit", "--onnx", "model.onnx", "--layer", "block2", "--clean",
+                                              _digits8(ws), "--trigger", "badnets:margin=0", "--target", "0",
+                                              "-o", "f.npz"], ["expects shape", "8, 8"]),
+    "fit-mean-channels": (lambda ws: fit_args(ws, "--trigger", "badnets", "--target", "0", "--mean", "0.5,0.5,0.5",
+                                              "-o", "f.npz"), ["mean/std"]),
+    "eval-wrong-image-size": (lambda ws: ["eval", "model.onnx", "--data", _digits8(ws), "--json", "e.json"],
+                              ["expects shape"]),
     "eval-missing-data": (lambda ws: ["eval", "model.onnx", "--data", "absent.npz", "--json", "e.json"],
                           ["absent.npz"]),
     "eval-trigger-without-target": (lambda ws: ["eval", "model.onnx", "--data", "mnist.npz", "--trigger", "badnets",
