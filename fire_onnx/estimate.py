@@ -144,8 +144,8 @@ def fit_target(
         chosen = "hard"
         if np.any(tau < tau_clean):
             rule = "triggered-margin"
-    if chosen == "none":  # the plain projection acts on every sample
-        recall, clean_fp = 1.0, 1.0
+    if chosen == "none":  # the plain projection acts on every sample; tau is recorded but unused
+        recall, clean_fp, rule = 1.0, 1.0, "unused"
     else:
         recall = float((st > tau).any(axis=1).mean())
         clean_fp = float((sc > tau).any(axis=1).mean())
