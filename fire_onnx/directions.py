@@ -208,7 +208,7 @@ def orthonormalize(U: np.ndarray) -> np.ndarray:
     return (q * signs).T
 
 
-def reference_repair(h: np.ndarray, t: Target, feature_axes_start: int = 1) -> np.ndarray:
+def reference_repair(h: np.ndarray, t: Target) -> np.ndarray:
     """The repair in numpy (float64), for checks: ``h`` is a batch with the target's layout."""
     h = np.asarray(h, dtype=np.float64)
     U = t.U.astype(np.float64)
