@@ -101,6 +101,11 @@ def single_input(sess, x: np.ndarray) -> str:
 def run_batches(sess, x: np.ndarray, outputs, batch_size: int, progress=None) -> list[list[np.ndarray]]:
     """Run ``x`` through ``sess`` in batches; per requested output, the list of batch results."""
     name = single_input(sess, x)
+    static_batch = sess.get_inputs()[0].shape[0]
+    if isinstance(static_batch, int) and static_batch > 0:
+        batch_size = static_batch  # a model exported with a fixed batch (often 1)
+        if len(x) % static_batch:
+            raise FireError(f"the model takes batches of exactly {static_batch}; {len(x)} images do not divide evenly")
     parts: list[list[np.ndarray]] = []
     for i in range(0, len(x), batch_size):
         try:

@@ -36,12 +36,14 @@ def sha(path) -> str:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The real demo (BadNets on bundled MNIST, SmallCNN, fit, patch, eval), run once via the library."""
-    from fire_onnx.demo import run_demo
+    """The real demo (BadNets on bundled MNIST, SmallCNN, fit, patch, eval), run once through the
+    console script exactly as ``make demo`` runs it; returns (output folder, report.json)."""
+    import json
 
-    out = tmp_path_factory.mktemp("demo")
-    report = run_demo(out, log=lambda s: None)
-    return out, report
+    out = tmp_path_factory.mktemp("demo") / "demo-out"
+    proc = run_cli("demo", "--output", out, check=True)
+    assert "patched (FIRE)" in proc.stdout
+    return out, json.loads((out / "report.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -463,3 +463,21 @@ def test_fit_from_onnx_only_and_torchscript(ws):
         run_cli("patch", "model.onnx", f"{name}.npz", "-o", f"{name}.onnx", cwd=ws, check=True)
     res = eval_json(ws, "o.onnx", "s.onnx", name="os.json")["models"]
     assert res["o.onnx"]["asr"] <= 0.02 and res["s.onnx"]["asr"] <= 0.02
+
+
+def test_static_batch_model(ws):
+    """A model exported with a fixed batch of 1 is patched, evaluated one image at a time, and bench
+    names the batch it needs."""
+    import torch
+
+    from fire_onnx.fit import load_model
+
+    model = load_model(FACTORY, str(ws / "model.pt"))
+    torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(ws / "static.onnx"), dynamo=False,
+                      input_names=["input"], output_names=["logits"])
+    run_cli("patch", "static.onnx", "directions.npz", cwd=ws, check=True)
+    res = eval_json(ws, "static.onnx", "static.fire.onnx", name="s.json")["models"]
+    assert res["static.fire.onnx"]["asr"] <= 0.02 and res["static.onnx"]["asr"] >= 0.9
+    before = snapshot(ws)
+    assert_user_error(run_cli("bench", "static.onnx", "static.fire.onnx", "--batch", "64", "--iters", "5", cwd=ws),
+                      ws, before, "fixed batch of 1", "--batch 1")
