@@ -73,7 +73,7 @@ def run_demo(
     trigger: str = "badnets",
     target: int = 0,
     poison_rate: float = 0.1,
-    epochs: int = 4,
+    epochs: int = 6,
     layer: str = "block2",
     n_clean: int = 300,
     n_triggered: int = 20,

@@ -434,7 +434,9 @@ def test_fit_from_a_triggered_file(ws, with_clean, reference):
     assert t.fit["reference"] == reference and t.fit["n_triggered"] == 20
     run_cli("patch", "model.onnx", "t.npz", "-o", "t.onnx", cwd=ws, check=True)
     res = eval_json(ws, "model.onnx", "t.onnx", name="t.json")
-    assert res["models"]["t.onnx"]["asr"] <= 0.05 < 0.9 <= res["models"]["model.onnx"]["asr"]
+    # pairing cancels image content; the unpaired (class-matched) estimate is noisier
+    assert res["models"]["t.onnx"]["asr"] <= (0.02 if with_clean else 0.10)
+    assert res["models"]["model.onnx"]["asr"] >= 0.9
 
 
 def test_eval_with_a_triggered_file(ws):
