@@ -109,7 +109,8 @@ def cli():
 @click.option("--quantile", type=float, default=0.999, show_default=True, help="Clean-score quantile used as tau.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Repair strength.")
 @click.option("--layout", type=click.Choice(["flat", "vector", "token"]), default=None,
-              help="Override the layout (default from the activation rank: 4->flat, 2->vector, 3->token).")
+              help="Override the layout (default: vector for (N, D) activations, flat otherwise; token for "
+                   "variable-length (N, T, D) sequences).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
               help="The exported ONNX model: record each layer's tensor name and check its shape "
                    "(and the activation source when --model is not given).")
@@ -351,17 +352,18 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
 @click.option("--target", type=int, default=0, show_default=True)
 @click.option("--poison-rate", type=float, default=0.1, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
-@click.option("--layer", default="block2", show_default=True)
+@click.option("--arch", type=click.Choice(["small_cnn", "vit"]), default="small_cnn", show_default=True)
+@click.option("--layer", default=None, help="Module to repair (default: block2 for small_cnn, blocks.0 for vit).")
 @click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(out_dir, data_path, trigger, target, poison_rate, epochs, layer, gate, seed):
+def demo(out_dir, data_path, trigger, target, poison_rate, epochs, arch, layer, gate, seed):
     """Backdoor a small CNN on real MNIST digits, fit, patch and evaluate: the whole path in a minute."""
     from fire_onnx.demo import format_report, run_demo
 
     if not 0 < poison_rate < 1 or epochs < 1:
         raise FireError("--poison-rate must be in (0, 1) and --epochs >= 1")
     report = run_demo(out_dir, data=data_path, trigger=trigger, target=target, poison_rate=poison_rate,
-                      epochs=epochs, layer=layer, gate=gate, seed=seed, log=click.echo)
+                      epochs=epochs, arch=arch, layer=layer, gate=gate, seed=seed, log=click.echo)
     click.echo("")
     click.echo(format_report(report))
     click.echo(f"\nartifacts in {out_dir}/ (report.json, model.onnx, directions.npz, model.fire.onnx); "

@@ -29,6 +29,20 @@ from fire_onnx.fileio import atomic_path, write_text_atomic
 Log = Callable[[str], None]
 
 
+DEFAULT_LAYER = {"small_cnn": "block2", "vit": "blocks.0"}
+
+
+def build_arch(arch: str, n_classes: int, channels: int, side: int):
+    """The demo's architectures: SmallCNN (2 conv + 2 fc) or a small ViT (4 blocks, 64 dims)."""
+    if arch == "vit":
+        from fire_onnx_models.vit import SmallViT
+
+        return SmallViT(n_classes, channels, side, patch=7 if side % 7 == 0 else 4)
+    from fire_onnx_models.small_cnn import SmallCNN
+
+    return SmallCNN(num_classes=n_classes, in_channels=channels, image_size=side)
+
+
 def poison(train: Images, trigger, target: int, rate: float, rng: np.random.Generator) -> tuple[Images, np.ndarray]:
     """Stamp ``rate`` of the training set (drawn from non-target classes) and relabel it to ``target``."""
     candidates = np.flatnonzero(train.y != target)
@@ -74,7 +88,8 @@ def run_demo(
     target: int = 0,
     poison_rate: float = 0.1,
     epochs: int = 6,
-    layer: str = "block2",
+    layer: str | None = None,
+    arch: str = "small_cnn",
     n_clean: int = 300,
     n_triggered: int = 20,
     gate: str = "auto",
@@ -87,7 +102,6 @@ def run_demo(
     from fire_onnx.evaluate import compute_metrics, session
     from fire_onnx.fit import export_onnx, fit_directions
     from fire_onnx.patch import patch_file
-    from fire_onnx_models.small_cnn import SmallCNN
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -101,17 +115,20 @@ def run_demo(
     if not 0 <= target < n_classes:
         raise FireError(f"target must be a class index in 0..{n_classes - 1}")
     h, w, c = train.x.shape[1:]
+    if arch not in DEFAULT_LAYER:
+        raise FireError(f"arch must be one of {', '.join(DEFAULT_LAYER)}")
     if h != w or h % 4:
-        raise FireError(f"the demo CNN needs square images with a side divisible by 4, got {h}x{w}")
+        raise FireError(f"the demo models need square images with a side divisible by 4, got {h}x{w}")
     trig = triggers.parse(trigger)
     pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
     rng = np.random.default_rng(seed)
 
-    log(f"[1/5] training a backdoored SmallCNN on {data_path.name} ({len(train)} train images, "
+    log(f"[1/5] training a backdoored {arch} on {data_path.name} ({len(train)} train images, "
         f"{trigger}, {poison_rate:.0%} poisoned, target {target})")
     poisoned, pidx = poison(train, trig, target, poison_rate, rng)
     torch.manual_seed(seed)
-    model = SmallCNN(num_classes=n_classes, in_channels=c, image_size=h)
+    model = build_arch(arch, n_classes, c, h)
+    layer = layer or DEFAULT_LAYER[arch]
     train_model(model, pre(poisoned.x), poisoned.y, epochs=epochs, seed=seed, log=log)
 
     log("[2/5] exporting to ONNX")
@@ -158,7 +175,7 @@ def run_demo(
     }
     report["config"] = {
         "data": data_path.name, "trigger": triggers.describe(trig), "target": target, "poison_rate": poison_rate,
-        "epochs": epochs, "layer": layer, "tensor": t.tensor, "gate": t.gate, "n_clean": n_clean,
+        "epochs": epochs, "arch": arch, "layer": layer, "tensor": t.tensor, "gate": t.gate, "n_clean": n_clean,
         "n_triggered": n_triggered, "seed": seed,
     }
     report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -51,7 +51,14 @@ def as_rows(a: np.ndarray, layout: str) -> np.ndarray:
 
 
 def default_layout(shape: tuple) -> str:
-    return {2: "vector", 3: "token"}.get(len(shape), "flat")
+    """(N, D) -> vector; anything else -> flat (one vector per sample).
+
+    ``token`` is never the default: on a backdoored ViT with a patch trigger, flattening all tokens
+    (the trigger sits at fixed positions) removed the backdoor at no CA cost, while per-token
+    directions with one mean shared by every position moved clean tokens too and cost 0.3-9 pt of CA.
+    Use ``token`` for variable-length sequences, where flat cannot apply.
+    """
+    return "vector" if len(shape) == 2 else "flat"
 
 
 def _quantiles(s: np.ndarray) -> dict:

@@ -154,7 +154,8 @@ def check_layout(target: dirs.Target, name: str, dims) -> list:
                 )
         else:
             raise FireError(
-                f"tensor {name!r} has dynamic feature dimensions {_fmt(feat)}; layout 'flat' needs them static"
+                f"tensor {name!r} has dynamic feature dimensions {_fmt(feat)}; layout 'flat' needs them static "
+                "(for (N, T, D) token sequences of variable length, fit with --layout token)"
             )
     elif isinstance(dims[-1], int) and dims[-1] != d:
         raise FireError(f"dimension mismatch: tensor {name!r} has last dimension {dims[-1]} but the directions have D = {d}")

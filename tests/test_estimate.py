@@ -75,7 +75,8 @@ def test_token_layout_uses_every_token():
     rng = np.random.default_rng(0)
     clean = rng.normal(size=(50, 5, 8))
     trig = rng.normal(size=(10, 5, 8)) + 4 * np.eye(8)[2]
-    t = fit_target(clean, trig, module="m")
+    assert fit_target(clean, trig, module="m").layout == "flat"  # token is never the default
+    t = fit_target(clean, trig, layout="token", module="m")
     assert t.layout == "token" and t.dim == 8 and t.fit["observations_triggered"] == 50
     assert float(t.U[0, 2]) > 0.95
 

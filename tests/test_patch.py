@@ -69,6 +69,7 @@ CASES = [
     ("cnn", "block2", "flat", 64 * 7 * 7, (1, 28, 28)),
     ("cnn", "fc1_act", "vector", 128, (1, 28, 28)),
     ("vit", "blocks.1", "token", 64, (1, 28, 28)),
+    ("vit", "blocks.2", "flat", 17 * 64, (1, 28, 28)),
     ("resnet", "layer2", "flat", 128 * 16 * 16, (3, 32, 32)),
 ]
 

@@ -9,6 +9,7 @@ Writes ``<out>/demo_bench.json`` and ``<out>/demo_bench.md``. Example::
 
     python tools/bench_demo.py --out benchmarks                      # bundled MNIST-5k
     python tools/bench_demo.py --data ../shared/data/fashion_mnist.npz --out benchmarks/fmnist
+    python tools/bench_demo.py --arch vit --epochs 10 --case badnets@blocks.0 --out benchmarks/vit
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--case", action="append", default=None, help="TRIGGER@LAYER (repeatable); default: %s" % DEFAULT_CASES)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--arch", choices=["small_cnn", "vit"], default="small_cnn")
     ap.add_argument("--iters", type=int, default=300, help="latency runs per model and batch size")
     ap.add_argument("--out", default="benchmarks")
     args = ap.parse_args(argv)
@@ -50,19 +52,19 @@ def main(argv=None) -> int:
         trigger, _, layer = case.partition("@")
         for seed in seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                r = run_demo(tmp, data=args.data, trigger=trigger, layer=layer or "block2", epochs=args.epochs,
-                             seed=seed, log=lambda s: None)
+                r = run_demo(tmp, data=args.data, trigger=trigger, layer=layer or None, arch=args.arch,
+                             epochs=args.epochs, seed=seed, log=lambda s: None)
                 if latency is None:
                     latency = bench.compare(Path(tmp) / "model.onnx", Path(tmp) / "model.fire.onnx",
                                             batches=(1, 64), iters=args.iters, warmup=30, threads=1)
-            rows.append({"trigger": trigger, "layer": layer, "seed": seed, "gate": r["config"]["gate"],
+            rows.append({"trigger": trigger, "layer": r["config"]["layer"], "seed": seed, "gate": r["config"]["gate"],
                          "original": r["original"], "patched": r["patched"]})
             print(f"{trigger} @ {layer} seed {seed}: CA {r['original']['ca']:.3f} -> {r['patched']['ca']:.3f}, "
                   f"ASR {r['original']['asr']:.3f} -> {r['patched']['asr']:.3f}, RA {r['patched']['ra']:.3f}",
                   file=sys.stderr)
     result = {
         "fire_onnx": __version__, "data": Path(args.data).name if args.data else "mnist5k (bundled)",
-        "epochs": args.epochs, "seeds": seeds, "n_triggered_fit": 20, "n_clean_fit": 300,
+        "arch": args.arch, "epochs": args.epochs, "seeds": seeds, "n_triggered_fit": 20, "n_clean_fit": 300,
         "machine": {"python": platform.python_version(), "processor": platform.machine()},
         "seconds": round(time.perf_counter() - t0, 1), "runs": rows, "latency": latency,
     }
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
 
 def markdown(res: dict) -> str:
     lines = [
-        f"Data: {res['data']}; SmallCNN, {res['epochs']} epochs, 10 % poisoning, target 0; fit on "
+        f"Data: {res['data']}; {res.get('arch', 'small_cnn')}, {res['epochs']} epochs, 10 % poisoning, target 0; fit on "
         f"{res['n_triggered_fit']} triggered + {res['n_clean_fit']} clean images; seeds {res['seeds']}. "
         "Mean ± std over seeds, in %.",
         "",
