@@ -55,7 +55,8 @@ def default_layout(shape: tuple) -> str:
 
     ``token`` is never the default: on a backdoored ViT with a patch trigger, flattening all tokens
     (the trigger sits at fixed positions) removed the backdoor at no CA cost, while per-token
-    directions with one mean shared by every position moved clean tokens too and cost 0.3-9 pt of CA.
+    directions with one mean shared by every position moved clean tokens too and cost up to 9 pt of CA
+    (benchmarks/vit_badnets_sweep).
     Use ``token`` for variable-length sequences, where flat cannot apply.
     """
     return "vector" if len(shape) == 2 else "flat"
