@@ -75,7 +75,18 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = """\b
+Typical flow:
+  fire-onnx inspect model.onnx
+  fire-onnx fit --model my_net.py:build --weights my_net.pt --layer block2 \\
+      --clean clean.npz --trigger badnets --target 0 --onnx model.onnx
+  fire-onnx patch model.onnx directions.npz          # writes model.fire.onnx
+  fire-onnx eval model.onnx model.fire.onnx --data test.npz --trigger badnets --target 0
+  fire-onnx bench model.onnx model.fire.onnx
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="fire-onnx")
 def cli():
     """FIRE backdoor repair for ONNX models: fit directions in PyTorch, patch the ONNX graph,
