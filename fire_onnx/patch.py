@@ -1,16 +1,18 @@
 """Insert FIRE's projection-subtraction after target tensors of an ONNX model.
 
 Only onnx, onnx-graphsurgeon and numpy are used here (no torch). The inserted nodes use ops that
-every TensorRT >= 8 parses (Reshape, Shape, MatMul, Sub, Greater, Where, Cast) and keep every
+every TensorRT >= 8 parses (Reshape, Shape, Gemm, MatMul, Sub, Greater, Where, Cast) and keep every
 dynamic dimension dynamic. For a target ``h`` with directions ``U`` (k, D)::
 
     flat   (N, C, H, W): x = Reshape(h, [0, -1])        ... y = Reshape(x', Shape(h))
     vector (N, D)      : x = h
     token  (N, T, D)   : x = h   (MatMul broadcasts over tokens)
 
-    s  = MatMul(x, U^T) - U mu              # scores, constants folded in numpy
+    s  = Gemm(x, U, -U mu, transB=1)        # scores x U^T - U mu, constants folded in numpy
     c  = Where(s > tau, s, 0)               # gate "hard" (gate "none": c = s)
-    x' = x - MatMul(c, diag(alpha) U)
+    x' = Gemm(c, diag(alpha) U, x, alpha=-1, beta=1)    # x - c (alpha U)
+
+(token: MatMul + Sub in place of each Gemm, which is 2-D only).
 
 Consumers are rewired from ``h`` to the result (subgraph bodies included, since onnx-graphsurgeon
 shares outer tensors with them); a target that is a graph output keeps its public name.
@@ -215,14 +217,23 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to):
         x = node("Cast", "cast_in", [x], attrs={"to": onnx.TensorProto.FLOAT})
     if target.layout == "flat":
         x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, -1], dtype=np.int64))])
-    s = node("MatMul", "scores_raw", [x, const("U_T", U.T.astype(ctype))])
-    s = node("Sub", "scores", [s, const("U_mu", (U @ target.mu.astype(np.float64)).astype(ctype))])
+    u_mu = U @ target.mu.astype(np.float64)
+    w = target.alpha.astype(np.float64)[:, None] * U
+    two_d = target.layout in ("flat", "vector")
+    if two_d:  # Gemm folds the offset into the score product: s = x U^T - U mu
+        s = node("Gemm", "scores", [x, const("U", U.astype(ctype)), const("neg_U_mu", (-u_mu).astype(ctype))],
+                 attrs={"transB": 1})
+    else:  # (N, T, D): Gemm is 2-D only, MatMul broadcasts over tokens
+        s = node("MatMul", "scores_raw", [x, const("U_T", U.T.astype(ctype))])
+        s = node("Sub", "scores", [s, const("U_mu", u_mu.astype(ctype))])
     if target.gate == "hard":
         mask = node("Greater", "gate_mask", [s, const("tau", target.tau.astype(ctype))], out_dtype=np.bool_)
         s = node("Where", "gated", [mask, s, const("zero", np.zeros((1,), dtype=ctype))])
-    w = target.alpha.astype(np.float64)[:, None] * U
-    corr = node("MatMul", "correction", [s, const("alpha_U", w.astype(ctype))])
-    y = node("Sub", "repaired", [x, corr])
+    if two_d:  # and the subtraction into the correction product: x' = x - c (alpha U)
+        y = node("Gemm", "repaired", [s, const("alpha_U", w.astype(ctype)), x], attrs={"alpha": -1.0, "beta": 1.0})
+    else:
+        corr = node("MatMul", "correction", [s, const("alpha_U", w.astype(ctype))])
+        y = node("Sub", "repaired", [x, corr])
     if target.layout == "flat":
         shp = node("Shape", "orig_shape", [h], out_dtype=np.int64)
         y = node("Reshape", "unflatten", [y, shp])

@@ -15,7 +15,7 @@ from fire_onnx.evaluate import session
 from fire_onnx.fit import apply_in_torch, export_onnx
 from fire_onnx.patch import patch_model, resolve_target
 
-TRT_SAFE_OPS = {"Reshape", "Shape", "MatMul", "Sub", "Greater", "Where", "Cast"}
+TRT_SAFE_OPS = {"Reshape", "Shape", "Gemm", "MatMul", "Sub", "Greater", "Where", "Cast"}
 
 
 def random_target(d, k, layout, module, gate="hard", alpha=1.0, tau=0.0, seed=0):
@@ -325,7 +325,7 @@ def test_patch_file_verifies_in_onnxruntime(cnn_onnx, tmp_path):
     assert res.warnings == [] and verify_in_onnxruntime(out, cnn_onnx[1]) is None
     broken = tmp_path / "broken.onnx"
     m = onnx.load(str(out))
-    next(n for n in m.graph.node if n.name.endswith("/correction")).op_type = "NoSuchOp"
+    next(n for n in m.graph.node if n.name.endswith("/repaired")).op_type = "NoSuchOp"
     broken.write_bytes(m.SerializeToString())
     with pytest.raises(RuntimeError, match="please report"):
         verify_in_onnxruntime(broken, cnn_onnx[1])
@@ -357,7 +357,7 @@ def test_patch_adds_nothing_but_its_nodes(vit):
     res = patch_model(proto, dirs.Directions([t]))
     target = res.targets[0].tensor
     ours = [n for n in res.model.graph.node if n.name.startswith("fire_onnx/")]
-    assert len(res.model.graph.node) == len(proto.graph.node) + len(ours) == len(proto.graph.node) + 9
+    assert len(res.model.graph.node) == len(proto.graph.node) + len(ours) == len(proto.graph.node) + 7
     orig = {n.name: (n.op_type, list(n.output)) for n in proto.graph.node}
     assert {n.name: (n.op_type, list(n.output)) for n in res.model.graph.node if n not in ours} == orig
     allowed = {vi.name for vi in proto.graph.value_info} | {o for n in ours for o in n.output} | {target}
