@@ -140,18 +140,11 @@ def collect(
     return out
 
 
-def collect_onnx(
-    model,
-    tensors: Sequence[str],
-    x: np.ndarray,
-    *,
-    batch_size: int = 128,
-    progress: Progress | None = None,
-) -> dict[str, np.ndarray]:
-    """Activations of ONNX ``tensors`` for inputs ``x``, from onnxruntime (no torch needed).
-
-    The tensors are exposed as extra graph outputs of an in-memory copy of ``model`` (a ModelProto).
-    """
+def onnx_activation_reader(model, tensors: Sequence[str], *, batch_size: int = 128,
+                           progress: Progress | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A function returning the activations of ONNX ``tensors`` for inputs ``x``, from onnxruntime
+    (no torch needed). The tensors are exposed as extra graph outputs of an in-memory copy of
+    ``model`` (a ModelProto); the session is built once and serves every call."""
     import onnx
 
     from fire_onnx.evaluate import run_batches, session
@@ -164,8 +157,12 @@ def collect_onnx(
         if name not in present:
             m.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
     sess = session(m.SerializeToString())
-    parts = run_batches(sess, x, list(tensors), batch_size, progress)
-    return {name: np.concatenate(p).astype(np.float32) for name, p in zip(tensors, parts)}
+
+    def read(x: np.ndarray) -> dict[str, np.ndarray]:
+        parts = run_batches(sess, x, list(tensors), batch_size, progress)
+        return {name: np.concatenate(p).astype(np.float32) for name, p in zip(tensors, parts)}
+
+    return read
 
 
 def torchscript_to_onnx(path: str | Path, sample: np.ndarray):
@@ -226,23 +223,25 @@ def fit_directions(
         raise FireError("the clean originals of the triggered images do not match them in shape")
     inferred = None
     if onnx_model is not None:
-        from fire_onnx.onnxutil import infer_shapes
+        from fire_onnx.onnxutil import infer_shapes, tensor_info
+        from fire_onnx.patch import check_layout, resolve_target, resolve_tensor
 
         inferred = infer_shapes(onnx_model)
     tensor_of: dict[str, str] = {}
     if model is None:
         if inferred is None:
             raise FireError("fit needs a PyTorch model (--model) or an ONNX model (--onnx)")
-        from fire_onnx.patch import resolve_tensor
-
         names = {o for n in inferred.graph.node for o in n.output}
         for layer in layers:  # an ONNX tensor name, else a PyTorch module path
             is_tensor = layer in names
             tensor_of[layer] = resolve_tensor(inferred, tensor=layer if is_tensor else "",
                                               module="" if is_tensor else layer)
 
+        read = onnx_activation_reader(inferred, list(dict.fromkeys(tensor_of.values())),
+                                      batch_size=batch_size, progress=progress)
+
         def run(x):
-            acts = collect_onnx(onnx_model, list(tensor_of.values()), x, batch_size=batch_size, progress=progress)
+            acts = read(x)
             return {layer: acts[t] for layer, t in tensor_of.items()}
     else:
         def run(x):
@@ -259,9 +258,6 @@ def fit_directions(
                        paired=None if acts_p is None else acts_p[name],
                        clean_labels=clean.y, triggered_labels=triggered.y)
         if inferred is not None:
-            from fire_onnx.onnxutil import tensor_info
-            from fire_onnx.patch import check_layout, resolve_target
-
             t.tensor = t.tensor or resolve_target(inferred, t)
             check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1])
         targets.append(t)

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import onnx
 
-from fire_onnx.onnxutil import FLOAT_TYPES, ScopeIndex, infer_shapes, node_module, tensor_info
-from fire_onnx.patch import ACTIVATIONS, fusion_pair, is_patched, patched_targets
+from fire_onnx.estimate import default_layout
+from fire_onnx.onnxutil import FLOAT_TYPES, ScopeIndex, infer_shapes, node_module, tensor_table
+from fire_onnx.patch import ACTIVATIONS, fused_ops, is_patched, patched_targets
 
 POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "LayerNormalization"}
 
@@ -38,20 +39,21 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
     inferred = infer_shapes(model)
     graph = inferred.graph
     layers_of = ScopeIndex(graph).output_map()
-    consumers: dict[str, int] = {}
+    shapes = tensor_table(inferred)
+    consumers: dict[str, list[str]] = {}  # tensor -> consumer op types
     for n in graph.node:
         for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+            consumers.setdefault(i, []).append(n.op_type)
     outputs = {o.name for o in graph.output}
     out = []
     for n in graph.node:
         if n.name.startswith("fire_onnx/"):
             continue
         for name in n.output:
-            elem, dims = tensor_info(inferred, name) if name else (None, None)
+            elem, dims = shapes.get(name, (None, None))
             if elem not in FLOAT_TYPES or dims is None or len(dims) < 2:
                 continue
-            pair = fusion_pair(inferred, name)
+            pair = fused_ops(n.op_type, consumers.get(name, []))
             layers = layers_of.get(name, [])
             if pair:
                 note = f"splits {pair[0]}+{pair[1]} fusion"
@@ -70,8 +72,8 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 op=n.op_type,
                 module=node_module(n),
                 layers=layers,
-                consumers=consumers.get(name, 0),
-                layout={2: "vector", 3: "token"}.get(len(dims), "flat"),
+                consumers=len(consumers.get(name, [])),
+                layout=default_layout(dims),
                 breaks_fusion=pair is not None,
                 note=note,
             ))

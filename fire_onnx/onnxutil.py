@@ -87,24 +87,30 @@ def opset_of(model: onnx.ModelProto) -> int:
     raise FireError("model has no default-domain opset import")
 
 
+def _vi_info(vi: onnx.ValueInfoProto):
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return tt.elem_type, None
+    dims = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
+            for d in tt.shape.dim]
+    return tt.elem_type, dims
+
+
+def tensor_table(model: onnx.ModelProto) -> dict:
+    """Tensor name -> (elem_type, dims) from value_info/inputs/outputs; dims are int, str or None."""
+    table = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.type.HasField("tensor_type"):
+            table.setdefault(vi.name, _vi_info(vi))
+    return table
+
+
 def tensor_info(model: onnx.ModelProto, name: str):
-    """(elem_type, dims) of a tensor from value_info/inputs/outputs; dims are int or str or None."""
+    """(elem_type, dims) of one tensor (see :func:`tensor_table`); (None, None) when unknown."""
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         if vi.name == name and vi.type.HasField("tensor_type"):
-            tt = vi.type.tensor_type
-            dims = None
-            if tt.HasField("shape"):
-                dims = []
-                for d in tt.shape.dim:
-                    if d.HasField("dim_value"):
-                        dims.append(int(d.dim_value))
-                    elif d.HasField("dim_param"):
-                        dims.append(d.dim_param)
-                    else:
-                        dims.append(None)
-            return tt.elem_type, dims
+            return _vi_info(vi)
     return None, None
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,12 +174,9 @@ class ScopeIndex:
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
         self.nodes = list(graph.node)
-        self.scopes = [set(node_scopes(n)) for n in self.nodes]
-        seen: dict[str, None] = {}
-        for n in self.nodes:
-            for sc in node_scopes(n):
-                seen.setdefault(sc, None)
-        self.paths = list(seen)
+        ordered = [node_scopes(n) for n in self.nodes]
+        self.scopes = [set(sc) for sc in ordered]
+        self.paths = list(dict.fromkeys(path for sc in ordered for path in sc))
 
     def inside(self, module_path: str) -> list[int]:
         """Indices of the nodes inside ``module_path``. A module called more than once shows up in

@@ -31,18 +31,17 @@ import onnx
 
 from fire_onnx import directions as dirs
 from fire_onnx.errors import FireError, suggest
-from fire_onnx.fileio import sha256_file
+from fire_onnx.fileio import atomic_path, sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
     infer_shapes,
-    tensor_info,
     load_model,
     module_outputs,
     module_paths,
     opset_of,
+    tensor_info,
     write_model,
 )
-from fire_onnx.fileio import atomic_path
 
 PREFIX = "fire_onnx"
 META_VERSION = "fire_onnx.version"
@@ -173,12 +172,16 @@ def _fmt(dims) -> str:
 def fusion_pair(model: onnx.ModelProto, name: str) -> tuple[str, str] | None:
     """(producer op, consumer op) when ``name`` sits between a Conv/Gemm/MatMul and the op a runtime
     fuses into it (activation, bias Add, BatchNormalization); patching there breaks that fusion."""
-    producer = next((n for n in model.graph.node if name in n.output), None)
-    if producer is None or producer.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+    producer = next((n.op_type for n in model.graph.node if name in n.output), None)
+    return fused_ops(producer, [n.op_type for n in model.graph.node if name in n.input])
+
+
+def fused_ops(producer: str | None, consumers: list[str]) -> tuple[str, str] | None:
+    """The fusion rule of :func:`fusion_pair`, on op types (for callers that index the graph)."""
+    if producer not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
         return None
-    consumers = [n for n in model.graph.node if name in n.input]
-    if len(consumers) == 1 and consumers[0].op_type in ACTIVATIONS | {"Add", "BatchNormalization"}:
-        return producer.op_type, consumers[0].op_type
+    if len(consumers) == 1 and consumers[0] in ACTIVATIONS | {"Add", "BatchNormalization"}:
+        return producer, consumers[0]
     return None
 
 

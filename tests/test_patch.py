@@ -364,3 +364,12 @@ def test_patch_adds_nothing_but_its_nodes(vit):
     assert {vi.name for vi in res.model.graph.value_info} <= allowed
     assert len(res.model.graph.initializer) == len(proto.graph.initializer) + sum(
         1 for n in ours for i in n.input if i.startswith("fire_onnx/") and i not in {o for m in ours for o in m.output})
+
+
+def test_inspect_layout_is_what_fit_would_choose(vit):
+    """inspect and fit agree on the layout: (N, T, D) tensors are flat unless token is asked for."""
+    from fire_onnx.inspect import candidates
+
+    cands = {c.tensor: c for c in candidates(vit[1])}
+    assert cands["/blocks/blocks.0/Add_1_output_0"].layout == "flat"
+    assert cands["logits"].layout == "vector"
