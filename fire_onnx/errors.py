@@ -22,3 +22,10 @@ def suggest(name: str, candidates: list[str], limit: int = 8) -> str:
         return " (closest candidates: " + ", ".join(close) + ")"
     more = f", ... ({len(candidates)} in all)" if len(candidates) > limit else ""
     return " (candidates: " + ", ".join(candidates[:limit]) + more + ")" if candidates else ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    wrapping third-party errors into a one-line FireError."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fire_onnx.data import Images, Preprocess
-from fire_onnx.errors import FireError
+from fire_onnx.errors import FireError, first_line
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -77,7 +77,7 @@ def session(model, provider: str = "cpu", threads: int = 0, optimization: str = 
     try:
         sess = ort.InferenceSession(src, sess_options=opts, providers=chain)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise FireError(f"onnxruntime cannot load the model: {msg}") from None
     if wanted not in sess.get_providers():
         raise FireError(f"{wanted} is listed but did not load (check the CUDA/TensorRT libraries)")
@@ -111,7 +111,7 @@ def run_batches(sess, x: np.ndarray, outputs, batch_size: int, progress=None) ->
         try:
             res = sess.run(outputs, {name: x[i : i + batch_size]})
         except Exception as e:  # onnxruntime's InvalidArgument / Fail for inputs the model rejects
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise FireError(f"onnxruntime rejected the input batch: {msg}") from None
         if not parts:
             parts = [[] for _ in res]

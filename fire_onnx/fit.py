@@ -19,7 +19,7 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx.data import Images, Preprocess
-from fire_onnx.errors import FireError, suggest
+from fire_onnx.errors import FireError, first_line, suggest
 from fire_onnx.estimate import fit_target
 
 Progress = Callable[[int, int], None]
@@ -74,7 +74,7 @@ def load_model(spec: str, weights: str | None = None):
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise FireError(f"cannot load weights {p} (plain state dicts only, no pickled objects): {str(e).splitlines()[0]}") from None
+            raise FireError(f"cannot load weights {p} (plain state dicts only, no pickled objects): {first_line(e)}") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         try:
@@ -122,7 +122,7 @@ def collect(
                 try:
                     model(torch.from_numpy(x[i : i + batch_size]))
                 except (RuntimeError, ValueError) as e:
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    msg = first_line(e)
                     raise FireError(f"the model rejects the preprocessed images of shape {list(x.shape[1:])}: "
                                     f"{msg} (check --input-layout, the image size and the channels)") from None
                 if progress:
@@ -179,7 +179,7 @@ def torchscript_to_onnx(path: str | Path, sample: np.ndarray):
     try:
         ts = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
-        raise FireError(f"{path} is not a TorchScript file: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+        raise FireError(f"{path} is not a TorchScript file: {first_line(e)}") from None
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -187,7 +187,7 @@ def torchscript_to_onnx(path: str | Path, sample: np.ndarray):
             torch.onnx.export(ts.eval(), (torch.from_numpy(np.ascontiguousarray(sample[:2])),), buf, dynamo=False,
                               input_names=["input"], dynamic_axes={"input": {0: "batch"}})
         except Exception as e:
-            raise FireError(f"cannot export TorchScript {path} to ONNX for fitting: {str(e).splitlines()[0]}") from None
+            raise FireError(f"cannot export TorchScript {path} to ONNX for fitting: {first_line(e)}") from None
     return onnx.load_from_string(buf.getvalue())
 
 

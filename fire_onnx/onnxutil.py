@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from fire_onnx.errors import FireError
+from fire_onnx.errors import FireError, first_line
 from fire_onnx.fileio import atomic_path
 
 # protobuf refuses to serialize a message of 2 GiB or more; switch to external data well before.
@@ -30,7 +30,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p))
     except Exception as e:  # protobuf DecodeError, external-data errors, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise FireError(f"{p} is not a readable ONNX model: {msg}") from None
     if not model.opset_import or not model.graph.node:
         raise FireError(f"{p} is not a readable ONNX model (no graph nodes or no opset)")

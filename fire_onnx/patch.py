@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from fire_onnx import directions as dirs
-from fire_onnx.errors import FireError, suggest
+from fire_onnx.errors import FireError, first_line, suggest
 from fire_onnx.fileio import atomic_path, sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
@@ -416,7 +416,7 @@ def verify_in_onnxruntime(path: str | os.PathLike, original: str | os.PathLike) 
             return "onnxruntime cannot load the input model either; skipped the onnxruntime check"
         raise RuntimeError(
             f"fire-onnx produced a model onnxruntime rejects although it accepts the input (please report): "
-            f"{str(patched_error).strip().splitlines()[0]}"
+            f"{first_line(patched_error)}"
         ) from patched_error
 
 
