@@ -47,16 +47,27 @@ def _preprocess(scale, mean, std, layout, fallback=None):
     ).validate()
 
 
-def _progress(label: str):
-    if not sys.stderr.isatty():
-        return None
+def _progress(label: str, every: float = 15.0):
+    """A progress callback: a bar on a terminal; otherwise (logs, CI) a line at most every ``every``
+    seconds once a job has run that long, so long activation passes on big models are visible."""
+    import time
+
+    start = time.monotonic()
+    last = [start]
+    tty = sys.stderr.isatty()
 
     def cb(done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / max(total, 1))
-        click.echo(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", nl=False, err=True)
-        if done >= total:
-            click.echo("", err=True)
+        if tty:
+            width = 30
+            filled = int(width * done / max(total, 1))
+            click.echo(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", nl=False, err=True)
+            if done >= total:
+                click.echo("", err=True)
+            return
+        now = time.monotonic()
+        if now - last[0] >= every and done < total:
+            last[0] = now
+            click.echo(f"{label}: {done}/{total} ({now - start:.0f} s)", err=True)
 
     return cb
 
@@ -98,102 +109,90 @@ def cli():
 @click.option("--model", "model_spec", default=None, metavar="SPEC",
               help="PyTorch model: package.module:factory, path/to/file.py:factory, or a TorchScript file. "
                    "Without it, activations come from the --onnx model in onnxruntime.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict (.pt), loaded with weights_only=True.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="State dict (.pt) for --model, loaded with weights_only=True (checkpoint dicts with a "
+                   "'state_dict'/'model' entry and DataParallel 'module.' prefixes are unwrapped).")
+@click.option("--no-weights", is_flag=True,
+              help="The --model factory returns a trained model by itself (without this, --model without "
+                   "--weights is refused: a freshly built model has random weights).")
 @click.option("--layer", "layers", multiple=True, required=True, metavar="MODULE",
               help="Module path whose output to repair, or an ONNX tensor name when fitting from --onnx "
                    "(repeat for several layers).")
+@click.option("--tensor", default=None, metavar="NAME",
+              help="The ONNX tensor that the (single) --layer exports to, where the export's scope names do "
+                   "not tell (see 'fire-onnx inspect'); needs --onnx.")
 @click.option("--clean", "clean_path", required=True, type=click.Path(dir_okay=False),
               help="Clean images: npz with x (uint8 NHWC) [and y], or x_train/x_test.")
 @click.option("--triggered", "triggered_path", type=click.Path(dir_okay=False), default=None,
               help="Triggered images: npz with x [, y, and x_clean = the same images without trigger].")
 @click.option("--trigger", "trigger_spec", default=None, metavar="SPEC",
               help="Make triggered images from clean ones instead, e.g. badnets or blended:alpha=0.2.")
-@click.option("--target", type=int, default=None, help="Attack target class (excluded from triggered samples).")
+@click.option("--target", type=int, default=None,
+              help="Attack target class (excluded from triggered samples; fit checks the trigger reaches it).")
 @click.option("--split", default="train", show_default=True, help="Split to read from x_<split> files.")
 @click.option("--n-clean", type=click.IntRange(min=2), default=500, show_default=True, help="Clean samples to use.")
 @click.option("--n-triggered", type=click.IntRange(min=1), default=20, show_default=True, help="Triggered samples to use.")
-@click.option("--method", type=click.Choice(["mean-diff", "subspace"]), default="mean-diff", show_default=True)
+@click.option("--method", type=click.Choice(["mean-diff", "subspace"]), default="mean-diff", show_default=True,
+              help="mean-diff: one direction, the mean shift; subspace: the top-k directions of the per-sample "
+                   "shifts (sample-specific triggers).")
 @click.option("-k", "k", type=click.IntRange(min=1), default=None, help="Directions for --method subspace (default 3).")
 @click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True,
               help="hard: act only above tau (a clean-score quantile); none: plain projection on every input; "
-                   "auto: hard, with tau lowered where needed to reach every triggered fitting sample.")
+                   "auto: hard, with tau lowered where needed to reach the triggered fitting samples.")
 @click.option("--quantile", type=float, default=0.999, show_default=True, help="Clean-score quantile used as tau.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Repair strength.")
 @click.option("--layout", type=click.Choice(["flat", "vector", "token"]), default=None,
               help="Override the layout (default: vector for (N, D) activations, flat otherwise; token for "
                    "variable-length (N, T, D) sequences).")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None,
-              help="The exported ONNX model: record each layer's tensor name and check its shape "
+              help="The exported ONNX model: record each layer's tensor name, check its shape and values "
                    "(and the activation source when --model is not given).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Images per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
-@click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(dir_okay=False),
+              help="The directions file to write.")
+@click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
 @preprocess_options
-def fit(model_spec, weights, layers, clean_path, triggered_path, trigger_spec, target, split, n_clean, n_triggered,
-        method, k, gate, quantile, alpha, layout, onnx_path, batch_size, seed, output, scale, mean, std, input_layout):
-    """Fit backdoor directions at one or more layers of a PyTorch model and save directions.npz."""
+def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
+        n_clean, n_triggered, method, k, gate, quantile, alpha, layout, onnx_path, batch_size, seed, output, json_out,
+        scale, mean, std, input_layout):
+    """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
-    from fire_onnx import triggers
-    from fire_onnx.data import fit_samples, load_images, load_triggered
-    from fire_onnx.fit import fit_directions, load_model
+    from fire_onnx.fit.pipeline import FitRequest, run_fit, summary
 
-    if (triggered_path is None) == (trigger_spec is None):
-        raise FireError("give exactly one of --triggered FILE or --trigger SPEC")
-    if model_spec is None and onnx_path is None:
-        raise FireError("give --model (PyTorch) or --onnx (fit from the ONNX model in onnxruntime)")
-    if weights and not model_spec:
-        raise FireError("--weights needs --model")
-    if method == "mean-diff" and k not in (None, 1):
-        raise FireError("-k applies to --method subspace (mean-diff fits one direction)")
-    k = k or (3 if method == "subspace" else 1)
     _guard_output(output, [clean_path, triggered_path, weights, onnx_path, model_spec])
-    pre = _preprocess(scale, mean, std, input_layout)
-    trig = triggers.parse(trigger_spec) if trigger_spec else None
-    triggered_imgs, triggered_clean = load_triggered(triggered_path, split) if triggered_path else (None, None)
-    clean, triggered, source = fit_samples(
-        load_images(clean_path, split), n_clean=n_clean, n_triggered=n_triggered, seed=seed, target=target,
-        trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean)
-    if len(clean) < n_clean:
-        click.echo(f"note: {clean_path} has only {len(clean)} clean images", err=True)
-    meta = {"clean_file": Path(clean_path).name, "model": model_spec or Path(onnx_path).name,
-            "weights": Path(weights).name if weights else "", "target": target,
-            "trigger": triggers.describe(trig) if trig else None,
-            "triggered_file": Path(triggered_path).name if triggered_path else None}
-    onnx_model = None
-    if onnx_path:
-        from fire_onnx.onnxutil import load_model as load_onnx
-
-        onnx_model = load_onnx(onnx_path)
-    model = None
-    if model_spec and Path(model_spec).is_file():  # a TorchScript file: hooks do not run on it
-        from fire_onnx.fit import torchscript_to_onnx
-
-        if weights:
-            raise FireError("--weights does not apply to a TorchScript file (its weights are inside)")
-        if onnx_model is None:
-            onnx_model = torchscript_to_onnx(model_spec, pre(clean.x[:2]))
-        else:
-            click.echo("note: fitting from the --onnx model; the TorchScript file is not needed", err=True)
-        meta["model"] = Path(model_spec).name
-    elif model_spec:
-        model = load_model(model_spec, weights)
-    d = fit_directions(model, list(layers), clean, triggered, pre, method=method, k=k, gate=gate, quantile=quantile,
-                       alpha=alpha, layout=layout, batch_size=batch_size, onnx_model=onnx_model, meta=meta,
-                       triggered_source=source, progress=_progress("collecting activations"))
+    _guard_output(json_out, [clean_path, triggered_path, weights, onnx_path, model_spec, output])
+    req = FitRequest(
+        layers=list(layers), clean_path=clean_path, model_spec=model_spec, weights=weights, no_weights=no_weights,
+        onnx_path=onnx_path, tensor=tensor, triggered_path=triggered_path, trigger_spec=trigger_spec, target=target,
+        split=split, n_clean=n_clean, n_triggered=n_triggered, method=method, k=k, gate=gate, quantile=quantile,
+        alpha=alpha, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"), input_layout=input_layout)
+    d = run_fit(req, progress=_progress("collecting activations"))
     dirs.save(d, output)
-    for t in d.targets:
-        f = t.fit
+    summ = summary(d)
+    summ["output"] = str(output)
+    for note in req.notes:
+        click.echo(f"note: {note}", err=True)
+    quiet = json_out == "-"
+    checks = summ["checks"]
+    if not quiet and "clean_accuracy" in checks:
+        reach = (f", {checks['triggered_to_target']:.0%} of triggered ones reach target {target}"
+                 if "triggered_to_target" in checks else "")
+        click.echo(f"model: {checks['clean_accuracy']:.1%} accuracy on the clean fitting images{reach}")
+    for t in summ["targets"] if not quiet else []:
         click.echo(
-            f"{t.module or t.tensor}: {t.layout} D={t.dim} k={t.k} gate={t.gate} ({f['reference']} shift, "
-            f"{f['n_triggered']} triggered / {f['n_clean']} clean), separation {f['separation_sigma'][0]:.1f} sigma, "
-            f"gate fires on {f['gate_recall_triggered']:.0%} triggered / {f['gate_fires_clean']:.1%} clean"
-            + (f", tensor {t.tensor}" if t.tensor else "")
-        )
-        if f.get("tau_rule") == "triggered-margin":
-            click.echo(f"note: {t.module or t.tensor}: triggered and clean scores overlap here; tau was lowered to "
-                       f"reach the triggered samples, so the gate also fires on {f['gate_fires_clean']:.1%} of clean "
-                       "ones (another layer may separate them better)", err=True)
-    click.echo(f"wrote {output}")
+            f"{t['module'] or t['tensor']}: {t['layout']} D={t['dim']} k={t['k']} gate={t['gate']} ({t['reference']} "
+            f"shift, {t['n_triggered']} triggered / {t['n_clean']} clean), separation "
+            f"{t['separation_sigma'][0]:.1f} sigma, gate fires on {t['gate_fires_triggered']:.0%} triggered / "
+            f"{t['gate_fires_clean']:.1%} clean" + (f", tensor {t['tensor']}" if t["tensor"] else ""))
+    for w in summ["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    if json_out:
+        _write_json(json_out, summ)
+    if not quiet:
+        click.echo(f"wrote {output}")
 
 
 def _guard_output(output, inputs) -> None:
@@ -215,15 +214,18 @@ def _guard_output(output, inputs) -> None:
 @click.option("--tensor", default=None, help="Patch this ONNX tensor instead of the recorded one.")
 @click.option("--replace", is_flag=True, help="Replace the repair of an already patched model.")
 @click.option("--no-verify", is_flag=True, help="Skip loading the patched model in onnxruntime before writing it.")
+@click.option("--force", is_flag=True,
+              help="Patch even when the directions' model fingerprint does not match MODEL (fitted on another "
+                   "model, tensor or preprocessing); the mismatch is still reported.")
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
-def patch(model, directions, output, tensor, replace, no_verify, json_out):
+def patch(model, directions, output, tensor, replace, no_verify, force, json_out):
     """Insert the repair described by DIRECTIONS into MODEL (an ONNX file); MODEL is never modified."""
     from fire_onnx.patch import default_output, patch_file
 
     out = Path(output) if output else default_output(model)
     _guard_output(out, [model, directions])
     _guard_output(json_out, [model, directions, out])
-    path, res = patch_file(model, directions, out, tensor=tensor, replace=replace, verify=not no_verify)
+    path, res = patch_file(model, directions, out, tensor=tensor, replace=replace, verify=not no_verify, force=force)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     for t in res.targets if json_out != "-" else []:

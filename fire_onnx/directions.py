@@ -6,6 +6,7 @@ name and/or the PyTorch module path it was fitted at) plus the repair to apply t
     s   = (h - mu) @ U.T                    # k scores per sample (per token for layout "token")
     c   = s                                 # gate "none"
     c   = s * (s > tau)                     # gate "hard": act only where the score is above tau
+    c   = 0 where s is NaN or infinite      # a non-finite activation is left as it was
     h'  = h - (alpha * c) @ U
 
 The npz holds plain arrays only (``allow_pickle=False`` on load): ``header`` is a 0-d unicode array
@@ -47,6 +48,7 @@ class Target:
     module: str = ""
     feature_shape: list[int] = field(default_factory=list)  # per-sample shape, -1 for dynamic
     fit: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # see fire_onnx.probe
 
     @property
     def dim(self) -> int:
@@ -103,10 +105,14 @@ class Directions:
     targets: list[Target]
     preprocess: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    probe: np.ndarray | None = None  # uint8 (P, H, W, C) probe images of the fingerprints (fire_onnx.probe)
 
     def validate(self) -> None:
         if not self.targets:
             raise FireError("directions file has no targets")
+        if self.probe is not None and (not isinstance(self.probe, np.ndarray) or self.probe.dtype != np.uint8
+                                       or self.probe.ndim != 4 or self.probe.shape[0] < 1):
+            raise FireError("probe images must be uint8 with shape (P, H, W, C)")
         for i, t in enumerate(self.targets):
             t.validate(f"target {i} ({t.label})")
         labels = [t.tensor or t.module for t in self.targets]
@@ -124,6 +130,7 @@ def _target_header(t: Target) -> dict[str, Any]:
         "k": t.k,
         "feature_shape": [int(s) for s in t.feature_shape],
         "fit": t.fit,
+        "fingerprint": t.fingerprint,
     }
 
 
@@ -144,6 +151,8 @@ def save(directions: Directions, path: str | os.PathLike) -> None:
     for i, t in enumerate(directions.targets):
         for name in ("mu", "U", "tau", "alpha"):
             arrays[f"t{i}.{name}"] = np.ascontiguousarray(getattr(t, name), dtype=np.float32)
+    if directions.probe is not None:
+        arrays["probe.x"] = np.ascontiguousarray(directions.probe, dtype=np.uint8)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz" to the temp name
             np.savez(f, **arrays)
@@ -186,12 +195,14 @@ def load(path: str | os.PathLike) -> Directions:
                 module=str(h.get("module") or ""),
                 feature_shape=[int(s) for s in h.get("feature_shape") or []],
                 fit=dict(h.get("fit") or {}),
+                fingerprint=h.get("fingerprint") if isinstance(h.get("fingerprint"), dict) else {},
                 **arr,
             )
         except (TypeError, ValueError) as e:
             raise FireError(f"{path}: target {i} header is malformed ({e})") from None
         targets.append(t)
-    d = Directions(targets=targets, preprocess=dict(header.get("preprocess") or {}), meta=dict(header.get("meta") or {}))
+    d = Directions(targets=targets, preprocess=dict(header.get("preprocess") or {}), meta=dict(header.get("meta") or {}),
+                   probe=arrays.get("probe.x"))
     try:
         d.validate()
     except FireError as e:
@@ -216,7 +227,9 @@ def reference_repair(h: np.ndarray, t: Target) -> np.ndarray:
         x = h.reshape(h.shape[0], -1)
     else:
         x = h
-    s = (x - t.mu.astype(np.float64)) @ U.T
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = (x - t.mu.astype(np.float64)) @ U.T
+    s = np.where(np.isfinite(s), s, 0.0)  # NaN/inf activations get no correction (left as they were)
     if t.gate == "hard":
         s = np.where(s > t.tau.astype(np.float64), s, 0.0)
     x = x - (s * t.alpha.astype(np.float64)) @ U

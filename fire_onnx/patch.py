@@ -9,7 +9,8 @@ dynamic dimension dynamic. For a target ``h`` with directions ``U`` (k, D)::
     token  (N, T, D)   : x = h   (MatMul broadcasts over tokens)
 
     s  = Gemm(x, U, -U mu, transB=1)        # scores x U^T - U mu, constants folded in numpy
-    c  = Where(s > tau, s, 0)               # gate "hard" (gate "none": c = s)
+    c  = Where(s > tau, s, 0)               # gate "hard" (gate "none": tau = -MAX, every finite score)
+    c  = Where(MAX > c, c, 0)               # non-finite scores (NaN/inf in h) give no correction
     x' = Gemm(c, diag(alpha) U, x, alpha=-1, beta=1)    # x - c (alpha U)
 
 (token: MatMul + Sub in place of each Gemm, which is 2-D only).
@@ -71,6 +72,8 @@ class PatchResult:
     model: onnx.ModelProto
     targets: list[PatchedTarget]
     warnings: list[str]
+    source: onnx.ModelProto | None = None  # the unpatched graph the repair was built on
+    source_tensors: list[str] = field(default_factory=list)  # each target's tensor name in ``source``
 
 
 def is_patched(model: onnx.ModelProto) -> bool:
@@ -229,9 +232,17 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to):
     else:  # (N, T, D): Gemm is 2-D only, MatMul broadcasts over tokens
         s = node("MatMul", "scores_raw", [x, const("U_T", U.T.astype(ctype))])
         s = node("Sub", "scores", [s, const("U_mu", u_mu.astype(ctype))])
-    if target.gate == "hard":
-        mask = node("Greater", "gate_mask", [s, const("tau", target.tau.astype(ctype))], out_dtype=np.bool_)
-        s = node("Where", "gated", [mask, s, const("zero", np.zeros((1,), dtype=ctype))])
+    # The gate, and the guard that keeps non-finite activations no worse than the original: a NaN or
+    # infinite entry of h makes its scores NaN/inf, and subtracting c (alpha U) would then spread NaN
+    # over the whole sample. Greater is false for NaN, so Where(s > tau, s, 0) zeroes NaN and -inf
+    # scores; Where(MAX > c, c, 0) zeroes +inf. Gate "none" uses tau = -MAX (every finite score).
+    big = np.finfo(ctype).max
+    tau = target.tau.astype(ctype) if target.gate == "hard" else np.full((1,), -big, dtype=ctype)
+    zero = const("zero", np.zeros((1,), dtype=ctype))
+    mask = node("Greater", "gate_mask", [s, const("tau", tau)], out_dtype=np.bool_)
+    s = node("Where", "gated", [mask, s, zero])
+    finite = node("Greater", "finite_mask", [const("max", np.full((1,), big, dtype=ctype)), s], out_dtype=np.bool_)
+    s = node("Where", "finite", [finite, s, zero])
     if two_d:  # and the subtraction into the correction product: x' = x - c (alpha U)
         y = node("Gemm", "repaired", [s, const("alpha_U", w.astype(ctype)), x], attrs={"alpha": -1.0, "beta": 1.0})
     else:
@@ -384,7 +395,23 @@ def patch_model(
             notes.append("the input model itself fails onnx.checker; the patched model does too")
         else:
             raise RuntimeError(f"internal error: the patched model fails onnx.checker: {e}") from e
-    return PatchResult(model=out, targets=patched, warnings=notes)
+    return PatchResult(model=out, targets=patched, warnings=notes, source=src,
+                       source_tensors=[name for _, name, _, _ in plan])
+
+
+def check_model_fingerprint(result: PatchResult, directions: dirs.Directions, *, force: bool = False) -> None:
+    """Refuse (FireError) directions fitted on another model: the probe activations recorded by ``fit``
+    must match this model's activations at the tensors the targets resolved to. With ``force`` a
+    mismatch becomes a warning; files without a fingerprint get a warning."""
+    from fire_onnx.probe import check_fingerprints
+
+    bad, notes = check_fingerprints(result.source, directions, result.source_tensors)
+    result.warnings.extend(notes)
+    if bad and not force:
+        raise FireError(f"{bad[0]}: these directions were fitted on another model (or another tensor, or with other "
+                        "preprocessing), so the repair would not remove the backdoor; fit them on this model, or pass "
+                        "--force to patch anyway")
+    result.warnings.extend(f"{b} (patched anyway: --force)" for b in bad)
 
 
 def default_output(model_path: str | os.PathLike) -> Path:
@@ -428,10 +455,12 @@ def patch_file(
     tensor: str | None = None,
     replace: bool = False,
     verify: bool = True,
+    force: bool = False,
 ) -> tuple[Path, PatchResult]:
     """Patch ``model_path`` with ``directions_path`` and write the result atomically to ``output``
     (default ``<model>.fire.onnx``). An existing output is replaced; the input never is. With
-    ``verify``, the written model must load in onnxruntime before it replaces ``output``."""
+    ``verify``, the written model must load in onnxruntime before it replaces ``output``. Directions
+    whose recorded fingerprint does not match the model are refused unless ``force``."""
     out_path = Path(output) if output else default_output(model_path)
     for src in (model_path, directions_path):
         if out_path.exists() and Path(src).exists() and out_path.resolve() == Path(src).resolve():
@@ -439,6 +468,7 @@ def patch_file(
     model = load_model(model_path)
     d = dirs.load(directions_path)
     result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))
+    check_model_fingerprint(result, d, force=force)
     with atomic_path(out_path) as tmp:
         write_model(result.model, tmp, out_path.name + ".data")
         if verify:

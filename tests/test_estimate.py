@@ -50,7 +50,7 @@ def test_tau_is_the_clean_quantile_and_gate_auto_reaches_the_triggered_samples()
     assert forced.fit["gate_recall_triggered"] < 0.95
     weak = fit_target(weak_clean, weak_trig, module="m")
     assert weak.gate == "hard" and weak.fit["tau_rule"] == "triggered-margin"
-    assert weak.fit["gate_recall_triggered"] == 1.0 and float(weak.tau[0]) < float(forced.tau[0])
+    assert weak.fit["gate_recall_triggered"] >= 0.9 and float(weak.tau[0]) < float(forced.tau[0])
     assert weak.fit["gate_fires_clean"] < 1.0  # still leaves some clean samples alone, unlike gate none
     none = fit_target(weak_clean, weak_trig, gate="none", module="m")
     assert none.gate == "none" and none.fit["gate_fires_clean"] == 1.0
@@ -97,3 +97,23 @@ def test_no_shift_is_an_error():
     clean = np.random.default_rng(0).normal(size=(30, 8))
     with pytest.raises(FireError, match="does not move"):
         fit_target(clean, clean[:5].copy(), paired=clean[:5].copy(), module="m")
+
+
+def test_gate_auto_ignores_a_triggered_outlier():
+    """One triggered sample the trigger did not move (score at the clean level) must not drag tau under
+    the clean scores: with the old min - 0.5 std rule the gate fired on every clean input."""
+    clean, trig, src, u = planted(strength=12.0, seed=4)
+    trig[0] = src[0] - 4.0 * u  # an outlier below every clean score
+    t = fit_target(clean, trig, paired=src, module="m")
+    assert t.fit["separation_sigma"][0] > 5
+    s_clean = (clean - t.mu) @ t.U[0]
+    assert (s_clean > t.tau[0]).mean() <= 0.01  # the gate stays closed on clean inputs
+    assert t.fit["gate_recall_triggered"] >= 0.9
+    assert t.fit["warnings"] == []
+
+
+def test_gate_warns_when_it_fires_on_many_clean_samples():
+    clean, trig, _, _ = planted(strength=1.0, seed=5)
+    t = fit_target(clean, trig, module="m")
+    assert t.fit["gate_fires_clean"] > 0.02
+    assert any("clean fitting samples" in w for w in t.fit["warnings"])

@@ -322,7 +322,8 @@ def test_patch_file_verifies_in_onnxruntime(cnn_onnx, tmp_path):
     dpath = tmp_path / "d.npz"
     dirs.save(dirs.Directions([random_target(128, 1, "vector", "fc1_act")]), dpath)
     out, res = patch_file(cnn_onnx[1], dpath, tmp_path / "p.onnx")
-    assert res.warnings == [] and verify_in_onnxruntime(out, cnn_onnx[1]) is None
+    assert [w for w in res.warnings if "no model fingerprint" not in w] == []  # hand-made: no fingerprint
+    assert verify_in_onnxruntime(out, cnn_onnx[1]) is None
     broken = tmp_path / "broken.onnx"
     m = onnx.load(str(out))
     next(n for n in m.graph.node if n.name.endswith("/repaired")).op_type = "NoSuchOp"
@@ -357,13 +358,13 @@ def test_patch_adds_nothing_but_its_nodes(vit):
     res = patch_model(proto, dirs.Directions([t]))
     target = res.targets[0].tensor
     ours = [n for n in res.model.graph.node if n.name.startswith("fire_onnx/")]
-    assert len(res.model.graph.node) == len(proto.graph.node) + len(ours) == len(proto.graph.node) + 7
+    assert len(res.model.graph.node) == len(proto.graph.node) + len(ours) == len(proto.graph.node) + 9
     orig = {n.name: (n.op_type, list(n.output)) for n in proto.graph.node}
     assert {n.name: (n.op_type, list(n.output)) for n in res.model.graph.node if n not in ours} == orig
     allowed = {vi.name for vi in proto.graph.value_info} | {o for n in ours for o in n.output} | {target}
     assert {vi.name for vi in res.model.graph.value_info} <= allowed
-    assert len(res.model.graph.initializer) == len(proto.graph.initializer) + sum(
-        1 for n in ours for i in n.input if i.startswith("fire_onnx/") and i not in {o for m in ours for o in m.output})
+    assert len(res.model.graph.initializer) == len(proto.graph.initializer) + len(
+        {i for n in ours for i in n.input if i.startswith("fire_onnx/") and i not in {o for m in ours for o in m.output}})
 
 
 def test_inspect_layout_is_what_fit_would_choose(vit):
@@ -373,3 +374,39 @@ def test_inspect_layout_is_what_fit_would_choose(vit):
     cands = {c.tensor: c for c in candidates(vit[1])}
     assert cands["/blocks/blocks.0/Add_1_output_0"].layout == "flat"
     assert cands["logits"].layout == "vector"
+
+
+@pytest.mark.parametrize("gate", ["none", "hard"])
+def test_non_finite_activations_are_left_as_they_were(gate):
+    """A NaN or +-inf entry in the target tensor (a Log/Sqrt/Pow output, say) must not spread NaN over the
+    whole sample: the repair leaves such a sample exactly as it was, in ONNX, numpy and PyTorch alike,
+    and still repairs the finite samples of the same batch."""
+    import onnx.helper as oh
+    from onnx import TensorProto
+
+    d = 12
+    graph = oh.make_graph(
+        [oh.make_node("Log", ["x"], ["h"], name="log"), oh.make_node("Relu", ["h"], ["y"], name="relu")],
+        "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    t = random_target(d, 2, "vector", "", gate=gate, tau=-100.0)
+    t.tensor = "h"
+    res = patch_model(proto, dirs.Directions([t]))
+    x = np.random.default_rng(0).uniform(0.5, 3.0, size=(5, d)).astype(np.float32)
+    x[1, 3] = 0.0      # log -> -inf
+    x[2, 0] = -1.0     # log -> NaN
+    x[3, 5] = np.inf   # log -> +inf
+    h = np.log(x.astype(np.float64))
+    y = run(res.model, x)
+    expect = np.maximum(dirs.reference_repair(h, t), 0)
+    for i in (1, 2, 3):  # non-finite samples: exactly the original
+        np.testing.assert_array_equal(y[i], run(proto, x)[i])
+        np.testing.assert_array_equal(np.isnan(y[i]), np.isnan(h[i]))
+    for i in (0, 4):  # finite samples: repaired, and moved
+        np.testing.assert_allclose(y[i], expect[i], atol=1e-5)
+        assert np.abs(y[i] - np.maximum(h[i], 0)).max() > 1e-3
+    np.testing.assert_allclose(expect[[1, 2, 3]], np.maximum(h[[1, 2, 3]], 0))
+    hook = __import__("fire_onnx.fit", fromlist=["repair_module_output"]).repair_module_output(t)
+    out = hook(None, None, torch.from_numpy(h.astype(np.float32))).numpy()
+    np.testing.assert_allclose(np.maximum(out, 0), y, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Collect activations from a PyTorch model and fit a directions file (needs torch).
+"""PyTorch models for fit: load them, read module outputs with hooks, export, apply the repair (torch).
 
 The model comes from a factory spec, ``package.module:factory`` or ``path/to/file.py:factory``
 (the factory is called with no arguments and returns an ``nn.Module``), plus optional weights
@@ -18,9 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fire_onnx import directions as dirs
-from fire_onnx.data import Images, Preprocess
 from fire_onnx.errors import FireError, first_line, suggest
-from fire_onnx.estimate import fit_target
 
 Progress = Callable[[int, int], None]
 
@@ -61,28 +59,129 @@ def load_factory(spec: str):
     return fn
 
 
-def load_model(spec: str, weights: str | None = None):
-    """Build the model from ``spec`` and load ``weights`` (a state dict); returns it in eval mode."""
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema", "weights")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+SAFE_GLOBALS = ("collections.OrderedDict", "torch._utils.", "torch.", "builtins.", "_codecs.encode", "numpy.")
+
+
+def load_model(spec: str, weights: str | None = None, *, untrained: bool = False, notes: list | None = None):
+    """Build the model from ``spec`` and load ``weights`` (a state dict); returns it in eval mode.
+
+    Without ``weights`` the factory's own parameters are used, which is refused unless ``untrained``
+    says so on purpose: a factory usually builds a *randomly initialised* model, and a repair fitted
+    on random weights is useless (measured: ASR stayed at 92 %). Factories that load their trained
+    weights themselves pass ``untrained=True`` (``fit --no-weights``). How the weights file was
+    unwrapped (checkpoint key, DataParallel prefix) is appended to ``notes``.
+    """
     torch = _torch()
+    if not weights and not untrained:
+        raise FireError(f"--model {spec} without --weights would fit a freshly initialised (untrained) model; "
+                        "pass --weights STATE_DICT, or --no-weights if the factory loads trained weights itself")
     model = load_factory(spec)()
     if not isinstance(model, torch.nn.Module):
         raise FireError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        p = Path(weights)
-        if not p.is_file():
-            raise FireError(f"weights file not found: {p}")
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise FireError(f"cannot load weights {p} (plain state dicts only, no pickled objects): {first_line(e)}") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as e:
-            first = str(e).strip().splitlines()
-            raise FireError(f"weights {p} do not fit {spec}: {' '.join(first[:2])}") from None
+        state, how = load_state_dict(weights)
+        _load_into(model, state, spec, weights)
+        if notes is not None:
+            notes.extend(how)
     return model.eval()
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The module.name globals a torch checkpoint's pickle refers to, read with pickletools (which
+    parses opcodes and executes nothing)."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            data = z.read(pkl) if pkl else b""
+    except (zipfile.BadZipFile, OSError):
+        data = path.read_bytes()[: 1 << 24]
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # not a pickle, or truncated: report what was found so far
+        pass
+    return list(dict.fromkeys(found))
+
+
+def load_state_dict(weights: str | os.PathLike) -> tuple[dict, list[str]]:
+    """A plain state dict from ``weights`` (``weights_only=True``, never unpickling code), unwrapped
+    from common checkpoint layouts: ``{'state_dict': ...}``, ``{'model': ...}`` and the like, and
+    DataParallel ``module.`` / torch.compile ``_orig_mod.`` key prefixes. Returns (state, notes)."""
+    torch = _torch()
+    p = Path(weights)
+    if not p.is_file():
+        raise FireError(f"weights file not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e)
+        unsafe = [g for g in _pickle_globals(p) if not g.startswith(SAFE_GLOBALS)]
+        module_like = [g for g in _pickle_globals(p) if g.startswith("torch.nn.modules.")]
+        if unsafe or module_like:
+            what = (unsafe or module_like)[0]
+            kind = ("a whole pickled model (torch.save(model))" if module_like or "Unsupported global" in msg
+                    else "pickled Python objects")
+            raise FireError(
+                f"cannot load weights {p}: it is {kind}, not a plain state dict (it refers to {what}); fire-onnx never "
+                f"unpickles code. If you trust the file, convert it once: python -c \"import torch; "
+                f"m = torch.load('{p}', weights_only=False); torch.save(m.state_dict(), 'state_dict.pt')\" "
+                "and pass --weights state_dict.pt") from None
+        raise FireError(f"cannot load weights {p}: not a PyTorch state dict file ({first_line(e)})") from None
+    notes: list[str] = []
+    state = obj
+    if isinstance(obj, torch.nn.Module):  # not reachable with weights_only, kept for safety
+        state = obj.state_dict()
+    if isinstance(state, dict) and not _is_tensor_dict(state):
+        for key in STATE_DICT_KEYS:
+            if isinstance(state.get(key), dict) and _is_tensor_dict(state[key]):
+                notes.append(f"using the state dict under key {key!r} of {p.name}")
+                state = state[key]
+                break
+        else:
+            keys = ", ".join(repr(k) for k in list(state)[:8])
+            raise FireError(f"cannot find a state dict in {p} (a dict with keys {keys}); save model.state_dict() "
+                            "or a checkpoint with it under 'state_dict' or 'model'")
+    if not isinstance(state, dict) or not state:
+        raise FireError(f"cannot load weights {p}: it holds {type(obj).__name__}, not a state dict")
+    for prefix in WRAPPER_PREFIXES:
+        if all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            notes.append(f"stripped the {prefix!r} prefix from every key of {p.name}")
+    return state, notes
+
+
+def _is_tensor_dict(d: dict) -> bool:
+    torch = _torch()
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _load_into(model, state: dict, spec: str, weights) -> None:
+    """Load ``state`` into ``model``; a mismatch lists missing, unexpected and mis-shaped keys together."""
+    torch = _torch()
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes)):
+            if items:
+                more = f", ... ({len(items)} in all)" if len(items) > 4 else ""
+                parts.append(f"{label}: {', '.join(items[:4])}{more}")
+        raise FireError(f"weights {Path(weights).name} do not fit {spec}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
 
 
 def find_module(model, path: str):
@@ -99,11 +198,15 @@ def collect(
     *,
     batch_size: int = 128,
     progress: Progress | None = None,
-) -> dict[str, np.ndarray]:
-    """Run ``x`` (preprocessed float32 inputs) through ``model``; return each layer's outputs."""
+    logits: bool = False,
+):
+    """Run ``x`` (preprocessed float32 inputs) through ``model``; return each layer's outputs (and,
+    with ``logits``, the pair (outputs, model outputs or None when the model does not return (N, C)
+    scores))."""
     torch = _torch()
     mods = {name: find_module(model, name) for name in layers}
     store: dict[str, list] = {name: [] for name in layers}
+    outs: list = []
     hooks = []
 
     def make_hook(name):
@@ -120,11 +223,15 @@ def collect(
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 try:
-                    model(torch.from_numpy(x[i : i + batch_size]))
+                    y = model(torch.from_numpy(x[i : i + batch_size]))
                 except (RuntimeError, ValueError) as e:
                     msg = first_line(e)
                     raise FireError(f"the model rejects the preprocessed images of shape {list(x.shape[1:])}: "
                                     f"{msg} (check --input-layout, the image size and the channels)") from None
+                if isinstance(y, (tuple, list)) and y:
+                    y = y[0]
+                outs.append(y.detach().to(torch.float32).cpu().numpy()
+                            if isinstance(y, torch.Tensor) and y.ndim == 2 else None)
                 if progress:
                     progress(min(i + batch_size, len(x)), len(x))
     finally:
@@ -137,32 +244,10 @@ def collect(
         if len(parts) != -(-len(x) // batch_size):
             raise FireError(f"module {name!r} is called more than once per forward pass; choose a module called once")
         out[name] = np.concatenate(parts)
-    return out
-
-
-def onnx_activation_reader(model, tensors: Sequence[str], *, batch_size: int = 128,
-                           progress: Progress | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """A function returning the activations of ONNX ``tensors`` for inputs ``x``, from onnxruntime
-    (no torch needed). The tensors are exposed as extra graph outputs of an in-memory copy of
-    ``model`` (a ModelProto); the session is built once and serves every call."""
-    import onnx
-
-    from fire_onnx.evaluate import run_batches, session
-    from fire_onnx.onnxutil import infer_shapes
-
-    m = infer_shapes(model)
-    present = {o.name for o in m.graph.output}
-    known = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.input)}
-    for name in tensors:
-        if name not in present:
-            m.graph.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
-    sess = session(m.SerializeToString())
-
-    def read(x: np.ndarray) -> dict[str, np.ndarray]:
-        parts = run_batches(sess, x, list(tensors), batch_size, progress)
-        return {name: np.concatenate(p).astype(np.float32) for name, p in zip(tensors, parts)}
-
-    return read
+    if not logits:
+        return out
+    scores = np.concatenate(outs) if outs and all(o is not None for o in outs) else None
+    return out, scores
 
 
 def torchscript_to_onnx(path: str | Path, sample: np.ndarray):
@@ -189,79 +274,6 @@ def torchscript_to_onnx(path: str | Path, sample: np.ndarray):
         except Exception as e:
             raise FireError(f"cannot export TorchScript {path} to ONNX for fitting: {first_line(e)}") from None
     return onnx.load_from_string(buf.getvalue())
-
-
-def fit_directions(
-    model,
-    layers: Sequence[str],
-    clean: Images,
-    triggered: Images,
-    preprocess: Preprocess,
-    *,
-    method: str = "mean-diff",
-    k: int = 1,
-    gate: str = "auto",
-    quantile: float = 0.999,
-    alpha: float = 1.0,
-    layout: str | None = None,
-    batch_size: int = 128,
-    onnx_model=None,
-    meta: dict | None = None,
-    progress: Progress | None = None,
-    triggered_source: Images | None = None,
-) -> dirs.Directions:
-    """Fit one target per layer.
-
-    ``model`` is a ``torch.nn.Module`` (activations from forward hooks on the modules named by
-    ``layers``) or ``None``, in which case activations come from ``onnx_model`` in onnxruntime and
-    ``layers`` may name ONNX tensors or PyTorch module paths (resolved through export scopes).
-    ``triggered_source`` holds the triggered images without their trigger (same order), which makes
-    the shift estimate paired (much less noisy). With ``onnx_model``, each target records the ONNX
-    tensor it applies to, and its shape is checked against the export.
-    """
-    if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
-        raise FireError("the clean originals of the triggered images do not match them in shape")
-    inferred = None
-    if onnx_model is not None:
-        from fire_onnx.onnxutil import infer_shapes, tensor_info
-        from fire_onnx.patch import check_layout, resolve_target, resolve_tensor
-
-        inferred = infer_shapes(onnx_model)
-    tensor_of: dict[str, str] = {}
-    if model is None:
-        if inferred is None:
-            raise FireError("fit needs a PyTorch model (--model) or an ONNX model (--onnx)")
-        names = {o for n in inferred.graph.node for o in n.output}
-        for layer in layers:  # an ONNX tensor name, else a PyTorch module path
-            is_tensor = layer in names
-            tensor_of[layer] = resolve_tensor(inferred, tensor=layer if is_tensor else "",
-                                              module="" if is_tensor else layer)
-
-        read = onnx_activation_reader(inferred, list(dict.fromkeys(tensor_of.values())),
-                                      batch_size=batch_size, progress=progress)
-
-        def run(x):
-            acts = read(x)
-            return {layer: acts[t] for layer, t in tensor_of.items()}
-    else:
-        def run(x):
-            return collect(model, layers, x, batch_size=batch_size, progress=progress)
-
-    acts_c, acts_t = run(preprocess(clean.x)), run(preprocess(triggered.x))
-    acts_p = run(preprocess(triggered_source.x)) if triggered_source is not None else None
-    targets = []
-    for name in layers:
-        is_tensor = tensor_of.get(name) == name
-        t = fit_target(acts_c[name], acts_t[name], layout=layout, method=method, k=k, gate=gate,
-                       quantile=quantile, alpha=alpha, module="" if is_tensor else name,
-                       tensor=tensor_of.get(name, ""),
-                       paired=None if acts_p is None else acts_p[name],
-                       clean_labels=clean.y, triggered_labels=triggered.y)
-        if inferred is not None:
-            t.tensor = t.tensor or resolve_target(inferred, t)
-            check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1])
-        targets.append(t)
-    return dirs.Directions(targets=targets, preprocess=preprocess.as_dict(), meta=dict(meta or {}))
 
 
 def export_onnx(model, sample: np.ndarray, path: str | Path, *, dynamo: bool = False, opset: int = 17) -> None:
@@ -302,6 +314,7 @@ def repair_module_output(target: dirs.Target):
     def hook(_mod, _inp, out):
         x = out.reshape(out.shape[0], -1) if target.layout == "flat" else out
         s = (x.to(torch.float32) - mu) @ U.T
+        s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))  # NaN/inf activations: no correction
         if target.gate == "hard":
             s = torch.where(s > tau, s, torch.zeros_like(s))
         y = x.to(torch.float32) - (s * alpha) @ U

@@ -1,0 +1,268 @@
+"""Fit directions from an activation source, with the checks that keep a repair from being silently wrong.
+
+Activation sources:
+- :class:`TorchSource`: a ``torch.nn.Module``; module outputs through forward hooks.
+- :class:`OnnxSource`: an ONNX model in onnxruntime; ``layers`` are ONNX tensor names or PyTorch
+  module paths resolved through the exporter's scope names (no torch needed).
+
+Checks, each measured on the samples ``fit`` already has:
+- *module vs tensor*: with a PyTorch model and its ONNX export, each module's output must equal the
+  ONNX tensor the repair will be patched at, value for value (an exporter that folds a BatchNorm into
+  the preceding Conv makes the Conv module's output differ from the tensor that carries its name);
+- *model sanity*: accuracy on the clean fitting samples when they are labelled (near chance means the
+  preprocessing is wrong), how concentrated the predictions are, and how many triggered samples
+  actually reach the attack's target;
+- *fingerprint*: probe activations at every target, recorded so ``patch`` can refuse directions
+  fitted on another model (:mod:`fire_onnx.probe`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fire_onnx import directions as dirs
+from fire_onnx import probe as probes
+from fire_onnx.data import Images, Preprocess
+from fire_onnx.errors import FireError
+from fire_onnx.estimate import fit_target
+
+Progress = Callable[[int, int], None]
+
+VALUE_CHECK_IMAGES = 8
+NEAR_CHANCE = 0.25  # warn when accuracy < chance + NEAR_CHANCE * (1 - chance)
+CONCENTRATED = 0.9  # warn when one class takes this share of the clean predictions
+TRIGGER_REACH_WARN = 0.5  # warn when fewer triggered samples than this reach the target
+
+
+class TorchSource:
+    """Module outputs of a PyTorch model (forward hooks) and its (N, C) outputs as logits."""
+
+    kind = "pytorch"
+
+    def __init__(self, model, layers: Sequence[str], *, batch_size: int = 128):
+        from fire_onnx.fit.torch_model import find_module
+
+        self.model, self.layers, self.batch_size = model, list(layers), batch_size
+        for layer in self.layers:
+            find_module(model, layer)
+        self.tensor_of: dict[str, str] = {}
+
+    def run(self, x: np.ndarray, progress: Progress | None = None):
+        from fire_onnx.fit.torch_model import collect
+
+        return collect(self.model, self.layers, x, batch_size=self.batch_size, progress=progress, logits=True)
+
+
+class OnnxSource:
+    """Tensors of an ONNX model read in onnxruntime; ``layers`` name tensors or module paths."""
+
+    kind = "onnx"
+
+    def __init__(self, onnx_model, layers: Sequence[str], *, tensors: dict | None = None, batch_size: int = 128):
+        from fire_onnx.onnxutil import infer_shapes
+        from fire_onnx.patch import resolve_tensor
+
+        self.inferred = infer_shapes(onnx_model)
+        self.layers = list(layers)
+        names = {o for n in self.inferred.graph.node for o in n.output}
+        self.tensor_of = {}
+        for layer in self.layers:
+            override = (tensors or {}).get(layer)
+            if override:
+                self.tensor_of[layer] = resolve_tensor(self.inferred, override=override)
+            elif layer in names:
+                self.tensor_of[layer] = layer
+            else:
+                self.tensor_of[layer] = resolve_tensor(self.inferred, module=layer)
+        self.reader = probes.TensorReader(self.inferred, list(self.tensor_of.values()), with_logits=True,
+                                          batch_size=batch_size)
+
+    def run(self, x: np.ndarray, progress: Progress | None = None):
+        acts, logits = self.reader(x, progress)
+        if logits is not None and logits.ndim != 2:
+            logits = None
+        return {layer: acts[t] for layer, t in self.tensor_of.items()}, logits
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.linalg.norm(a - b)) / max(float(np.linalg.norm(a)), float(np.linalg.norm(b)), 1e-12)
+
+
+def modules_matching(model, x: np.ndarray, reference: np.ndarray, tol: float = probes.FINGERPRINT_TOL) -> list[str]:
+    """Module paths of ``model`` whose output on ``x`` equals ``reference`` (best first)."""
+    import torch
+
+    found: dict[str, float] = {}
+    hooks = []
+
+    def make(name):
+        def hook(_m, _i, out):
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(reference.shape):
+                found[name] = relative_difference(out.detach().float().numpy(), reference)
+        return hook
+
+    for name, mod in model.named_modules():
+        if name:
+            hooks.append(mod.register_forward_hook(make(name)))
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(x))
+    except Exception:  # the check is advisory: a model that fails here already ran in collect
+        return []
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n, d in sorted(found.items(), key=lambda kv: kv[1]) if d <= tol]
+
+
+def check_module_tensors(model, onnx_model, tensor_of: dict[str, str], x: np.ndarray, onnx_name: str = "model.onnx"):
+    """Each module's output must equal the ONNX tensor it resolved to, on the images ``x``
+    (preprocessed); a mismatch is a FireError that names the module whose output the tensor holds."""
+    from fire_onnx.fit.torch_model import collect
+
+    if not tensor_of:
+        return
+    reader = probes.TensorReader(onnx_model, list(tensor_of.values()), batch_size=len(x))
+    onnx_acts, _ = reader(x)
+    torch_acts = collect(model, list(tensor_of), x, batch_size=len(x))
+    for layer, tensor in tensor_of.items():
+        a, b = torch_acts[layer], onnx_acts[tensor]
+        if a.shape != b.shape:
+            raise FireError(f"module {layer!r} outputs shape {list(a.shape[1:])} per sample but ONNX tensor {tensor!r} "
+                            f"has {list(b.shape[1:])}; pass --tensor with the tensor that holds the module's output")
+        diff = relative_difference(a, b)
+        if diff <= probes.FINGERPRINT_TOL:
+            continue
+        matches = [m for m in modules_matching(model, x, b) if m != layer]
+        fix = (f"the tensor holds the output of module {matches[0]!r}: use --layer {matches[0]}" if matches
+               else "no module of the PyTorch model outputs what the tensor holds")
+        raise FireError(
+            f"module {layer!r} does not compute what ONNX tensor {tensor!r} holds (relative difference {diff:.3g} on "
+            f"{len(x)} clean images): the exporter folded or fused something there, typically a BatchNorm into the "
+            f"preceding Conv, so a repair fitted on the module would be patched at the wrong values. Fix: {fix}, or "
+            f"fit from the ONNX model itself (--onnx {onnx_name} without --model, --layer {tensor})")
+
+
+def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig: int) -> dict:
+    """Sanity of the model on the fitting samples: accuracy, prediction concentration, trigger reach."""
+    out: dict = {"warnings": []}
+    warn = out["warnings"]
+    if clean_logits is not None:
+        pred = clean_logits.argmax(axis=1)
+        n_classes = clean_logits.shape[1]
+        counts = np.bincount(pred, minlength=n_classes)
+        top = int(counts.argmax())
+        out["clean_top_class"], out["clean_top_share"] = top, float(counts[top] / len(pred))
+        if clean_y is not None:
+            acc = float((pred == clean_y).mean())
+            chance = float(np.bincount(clean_y).max() / len(clean_y))
+            out["clean_accuracy"], out["chance"] = acc, chance
+            if acc < chance + NEAR_CHANCE * (1 - chance):
+                warn.append(f"the model classifies only {acc:.1%} of the clean fitting images correctly (chance is "
+                            f"{chance:.1%}): the preprocessing (--scale/--mean/--std/--input-layout) or the model/"
+                            "weights are probably wrong, and a repair fitted like this is useless")
+        elif len(pred) >= 20 and out["clean_top_share"] >= CONCENTRATED:
+            warn.append(f"the model predicts class {top} for {out['clean_top_share']:.0%} of the clean fitting images: "
+                        "check the preprocessing (--scale/--mean/--std/--input-layout) and that these images are clean")
+    if trig_logits is not None and n_trig:
+        tp = trig_logits.argmax(axis=1)
+        counts = np.bincount(tp, minlength=trig_logits.shape[1])
+        out["triggered_top_class"] = int(counts.argmax())
+        out["triggered_top_share"] = float(counts.max() / len(tp))
+        if target is not None:
+            if not 0 <= target < trig_logits.shape[1]:
+                raise FireError(f"--target {target} is not a class of this model (it has {trig_logits.shape[1]} "
+                                "outputs)")
+            reach = float((tp == target).mean())
+            out["triggered_to_target"] = reach
+            if reach < TRIGGER_REACH_WARN:
+                warn.append(f"only {reach:.0%} of the triggered fitting images are classified as the target {target} "
+                            f"(most go to class {out['triggered_top_class']}): check --trigger/--triggered and "
+                            "--target; a direction fitted on inputs that do not trigger the backdoor does not remove it")
+    return out
+
+
+def fit_directions(
+    model,
+    layers: Sequence[str],
+    clean: Images,
+    triggered: Images,
+    preprocess: Preprocess,
+    *,
+    method: str = "mean-diff",
+    k: int = 1,
+    gate: str = "auto",
+    quantile: float = 0.999,
+    alpha: float = 1.0,
+    layout: str | None = None,
+    batch_size: int = 128,
+    onnx_model=None,
+    meta: dict | None = None,
+    progress: Progress | None = None,
+    triggered_source: Images | None = None,
+    tensors: dict[str, str] | None = None,
+    target: int | None = None,
+    onnx_name: str = "model.onnx",
+) -> dirs.Directions:
+    """Fit one target per layer and return the directions, with the checks' results in
+    ``meta["checks"]`` and each target's fingerprint.
+
+    ``model`` is a ``torch.nn.Module`` (activations from forward hooks on the modules named by
+    ``layers``) or ``None``, in which case activations come from ``onnx_model`` in onnxruntime and
+    ``layers`` may name ONNX tensors or PyTorch module paths (resolved through export scopes).
+    ``tensors`` maps a layer to the ONNX tensor it exports to, where the scope names do not tell.
+    ``triggered_source`` holds the triggered images without their trigger (same order), which makes
+    the shift estimate paired (much less noisy). With ``onnx_model``, each target records the ONNX
+    tensor it applies to; its shape and (with a PyTorch model) its values are checked against the
+    module's output. ``target`` (the attack's target class, when known) is checked against the
+    triggered samples' predictions.
+    """
+    if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
+        raise FireError("the clean originals of the triggered images do not match them in shape")
+    meta = dict(meta or {})
+    if model is None:
+        if onnx_model is None:
+            raise FireError("fit needs a PyTorch model (--model) or an ONNX model (--onnx)")
+        source = OnnxSource(onnx_model, layers, tensors=tensors, batch_size=batch_size)
+        tensor_of, inferred = source.tensor_of, source.inferred
+    else:
+        source = TorchSource(model, layers, batch_size=batch_size)
+        tensor_of, inferred = {}, None
+        if onnx_model is not None:
+            from fire_onnx.onnxutil import infer_shapes
+            from fire_onnx.patch import resolve_tensor
+
+            inferred = infer_shapes(onnx_model)
+            for layer in layers:
+                tensor_of[layer] = resolve_tensor(inferred, module=layer, override=(tensors or {}).get(layer))
+            check_module_tensors(model, inferred, tensor_of, preprocess(clean.x[:VALUE_CHECK_IMAGES]), onnx_name)
+
+    acts_c, logits_c = source.run(preprocess(clean.x), progress)
+    acts_t, logits_t = source.run(preprocess(triggered.x), progress)
+    acts_p = source.run(preprocess(triggered_source.x), progress)[0] if triggered_source is not None else None
+    checks = model_checks(logits_c, clean.y, logits_t, target, len(triggered))
+    probe_x = probes.probe_images(clean.x)
+    acts_probe = source.run(preprocess(probe_x))[0]
+
+    targets = []
+    for name in layers:
+        is_tensor = model is None and tensor_of.get(name) == name
+        t = fit_target(acts_c[name], acts_t[name], layout=layout, method=method, k=k, gate=gate,
+                       quantile=quantile, alpha=alpha, module="" if is_tensor else name,
+                       tensor=tensor_of.get(name, ""),
+                       paired=None if acts_p is None else acts_p[name],
+                       clean_labels=clean.y, triggered_labels=triggered.y)
+        t.fingerprint = probes.fingerprint(acts_probe[name])
+        if inferred is not None:
+            from fire_onnx.onnxutil import tensor_info
+            from fire_onnx.patch import check_layout
+
+            check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1])
+        targets.append(t)
+    meta["checks"] = checks
+    return dirs.Directions(targets=targets, preprocess=preprocess.as_dict(), meta=meta, probe=probe_x)

@@ -1,0 +1,159 @@
+"""From what the user gives ``fit`` (paths, specs, options) to a directions file.
+
+One place turns the user's inputs into (activation source, clean samples, triggered samples with
+their twins); the CLI only parses options into a :class:`FitRequest` and prints the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fire_onnx import directions as dirs
+from fire_onnx import triggers
+from fire_onnx.data import Preprocess, fit_samples, load_images, load_triggered
+from fire_onnx.errors import FireError
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FitRequest:
+    layers: list[str]
+    clean_path: str
+    model_spec: str | None = None  # package.module:factory, file.py:factory, or a TorchScript file
+    weights: str | None = None
+    no_weights: bool = False  # the factory loads trained weights itself
+    onnx_path: str | None = None
+    tensor: str | None = None  # the ONNX tensor of the (single) layer, where scopes do not tell
+    triggered_path: str | None = None
+    trigger_spec: str | None = None
+    target: int | None = None
+    split: str = "train"
+    n_clean: int = 500
+    n_triggered: int = 20
+    method: str = "mean-diff"
+    k: int | None = None
+    gate: str = "auto"
+    quantile: float = 0.999
+    alpha: float = 1.0
+    layout: str | None = None
+    batch_size: int = 128
+    seed: int = 0
+    scale: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    input_layout: str | None = None
+    notes: list[str] = field(default_factory=list)  # filled in: what fit decided on the user's behalf
+
+    def validate(self) -> None:
+        if (self.triggered_path is None) == (self.trigger_spec is None):
+            raise FireError("give exactly one of --triggered FILE or --trigger SPEC")
+        if self.model_spec is None and self.onnx_path is None:
+            raise FireError("give --model (PyTorch) or --onnx (fit from the ONNX model in onnxruntime)")
+        if self.weights and not self.model_spec:
+            raise FireError("--weights needs --model")
+        if self.no_weights and self.weights:
+            raise FireError("give --weights or --no-weights, not both")
+        if self.method == "mean-diff" and self.k not in (None, 1):
+            raise FireError("-k applies to --method subspace (mean-diff fits one direction)")
+        if self.tensor and len(self.layers) != 1:
+            raise FireError("--tensor names the ONNX tensor of one --layer; give exactly one --layer with it")
+        if self.tensor and not self.onnx_path:
+            raise FireError("--tensor needs --onnx (it names a tensor of that model)")
+
+
+def infer_input_layout(onnx_model, image_shape) -> str | None:
+    """NCHW or NHWC when the ONNX model's single input shape tells unambiguously for images of
+    ``image_shape`` (H, W, C); None when it cannot tell (dynamic dims, or both fit)."""
+    inputs = [i for i in onnx_model.graph.input if i.name not in {t.name for t in onnx_model.graph.initializer}]
+    if len(inputs) != 1 or not inputs[0].type.tensor_type.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return None
+    h, w, c = image_shape
+
+    def fits(want):
+        return all(d is None or d == v for d, v in zip(dims[1:], want))
+
+    nchw, nhwc = fits((c, h, w)), fits((h, w, c))
+    if nchw != nhwc:
+        return "NCHW" if nchw else "NHWC"
+    return None
+
+
+def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Directions:
+    """Load everything ``req`` names, fit, and return the directions (not yet saved)."""
+    from fire_onnx.fit.core import fit_directions
+
+    req.validate()
+    k = req.k or (3 if req.method == "subspace" else 1)
+    trig = triggers.parse(req.trigger_spec) if req.trigger_spec else None
+    triggered_imgs, triggered_clean = load_triggered(req.triggered_path, req.split) if req.triggered_path else (None, None)
+    pool = load_images(req.clean_path, req.split)
+    clean, triggered, source = fit_samples(
+        pool, n_clean=req.n_clean, n_triggered=req.n_triggered, seed=req.seed, target=req.target,
+        trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean)
+    if len(clean) < req.n_clean:
+        req.notes.append(f"{req.clean_path} has only {len(clean)} clean images")
+
+    onnx_model = None
+    if req.onnx_path:
+        from fire_onnx.onnxutil import load_model as load_onnx
+
+        onnx_model = load_onnx(req.onnx_path)
+    layout = req.input_layout
+    if layout is None and onnx_model is not None:
+        layout = infer_input_layout(onnx_model, clean.x.shape[1:])
+        if layout == "NHWC":
+            req.notes.append(f"input layout NHWC, read from the input shape of {Path(req.onnx_path).name}")
+    pre = Preprocess(
+        scale=1 / 255 if req.scale is None else req.scale,
+        mean=req.mean or [0.0], std=req.std or [1.0], layout=layout or "NCHW",
+    ).validate()
+
+    meta = {"clean_file": Path(req.clean_path).name,
+            "model": req.model_spec or Path(req.onnx_path).name,
+            "weights": Path(req.weights).name if req.weights else "", "target": req.target,
+            "trigger": triggers.describe(trig) if trig else None,
+            "triggered_file": Path(req.triggered_path).name if req.triggered_path else None}
+    model = None
+    if req.model_spec and Path(req.model_spec).is_file():  # a TorchScript file: hooks do not run on it
+        from fire_onnx.fit.torch_model import torchscript_to_onnx
+
+        if req.weights or req.no_weights:
+            raise FireError("--weights/--no-weights do not apply to a TorchScript file (its weights are inside)")
+        if onnx_model is None:
+            onnx_model = torchscript_to_onnx(req.model_spec, pre(clean.x[:2]))
+        else:
+            req.notes.append("fitting from the --onnx model; the TorchScript file is not needed")
+        meta["model"] = Path(req.model_spec).name
+    elif req.model_spec:
+        from fire_onnx.fit.torch_model import load_model
+
+        model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
+    tensors = {req.layers[0]: req.tensor} if req.tensor else None
+    onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
+    return fit_directions(model, list(req.layers), clean, triggered, pre, method=req.method, k=k, gate=req.gate,
+                          quantile=req.quantile, alpha=req.alpha, layout=req.layout, batch_size=req.batch_size,
+                          onnx_model=onnx_model, meta=meta, triggered_source=source, progress=progress,
+                          tensors=tensors, target=req.target, onnx_name=onnx_name)
+
+
+def summary(d: dirs.Directions) -> dict:
+    """What fit reports (printed by the CLI, written by ``fit --json``)."""
+    targets = []
+    for t in d.targets:
+        f = t.fit
+        targets.append({
+            "module": t.module, "tensor": t.tensor, "layout": t.layout, "dim": t.dim, "k": t.k, "gate": t.gate,
+            "reference": f.get("reference"), "n_triggered": f.get("n_triggered"), "n_clean": f.get("n_clean"),
+            "separation_sigma": f.get("separation_sigma"), "tau_rule": f.get("tau_rule"),
+            "gate_fires_triggered": f.get("gate_recall_triggered"), "gate_fires_clean": f.get("gate_fires_clean"),
+            "warnings": list(f.get("warnings", [])),
+        })
+    checks = dict(d.meta.get("checks", {}))
+    return {"targets": targets, "checks": checks, "preprocess": d.preprocess,
+            "warnings": list(checks.get("warnings", [])) + [w for t in targets for w in t["warnings"]]}

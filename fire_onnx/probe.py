@@ -1,0 +1,176 @@
+"""Read ONNX tensors in onnxruntime, and fingerprint the model a directions file was fitted on.
+
+No torch here: ``patch`` uses this module to check that the directions it is about to insert were
+fitted on *this* model, and ``fit`` uses it to read activations from an ONNX model.
+
+Fingerprint. ``fit`` feeds a few deterministic *probe* images through the model (the mean of the
+clean fitting images, a seeded noise image, and their 50/50 blend; stored in the directions file as
+``probe.x``, uint8 NHWC) and records, per target and probe, a short vector of statistics of the
+activation at the target: its mean, its standard deviation, and its projections on a few seeded
+random directions (scaled by 1/sqrt(D)). ``patch`` runs the same probes through the ONNX model with
+the recorded preprocessing and compares: directions fitted on another model of the same shapes, a
+module output that is not what the ONNX tensor holds (a BatchNorm folded into the Conv by the
+exporter), or a ``--tensor`` that points elsewhere all differ by far more than the float noise
+between PyTorch and onnxruntime (about 1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from fire_onnx.errors import FireError
+
+N_PROBES = 3
+N_PROJECTIONS = 8
+PROJECTION_SEED = 20260211
+PROBE_SEED = 7
+FINGERPRINT_TOL = 1e-2  # relative difference above which two activations are "another model"
+FINGERPRINT_VERSION = 1
+
+Progress = Callable[[int, int], None]
+
+
+def probe_images(clean_x: np.ndarray) -> np.ndarray:
+    """The probe images (uint8, (3, H, W, C)) for clean images ``clean_x`` (uint8 NHWC)."""
+    mean = np.clip(np.rint(clean_x.astype(np.float64).mean(axis=0)), 0, 255).astype(np.uint8)
+    noise = np.random.default_rng(PROBE_SEED).integers(0, 256, size=mean.shape, dtype=np.uint8)
+    blend = ((mean.astype(np.uint16) + noise.astype(np.uint16)) // 2).astype(np.uint8)
+    return np.stack([mean, noise, blend])
+
+
+def _projections(d: int) -> np.ndarray:
+    return np.random.default_rng(PROJECTION_SEED).standard_normal((N_PROJECTIONS, d)).astype(np.float32)
+
+
+def activation_stats(acts: np.ndarray) -> np.ndarray:
+    """(P, ...) activations of the probes -> (P, 2 + N_PROJECTIONS) statistics in float64."""
+    a = np.asarray(acts, dtype=np.float64).reshape(len(acts), -1)
+    d = a.shape[1]
+    with np.errstate(all="ignore"):
+        proj = (a.astype(np.float32) @ _projections(d).T).astype(np.float64) / np.sqrt(d)
+        return np.concatenate([a.mean(axis=1, keepdims=True), a.std(axis=1, keepdims=True), proj], axis=1)
+
+
+def fingerprint(acts: np.ndarray) -> dict:
+    """The fingerprint record of one target (stored in its header) from the probes' activations."""
+    return {"version": FINGERPRINT_VERSION, "stats": activation_stats(acts).tolist()}
+
+
+def difference(recorded: dict, acts: np.ndarray) -> float:
+    """Relative difference between a recorded fingerprint and the probes' activations now (0 = same)."""
+    ref = np.asarray(recorded["stats"], dtype=np.float64)
+    now = activation_stats(acts)
+    if ref.shape != now.shape:
+        return float("inf")
+    fin = np.isfinite(ref)
+    if not np.array_equal(fin, np.isfinite(now)):
+        return float("inf")
+    ref, now = np.where(fin, ref, 0.0), np.where(fin, now, 0.0)
+    scale = max(float(np.linalg.norm(ref)), float(np.linalg.norm(now)), 1e-12)
+    return float(np.linalg.norm(ref - now)) / scale
+
+
+def valid_fingerprint(fp) -> bool:
+    """Whether a header value is a usable fingerprint record (old or hand-made files have none)."""
+    if not isinstance(fp, dict) or fp.get("version") != FINGERPRINT_VERSION:
+        return False
+    stats = fp.get("stats")
+    try:
+        arr = np.asarray(stats, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return arr.ndim == 2 and arr.shape[1] == 2 + N_PROJECTIONS and arr.shape[0] >= 1
+
+
+# ----------------------------------------------------------------------------- ONNX tensors
+def _session_for(model, tensors: Sequence[str], extra_outputs: Sequence[str] = ()):
+    """An onnxruntime session of a copy of ``model`` whose outputs are ``tensors`` (plus the model's
+    own outputs named in ``extra_outputs``). Models too large for one protobuf go through a temporary
+    file with external data."""
+    import onnx
+
+    from fire_onnx.evaluate import session
+    from fire_onnx.onnxutil import EXTERNAL_DATA_THRESHOLD, infer_shapes
+
+    m = onnx.ModelProto()
+    m.CopyFrom(infer_shapes(model))  # a copy: infer_shapes returns its argument when inference fails
+    known = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
+    wanted = list(dict.fromkeys([*tensors, *extra_outputs]))
+    del m.graph.output[:]
+    for name in wanted:
+        vi = known.get(name)
+        m.graph.output.append(vi if vi is not None else onnx.helper.make_empty_tensor_value_info(name))
+    if m.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        return session(m.SerializeToString())
+    tmp = tempfile.mkdtemp(prefix="fire_onnx_probe_")
+    path = Path(tmp) / "model.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.data", size_threshold=1024)
+    try:
+        return session(str(path))
+    finally:  # onnxruntime has read the weights; the files can go
+        for p in Path(tmp).iterdir():
+            os.unlink(p)
+        os.rmdir(tmp)
+
+
+class TensorReader:
+    """Reads intermediate tensors (and optionally the first model output) of an ONNX model in
+    onnxruntime; the session is built once and serves every call."""
+
+    def __init__(self, model, tensors: Sequence[str], *, with_logits: bool = False, batch_size: int = 128):
+        self.tensors = list(dict.fromkeys(tensors))
+        self.logits_name = model.graph.output[0].name if with_logits and len(model.graph.output) else None
+        extra = [self.logits_name] if self.logits_name and self.logits_name not in self.tensors else []
+        self.sess = _session_for(model, self.tensors, extra)
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.batch_size = batch_size
+
+    def __call__(self, x: np.ndarray, progress: Progress | None = None):
+        """(activations by tensor name, logits or None) for preprocessed inputs ``x``."""
+        from fire_onnx.evaluate import run_batches
+
+        parts = run_batches(self.sess, x, self.names, self.batch_size, progress)
+        out = {name: np.concatenate(p) for name, p in zip(self.names, parts)}
+        acts = {t: out[t].astype(np.float32) for t in self.tensors}
+        logits = out.get(self.logits_name) if self.logits_name else None
+        return acts, logits
+
+
+def check_fingerprints(model, directions, tensors: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Compare each target's recorded fingerprint with ``model`` (an unpatched ModelProto) at the
+    tensors the targets resolved to. Returns (mismatch messages, notes)."""
+    from fire_onnx.data import Preprocess
+
+    probe = getattr(directions, "probe", None)
+    pairs = [(t, name) for t, name in zip(directions.targets, tensors)]
+    recorded = [(t, name) for t, name in pairs if valid_fingerprint(t.fingerprint)]
+    notes = []
+    if probe is None or not recorded:
+        return [], ["the directions file carries no model fingerprint (made by an older fire-onnx or by hand): "
+                    "cannot check that it was fitted on this model"]
+    if len(recorded) < len(pairs):
+        notes.append("some targets carry no model fingerprint; only the others were checked")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return [], ["onnxruntime is not installed: the model fingerprint was not checked"]
+    pre = Preprocess.from_dict(directions.preprocess or {})
+    x = pre(probe)
+    try:
+        acts, _ = TensorReader(model, [name for _, name in recorded], batch_size=len(x))(x)
+    except FireError as e:
+        return [f"the directions' probe images do not run through this model ({e}); they were fitted on a model "
+                "with another input"], notes
+    bad = []
+    for t, name in recorded:
+        diff = difference(t.fingerprint, acts[name])
+        if diff > FINGERPRINT_TOL:
+            bad.append(f"tensor {name!r} does not hold the activations the directions for {t.label} were fitted on "
+                       f"(relative difference {diff:.3g} on the probe images, tolerance {FINGERPRINT_TOL:g})")
+    return bad, notes
