@@ -270,26 +270,69 @@ def inspect(model, include_all, json_out):
 
 
 # ---------------------------------------------------------------------------------------- eval
-@cli.command(name="eval")
+EVAL_EPILOG = """\b
+Preprocessing (uint8 pixels -> (x * scale - mean) / std per channel, in --input-layout):
+  each model uses the one recorded in it by 'fire-onnx patch'; a model that records
+  none uses the one the other models record when they all agree (a note says so);
+  --scale/--mean/--std/--input-layout override it for every model, field by field;
+  otherwise the defaults (1/255, 0, 1), with a note. Without --input-layout, the
+  layout follows the model's input shape when exactly one layout fits the images.
+
+\b
+CI thresholds (--fail-asr, --fail-ca, --fail-ca-drop; fractions in [0, 1]):
+  checked on the patched models (written by 'fire-onnx patch'); unpatched models
+  given beside them are baselines and are not checked (--fail-ca-drop compares with
+  the one unpatched model). When no model is patched, every model is checked. The
+  table / JSON are written first, then one line per check on stderr.
+
+\b
+Exit codes: 0 ok; 1 user error (one 'fire-onnx: error:' line); 2 bad option;
+  3 a --fail-* check failed.
+"""
+
+
+@cli.command(name="eval", epilog=EVAL_EPILOG)
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
-              help="Clean labelled images: npz with x, y or x_test, y_test.")
-@click.option("--split", default="test", show_default=True)
+              help="Clean labelled images (uint8 NHWC): npz with x, y or x_<split>, y_<split>.")
+@click.option("--split", default="test", show_default=True, help="Split to read from x_<split>/y_<split> files.")
 @click.option("--triggered", "triggered_path", type=click.Path(dir_okay=False), default=None,
-              help="Triggered images with their true labels (npz x, y).")
-@click.option("--trigger", "trigger_spec", default=None, metavar="SPEC", help="Apply this trigger to --data instead.")
-@click.option("--target", type=int, default=None, help="Attack target class (needed for ASR).")
+              help="Triggered images with their true labels (npz x, y), for ASR and RA.")
+@click.option("--trigger", "trigger_spec", default=None, metavar="SPEC",
+              help="Apply this trigger (e.g. badnets, blended:alpha=0.2) to the --data images instead, for ASR "
+                   "and RA; warns when it differs from the trigger a patched model was fitted with.")
+@click.option("--target", type=click.IntRange(min=0), default=None,
+              help="Attack target class (needed for ASR); must be a class of every model's output; warns when it "
+                   "differs from the target a patched model was repaired for.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--json", "json_out", default=None, metavar="PATH", help="Write JSON results (- for stdout).")
-@preprocess_options
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider (cuda/tensorrt need fire-onnx[gpu]).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per onnxruntime call (a model exported with a fixed batch uses its own).")
+@click.option("--json", "json_out", default=None, metavar="PATH",
+              help="Write JSON results, with each model's preprocessing and where it came from (- for stdout).")
+@click.option("--fail-asr", type=click.FloatRange(0, 1), default=None, metavar="X",
+              help="Exit 3 if a checked model's ASR is above X (a fraction, e.g. 0.02); needs --trigger or "
+                   "--triggered.")
+@click.option("--fail-ca", type=click.FloatRange(0, 1), default=None, metavar="Y",
+              help="Exit 3 if a checked model's CA is below Y (a fraction, e.g. 0.95).")
+@click.option("--fail-ca-drop", type=click.FloatRange(0, 1), default=None, metavar="D",
+              help="Exit 3 if a patched model's CA is more than D below the unpatched baseline's "
+                   "(a fraction: 0.005 = 0.5 pt); needs exactly one unpatched model.")
+@click.option("--scale", type=float, default=None,
+              help="Override the pixel scale factor for every model (else recorded, else 1/255).")
+@click.option("--mean", default=None,
+              help="Override the per-channel mean after scaling, e.g. 0.491,0.482,0.447 (else recorded, else 0).")
+@click.option("--std", default=None,
+              help="Override the per-channel std after scaling, e.g. 0.247,0.243,0.261 (else recorded, else 1).")
+@click.option("--input-layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
+              help="Override the model input layout (else recorded, or what the input shape implies, else NCHW).")
 def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, limit, provider, batch_size, json_out,
-             scale, mean, std, input_layout):
+             fail_asr, fail_ca, fail_ca_drop, scale, mean, std, input_layout):
     """CA, ASR and RA of one or more ONNX MODELS in onnxruntime (e.g. model.onnx model.fire.onnx)."""
+    from fire_onnx import evaluate as ev
     from fire_onnx import triggers
     from fire_onnx.data import Images, load_images
-    from fire_onnx.evaluate import compute_metrics, model_preprocess, session
 
     if triggered_path and trigger_spec:
         raise FireError("give at most one of --triggered and --trigger")
@@ -299,29 +342,63 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
         if not Path(m).is_file():
             raise FireError(f"model not found: {m}")
     _guard_output(json_out, [*models, data_path, triggered_path])
-    recorded = next((p for p in (model_preprocess(m) for m in models) if p is not None), None)
-    pre = _preprocess(scale, mean, std, input_layout, fallback=recorded)
+    infos = [ev.read_model_info(m) for m in models]
+    ev.check_threshold_args(infos, fail_asr, fail_ca_drop, bool(triggered_path or trigger_spec))
+    if target is not None:  # a static class count is checked before anything runs
+        for info in infos:
+            if info.classes is not None and target >= info.classes:
+                raise FireError(f"--target {target} is out of range: {info.path} has {info.classes} classes "
+                                f"(0..{info.classes - 1})")
+    trigger = triggers.parse(trigger_spec) if trigger_spec else None
     clean = load_images(data_path, split)
     if limit:
         clean = clean.subset(slice(0, limit))
     trig = None
-    if trigger_spec:
-        trig = Images(triggers.parse(trigger_spec).apply(clean.x), clean.y)
+    if trigger:
+        trig = Images(trigger.apply(clean.x), clean.y)
     elif triggered_path:
         trig = load_images(triggered_path, split)
         if limit:
             trig = trig.subset(slice(0, limit))
+    given = {"scale": scale, "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"), "layout": input_layout}
+    for key, opt in (("mean", "--mean"), ("std", "--std")):
+        if given[key] == []:
+            raise FireError(f"{opt} needs at least one number")
+    choices, lines = ev.choose_preprocess(infos, given, clean.x.shape[1:])
+    lines += ev.attack_warnings(infos, target, triggers.describe(trigger) if trigger else None)
     results = {}
-    for m in models:
-        results[m] = compute_metrics(session(m, provider), clean, pre, trig, target, batch_size).as_dict()
+    for info, choice in zip(infos, choices):
+        sess = ev.session(info.path, provider)
+        fixed = sess.get_inputs()[0].shape[0] if len(sess.get_inputs()) == 1 else None
+        sample = choice.preprocess(clean.x[: fixed if isinstance(fixed, int) and fixed > 0 else 1])
+        classes = info.classes or ev.num_classes(sess, sample)  # dynamic: from one batch, before the full run
+        if target is not None and target >= classes:
+            raise FireError(f"--target {target} is out of range: {info.path} has {classes} classes (0..{classes - 1})")
+        if clean.y is not None and clean.y.max() >= classes:
+            lines.append(f"warning: {data_path} has labels up to {clean.y.max()} but {info.path} has {classes} "
+                         "classes: those images always count as misclassified")
+        metrics = ev.compute_metrics(sess, clean, choice.preprocess, trig, target, batch_size)
+        results[info.path] = {**metrics.as_dict(), "patched": info.patched, "preprocess": choice.as_dict()}
+    for line in lines:
+        click.echo(line, err=True)
+    checks = ev.threshold_checks(results, infos, fail_asr, fail_ca, fail_ca_drop)
     if json_out != "-":  # with --json - stdout carries the JSON alone
-        click.echo("| model | CA | ASR | RA | clean | triggered |")
-        click.echo("|---|---|---|---|---|---|")
+        click.echo("| model | CA | ASR | RA | clean | triggered | preprocessing |")
+        click.echo("|---|---|---|---|---|---|---|")
         for m, r in results.items():
-            click.echo(f"| {m} | {_pct(r['ca'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | {r['n_clean']} | {r['n_triggered']} |")
+            click.echo(f"| {m} | {_pct(r['ca'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | {r['n_clean']} | "
+                       f"{r['n_triggered']} | {r['preprocess']['from']} |")
     if json_out:
-        _write_json(json_out, {"preprocess": pre.as_dict(), "target": target, "provider": provider,
-                               "trigger": trigger_spec, "models": results})
+        used = {json.dumps(c.preprocess.as_dict(), sort_keys=True) for c in choices}
+        payload = {"preprocess": choices[0].preprocess.as_dict() if len(used) == 1 else None, "target": target,
+                   "provider": provider, "trigger": trigger_spec, "triggered": triggered_path, "models": results}
+        if checks:
+            payload.update(checks=checks, checks_passed=all(c["passed"] for c in checks))
+        _write_json(json_out, payload)
+    for c in checks:
+        click.echo(ev.format_check(c), err=True)
+    if not all(c["passed"] for c in checks):
+        sys.exit(ev.CHECK_FAILED_EXIT)
 
 
 # --------------------------------------------------------------------------------------- bench

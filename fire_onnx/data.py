@@ -147,3 +147,22 @@ class Preprocess:
                        std=[float(v) for v in d.get("std", [1.0])], layout=str(d.get("layout", "NCHW"))).validate()
         except (TypeError, ValueError) as e:
             raise FireError(f"bad preprocessing description: {e}") from None
+
+
+def infer_layout(input_dims, image_shape) -> str | None:
+    """The input layout a model's input shape implies for images of ``image_shape`` (H, W, C).
+
+    ``input_dims`` is the model input's shape, batch first; each entry an int, or None / a string for
+    a dynamic dimension (which fits any size). Returns "NCHW" or "NHWC" when exactly one of the two
+    fits, None when both fit (e.g. all dims dynamic, or square images with as many channels as pixels
+    per side) or neither does (a different image size, or not a 4-D input).
+    """
+    if input_dims is None or len(input_dims) != 4 or len(image_shape) != 3:
+        return None
+    h, w, c = (int(v) for v in image_shape)
+
+    def fits(expect) -> bool:
+        return all(not isinstance(d, int) or d <= 0 or d == e for d, e in zip(input_dims[1:], expect))
+
+    ok = [name for name, expect in (("NCHW", (c, h, w)), ("NHWC", (h, w, c))) if fits(expect)]
+    return ok[0] if len(ok) == 1 else None

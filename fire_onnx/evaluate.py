@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fire_onnx.data import Images, Preprocess
+from fire_onnx.data import Images, Preprocess, infer_layout
 from fire_onnx.errors import FireError, first_line
 
 PROVIDERS = {
@@ -152,7 +153,11 @@ def compute_metrics(
 ) -> Metrics:
     if clean.y is None:
         raise FireError("the clean images have no labels (key y / y_test); CA needs labels")
-    pred = predict_logits(sess, preprocess(clean.x), batch_size).argmax(axis=1)
+    logits = predict_logits(sess, preprocess(clean.x), batch_size)
+    if target is not None and not 0 <= target < logits.shape[1]:
+        raise FireError(f"target class {target} is out of range: the model has {logits.shape[1]} classes "
+                        f"(0..{logits.shape[1] - 1})")
+    pred = logits.argmax(axis=1)
     m = Metrics(ca=float((pred == clean.y).mean()), n_clean=len(clean))
     if triggered is not None:
         if triggered.y is None:
@@ -170,20 +175,337 @@ def compute_metrics(
     return m
 
 
-def model_preprocess(model_path: str | Path) -> Preprocess | None:
-    """The preprocessing recorded by ``patch`` in a patched model's metadata, if any."""
+def num_classes(sess, sample: np.ndarray | None = None) -> int:
+    """The class count of the model's first output: from its static shape, else from running ``sample``
+    (a few preprocessed images; a fixed-batch model needs exactly its batch)."""
+    out = sess.get_outputs()[0]
+    shape = out.shape
+    if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+        return shape[1]
+    if sample is None:
+        raise FireError("the model's class count is not static; pass sample images to find it")
+    name = single_input(sess, sample)
+    try:
+        res = sess.run([out.name], {name: sample})[0]
+    except Exception as e:
+        raise FireError(f"onnxruntime rejected the input batch: {first_line(e)}") from None
+    if res.ndim != 2:
+        raise FireError(f"the model's first output has shape {list(res.shape)}; eval needs (N, classes) scores")
+    return int(res.shape[1])
+
+
+# ------------------------------------------------------------------ what a model records, for eval
+PREPROCESS_FIELDS = ("scale", "mean", "std", "layout")
+OPTION = {"scale": "--scale", "mean": "--mean", "std": "--std", "layout": "--input-layout"}
+
+
+@dataclass
+class ModelInfo:
+    """What ``eval`` reads from a model file before running it (metadata and I/O shapes)."""
+
+    path: str
+    patched: bool = False
+    preprocess: Preprocess | None = None  # recorded by patch (fire_onnx.preprocess)
+    preprocess_error: str | None = None  # why the recorded preprocessing is unusable
+    attack: dict | None = None  # {"target": ..., "trigger": ...} recorded by patch (fire_onnx.attack)
+    attack_error: str | None = None
+    input_dims: list | None = None  # the single graph input's dims, None for a dynamic one
+    classes: int | None = None  # static class count of the first output (N, K)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_recorded_preprocess(text: str) -> Preprocess:
+    """Strictly parse a ``fire_onnx.preprocess`` value; ValueError says what is wrong with it."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise ValueError("is not a JSON object")
+    missing = [f for f in PREPROCESS_FIELDS if f not in d]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    if not _number(d["scale"]):
+        raise ValueError(f"has scale {d['scale']!r}, not a number")
+    for key in ("mean", "std"):
+        v = d[key]
+        if not isinstance(v, list) or not v or not all(_number(x) for x in v):
+            raise ValueError(f"has {key} {v!r}, not a non-empty list of numbers")
+    if d["layout"] not in ("NCHW", "NHWC"):
+        raise ValueError(f"has layout {d['layout']!r}, not NCHW or NHWC")
+    pre = Preprocess(scale=float(d["scale"]), mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]],
+                     layout=d["layout"])
+    if not all(math.isfinite(v) for v in (pre.scale, *pre.mean, *pre.std)):
+        raise ValueError("has non-finite values")
+    if pre.scale == 0 or any(v == 0 for v in pre.std):
+        raise ValueError("has a zero " + ("scale" if pre.scale == 0 else "std"))
+    return pre
+
+
+def _dims(vi) -> list:
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in vi.type.tensor_type.shape.dim]
+
+
+def read_model_info(path: str | Path) -> ModelInfo:
+    """Metadata and I/O shapes of an ONNX file (its weights are not loaded)."""
     import onnx
 
-    from fire_onnx.patch import META_PREPROCESS
+    from fire_onnx.patch import META_ATTACK, META_PREPROCESS, is_patched
 
+    p = Path(path)
+    if not p.is_file():
+        raise FireError(f"model not found: {p}")
     try:
-        m = onnx.load(str(model_path), load_external_data=False)
-    except Exception:
-        return None
-    for p in m.metadata_props:
-        if p.key == META_PREPROCESS:
-            try:
-                return Preprocess.from_dict(json.loads(p.value))
-            except (json.JSONDecodeError, FireError):
-                return None
-    return None
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception as e:
+        raise FireError(f"{p} is not a readable ONNX model: {first_line(e)}") from None
+    info = ModelInfo(path=str(path), patched=is_patched(m))
+    props = {q.key: q.value for q in m.metadata_props}
+    if META_PREPROCESS in props:
+        try:
+            info.preprocess = parse_recorded_preprocess(props[META_PREPROCESS])
+        except ValueError as e:
+            info.preprocess_error = f"its {META_PREPROCESS} metadata {e}"
+    if META_ATTACK in props:
+        try:
+            attack = json.loads(props[META_ATTACK])
+            if not isinstance(attack, dict) or not isinstance(attack.get("trigger") or {}, dict) or not (
+                    attack.get("target") is None or isinstance(attack["target"], int)):
+                raise ValueError
+            info.attack = attack
+        except ValueError:
+            info.attack_error = f"its {META_ATTACK} metadata is not a JSON object with an integer target"
+    init = {t.name for t in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in init]
+    if len(inputs) == 1:
+        info.input_dims = _dims(inputs[0])
+    if m.graph.output:
+        out = _dims(m.graph.output[0])
+        if len(out) == 2 and out[1]:
+            info.classes = out[1]
+    return info
+
+
+def model_preprocess(model_path: str | Path) -> Preprocess | None:
+    """The preprocessing recorded by ``patch`` in a patched model's metadata, None if it records none;
+    corrupt metadata raises FireError."""
+    info = read_model_info(model_path)
+    if info.preprocess_error:
+        raise FireError(f"{model_path}: {info.preprocess_error}")
+    return info.preprocess
+
+
+# ------------------------------------------------------------------ which preprocessing each model gets
+def describe_preprocess(p: Preprocess) -> str:
+    scale = "1/255" if abs(p.scale - 1 / 255) < 1e-12 else f"{p.scale:g}"
+    nums = lambda v: ",".join(f"{x:g}" for x in v)  # noqa: E731
+    return f"scale={scale} mean={nums(p.mean)} std={nums(p.std)} layout={p.layout}"
+
+
+@dataclass
+class PreprocessChoice:
+    """The preprocessing one model is evaluated with, and where each field came from: "recorded",
+    "shared from <model>", "command line", "model input shape" or "default"."""
+
+    preprocess: Preprocess
+    fields: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        """The most common source, then the fields that differ, e.g. "recorded (mean: command line)"."""
+        groups: dict[str, list[str]] = {}
+        for f in PREPROCESS_FIELDS:
+            groups.setdefault(self.fields[f], []).append(f)
+        main = max(groups, key=lambda src: len(groups[src]))
+        rest = "; ".join(f"{', '.join(fs)}: {src}" for src, fs in groups.items() if src != main)
+        return f"{main} ({rest})" if rest else main
+
+    def as_dict(self) -> dict:
+        return {"values": self.preprocess.as_dict(), "from": self.source, "fields": dict(self.fields)}
+
+
+def _fmt_dims(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def choose_preprocess(infos: list[ModelInfo], given: dict, image_shape) -> tuple[list[PreprocessChoice], list[str]]:
+    """Per model, the preprocessing ``eval`` uses, and the note/warning lines that explain it.
+
+    - ``given`` (the command line, fields scale/mean/std/layout that are set) overrides every model;
+    - else a model uses what it records;
+    - a model that records nothing uses what the others record when they all agree (else FireError:
+      the command line must settle the fields on which they differ);
+    - else the defaults (1/255, mean 0, std 1, NCHW), with a note;
+    - the layout, unless given, follows the model's input shape where exactly one layout fits
+      ``image_shape`` (H, W, C).
+    Corrupt recorded preprocessing is a FireError unless the command line gives all four fields.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    lines: list[str] = []
+    full = all(f in given for f in PREPROCESS_FIELDS)
+    for info in infos:
+        if info.preprocess_error and not full:
+            raise FireError(f"{info.path}: {info.preprocess_error}; re-patch the model, or pass all of "
+                            "--scale, --mean, --std and --input-layout to ignore it")
+    recorders = [i for i in infos if i.preprocess is not None]
+    default = Preprocess()
+    choices = []
+    for info in infos:
+        if info.preprocess is not None:
+            values = info.preprocess.as_dict()
+            fields = dict.fromkeys(PREPROCESS_FIELDS, "recorded")
+        elif recorders:
+            values, fields = {}, {}
+            for f in PREPROCESS_FIELDS:
+                seen = {json.dumps(r.preprocess.as_dict()[f]) for r in recorders}
+                if len(seen) == 1:
+                    values[f] = recorders[0].preprocess.as_dict()[f]
+                    fields[f] = f"shared from {recorders[0].path}"
+                elif f not in given:
+                    differ = [g for g in PREPROCESS_FIELDS
+                              if len({json.dumps(r.preprocess.as_dict()[g]) for r in recorders}) > 1 and g not in given]
+                    raise FireError(
+                        f"{info.path} records no preprocessing and the models that do disagree on "
+                        + ", ".join(differ) + " (" + "; ".join(f"{r.path}: {describe_preprocess(r.preprocess)}"
+                                                               for r in recorders)
+                        + "); pass " + ", ".join(OPTION[g] for g in differ) + " explicitly")
+        else:
+            values = default.as_dict()
+            fields = dict.fromkeys(PREPROCESS_FIELDS, "default")
+        for f, v in given.items():
+            values[f], fields[f] = v, "command line"
+        if "layout" not in given:
+            inferred = infer_layout(info.input_dims, image_shape)
+            if inferred is not None and inferred != values["layout"]:
+                h, w, c = image_shape
+                if fields["layout"] == "recorded":
+                    lines.append(f"warning: {info.path}: the recorded layout {values['layout']} does not fit the "
+                                 f"model's input shape {_fmt_dims(info.input_dims)} for {h}x{w}x{c} images; "
+                                 f"using {inferred} (--input-layout overrides)")
+                values["layout"], fields["layout"] = inferred, "model input shape"
+            elif inferred is not None and fields["layout"] == "default":
+                fields["layout"] = "model input shape"
+        pre = Preprocess(scale=float(values["scale"]), mean=list(values["mean"]), std=list(values["std"]),
+                         layout=values["layout"]).validate()
+        c = image_shape[-1]
+        for f in ("mean", "std"):
+            n = len(values[f])
+            if n not in (1, c):
+                raise FireError(f"{info.path}: {f} has {n} values ({fields[f]}) but the images have {c} channels; "
+                                f"pass {OPTION[f]} with 1 or {c} values")
+        choices.append(PreprocessChoice(pre, fields))
+    lines += _preprocess_notes(infos, choices)
+    return choices, lines
+
+
+def _preprocess_notes(infos: list[ModelInfo], choices: list[PreprocessChoice]) -> list[str]:
+    """One note line per group of models that use a shared or default preprocessing."""
+    groups: dict[tuple, list[str]] = {}
+    for info, ch in zip(infos, choices):
+        srcs = set(ch.fields.values())
+        shared = sorted({s for s in srcs if s.startswith("shared from ")})
+        defaults = [f for f in PREPROCESS_FIELDS if ch.fields[f] == "default"]
+        if shared:
+            key = ("shared", shared[0][len("shared from "):], describe_preprocess(ch.preprocess))
+        elif defaults:
+            key = ("default", tuple(defaults), describe_preprocess(ch.preprocess), ch.fields["layout"])
+        else:
+            continue
+        groups.setdefault(key, []).append(info.path)
+    lines = []
+    for key, paths in groups.items():
+        names = ", ".join(paths)
+        if key[0] == "shared":
+            verb = "records" if len(paths) == 1 else "record"
+            lines.append(f"note: {names} {verb} no preprocessing; using the one recorded in {key[1]} ({key[2]}); "
+                         "--scale/--mean/--std/--input-layout override it")
+        else:
+            _, defaults, desc, layout_src = key
+            how = ", ".join(OPTION[f] for f in defaults)
+            layout = {"model input shape": " (layout from the model's input shape)",
+                      "default": " (the model's input shape does not tell the layout)"}.get(layout_src, "")
+            lines.append(f"note: {names}: no preprocessing recorded or given for {', '.join(defaults)}; "
+                         f"using {desc}{layout}; set {how} to change it")
+    return lines
+
+
+# ------------------------------------------------------------------ attack recorded vs evaluated
+def _trigger_diff(recorded: dict, given: dict) -> str:
+    if recorded.get("kind") != given.get("kind"):
+        return f"{given.get('kind')} given, {recorded.get('kind')} recorded"
+    keys = [k for k in dict.fromkeys([*given, *recorded]) if k != "kind" and given.get(k) != recorded.get(k)]
+    return ", ".join(f"{k}={given.get(k)} given, {recorded.get(k)} recorded" for k in keys)
+
+
+def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | None) -> list[str]:
+    """Warning lines where ``target`` / ``trigger`` (a triggers.describe() dict) differ from what a
+    patched model records as the attack it was fitted for."""
+    lines = []
+    for info in infos:
+        if info.attack_error:
+            lines.append(f"warning: {info.path}: {info.attack_error}; cannot compare --target/--trigger with it")
+            continue
+        rec = info.attack or {}
+        if target is not None and rec.get("target") is not None and rec["target"] != target:
+            lines.append(f"warning: {info.path} was repaired for target {rec['target']}, --target is {target}: "
+                         "ASR and RA measure a different attack")
+        if trigger is not None and rec.get("trigger") and rec["trigger"] != trigger:
+            lines.append(f"warning: {info.path} was fitted with another trigger than --trigger "
+                         f"({_trigger_diff(rec['trigger'], trigger)})")
+    return lines
+
+
+# ------------------------------------------------------------------ CI thresholds
+CHECK_FAILED_EXIT = 3
+_EPS = 1e-9  # metrics are ratios of counts: do not fail on float rounding at the limit
+
+
+def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | None = None,
+                     fail_ca: float | None = None, fail_ca_drop: float | None = None) -> list[dict]:
+    """The --fail-* checks on ``results`` (model path -> Metrics dict).
+
+    Checked models: the patched ones; when no model is patched, every model. --fail-ca-drop compares
+    with the one unpatched model (the baseline). Call :func:`check_threshold_args` first.
+    """
+    patched = [i.path for i in infos if i.patched]
+    checked = patched or [i.path for i in infos]
+    baseline = next((i.path for i in infos if not i.patched), None)
+    checks = []
+
+    def add(model, name, value, limit, passed, **extra):
+        checks.append({"model": model, "check": name, "value": value, "limit": limit, "passed": bool(passed), **extra})
+
+    for m in checked:
+        r = results[m]
+        if fail_asr is not None:
+            add(m, "asr", r["asr"], fail_asr, r["asr"] <= fail_asr + _EPS)
+        if fail_ca is not None:
+            add(m, "ca", r["ca"], fail_ca, r["ca"] >= fail_ca - _EPS)
+        if fail_ca_drop is not None:
+            drop = results[baseline]["ca"] - r["ca"]
+            add(m, "ca_drop", drop, fail_ca_drop, drop <= fail_ca_drop + _EPS, baseline=baseline)
+    return checks
+
+
+def check_threshold_args(infos: list[ModelInfo], fail_asr, fail_ca_drop, has_triggered: bool) -> None:
+    """Refuse --fail-* combinations that cannot be checked, before any evaluation."""
+    if fail_asr is not None and not has_triggered:
+        raise FireError("--fail-asr needs triggered images: pass --trigger or --triggered (and --target)")
+    if fail_ca_drop is not None:
+        unpatched = [i.path for i in infos if not i.patched]
+        if len(unpatched) != 1 or len(unpatched) == len(infos):
+            raise FireError("--fail-ca-drop compares patched models with one unpatched baseline; give exactly one "
+                            f"unpatched model and at least one patched one (unpatched here: {', '.join(unpatched) or 'none'})")
+
+
+def format_check(c: dict) -> str:
+    name = {"asr": "ASR", "ca": "CA", "ca_drop": "CA drop"}[c["check"]]
+    op = (">=" if c["check"] == "ca" else "<=") if c["passed"] else ("<" if c["check"] == "ca" else ">")
+    opt = {"asr": "--fail-asr", "ca": "--fail-ca", "ca_drop": "--fail-ca-drop"}[c["check"]]
+    vs = f" vs {c['baseline']}" if c.get("baseline") else ""
+    return (f"check {'ok' if c['passed'] else 'FAILED'}: {c['model']}: {name}{vs} {100 * c['value']:.2f}% {op} "
+            f"{100 * c['limit']:.2f}% ({opt} {c['limit']:g})")

@@ -49,6 +49,7 @@ META_VERSION = "fire_onnx.version"
 META_SHA = "fire_onnx.directions_sha256"
 META_TARGETS = "fire_onnx.targets"
 META_PREPROCESS = "fire_onnx.preprocess"
+META_ATTACK = "fire_onnx.attack"  # {"target": ..., "trigger": ...} from the directions' meta, for eval's checks
 MIN_OPSET = 9  # Where
 
 
@@ -383,6 +384,8 @@ def patch_model(
     })
     if directions.preprocess:
         keep[META_PREPROCESS] = json.dumps(directions.preprocess, sort_keys=True)
+    if directions.meta.get("target") is not None or directions.meta.get("trigger") is not None:
+        keep[META_ATTACK] = json.dumps({k: directions.meta.get(k) for k in ("target", "trigger")}, sort_keys=True)
     del out.metadata_props[:]
     for k, v in keep.items():
         out.metadata_props.add(key=k, value=v)

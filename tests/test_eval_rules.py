@@ -1,0 +1,287 @@
+"""``eval`` never gives silently wrong numbers: which preprocessing each model gets (and says so), the
+input layout read from the model, --target checks, and the --fail-* CI thresholds (exit 3).
+
+Everything runs through the real console script on copies of the demo's backdoored MNIST model
+(``model.onnx``, unpatched) and its repaired version (``model.fire.onnx``, which records the
+preprocessing it was fitted with: scale 1/255, mean 0.5, std 0.5, NCHW, and the attack: badnets, target 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import run_cli
+from test_cli import assert_user_error, snapshot, ws  # noqa: F401  (ws is a fixture)
+
+from fire_onnx.data import infer_layout
+
+RECORDED = {"scale": 1 / 255, "mean": [0.5], "std": [0.5], "layout": "NCHW"}
+ALL_RECORDED = dict.fromkeys(RECORDED, "recorded")
+
+
+def run_eval(ws: Path, *args, code: int = 0):
+    """``eval ... --data mnist.npz --json -``: (stdout JSON, stderr lines)."""
+    proc = run_cli("eval", *args, "--data", "mnist.npz", "--json", "-", cwd=ws)
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return json.loads(proc.stdout), [ln for ln in proc.stderr.splitlines() if ln.strip()]
+
+
+def with_meta(ws: Path, name: str, src: str = "model.fire.onnx", **props) -> str:
+    """A copy of ``src`` whose metadata keys (fire_onnx.<key>) are set to the given strings (None: removed)."""
+    m = onnx.load(str(ws / src))
+    meta = {p.key: p.value for p in m.metadata_props}
+    for key, value in props.items():
+        meta.pop(f"fire_onnx.{key}", None)
+        if value is not None:
+            meta[f"fire_onnx.{key}"] = value
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(ws / name))
+    return name
+
+
+def pre_json(**changes) -> str:
+    return json.dumps({**RECORDED, **changes})
+
+
+# ---------------------------------------------------------------------------- preprocessing rules
+def test_argument_order_does_not_change_the_numbers(ws, demo_run):
+    _, report = demo_run
+    trig = ("--trigger", "badnets", "--target", "0")
+    a, notes_a = run_eval(ws, "model.onnx", "model.fire.onnx", *trig)
+    b, notes_b = run_eval(ws, "model.fire.onnx", "model.onnx", *trig)
+    assert a["models"] == b["models"]
+    orig = a["models"]["model.onnx"]
+    assert orig["preprocess"]["values"] == RECORDED
+    assert orig["preprocess"]["from"] == "shared from model.fire.onnx"
+    assert a["models"]["model.fire.onnx"]["preprocess"]["fields"] == ALL_RECORDED
+    assert a["preprocess"] == RECORDED  # one preprocessing for all models: also at the top level
+    # the demo evaluated the same model with the preprocessing it was trained with
+    assert orig["ca"] == report["original"]["ca"] and orig["asr"] == report["original"]["asr"]
+    for notes in (notes_a, notes_b):
+        assert len(notes) == 1 and notes[0].startswith("note: model.onnx records no preprocessing")
+        assert "model.fire.onnx" in notes[0] and "mean=0.5" in notes[0]
+    # alone, the unpatched model gets the defaults: other numbers, and a note saying exactly what was used
+    alone, notes = run_eval(ws, "model.onnx")
+    assert notes == [
+        "note: model.onnx: no preprocessing recorded or given for scale, mean, std; using scale=1/255 mean=0 std=1 "
+        "layout=NCHW (layout from the model's input shape); set --scale, --mean, --std to change it"
+    ]
+    res = alone["models"]["model.onnx"]
+    assert res["preprocess"]["fields"] == {"scale": "default", "mean": "default", "std": "default",
+                                           "layout": "model input shape"}
+    assert res["preprocess"]["values"] == {"scale": 1 / 255, "mean": [0.0], "std": [1.0], "layout": "NCHW"}
+    assert res["ca"] != orig["ca"]
+
+
+def test_command_line_overrides_each_given_field_for_every_model(ws, demo_run):
+    _, report = demo_run
+    res, notes = run_eval(ws, "model.fire.onnx", "model.onnx", "--mean", "0.4", "--limit", "200")
+    fire, orig = res["models"]["model.fire.onnx"]["preprocess"], res["models"]["model.onnx"]["preprocess"]
+    assert fire["values"] == orig["values"] == {**RECORDED, "mean": [0.4]}
+    assert fire["fields"] == {**ALL_RECORDED, "mean": "command line"}
+    assert fire["from"] == "recorded (mean: command line)"
+    assert orig["fields"] == {**dict.fromkeys(RECORDED, "shared from model.fire.onnx"), "mean": "command line"}
+    assert len(notes) == 1 and notes[0].startswith("note: model.onnx records no preprocessing")
+    # every field given: the command line alone decides, no note, the demo's numbers
+    full = ("--scale", repr(1 / 255), "--mean", "0.5", "--std", "0.5", "--input-layout", "NCHW")
+    res, notes = run_eval(ws, "model.onnx", *full)
+    assert notes == []
+    assert res["models"]["model.onnx"]["preprocess"]["from"] == "command line"
+    assert res["models"]["model.onnx"]["ca"] == report["original"]["ca"]
+
+
+def test_disagreeing_records_with_an_unrecorded_model_need_explicit_options(ws):
+    other = with_meta(ws, "other.fire.onnx", preprocess=pre_json(mean=[0.4]))
+    before = snapshot(ws)
+    proc = run_cli("eval", "model.onnx", "model.fire.onnx", other, "--data", "mnist.npz", "--json", "e.json", cwd=ws)
+    assert_user_error(proc, ws, before, "model.onnx records no preprocessing", "disagree on mean", "pass --mean")
+    # settling the field that differs is enough; the agreeing ones are shared
+    res, _ = run_eval(ws, "model.onnx", "model.fire.onnx", other, "--mean", "0.5", "--limit", "200")
+    assert res["models"]["model.onnx"]["preprocess"]["fields"] == {
+        **dict.fromkeys(RECORDED, "shared from model.fire.onnx"), "mean": "command line"}
+    # patched models alone keep their own records; no single preprocessing at the top level then
+    res, notes = run_eval(ws, "model.fire.onnx", other, "--limit", "200")
+    assert notes == [] and res["preprocess"] is None
+    assert res["models"][other]["preprocess"]["values"]["mean"] == [0.4]
+    assert res["models"]["model.fire.onnx"]["preprocess"]["values"]["mean"] == [0.5]
+
+
+@pytest.mark.parametrize("value,why", [
+    ('{"scale": 0.0039, "mean": [0.5', "not valid JSON"),
+    ('[1, 2]', "not a JSON object"),
+    (pre_json(mean="0.5"), "mean"),
+    (pre_json(scale="1/255"), "scale"),
+    (pre_json(std=[0.5, True]), "std"),
+    (pre_json(layout="HWC"), "layout"),
+    (json.dumps({"scale": 1 / 255, "mean": [0.5], "std": [0.5]}), "lacks layout"),
+    (pre_json(std=[float("nan")]), "non-finite"),
+    (pre_json(std=[0.0]), "zero std"),
+], ids=["json", "list", "mean-str", "scale-str", "std-bool", "layout", "missing", "nan", "zero-std"])
+def test_corrupt_recorded_preprocessing_is_an_error_naming_the_model(ws, value, why):
+    bad = with_meta(ws, "bad.fire.onnx", preprocess=value)
+    before = snapshot(ws)
+    proc = run_cli("eval", "model.fire.onnx", bad, "--data", "mnist.npz", "--json", "e.json", cwd=ws)
+    assert_user_error(proc, ws, before, "bad.fire.onnx", "fire_onnx.preprocess", why)
+
+
+def test_corrupt_record_is_ignored_only_when_every_field_is_given(ws):
+    bad = with_meta(ws, "bad.fire.onnx", preprocess="{nope")
+    before = snapshot(ws)
+    proc = run_cli("eval", bad, "--data", "mnist.npz", "--mean", "0.5", "--std", "0.5", "--json", "e.json", cwd=ws)
+    assert_user_error(proc, ws, before, "bad.fire.onnx", "--input-layout")
+    res, _ = run_eval(ws, bad, "--scale", repr(1 / 255), "--mean", "0.5", "--std", "0.5", "--input-layout", "NCHW",
+                      "--limit", "100")
+    assert res["models"][bad]["preprocess"]["from"] == "command line"
+
+
+# ---------------------------------------------------------------------------- input layout
+@pytest.mark.parametrize("dims,image,expect", [
+    ([None, 1, 28, 28], (28, 28, 1), "NCHW"),
+    (["batch", 28, 28, 1], (28, 28, 1), "NHWC"),
+    ([None, 3, None, None], (32, 32, 3), "NCHW"),
+    ([None, None, None, 3], (32, 32, 3), "NHWC"),
+    ([None, None, None, None], (28, 28, 1), None),  # everything dynamic: both fit
+    ([1, 3, 3, 3], (3, 3, 3), None),  # both fit
+    ([None, 1, 32, 32], (28, 28, 1), None),  # neither fits
+    ([None, 784], (28, 28, 1), None),
+    (None, (28, 28, 1), None),
+])
+def test_infer_layout(dims, image, expect):
+    assert infer_layout(dims, image) == expect
+
+
+def _export_nhwc(ws: Path) -> str:
+    """The demo's trained CNN behind a permute: an ONNX model whose input is (N, 28, 28, 1)."""
+    import torch
+
+    from fire_onnx.fit import load_model
+
+    cnn = load_model("fire_onnx_models.small_cnn:build_mnist", str(ws / "model.pt"))
+
+    class NHWC(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn = cnn
+
+        def forward(self, x):
+            return self.cnn(x.permute(0, 3, 1, 2))
+
+    torch.onnx.export(NHWC().eval(), (torch.zeros(2, 28, 28, 1),), str(ws / "nhwc.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+    return "nhwc.onnx"
+
+
+def test_layout_follows_the_model_input_shape(ws, demo_run):
+    _, report = demo_run
+    nhwc = _export_nhwc(ws)
+    res, notes = run_eval(ws, "model.onnx", nhwc, "--mean", "0.5", "--std", "0.5")
+    a, b = res["models"]["model.onnx"], res["models"][nhwc]
+    assert a["preprocess"]["values"]["layout"] == "NCHW" and b["preprocess"]["values"]["layout"] == "NHWC"
+    assert a["preprocess"]["fields"]["layout"] == b["preprocess"]["fields"]["layout"] == "model input shape"
+    assert a["ca"] == b["ca"] == report["original"]["ca"]  # same network, each fed in its own layout
+    assert len(notes) == 2 and all("scale=1/255" in n and "--scale" in n for n in notes)
+    # the command line still wins (and the shape check says what is wrong)
+    before = snapshot(ws)
+    proc = run_cli("eval", nhwc, "--data", "mnist.npz", "--input-layout", "NCHW", "--json", "e.json", cwd=ws)
+    assert_user_error(proc, ws, before, "expects shape", "--input-layout")
+
+
+def test_recorded_layout_that_contradicts_the_input_shape_warns(ws, demo_run):
+    _, report = demo_run
+    wrong = with_meta(ws, "nhwc-recorded.fire.onnx", preprocess=pre_json(layout="NHWC"))
+    res, notes = run_eval(ws, wrong, "--trigger", "badnets", "--target", "0")
+    assert len(notes) == 1 and notes[0].startswith(f"warning: {wrong}: the recorded layout NHWC does not fit")
+    assert res["models"][wrong]["preprocess"]["values"]["layout"] == "NCHW"
+    assert res["models"][wrong]["ca"] == report["patched"]["ca"]
+
+
+# ---------------------------------------------------------------------------- --target
+def test_target_out_of_range_is_an_error_before_evaluating(ws):
+    dynamic = "dyn.onnx"
+    m = onnx.load(str(ws / "model.fire.onnx"))
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"  # class count only known by running
+    onnx.save(m, str(ws / dynamic))
+    before = snapshot(ws)
+    for model in ("model.fire.onnx", dynamic):
+        proc = run_cli("eval", "model.onnx", model, "--data", "mnist.npz", "--trigger", "badnets", "--target", "10",
+                       "--json", "e.json", cwd=ws)
+        assert_user_error(proc, ws, before, "--target 10 is out of range", "10 classes (0..9)")
+    proc = run_cli("eval", "model.fire.onnx", "--data", "mnist.npz", "--trigger", "badnets", "--target", "-1",
+                   "--json", "e.json", cwd=ws)
+    assert_user_error(proc, ws, before, "--target", code=2)
+    res, _ = run_eval(ws, dynamic, "--trigger", "badnets", "--target", "9", "--limit", "100")
+    assert res["models"][dynamic]["n_triggered"] > 0
+
+
+def test_patch_records_the_attack_and_eval_warns_on_a_different_one(ws):
+    attack = {p.key: p.value for p in onnx.load(str(ws / "model.fire.onnx")).metadata_props}["fire_onnx.attack"]
+    assert json.loads(attack) == {"target": 0, "trigger": {"kind": "badnets", "size": 3, "pos": "br", "value": 255,
+                                                          "pattern": "solid", "margin": 1}}
+    _, notes = run_eval(ws, "model.onnx", "model.fire.onnx", "--trigger", "badnets", "--target", "0")
+    assert not [n for n in notes if n.startswith("warning:")]
+    _, notes = run_eval(ws, "model.onnx", "model.fire.onnx", "--trigger", "badnets:size=4", "--target", "1",
+                        "--limit", "200")
+    warnings = [n for n in notes if n.startswith("warning:")]
+    assert len(warnings) == 2, notes  # only the patched model records an attack
+    assert "model.fire.onnx was repaired for target 0, --target is 1" in warnings[0]
+    assert "model.fire.onnx was fitted with another trigger" in warnings[1] and "size=4 given, 3 recorded" in warnings[1]
+    _, notes = run_eval(ws, "model.fire.onnx", "--trigger", "blended", "--target", "0", "--limit", "200")
+    assert len(notes) == 1 and "blended given, badnets recorded" in notes[0]
+
+
+# ---------------------------------------------------------------------------- --fail-* (CI)
+def test_fail_thresholds_pass_with_exit_0(ws):
+    res, notes = run_eval(ws, "model.onnx", "model.fire.onnx", "--trigger", "badnets", "--target", "0",
+                          "--fail-asr", "0.02", "--fail-ca", "0.9", "--fail-ca-drop", "0.005")
+    assert res["checks_passed"] is True
+    # the patched model is checked, the unpatched one (ASR ~100 %) is the baseline
+    assert {(c["model"], c["check"]) for c in res["checks"]} == {
+        ("model.fire.onnx", "asr"), ("model.fire.onnx", "ca"), ("model.fire.onnx", "ca_drop")}
+    assert [c["baseline"] for c in res["checks"] if c["check"] == "ca_drop"] == ["model.onnx"]
+    assert len([n for n in notes if n.startswith("check ok: model.fire.onnx")]) == 3
+
+
+def test_fail_thresholds_fail_with_exit_3_after_writing_the_results(ws):
+    proc = run_cli("eval", "model.onnx", "model.fire.onnx", "--data", "mnist.npz", "--trigger", "badnets",
+                   "--target", "0", "--fail-asr", "0.001", "--fail-ca", "0.999", "--json", "e.json", cwd=ws)
+    assert proc.returncode == 3, proc.stderr
+    assert "| model.fire.onnx |" in proc.stdout  # the table is still printed
+    res = json.loads((ws / "e.json").read_text())
+    assert res["checks_passed"] is False and len(res["checks"]) == 2
+    failed = [ln for ln in proc.stderr.splitlines() if ln.startswith("check FAILED: ")]
+    assert len(failed) == 2
+    assert "model.fire.onnx: ASR" in failed[0] and "(--fail-asr 0.001)" in failed[0]
+    assert "model.fire.onnx: CA" in failed[1] and "< 99.90%" in failed[1]
+    # with no patched model given, every model is checked: the backdoored one fails the ASR gate
+    proc = run_cli("eval", "model.onnx", "--data", "mnist.npz", "--trigger", "badnets", "--target", "0",
+                   "--fail-asr", "0.5", "--limit", "200", cwd=ws)
+    assert proc.returncode == 3 and "check FAILED: model.onnx: ASR" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,expect,code", [
+    (["model.fire.onnx", "--fail-asr", "0.02"], ["--fail-asr needs triggered images"], 1),
+    (["model.fire.onnx", "--fail-ca-drop", "0.005"], ["one unpatched baseline", "none"], 1),
+    (["model.onnx", "--fail-ca-drop", "0.005"], ["one unpatched baseline"], 1),
+    (["model.fire.onnx", "--fail-ca", "95"], ["--fail-ca"], 2),
+], ids=["asr-without-trigger", "drop-without-baseline", "drop-without-patched", "ca-not-a-fraction"])
+def test_fail_options_that_cannot_be_checked_are_errors(ws, argv, expect, code):
+    before = snapshot(ws)
+    proc = run_cli("eval", *argv, "--data", "mnist.npz", "--json", "e.json", cwd=ws)
+    assert_user_error(proc, ws, before, *expect, code=code)
+
+
+def test_help_documents_every_option_and_exit_code_3():
+    proc = run_cli("eval", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "3 a --fail-* check failed" in text
+    from fire_onnx.cli import cli
+
+    missing = [p.name for p in cli.commands["eval"].params if p.param_type_name == "option" and not p.help]
+    assert missing == []
