@@ -405,11 +405,15 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
 @cli.command()
 @click.argument("original", type=click.Path(dir_okay=False))
 @click.argument("patched", type=click.Path(dir_okay=False))
-@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 64), show_default=True)
-@click.option("--iters", type=click.IntRange(min=5), default=200, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 64), show_default=True,
+              help="Batch size to time; repeat for several (e.g. --batch 1 --batch 64).")
+@click.option("--iters", type=click.IntRange(min=5), default=200, show_default=True,
+              help="Timed runs of each model per batch size (interleaved original/patched).")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Untimed runs of each model before timing.")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True, help="intra-op threads (0: one per core).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider (cuda/tensorrt need fire-onnx[gpu]).")
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write JSON results (- for stdout).")
 @click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write a markdown table.")
 def bench(original, patched, batches, iters, warmup, threads, provider, json_out, md_out):
@@ -435,17 +439,22 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
 
 # ---------------------------------------------------------------------------------------- demo
 @cli.command()
-@click.option("-o", "--output", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the models, directions, report.json and report.md.")
 @click.option("--data", "data_path", default=None, type=click.Path(dir_okay=False),
               help="Labelled image npz with x_train/y_train/x_test/y_test (default: bundled MNIST-5k).")
-@click.option("--trigger", default="badnets", show_default=True, metavar="SPEC")
-@click.option("--target", type=int, default=0, show_default=True)
-@click.option("--poison-rate", type=float, default=0.1, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
-@click.option("--arch", type=click.Choice(["small_cnn", "vit"]), default="small_cnn", show_default=True)
+@click.option("--trigger", default="badnets", show_default=True, metavar="SPEC",
+              help="Trigger the backdoor is trained with (badnets, blended, sig, with :key=value options).")
+@click.option("--target", type=click.IntRange(min=0), default=0, show_default=True, help="Attack target class.")
+@click.option("--poison-rate", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="Fraction of training images poisoned (triggered and relabelled to --target).")
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True, help="Training epochs.")
+@click.option("--arch", type=click.Choice(["small_cnn", "vit"]), default="small_cnn", show_default=True,
+              help="Architecture trained (both in fire_onnx_models).")
 @click.option("--layer", default=None, help="Module to repair (default: block2 for small_cnn, blocks.0 for vit).")
-@click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--gate", type=click.Choice(["auto", "hard", "none"]), default="auto", show_default=True,
+              help="Gate of the repair (as in fit).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for poisoning, training and sampling.")
 def demo(out_dir, data_path, trigger, target, poison_rate, epochs, arch, layer, gate, seed):
     """Backdoor a small CNN on real MNIST digits, fit, patch and evaluate: the whole path in a minute."""
     from fire_onnx.demo import format_report, run_demo

@@ -39,6 +39,7 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
     inferred = infer_shapes(model)
     graph = inferred.graph
     layers_of = ScopeIndex(graph).output_map()
+    folded = folded_weights(graph)
     shapes = tensor_table(inferred)
     consumers: dict[str, list[str]] = {}  # tensor -> consumer op types
     for n in graph.node:
@@ -55,6 +56,13 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 continue
             pair = fused_ops(n.op_type, consumers.get(name, []))
             layers = layers_of.get(name, [])
+            own = node_module(n)
+            folded_note = ""
+            if n.output[0] in folded and own in layers:
+                # the exporter rewrote this node's weights (a BatchNorm folded into it): the tensor holds what
+                # the module after it outputs, not what ``own`` outputs, so ``fit --layer own`` would be wrong
+                layers = [path for path in layers if path != own]
+                folded_note = f"; weights folded by the exporter: not the output of {own}"
             if pair:
                 note = f"splits {pair[0]}+{pair[1]} fusion"
             elif name in outputs:
@@ -63,6 +71,7 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 note = "candidate"
             else:
                 note = ""
+            note += folded_note if note else folded_note[2:]
             if not include_all and not note.startswith(("candidate", "graph")) and not (layers and pair):
                 continue
             out.append(Candidate(
@@ -70,7 +79,7 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 shape=["?" if d is None else d for d in dims],
                 dtype=FLOAT_TYPES[elem],
                 op=n.op_type,
-                module=node_module(n),
+                module=own,
                 layers=layers,
                 consumers=len(consumers.get(name, [])),
                 layout=default_layout(dims),
@@ -78,6 +87,25 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 note=note,
             ))
     return out
+
+
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def folded_weights(graph: onnx.GraphProto) -> set[str]:
+    """Outputs of the nodes whose weight the PyTorch TorchScript exporter replaced by a folded constant.
+
+    That exporter keeps a parameter's state-dict name ("block1.0.weight") for an initializer it leaves
+    as is, and names a constant it computed "onnx::Conv_26": a Conv whose weight is such a constant,
+    in a graph whose other weights carry state-dict names, had a BatchNorm (or a scale) folded into it.
+    """
+    inits = {t.name for t in graph.initializer}
+    named = any("." in name and not name.startswith("onnx::") for name in inits)
+    if not named:
+        return set()
+    return {n.output[0] for n in graph.node
+            if n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in inits
+            and n.input[1].startswith("onnx::") and node_module(n)}
 
 
 def summary(model: onnx.ModelProto) -> dict:

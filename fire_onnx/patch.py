@@ -414,7 +414,8 @@ def check_model_fingerprint(result: PatchResult, directions: dirs.Directions, *,
         raise FireError(f"{bad[0]}: these directions were fitted on another model (or another tensor, or with other "
                         "preprocessing), so the repair would not remove the backdoor; fit them on this model, or pass "
                         "--force to patch anyway")
-    result.warnings.extend(f"{b} (patched anyway: --force)" for b in bad)
+    result.warnings.extend(f"{b}: the directions were probably fitted on another model, so the repair may not remove "
+                           "the backdoor (patched anyway: --force)" for b in bad)
 
 
 def default_output(model_path: str | os.PathLike) -> Path:

@@ -139,7 +139,8 @@ def check_module_tensors(model, onnx_model, tensor_of: dict[str, str], x: np.nda
         if diff <= probes.FINGERPRINT_TOL:
             continue
         matches = [m for m in modules_matching(model, x, b) if m != layer]
-        fix = (f"the tensor holds the output of module {matches[0]!r}: use --layer {matches[0]}" if matches
+        fix = (f"the tensor holds the output of module {matches[0]!r}: use --layer {matches[0]} --tensor {tensor}"
+               if matches
                else "no module of the PyTorch model outputs what the tensor holds")
         raise FireError(
             f"module {layer!r} does not compute what ONNX tensor {tensor!r} holds (relative difference {diff:.3g} on "

@@ -67,21 +67,13 @@ class FitRequest:
 def infer_input_layout(onnx_model, image_shape) -> str | None:
     """NCHW or NHWC when the ONNX model's single input shape tells unambiguously for images of
     ``image_shape`` (H, W, C); None when it cannot tell (dynamic dims, or both fit)."""
+    from fire_onnx.data import infer_layout
+
     inputs = [i for i in onnx_model.graph.input if i.name not in {t.name for t in onnx_model.graph.initializer}]
     if len(inputs) != 1 or not inputs[0].type.tensor_type.HasField("shape"):
         return None
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4:
-        return None
-    h, w, c = image_shape
-
-    def fits(want):
-        return all(d is None or d == v for d, v in zip(dims[1:], want))
-
-    nchw, nhwc = fits((c, h, w)), fits((h, w, c))
-    if nchw != nhwc:
-        return "NCHW" if nchw else "NHWC"
-    return None
+    return infer_layout(dims, image_shape)
 
 
 def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Directions:

@@ -85,6 +85,9 @@ def load_model(spec: str, weights: str | None = None, *, untrained: bool = False
         _load_into(model, state, spec, weights)
         if notes is not None:
             notes.extend(how)
+    elif notes is not None:
+        notes.append(f"--no-weights: fitting {spec} with the parameters its factory sets; if it does not load "
+                     "trained weights itself, the repair is useless")
     return model.eval()
 
 

@@ -1,0 +1,229 @@
+"""Paths that used to succeed with a useless repair now stop (or warn loudly), through the real console
+script: a module whose output is not the ONNX tensor (BatchNorm folded by the exporter), a model with no
+weights, directions patched into another model, a wrong preprocessing, and unusual weight files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_cli
+from test_cli import FACTORY, TENSOR, assert_user_error, fit_args, snapshot, ws  # noqa: F401  (ws is a fixture)
+
+BNNET = '''
+import torch
+from torch import nn
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(x)))
+
+
+def build():
+    return BNNet()
+'''
+
+CONV = "/block1/block1.0/Conv_output_0"  # the TorchScript exporter's name; it holds the post-BatchNorm values
+
+
+@pytest.fixture(scope="module")
+def bn_folder(tmp_path_factory, mnist_path):
+    """A Conv+BatchNorm model with non-trivial BN statistics, its weights, and its TorchScript export
+    (which folds each BatchNorm into the Conv before it)."""
+    import torch
+
+    from fire_onnx.fit import export_onnx
+
+    folder = tmp_path_factory.mktemp("bn")
+    (folder / "bnnet.py").write_text(BNNET)
+    ns: dict = {}
+    exec(compile(BNNET, "bnnet.py", "exec"), ns)
+    torch.manual_seed(0)
+    model = ns["build"]().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.25, 4)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    torch.save(model.state_dict(), folder / "bn.pt")
+    export_onnx(model, np.zeros((2, 1, 28, 28), np.float32), folder / "bn.onnx")
+    shutil.copyfile(mnist_path, folder / "mnist.npz")
+    return folder
+
+
+def _bn_fit(folder: Path, layer: str, *extra):
+    return run_cli("fit", "--model", "bnnet.py:build", "--weights", "bn.pt", "--layer", layer, "--onnx", "bn.onnx",
+                   "--clean", "mnist.npz", "--trigger", "badnets", "--target", "0", "--n-clean", "200", *extra,
+                   cwd=folder)
+
+
+def test_folded_batchnorm_is_caught_by_value_and_the_fix_works(bn_folder):
+    conv_nodes = [n for n in onnx.load(str(bn_folder / "bn.onnx")).graph.node if n.output[0] == CONV]
+    assert conv_nodes and conv_nodes[0].input[1].startswith("onnx::")  # the exporter folded the BN into it
+    before = snapshot(bn_folder)
+    proc = _bn_fit(bn_folder, "block1.0", "-o", "d.npz")
+    assert_user_error(proc, bn_folder, before, "'block1.0' does not compute what ONNX tensor", CONV,
+                      "use --layer block1.1 --tensor " + CONV, "--onnx bn.onnx without --model")
+    # the fix the error names works: the BatchNorm module's output is what the tensor holds
+    proc = _bn_fit(bn_folder, "block1.1", "--tensor", CONV, "-o", "d.npz", "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [(t["module"], t["tensor"]) for t in out["targets"]] == [("block1.1", CONV)]
+    proc = run_cli("patch", "bn.onnx", "d.npz", "-o", "bn.fire.onnx", cwd=bn_folder)
+    assert proc.returncode == 0 and "[module block1.1]" in proc.stdout, proc.stderr
+
+
+def test_inspect_does_not_offer_the_folded_conv_module(bn_folder):
+    proc = run_cli("inspect", "bn.onnx", "--all", "--json", "-", cwd=bn_folder)
+    assert proc.returncode == 0, proc.stderr
+    rows = {c["tensor"]: c for c in json.loads(proc.stdout)["candidates"]}
+    assert "block1.0" not in rows[CONV]["layers"]
+    assert "weights folded by the exporter: not the output of block1.0" in rows[CONV]["note"]
+    relu = "/block1/block1.2/Relu_output_0"  # untouched modules keep their names
+    assert rows[relu]["layers"] == ["block1", "block1.2"] and "folded" not in rows[relu]["note"]
+
+
+def test_fit_refuses_a_model_without_weights_unless_asked(ws):
+    args = ["fit", "--model", FACTORY, "--layer", "block2", "--clean", "mnist.npz", "--trigger", "badnets",
+            "--target", "0", "--n-clean", "200", "-o", "d.npz"]
+    before = snapshot(ws)
+    assert_user_error(run_cli(*args, cwd=ws), ws, before, "without --weights", "untrained", "--no-weights")
+    proc = run_cli(*args, "--no-weights", cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: --no-weights: fitting" in proc.stderr and (ws / "d.npz").is_file()
+    assert "warning: the model classifies only" in proc.stderr  # this factory builds a random model
+    before = snapshot(ws)
+    assert_user_error(run_cli(*args, "--weights", "model.pt", "--no-weights", cwd=ws), ws, before, "--no-weights")
+
+
+def test_patch_refuses_directions_fitted_on_another_model(ws, cnn_onnx):
+    _, other = cnn_onnx  # same architecture and tensor names, other weights
+    shutil.copyfile(other, ws / "other.onnx")
+    before = snapshot(ws)
+    proc = run_cli("patch", "other.onnx", "directions.npz", "-o", "o.onnx", cwd=ws)
+    assert_user_error(proc, ws, before, TENSOR, "fitted on another model", "--force")
+    proc = run_cli("patch", "other.onnx", "directions.npz", "-o", "o.onnx", "--force", cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stderr and "fitted on another model" in proc.stderr and (ws / "o.onnx").is_file()
+    # the model the directions were fitted on passes the check silently
+    proc = run_cli("patch", "model.onnx", "directions.npz", "-o", "p.onnx", cwd=ws)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+def test_wrong_preprocessing_is_reported_with_the_accuracy(ws):
+    good = run_cli(*fit_args(ws, "--trigger", "badnets", "--target", "0", "--n-clean", "300", "-o", "g.npz",
+                             "--json", "-"), cwd=ws)
+    assert good.returncode == 0 and "warning" not in good.stderr, good.stderr
+    checks = json.loads(good.stdout)["checks"]
+    assert checks["clean_accuracy"] > 0.9
+    bad = run_cli(*fit_args(ws, "--trigger", "badnets", "--target", "0", "--n-clean", "300", "-o", "b.npz",
+                            "--scale", str(1 / 255 ** 2), "--json", "-"), cwd=ws)  # pixels scaled twice
+    assert bad.returncode == 0, bad.stderr
+    assert json.loads(bad.stdout)["checks"]["clean_accuracy"] < 0.5
+    assert "warning: the model classifies only" in bad.stderr and "--scale/--mean/--std" in bad.stderr
+
+
+def _state(ws: Path) -> dict:
+    import torch
+
+    return torch.load(ws / "model.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "dataparallel"])
+def test_common_checkpoint_layouts_are_unwrapped(ws, kind):
+    import torch
+
+    state = _state(ws)
+    obj = ({"epoch": 3, "model": state, "optimizer": {"lr": torch.tensor(0.1)}} if kind == "checkpoint"
+           else {f"module.{k}": v for k, v in state.items()})
+    torch.save(obj, ws / "w.pt")
+    args = fit_args(ws, "--trigger", "badnets", "--target", "0", "--n-clean", "200", "-o", "d.npz")
+    args[args.index(ws / "model.pt")] = "w.pt"
+    proc = run_cli(*args, cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert ("under key 'model'" if kind == "checkpoint" else "stripped the 'module.' prefix") in proc.stderr
+    assert "warning" not in proc.stderr
+
+
+def test_weight_files_that_do_not_load_say_why(ws):
+    import torch
+
+    from fire_onnx_models.small_cnn import build_mnist
+
+    torch.save(build_mnist(), ws / "whole.pt")  # a pickled module
+    state = _state(ws)
+    first, last = list(state)[0], list(state)[-1]
+    partial = {k: v for k, v in state.items() if k != first}
+    partial["extra.weight"] = torch.zeros(1)
+    torch.save(partial, ws / "partial.pt")
+    before = snapshot(ws)
+    for weights, expect in (("whole.pt", ["a whole pickled model", "never unpickles", "state_dict()"]),
+                            ("partial.pt", ["do not fit", f"missing: {first}", "unexpected: extra.weight"])):
+        args = fit_args(ws, "--trigger", "badnets", "--target", "0", "-o", "d.npz")
+        args[args.index(ws / "model.pt")] = weights
+        assert_user_error(run_cli(*args, cwd=ws), ws, before, *expect)
+    assert last  # the state dict is not empty
+
+
+def test_fit_json_and_tensor_option(ws):
+    proc = run_cli(*fit_args(ws, "--trigger", "badnets", "--target", "0", "--n-clean", "200", "--onnx", "model.onnx",
+                             "--tensor", TENSOR, "-o", "d.npz", "--json", "fit.json"), cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads((ws / "fit.json").read_text())
+    assert out["output"] == "d.npz" and out["targets"][0]["tensor"] == TENSOR
+    assert out["targets"][0]["separation_sigma"][0] > 5 and out["checks"]["triggered_to_target"] > 0.9
+    # a --tensor that does not hold the module's output is refused by value
+    before = snapshot(ws)
+    proc = run_cli(*fit_args(ws, "--trigger", "badnets", "--target", "0", "--onnx", "model.onnx",
+                             "--tensor", "/block1/block1.2/MaxPool_output_0", "-o", "e.npz"), cwd=ws)
+    assert_user_error(proc, ws, before, "block2")
+
+
+def test_input_layout_is_read_from_the_onnx_input(ws):
+    import torch
+
+    from fire_onnx.fit import load_model
+
+    cnn = load_model(FACTORY, str(ws / "model.pt"))
+
+    class NHWC(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn = cnn
+
+        def forward(self, x):
+            return self.cnn(x.permute(0, 3, 1, 2))
+
+    torch.onnx.export(NHWC().eval(), (torch.zeros(2, 28, 28, 1),), str(ws / "nhwc.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+    proc = run_cli("fit", "--onnx", "nhwc.onnx", "--layer", "cnn.block2", "--clean", "mnist.npz", "--trigger", "badnets",
+                   "--target", "0", "--mean", "0.5", "--std", "0.5", "--n-clean", "200", "-o", "d.npz", "--json", "-",
+                   cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "input layout NHWC, read from the input shape of nhwc.onnx" in proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["checks"]["clean_accuracy"] > 0.9 and out["targets"][0]["separation_sigma"][0] > 5
+
+
+def test_every_option_of_every_command_has_help():
+    from fire_onnx.cli import cli
+
+    missing = [f"{name} {p.opts[0]}" for name, cmd in cli.commands.items() for p in cmd.params
+               if p.param_type_name == "option" and not p.help]
+    assert missing == []
+    for name in cli.commands:
+        proc = run_cli(name, "--help")
+        assert proc.returncode == 0 and "Usage:" in proc.stdout, proc.stderr
