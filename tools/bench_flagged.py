@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Repair from flagged inputs vs a known trigger: datasets x attacks x sample modes, in onnxruntime.
+
+For each (dataset, attack, seed) a backdoored model is trained (10 % poisoning, all-to-one, target 0) or
+reused from the cache (keyed by a hash of its recipe), exported to ONNX, and repaired with ``fit`` from the
+ONNX model alone (activations read in onnxruntime; no model code), in several modes:
+
+- ``original``: no repair;
+- ``paired``: the trigger is known (``--trigger``): 20 stamped clean images, each with its clean twin;
+- ``flagged``: 20 *flagged* images: triggered non-target training images, with no clean twin and no
+  label (``--triggered flagged.npz`` holding only ``x``), drawn from images the clean pool does not hold;
+- ``flagged-5``: the same with 5 flagged images;
+- ``flagged-unpaired``: 20 flagged images, trigger reconstruction off (the plain unpaired estimate),
+  when ``fit`` has a reconstruction to turn off;
+- ``translate``: the FIRE paper's operator (subtract the unnormalized mean shift), paired, when ``fit``
+  has ``--repair translate``.
+
+Each repair is patched into the ONNX model and evaluated on the test split: CA, ASR (triggered
+non-target images classified as the target), RA (triggered images classified as their true label).
+
+Writes ``<out>/results.json`` (a list of records ``{dataset, model, attack, mode, n_triggered, seed, ca,
+asr, ra, ...}``, fractions) and ``<out>/results.md``. Example::
+
+    python tools/bench_flagged.py --data-dir ../shared/data --out benchmarks/flagged
+    python tools/bench_flagged.py --data-dir ../shared/data --datasets mnist5k --attacks badnets --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ATTACKS = {  # name -> (trigger spec, layer of the SmallCNN to repair)
+    "badnets": ("badnets", "block2"),
+    "badnets-5x5": ("badnets:size=5", "block2"),
+    "badnets-center": ("badnets:pos=center", "block2"),
+    "blended": ("blended:alpha=0.2", "block1"),
+    "sig": ("sig", "block1"),
+}
+DATASETS = ["mnist5k", "fashion_mnist", "cifar10", "gtsrb32"]
+MODES = ["original", "paired", "flagged", "flagged-5", "flagged-unpaired", "translate"]
+TARGET = 0
+POISON_RATE = 0.1
+N_CLEAN = 500
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def recipe_key(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_or_reuse(recipe: dict, data_path: Path, cache: Path):
+    """(onnx path, seconds spent training) for ``recipe``; trained once, then reused from ``cache``."""
+    import torch
+
+    from fire_onnx import triggers
+    from fire_onnx.data import Preprocess, load_images
+    from fire_onnx.demo import build_arch, poison, train_model
+    from fire_onnx.fileio import atomic_path
+    from fire_onnx.fit import export_onnx
+
+    folder = cache / recipe_key(recipe)
+    onnx_path = folder / "model.onnx"
+    if onnx_path.is_file():
+        return onnx_path, 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train, test = load_images(data_path, "train"), load_images(data_path, "test")
+    n_classes = int(max(train.y.max(), test.y.max()) + 1)
+    h, _, c = train.x.shape[1:]
+    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
+    poisoned, _ = poison(train, triggers.parse(recipe["trigger"]), TARGET, POISON_RATE,
+                         np.random.default_rng(recipe["seed"]))
+    torch.manual_seed(recipe["seed"])
+    torch.set_num_threads(2)
+    model = build_arch(recipe["arch"], n_classes, c, h)
+    train_model(model, pre(poisoned.x), poisoned.y, epochs=recipe["epochs"], seed=recipe["seed"], log=log)
+    with atomic_path(folder / "model.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
+    with atomic_path(onnx_path) as tmp:
+        export_onnx(model, pre(test.x[:2]), tmp)
+    (folder / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return onnx_path, time.perf_counter() - t0
+
+
+def fit_fields() -> set[str]:
+    from fire_onnx.fit.pipeline import FitRequest
+
+    return {f.name for f in dataclasses.fields(FitRequest)}
+
+
+def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str]) -> list[dict]:
+    from fire_onnx import directions as dirs
+    from fire_onnx import triggers
+    from fire_onnx.data import Images, Preprocess, load_images
+    from fire_onnx.evaluate import compute_metrics, session
+    from fire_onnx.fit.pipeline import FitRequest, run_fit
+    from fire_onnx.patch import patch_file
+
+    spec, layer = ATTACKS[attack]
+    data_path = Path(args.data_dir) / f"{dataset}.npz"
+    recipe = {"data": data_path.name, "size": data_path.stat().st_size, "arch": "small_cnn", "trigger": spec,
+              "target": TARGET, "poison_rate": POISON_RATE, "epochs": args.epochs, "seed": seed}
+    onnx_path, train_s = train_or_reuse(recipe, data_path, Path(args.cache))
+    train, test = load_images(data_path, "train"), load_images(data_path, "test")
+    if args.limit:
+        test = test.subset(slice(0, args.limit))
+    c = train.x.shape[-1]
+    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
+    trig = triggers.parse(spec)
+    trig_test = Images(trig.apply(test.x), test.y)
+    have = fit_fields()
+    rng = np.random.default_rng(1000 + seed)
+    order = rng.permutation(len(train))
+    # flagged images come from training images the clean pool never sees
+    flag_src = [i for i in order[: len(train) // 10] if train.y[i] != TARGET]
+    pool = order[len(train) // 10:]
+    base = {"dataset": dataset, "model": "small_cnn", "attack": attack, "trigger": spec, "layer": layer,
+            "seed": seed, "epochs": args.epochs, "train_seconds": round(train_s, 1)}
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clean_file = tmp / "clean.npz"
+        np.savez(clean_file, x_train=train.x[pool], y_train=train.y[pool])
+
+        def flagged_file(n: int) -> Path:
+            p = tmp / f"flagged{n}.npz"
+            np.savez(p, x=trig.apply(train.x[flag_src[:n]]))  # no labels, no clean twins
+            return p
+
+        for mode in modes:
+            t0 = time.perf_counter()
+            rec = dict(base, mode=mode)
+            if mode == "original":
+                model = onnx_path
+                rec["n_triggered"] = 0
+            else:
+                req = dict(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path), target=TARGET,
+                           n_clean=N_CLEAN, seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c)
+                n = 5 if mode == "flagged-5" else 20
+                if mode in ("paired", "translate"):
+                    req.update(trigger_spec=spec, n_triggered=n)
+                else:
+                    req.update(triggered_path=str(flagged_file(n)), n_triggered=n)
+                if mode == "translate":
+                    if "repair" not in have:
+                        log(f"  {mode}: skipped (fit has no --repair translate)")
+                        continue
+                    req["repair"] = "translate"
+                if mode == "flagged-unpaired":
+                    if "reconstruct" not in have:
+                        log(f"  {mode}: skipped (fit has no trigger reconstruction to turn off)")
+                        continue
+                    req["reconstruct"] = "off"
+                try:
+                    d = run_fit(FitRequest(**req))
+                except Exception as e:  # a benchmark records failures instead of stopping
+                    rec.update(error=f"{type(e).__name__}: {e}")
+                    out.append(rec)
+                    log(f"  {mode}: fit failed: {e}")
+                    continue
+                dpath = tmp / f"{mode}.npz"
+                dirs.save(d, dpath)
+                model = tmp / f"{mode}.fire.onnx"
+                patch_file(onnx_path, dpath, model)
+                t = d.targets[0]
+                rec.update(n_triggered=n, gate=t.gate, separation_sigma=t.fit.get("separation_sigma", [None])[0],
+                           reference=t.fit.get("reference"), warnings=list(t.fit.get("warnings", [])) +
+                           list(d.meta.get("checks", {}).get("warnings", [])))
+                if d.meta.get("reconstruction"):
+                    rec["reconstruction"] = d.meta["reconstruction"]
+            m = compute_metrics(session(model), test, pre, trig_test, TARGET)
+            rec.update(ca=m.ca, asr=m.asr, ra=m.ra, n_clean_test=m.n_clean, n_triggered_test=m.n_triggered,
+                       seconds=round(time.perf_counter() - t0, 1))
+            out.append(rec)
+            log(f"  {dataset} {attack} seed {seed} {mode}: CA {m.ca:.3f} ASR {m.asr:.3f} RA {m.ra:.3f}")
+    return out
+
+
+def markdown(records: list[dict]) -> str:
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    lines = ["CA / ASR / RA in % (test split; ASR and RA over triggered non-target images). "
+             "SmallCNN, 10 % poisoning, target 0; fit from the ONNX model with 500 clean training images.", "",
+             "| dataset | attack | seed | " + " | ".join(modes) + " |",
+             "|---|---|---|" + "---|" * len(modes)]
+    cells: dict = {}
+    for r in records:
+        cells.setdefault((r["dataset"], r["attack"], r["seed"]), {})[r["mode"]] = r
+    for (ds, att, seed), by in cells.items():
+        row = []
+        for m in modes:
+            r = by.get(m)
+            if r is None:
+                row.append("")
+            elif "error" in r:
+                row.append("error")
+            else:
+                row.append(f"{100 * r['ca']:.1f} / {100 * r['asr']:.1f} / {100 * r['ra']:.1f}")
+        lines.append(f"| {ds} | {att} | {seed} | " + " | ".join(row) + " |")
+    recon = [(k, by["flagged"]["reconstruction"]) for k, by in cells.items()
+             if "flagged" in by and by["flagged"].get("reconstruction")]
+    if recon:
+        lines += ["", "Trigger reconstruction chosen in `flagged` mode:", "",
+                  "| dataset | attack | seed | chosen | confirmation |", "|---|---|---|---|---|"]
+        for (ds, att, seed), rc in recon:
+            lines.append(f"| {ds} | {att} | {seed} | {rc.get('kind', '?')} | {rc.get('rate', rc.get('confirmation', ''))} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True, help="folder with mnist5k.npz, fashion_mnist.npz, cifar10.npz, gtsrb32.npz")
+    ap.add_argument("--out", default="benchmarks/flagged", help="results folder (results.json, results.md)")
+    ap.add_argument("--cache", default="benchmarks/.cache/models", help="trained models, keyed by recipe hash")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
+    ap.add_argument("--quick", action="store_true", help="one cell: mnist5k badnets, seed 0")
+    args = ap.parse_args(argv)
+    datasets, attacks = args.datasets.split(","), args.attacks.split(",")
+    if args.quick:
+        datasets, attacks = datasets[:1], attacks[:1]
+    for a in attacks:
+        if a not in ATTACKS:
+            ap.error(f"unknown attack {a!r} (known: {', '.join(ATTACKS)})")
+    modes = args.modes.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    t0 = time.perf_counter()
+    records = []
+    for ds in datasets:
+        for att in attacks:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                log(f"[{ds} / {att} / seed {seed}]")
+                records += run_cell(ds, att, seed, args, modes)
+                # written after every cell, so an interrupted run keeps what it measured
+                _write(results_path, records)
+    from fire_onnx import __version__
+    from fire_onnx.fileio import write_text_atomic
+
+    _write(results_path, records)
+    md = markdown(records)
+    meta = (f"\n\nfire-onnx {__version__}, python {platform.python_version()}, "
+            f"{round(time.perf_counter() - t0)} s for this run (training included unless cached).")
+    write_text_atomic(out / "results.md", md + meta + "\n")
+    print(md)
+    return 0
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    from fire_onnx.fileio import write_text_atomic
+
+    write_text_atomic(path, json.dumps(records, indent=1, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
