@@ -1,7 +1,8 @@
 """PreAct-ResNet18 (He et al., 2016, "Identity Mappings in Deep Residual Networks") for 32x32 inputs.
 
 The BackdoorBench reference architecture. Module paths: ``layer1`` .. ``layer4`` (NCHW block
-outputs), ``avgpool`` output flattened to (N, 512) feeds ``linear``.
+outputs), ``avgpool`` output flattened to (N, 8 * width) feeds ``linear`` (width 64: the reference;
+smaller widths keep the structure for CPU training).
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, num_blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
-        self.bn = nn.BatchNorm2d(512)
+        w = width  # 64 is the reference network; a smaller width keeps the depth and structure, for CPU training
+        self.in_planes = w
+        self.conv1 = nn.Conv2d(in_channels, w, 3, stride=1, padding=1, bias=False)
+        self.layer1 = self._make_layer(w, num_blocks[0], 1)
+        self.layer2 = self._make_layer(2 * w, num_blocks[1], 2)
+        self.layer3 = self._make_layer(4 * w, num_blocks[2], 2)
+        self.layer4 = self._make_layer(8 * w, num_blocks[3], 2)
+        self.bn = nn.BatchNorm2d(8 * w)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(8 * w, num_classes)
 
     def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
         layers = []
@@ -60,8 +62,8 @@ class PreActResNet(nn.Module):
         return self.linear(out)
 
 
-def build(num_classes: int = 10, in_channels: int = 3) -> PreActResNet:
-    return PreActResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels)
+def build(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> PreActResNet:
+    return PreActResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width)
 
 
 def build_cifar() -> PreActResNet:
