@@ -72,7 +72,7 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
             else:
                 note = ""
             note += folded_note if note else folded_note[2:]
-            if not include_all and not note.startswith(("candidate", "graph")) and not (layers and pair):
+            if not include_all and not note.startswith(("candidate", "graph")) and not ((layers or folded_note) and pair):
                 continue
             out.append(Candidate(
                 tensor=name,
