@@ -8,6 +8,9 @@ is exactly the one it is evaluated with. A trigger is written as a spec string::
     blended                         seeded uniform-noise pattern blended with alpha 0.2
     blended:alpha=0.1,seed=3        or  blended:pattern=hello.npy,alpha=0.2  (uint8 HxW[xC] array)
     sig:delta=20,freq=6             sinusoidal horizontal signal (Barni et al., 2019)
+    wanet:k=4,s=0.5,seed=0          smooth warp (Nguyen & Tran, 2021): a seeded k x k field of random
+                                    displacements, upsampled to the image and scaled by s (BackdoorBench's
+                                    s = 0.5 moves pixels by at most ~0.25 px; larger s is easier to learn)
 """
 
 from __future__ import annotations
@@ -98,7 +101,46 @@ class SIG:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-KINDS = {"badnets": BadNets, "blended": Blended, "sig": SIG}
+def _upsample(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear upsampling of a (2, k, k) field to (2, h, w), corners aligned."""
+    k0, k1 = a.shape[1:]
+    ys, xs = np.linspace(0, k0 - 1, h), np.linspace(0, k1 - 1, w)
+    y0, x0 = np.minimum(ys.astype(int), k0 - 2), np.minimum(xs.astype(int), k1 - 2)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    g = lambda yi, xi: a[:, yi[:, None], xi[None, :]]  # noqa: E731
+    return ((1 - fy) * (1 - fx) * g(y0, x0) + (1 - fy) * fx * g(y0, x0 + 1)
+            + fy * (1 - fx) * g(y0 + 1, x0) + fy * fx * g(y0 + 1, x0 + 1))
+
+
+@dataclass(frozen=True)
+class WaNet:
+    k: int = 4
+    s: float = 0.5
+    seed: int = 0
+
+    def flow(self, h: int, w: int) -> np.ndarray:
+        """The displacement field in pixels, (2, h, w): rows then columns."""
+        noise = np.random.default_rng(self.seed).uniform(-1, 1, size=(2, self.k, self.k))
+        noise /= np.abs(noise).mean()
+        # grid_sample coordinates span [-1, 1]; a displacement of s * noise / h there is s * noise / 2 px
+        return _upsample(noise, h, w) * self.s / 2
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = _as_nhwc(x)
+        n, h, w, c = x.shape
+        d = self.flow(h, w)
+        rr = np.clip(np.arange(h)[:, None] + d[0], 0, h - 1)
+        cc = np.clip(np.arange(w)[None, :] + d[1], 0, w - 1)
+        r0, c0 = np.floor(rr).astype(int), np.floor(cc).astype(int)
+        r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+        fr, fc = (rr - r0)[None, :, :, None], (cc - c0)[None, :, :, None]
+        xf = x.astype(np.float32)
+        out = ((1 - fr) * (1 - fc) * xf[:, r0, c0] + (1 - fr) * fc * xf[:, r0, c1]
+               + fr * (1 - fc) * xf[:, r1, c0] + fr * fc * xf[:, r1, c1])
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+KINDS = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet}
 
 
 def parse(spec: str):
@@ -125,6 +167,8 @@ def parse(spec: str):
             raise FireError(f"badnets pos must be one of {', '.join(POSITIONS)}")
         if trig.pattern not in ("solid", "checker") or not 0 <= trig.value <= 255 or trig.size < 1:
             raise FireError("badnets needs size >= 1, value in 0..255, pattern solid|checker")
+    if isinstance(trig, WaNet) and not (2 <= trig.k <= 64 and 0 < trig.s <= 16):
+        raise FireError("wanet needs k in 2..64 and s in (0, 16]")
     if isinstance(trig, Blended) and not 0 < trig.alpha <= 1:
         raise FireError("blended alpha must be in (0, 1]")
     return trig

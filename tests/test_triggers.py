@@ -65,3 +65,23 @@ def test_patch_too_large_and_pattern_missing():
         triggers.parse("badnets:size=40").apply(imgs())
     with pytest.raises(FireError, match="not found"):
         triggers.parse("blended:pattern=/nonexistent.npy").apply(imgs())
+
+
+def test_wanet_warps_smoothly_and_is_seeded():
+    x = imgs(3, s=32)
+    t = triggers.parse("wanet:k=4,s=2,seed=1")
+    y = t.apply(x)
+    assert y.shape == x.shape and y.dtype == np.uint8
+    assert (y == triggers.parse("wanet:k=4,s=2,seed=1").apply(x)).all()
+    assert not (y == triggers.parse("wanet:k=4,s=2,seed=2").apply(x)).all()
+    # a constant image stays constant under any warp; a gradient image moves by the flow
+    flat = np.full((1, 32, 32, 1), 77, np.uint8)
+    assert (t.apply(flat) == 77).all()
+    ramp = np.tile(np.arange(32, dtype=np.uint8)[None, :, None] * 4, (32, 1, 1))[None]
+    flow = t.flow(32, 32)
+    inner = (slice(4, 28), slice(4, 28))
+    moved = t.apply(ramp)[0, :, :, 0].astype(float)[inner] / 4 - np.arange(32)[None, :][:, 4:28]
+    assert np.abs(moved - flow[1][inner]).max() < 0.2
+    assert 0 < np.abs(flow).max() <= 2 * 2  # s=2: at most s * max|noise| / 2 px with max|noise| <= 2 after scaling
+    with pytest.raises(FireError):
+        triggers.parse("wanet:k=1")
