@@ -80,6 +80,58 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+def keep_source_inputs(out: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Give ``out`` (an onnx-graphsurgeon export of ``source``, edited) the graph inputs ONNX needs.
+
+    onnx-graphsurgeon does not count initializers as graph inputs and drops them from ``graph.input``.
+    Before IR version 4 every initializer must also be a graph input (onnx.checker refuses the model
+    otherwise), so for such models the inputs are rebuilt: the source's inputs in their order (those
+    still in the graph, with their original type), then an input for each initializer the edit added,
+    typed and shaped from the initializer. Subgraphs get the same rule (appended inputs). From IR 4
+    on, initializers need no input and nothing changes.
+    """
+    if out.ir_version >= 4:
+        return
+    _initializer_inputs(out.graph, source.graph)
+    for g in _subgraphs(out.graph):
+        _initializer_inputs(g, None)
+
+
+def _subgraphs(graph: onnx.GraphProto):
+    for n in graph.node:
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield g
+                yield from _subgraphs(g)
+
+
+def _initializer_inputs(graph: onnx.GraphProto, source: onnx.GraphProto | None) -> None:
+    inits = {t.name: t for t in graph.initializer}
+    current = {vi.name: vi for vi in graph.input}
+    ordered: list[onnx.ValueInfoProto] = []
+    seen: set[str] = set()
+    for vi in (source.input if source is not None else graph.input):
+        if vi.name in seen:
+            continue
+        if vi.name in current:
+            ordered.append(current[vi.name])  # a real input, as exported
+        elif vi.name in inits:
+            ordered.append(vi)  # an initializer-backed input of the source, unchanged
+        else:
+            continue  # removed by the edit (an unused initializer)
+        seen.add(vi.name)
+    for vi in graph.input:  # inputs the edit added (none today), after the source's
+        if vi.name not in seen:
+            ordered.append(vi)
+            seen.add(vi.name)
+    for name, t in inits.items():
+        if name not in seen:
+            ordered.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+            seen.add(name)
+    del graph.input[:]
+    graph.input.extend(ordered)
+
+
 def opset_of(model: onnx.ModelProto) -> int:
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):

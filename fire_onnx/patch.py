@@ -36,6 +36,7 @@ from fire_onnx.fileio import atomic_path, sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
     infer_shapes,
+    keep_source_inputs,
     load_model,
     module_outputs,
     module_paths,
@@ -313,6 +314,7 @@ def patch_model(
         src.ir_version = model.ir_version
         del src.opset_import[:]
         src.opset_import.extend(model.opset_import)
+        keep_source_inputs(src, model)
     inferred = infer_shapes(src)
 
     plan = []
@@ -373,6 +375,7 @@ def patch_model(
     out.ir_version = model.ir_version
     del out.opset_import[:]
     out.opset_import.extend(model.opset_import)
+    keep_source_inputs(out, model)  # IR < 4: every initializer is also a graph input
     out.producer_name, out.producer_version = model.producer_name, model.producer_version
     out.domain, out.model_version, out.doc_string = model.domain, model.model_version, model.doc_string
     # drop stale value_info for the renamed tensors: shapes stay inferable from the nodes
