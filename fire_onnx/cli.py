@@ -15,6 +15,7 @@ import click
 
 from fire_onnx import __version__
 from fire_onnx.errors import FireError
+from fire_onnx.fileio import check_outputs
 
 
 def _floats(value: str | None, what: str) -> list[float] | None:
@@ -150,7 +151,7 @@ def cli():
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
-@click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(),
               help="The directions file to write.")
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
 @preprocess_options
@@ -161,8 +162,7 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, run_fit, summary
 
-    _guard_output(output, [clean_path, triggered_path, weights, onnx_path, model_spec])
-    _guard_output(json_out, [clean_path, triggered_path, weights, onnx_path, model_spec, output])
+    check_outputs([output, json_out], [clean_path, triggered_path, weights, onnx_path, model_spec])
     req = FitRequest(
         layers=list(layers), clean_path=clean_path, model_spec=model_spec, weights=weights, no_weights=no_weights,
         onnx_path=onnx_path, tensor=tensor, triggered_path=triggered_path, trigger_spec=trigger_spec, target=target,
@@ -195,21 +195,11 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         click.echo(f"wrote {output}")
 
 
-def _guard_output(output, inputs) -> None:
-    """Refuse an output path that names one of the inputs (fire-onnx never overwrites an input)."""
-    if not output or output == "-":
-        return
-    out = Path(output).resolve()
-    for p in inputs:
-        if p and Path(p).exists() and Path(p).resolve() == out:
-            raise FireError(f"output {output} is one of the inputs; fire-onnx never overwrites its input")
-
-
 # --------------------------------------------------------------------------------------- patch
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("directions", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", default=None, type=click.Path(),
               help="Output model (default: MODEL with .fire.onnx next to it).")
 @click.option("--tensor", default=None, help="Patch this ONNX tensor instead of the recorded one.")
 @click.option("--replace", is_flag=True, help="Replace the repair of an already patched model.")
@@ -223,8 +213,7 @@ def patch(model, directions, output, tensor, replace, no_verify, force, json_out
     from fire_onnx.patch import default_output, patch_file
 
     out = Path(output) if output else default_output(model)
-    _guard_output(out, [model, directions])
-    _guard_output(json_out, [model, directions, out])
+    check_outputs([out, json_out], [model, directions])
     path, res = patch_file(model, directions, out, tensor=tensor, replace=replace, verify=not no_verify, force=force)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -247,7 +236,7 @@ def inspect(model, include_all, json_out):
     from fire_onnx import inspect as insp
     from fire_onnx.onnxutil import load_model
 
-    _guard_output(json_out, [model])
+    check_outputs([json_out], [model])
     m = load_model(model)
     summ = insp.summary(m)
     cands = insp.candidates(m, include_all=include_all)
@@ -260,7 +249,8 @@ def inspect(model, include_all, json_out):
     for io in ("inputs", "outputs"):
         click.echo(f"  {io}: " + ", ".join(f"{t['name']} {t['shape']}" for t in summ[io]))
     if summ["patched"]:
-        click.echo("  already patched by fire-onnx: " + ", ".join(t.get("tensor", "?") for t in summ["fire_onnx_targets"]))
+        click.echo("  already patched by fire-onnx: " + (", ".join(t["tensor"] for t in summ["fire_onnx_targets"])
+                                                         or f"({summ['fire_onnx_targets_error'] or 'no targets recorded'})"))
     rows = [("tensor", "shape", "op", "fit --layer", "layout", "note")]
     rows += [(c.tensor, "x".join(str(d) for d in c.shape), c.op, ", ".join(c.layers) or "-", c.layout, c.note)
              for c in cands]
@@ -341,7 +331,7 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
     for m in models:
         if not Path(m).is_file():
             raise FireError(f"model not found: {m}")
-    _guard_output(json_out, [*models, data_path, triggered_path])
+    check_outputs([json_out], [*models, data_path, triggered_path])
     infos = [ev.read_model_info(m) for m in models]
     ev.check_threshold_args(infos, fail_asr, fail_ca_drop, bool(triggered_path or trigger_spec))
     if target is not None:  # a static class count is checked before anything runs
@@ -415,7 +405,7 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider (cuda/tensorrt need fire-onnx[gpu]).")
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write JSON results (- for stdout).")
-@click.option("--markdown", "md_out", default=None, type=click.Path(dir_okay=False), help="Write a markdown table.")
+@click.option("--markdown", "md_out", default=None, type=click.Path(), help="Write a markdown table.")
 def bench(original, patched, batches, iters, warmup, threads, provider, json_out, md_out):
     """Latency of PATCHED vs ORIGINAL, interleaved in one process (the ratio is the claim)."""
     from fire_onnx import bench as b
@@ -424,8 +414,7 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
     for m in (original, patched):
         if not Path(m).is_file():
             raise FireError(f"model not found: {m}")
-    _guard_output(json_out, [original, patched])
-    _guard_output(md_out, [original, patched, json_out])
+    check_outputs([json_out, md_out], [original, patched])
     res = b.compare(original, patched, batches=batches, iters=iters, warmup=warmup, provider=provider, threads=threads)
     res.update(original=str(original), patched=str(patched))
     md = b.markdown(res)
@@ -439,7 +428,7 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
 
 # ---------------------------------------------------------------------------------------- demo
 @cli.command()
-@click.option("-o", "--output", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+@click.option("-o", "--output", "out_dir", default="demo-out", show_default=True, type=click.Path(),
               help="Folder for the models, directions, report.json and report.md.")
 @click.option("--data", "data_path", default=None, type=click.Path(dir_okay=False),
               help="Labelled image npz with x_train/y_train/x_test/y_test (default: bundled MNIST-5k).")

@@ -149,6 +149,49 @@ class Preprocess:
             raise FireError(f"bad preprocessing description: {e}") from None
 
 
+PREPROCESS_FIELDS = ("scale", "mean", "std", "layout")
+
+
+def preprocess_from_record(d) -> Preprocess:
+    """Strictly read a recorded preprocessing (a directions file's ``preprocess``, a patched model's
+    ``fire_onnx.preprocess``): all four fields, of the right types, finite, non-zero scale and std.
+    Raises ValueError saying what is wrong (the message reads after "the record ...")."""
+    from fire_onnx.fileio import is_int
+
+    if not isinstance(d, dict):
+        raise ValueError("is not a JSON object")
+    missing = [f for f in PREPROCESS_FIELDS if f not in d]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+
+    def number(v) -> bool:
+        return isinstance(v, float) or is_int(v)
+
+    if not number(d["scale"]):
+        raise ValueError(f"has scale {_short(d['scale'])}, not a number")
+    for key in ("mean", "std"):
+        v = d[key]
+        if not isinstance(v, list) or not v or not all(number(x) for x in v):
+            raise ValueError(f"has {key} {_short(v)}, not a non-empty list of numbers")
+    if d["layout"] not in ("NCHW", "NHWC"):
+        raise ValueError(f"has layout {_short(d['layout'])}, not NCHW or NHWC")
+    try:
+        pre = Preprocess(scale=float(d["scale"]), mean=[float(v) for v in d["mean"]],
+                         std=[float(v) for v in d["std"]], layout=d["layout"])
+    except OverflowError:
+        raise ValueError("has non-finite values (a number too large for a float)") from None
+    if not all(np.isfinite(v) for v in (pre.scale, *pre.mean, *pre.std)):
+        raise ValueError("has non-finite values")
+    if pre.scale == 0 or any(v == 0 for v in pre.std):
+        raise ValueError("has a zero " + ("scale" if pre.scale == 0 else "std"))
+    return pre
+
+
+def _short(v, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def infer_layout(input_dims, image_shape) -> str | None:
     """The input layout a model's input shape implies for images of ``image_shape`` (H, W, C).
 

@@ -24,12 +24,13 @@ from fire_onnx import directions as dirs
 from fire_onnx import triggers
 from fire_onnx.data import Images, Preprocess, bundled_mnist, fit_samples, load_images
 from fire_onnx.errors import FireError
-from fire_onnx.fileio import atomic_path, write_text_atomic
+from fire_onnx.fileio import atomic_path, check_output_folder, check_outputs, write_text_atomic
 
 Log = Callable[[str], None]
 
 
 DEFAULT_LAYER = {"small_cnn": "block2", "vit": "blocks.0"}
+ARTIFACTS = ("model.onnx", "model.pt", "directions.npz", "model.fire.onnx", "report.json")
 
 
 def build_arch(arch: str, n_classes: int, channels: int, side: int):
@@ -105,9 +106,12 @@ def run_demo(
 
     t0 = time.perf_counter()
     out = Path(out_dir)
+    data_path = Path(data) if data else bundled_mnist()
+    check_output_folder(out)  # before any work: a folder that cannot be written fails now, not after training
+    if out.is_dir():
+        check_outputs([out / name for name in ARTIFACTS], [data_path])
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    data_path = Path(data) if data else bundled_mnist()
     train, test = load_images(data_path, "train"), load_images(data_path, "test")
     if train.y is None or test.y is None:
         raise FireError(f"{data_path} needs labels for the demo")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fire_onnx.errors import FireError
-from fire_onnx.fileio import atomic_path, load_npz
+from fire_onnx.fileio import atomic_path, is_int, load_npz, loads_json
 
 FORMAT = "fire-onnx.directions"
 SCHEMA_VERSION = 1
@@ -87,6 +87,11 @@ class Target:
                 raise FireError(f"{where}: {name} has shape {getattr(self, name).shape}, expected ({k},)")
         if np.any(self.alpha < 0):
             raise FireError(f"{where}: alpha must be >= 0")
+        with np.errstate(over="ignore", invalid="ignore"):
+            offset = self.U.astype(np.float64) @ self.mu.astype(np.float64)  # the patch's U mu constant
+            scaled = self.alpha.astype(np.float64).max() * np.abs(self.U.astype(np.float64)).max()
+            if not (np.all(np.isfinite(offset.astype(np.float32))) and np.isfinite(np.float32(scaled))):
+                raise FireError(f"{where}: mu or alpha is too large for float32 (the repair's constants overflow)")
         gram = self.U.astype(np.float64) @ self.U.astype(np.float64).T
         err = float(np.max(np.abs(gram - np.eye(k))))
         if err > ORTHO_TOL:
@@ -158,51 +163,144 @@ def save(directions: Directions, path: str | os.PathLike) -> None:
             np.savez(f, **arrays)
 
 
+ARRAYS = ("mu", "U", "tau", "alpha")
+
+
+def _header_text(arrays: dict, path) -> str:
+    h = arrays["header"]
+    if not isinstance(h, np.ndarray) or h.dtype.kind not in "US" or h.size != 1:
+        raise FireError(f"{path}: the 'header' entry is not a JSON string (a damaged or hand-made file?)")
+    v = h.reshape(-1)[0]
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FireError(f"{path}: the 'header' entry is not UTF-8 text") from None
+    return str(v)
+
+
+def _kind(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def _target_from_header(h: dict, arr: dict, where: str) -> Target:
+    """A Target from its header object and arrays; every field type-checked (FireError)."""
+    def text(key: str) -> str:
+        v = h.get(key)
+        if v is None:
+            return ""
+        if not isinstance(v, str):
+            raise FireError(f"{where}: {key} must be a string, got {_kind(v)}")
+        return v
+
+    def obj(key: str) -> dict:
+        v = h.get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise FireError(f"{where}: {key} must be an object, got {_kind(v)}")
+        return v
+
+    fs = h.get("feature_shape")
+    if fs is None:
+        fs = []
+    if not isinstance(fs, list) or not all(is_int(x) for x in fs):
+        raise FireError(f"{where}: feature_shape must be a list of integers")
+    if any(x < -1 for x in fs):
+        raise FireError(f"{where}: feature_shape {fs} has a negative dimension")
+    fingerprint = obj("fingerprint")
+    if fingerprint:
+        from fire_onnx.probe import FINGERPRINT_VERSION, valid_fingerprint
+
+        if fingerprint.get("version") == FINGERPRINT_VERSION and not valid_fingerprint(fingerprint):
+            raise FireError(f"{where}: its model fingerprint is malformed (a damaged or hand-edited file?)")
+    t = Target(layout=text("layout"), gate=text("gate"), tensor=text("tensor"), module=text("module"),
+               feature_shape=list(fs), fit=obj("fit"), fingerprint=fingerprint, **arr)
+    for key in ("dim", "k"):
+        v = h.get(key)
+        if v is None:
+            continue
+        if not is_int(v):
+            raise FireError(f"{where}: {key} must be an integer, got {_kind(v)}")
+        a = t.U
+        if isinstance(a, np.ndarray) and a.ndim == 2 and v != a.shape[1 if key == "dim" else 0]:
+            raise FireError(f"{where}: the header says {key} = {v} but U has shape {a.shape}")
+    return t
+
+
+def _check_meta(meta: dict, path) -> None:
+    target, trigger = meta.get("target"), meta.get("trigger")
+    if target is not None and (not is_int(target) or target < 0):
+        raise FireError(f"{path}: meta.target must be a class index (an integer >= 0), got {_kind(target)}")
+    if trigger is not None and not isinstance(trigger, dict):
+        raise FireError(f"{path}: meta.trigger must be an object, got {_kind(trigger)}")
+
+
 def load(path: str | os.PathLike) -> Directions:
-    """Load and fully validate a directions file; any problem raises FireError."""
+    """Load and fully validate a directions file; any problem raises FireError.
+
+    The header is untrusted: every field is type-checked, deep nesting is refused, the recorded
+    preprocessing must be complete and valid (it is used to check the model fingerprint and is
+    recorded in the patched model, so a corrupt one is never replaced by defaults), and the arrays
+    must be exactly those the header describes.
+    """
     arrays = load_npz(path, "directions file")
     if "header" not in arrays:
         raise FireError(f"{path} is not a fire-onnx directions file (no 'header' entry)")
     try:
-        header = json.loads(str(arrays["header"][()]))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise FireError(f"{path}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise FireError(f"{path} is not a fire-onnx directions file (format {header.get('format')!r})")
+        header = loads_json(_header_text(arrays, path))
+    except ValueError as e:
+        raise FireError(f"{path}: the header {e}") from None
+    if not isinstance(header, dict):
+        raise FireError(f"{path} is not a fire-onnx directions file (its header is {_kind(header)}, not an object)")
+    if header.get("format") != FORMAT:
+        fmt = header.get("format")
+        shown = repr(fmt[:60]) if isinstance(fmt, str) else _kind(fmt)
+        raise FireError(f"{path} is not a fire-onnx directions file (format {shown})")
     version = header.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise FireError(
-            f"{path} has directions schema version {version!r}; this fire-onnx reads version {SCHEMA_VERSION}"
-        )
+    if not is_int(version) or version != SCHEMA_VERSION:
+        shown = repr(version) if is_int(version) and abs(version) < 10**9 else _kind(version)
+        raise FireError(f"{path} has directions schema version {shown}; this fire-onnx reads version {SCHEMA_VERSION}")
     heads = header.get("targets")
     if not isinstance(heads, list):
         raise FireError(f"{path}: header has no target list")
+    expected = {"header", "probe.x"} | {f"t{i}.{n}" for i in range(len(heads)) for n in ARRAYS}
+    extra = sorted(k for k in arrays if k not in expected)
+    if extra:
+        raise FireError(f"{path}: unexpected arrays {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} "
+                        f"for a header with {len(heads)} target(s) (a damaged or hand-edited file?)")
     targets = []
     for i, h in enumerate(heads):
         if not isinstance(h, dict):
             raise FireError(f"{path}: target {i} header is not an object")
         arr = {}
-        for name in ("mu", "U", "tau", "alpha"):
+        for name in ARRAYS:
             key = f"t{i}.{name}"
             if key not in arrays:
                 raise FireError(f"{path}: missing array {key}")
             arr[name] = arrays[key]
+        targets.append(_target_from_header(h, arr, f"{path}: target {i}"))
+    for key in ("preprocess", "meta"):
+        if header.get(key) is not None and not isinstance(header[key], dict):
+            raise FireError(f"{path}: header {key} must be an object, got {_kind(header[key])}")
+    preprocess = dict(header.get("preprocess") or {})
+    if preprocess:
+        from fire_onnx.data import preprocess_from_record
+
         try:
-            t = Target(
-                layout=str(h.get("layout", "")),
-                gate=str(h.get("gate", "")),
-                tensor=str(h.get("tensor") or ""),
-                module=str(h.get("module") or ""),
-                feature_shape=[int(s) for s in h.get("feature_shape") or []],
-                fit=dict(h.get("fit") or {}),
-                fingerprint=h.get("fingerprint") if isinstance(h.get("fingerprint"), dict) else {},
-                **arr,
-            )
-        except (TypeError, ValueError) as e:
-            raise FireError(f"{path}: target {i} header is malformed ({e})") from None
-        targets.append(t)
-    d = Directions(targets=targets, preprocess=dict(header.get("preprocess") or {}), meta=dict(header.get("meta") or {}),
-                   probe=arrays.get("probe.x"))
+            preprocess = preprocess_from_record(preprocess).as_dict()
+        except ValueError as e:
+            raise FireError(f"{path}: the recorded preprocessing {e}; fit the directions again") from None
+    meta = dict(header.get("meta") or {})
+    _check_meta(meta, path)
+    d = Directions(targets=targets, preprocess=preprocess, meta=meta, probe=arrays.get("probe.x"))
+    probe = d.probe
+    for i, t in enumerate(targets):
+        stats = t.fingerprint.get("stats")
+        if isinstance(probe, np.ndarray) and probe.ndim == 4 and isinstance(stats, list) and len(stats) != len(probe):
+            raise FireError(f"{path}: target {i}: its model fingerprint has {len(stats)} rows for {len(probe)} probe "
+                            "images (a damaged or hand-edited file?)")
     try:
         d.validate()
     except FireError as e:

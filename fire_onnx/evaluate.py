@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,36 +212,12 @@ class ModelInfo:
     classes: int | None = None  # static class count of the first output (N, K)
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def parse_recorded_preprocess(text: str) -> Preprocess:
     """Strictly parse a ``fire_onnx.preprocess`` value; ValueError says what is wrong with it."""
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"is not valid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise ValueError("is not a JSON object")
-    missing = [f for f in PREPROCESS_FIELDS if f not in d]
-    if missing:
-        raise ValueError(f"lacks {', '.join(missing)}")
-    if not _number(d["scale"]):
-        raise ValueError(f"has scale {d['scale']!r}, not a number")
-    for key in ("mean", "std"):
-        v = d[key]
-        if not isinstance(v, list) or not v or not all(_number(x) for x in v):
-            raise ValueError(f"has {key} {v!r}, not a non-empty list of numbers")
-    if d["layout"] not in ("NCHW", "NHWC"):
-        raise ValueError(f"has layout {d['layout']!r}, not NCHW or NHWC")
-    pre = Preprocess(scale=float(d["scale"]), mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]],
-                     layout=d["layout"])
-    if not all(math.isfinite(v) for v in (pre.scale, *pre.mean, *pre.std)):
-        raise ValueError("has non-finite values")
-    if pre.scale == 0 or any(v == 0 for v in pre.std):
-        raise ValueError("has a zero " + ("scale" if pre.scale == 0 else "std"))
-    return pre
+    from fire_onnx.data import preprocess_from_record
+    from fire_onnx.fileio import loads_json
+
+    return preprocess_from_record(loads_json(text))
 
 
 def _dims(vi) -> list:
@@ -254,6 +229,7 @@ def read_model_info(path: str | Path) -> ModelInfo:
     """Metadata and I/O shapes of an ONNX file (its weights are not loaded)."""
     import onnx
 
+    from fire_onnx.fileio import is_int, loads_json
     from fire_onnx.patch import META_ATTACK, META_PREPROCESS, is_patched
 
     p = Path(path)
@@ -272,9 +248,9 @@ def read_model_info(path: str | Path) -> ModelInfo:
             info.preprocess_error = f"its {META_PREPROCESS} metadata {e}"
     if META_ATTACK in props:
         try:
-            attack = json.loads(props[META_ATTACK])
+            attack = loads_json(props[META_ATTACK])
             if not isinstance(attack, dict) or not isinstance(attack.get("trigger") or {}, dict) or not (
-                    attack.get("target") is None or isinstance(attack["target"], int)):
+                    attack.get("target") is None or is_int(attack["target"])):
                 raise ValueError
             info.attack = attack
         except ValueError:

@@ -8,7 +8,7 @@ import onnx
 
 from fire_onnx.estimate import default_layout
 from fire_onnx.onnxutil import FLOAT_TYPES, ScopeIndex, infer_shapes, node_module, tensor_table
-from fire_onnx.patch import ACTIVATIONS, fused_ops, is_patched, patched_targets
+from fire_onnx.patch import ACTIVATIONS, fused_ops, is_patched, patched_targets, read_patched_targets
 
 POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "LayerNormalization"}
 
@@ -119,6 +119,7 @@ def summary(model: onnx.ModelProto) -> dict:
         "nodes": len(model.graph.node),
         "patched": is_patched(model),
         "fire_onnx_targets": patched_targets(model),
+        "fire_onnx_targets_error": read_patched_targets(model)[1],
     }
 
 

@@ -32,7 +32,7 @@ import onnx
 
 from fire_onnx import directions as dirs
 from fire_onnx.errors import FireError, first_line, suggest
-from fire_onnx.fileio import atomic_path, sha256_file
+from fire_onnx.fileio import atomic_path, check_outputs, sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
     infer_shapes,
@@ -85,13 +85,27 @@ def is_patched(model: onnx.ModelProto) -> bool:
 
 
 def patched_targets(model: onnx.ModelProto) -> list[dict]:
+    """The targets an earlier patch recorded (``fire_onnx.targets``); [] when absent or unreadable."""
+    return read_patched_targets(model)[0]
+
+
+def read_patched_targets(model: onnx.ModelProto) -> tuple[list[dict], str | None]:
+    """(recorded targets, None), or ([], why) when the ``fire_onnx.targets`` metadata is corrupt: it
+    must be a JSON list of objects with string ``tensor`` and ``output`` entries."""
+    from fire_onnx.fileio import loads_json
+
     for p in model.metadata_props:
         if p.key == META_TARGETS:
             try:
-                return list(json.loads(p.value))
-            except (json.JSONDecodeError, TypeError):
-                return []
-    return []
+                recs = loads_json(p.value)
+            except ValueError as e:
+                return [], f"its {META_TARGETS} metadata {e}"
+            if not isinstance(recs, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("tensor"), str) and isinstance(r.get("output"), str)
+                    for r in recs):
+                return [], f"its {META_TARGETS} metadata is not a list of {{tensor, output}} records"
+            return recs, None
+    return [], None
 
 
 def _all_tensor_names(model: onnx.ModelProto) -> list[str]:
@@ -303,10 +317,10 @@ def patch_model(
 
     src = onnx.ModelProto()
     src.CopyFrom(model)
-    recorded = patched_targets(src) if already else []
+    recorded, why = read_patched_targets(src) if already else ([], None)
     if already and not recorded:
-        raise FireError("the model carries fire-onnx nodes but no fire_onnx.targets metadata, so the old repair "
-                        "cannot be removed safely; patch the original (unpatched) model instead")
+        raise FireError(f"the model carries fire-onnx nodes but {why or 'no fire_onnx.targets metadata'}, so the old "
+                        "repair cannot be removed safely; patch the original (unpatched) model instead")
     if already:
         g0 = gs.import_onnx(src)
         _unpatch(g0, gs, recorded)
@@ -469,9 +483,7 @@ def patch_file(
     ``verify``, the written model must load in onnxruntime before it replaces ``output``. Directions
     whose recorded fingerprint does not match the model are refused unless ``force``."""
     out_path = Path(output) if output else default_output(model_path)
-    for src in (model_path, directions_path):
-        if out_path.exists() and Path(src).exists() and out_path.resolve() == Path(src).resolve():
-            raise FireError(f"the output path {out_path} is an input; fire-onnx never overwrites its input")
+    check_outputs([out_path], [model_path, directions_path])
     model = load_model(model_path)
     d = dirs.load(directions_path)
     result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))

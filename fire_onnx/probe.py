@@ -80,11 +80,17 @@ def valid_fingerprint(fp) -> bool:
     if not isinstance(fp, dict) or fp.get("version") != FINGERPRINT_VERSION:
         return False
     stats = fp.get("stats")
+    if not isinstance(stats, list) or not all(
+            isinstance(row, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row)
+            for row in stats):
+        return False
     try:
         arr = np.asarray(stats, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
-    return arr.ndim == 2 and arr.shape[1] == 2 + N_PROJECTIONS and arr.shape[0] >= 1
+    # statistics of float32 activations: finite ones stay within a few float32 maxima
+    return (arr.ndim == 2 and arr.shape[1] == 2 + N_PROJECTIONS and arr.shape[0] >= 1
+            and bool(np.all(np.abs(arr[np.isfinite(arr)]) <= 1e39)))
 
 
 # ----------------------------------------------------------------------------- ONNX tensors
