@@ -142,6 +142,9 @@ def cli():
                    "auto: hard, with tau lowered where needed to reach the triggered fitting samples.")
 @click.option("--quantile", type=float, default=0.999, show_default=True, help="Clean-score quantile used as tau.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Repair strength.")
+@click.option("--shrink/--no-shrink", default=True, show_default=True,
+              help="Without clean twins, shrink the mean shift on each clean principal axis by its content "
+                   "noise (much less noisy with few triggered images).")
 @click.option("--layout", type=click.Choice(["flat", "vector", "token"]), default=None,
               help="Override the layout (default: vector for (N, D) activations, flat otherwise; token for "
                    "variable-length (N, T, D) sequences).")
@@ -156,8 +159,8 @@ def cli():
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
-        n_clean, n_triggered, method, k, gate, quantile, alpha, layout, onnx_path, batch_size, seed, output, json_out,
-        scale, mean, std, input_layout):
+        n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
+        json_out, scale, mean, std, input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, run_fit, summary
@@ -167,7 +170,7 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         layers=list(layers), clean_path=clean_path, model_spec=model_spec, weights=weights, no_weights=no_weights,
         onnx_path=onnx_path, tensor=tensor, triggered_path=triggered_path, trigger_spec=trigger_spec, target=target,
         split=split, n_clean=n_clean, n_triggered=n_triggered, method=method, k=k, gate=gate, quantile=quantile,
-        alpha=alpha, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
+        alpha=alpha, shrink=shrink, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), input_layout=input_layout)
     d = run_fit(req, progress=_progress("collecting activations"))
     dirs.save(d, output)
@@ -184,7 +187,7 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
     for t in summ["targets"] if not quiet else []:
         click.echo(
             f"{t['module'] or t['tensor']}: {t['layout']} D={t['dim']} k={t['k']} gate={t['gate']} ({t['reference']} "
-            f"shift, {t['n_triggered']} triggered / {t['n_clean']} clean), separation "
+            f"shift{', shrunk' if t.get('shrunk') else ''}, {t['n_triggered']} triggered / {t['n_clean']} clean), separation "
             f"{t['separation_sigma'][0]:.1f} sigma, gate fires on {t['gate_fires_triggered']:.0%} triggered / "
             f"{t['gate_fires_clean']:.1%} clean" + (f", tensor {t['tensor']}" if t["tensor"] else ""))
     for w in summ["warnings"]:

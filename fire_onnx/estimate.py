@@ -15,6 +15,14 @@ The shift of a triggered sample is measured against, in order of preference:
 2. *class-matched*: the clean mean re-weighted to the triggered set's class mix (labels on both);
 3. *unpaired*: the plain clean mean.
 
+Without pairing, the mean shift also carries the flagged images' content: with n_t flagged and n_c clean
+images its noise along a clean principal axis j of variance var_j is var_j (1/n_t + 1/n_c) (within-class
+variance for class-matched). ``shrink`` (default on) scales the shift's coefficient on each such axis by
+max(0, 1 - noise_j / coefficient_j^2), a per-axis Wiener filter: axes where the trigger moves the
+activations far more than content noise would keep their coefficient, axes within the noise go to zero.
+On a BadNets MNIST CNN with 20 flagged images this took the residual ASR from 7.6 % to 2.1 %
+(tools/unpaired_study.py, benchmarks/unpaired).
+
 Every direction is oriented so the triggered samples' mean score is positive (singular vectors have
 arbitrary sign, and the one-sided hard gate would otherwise never fire). The gate threshold of each
 direction is a high quantile of the clean scores (gate ``hard``). Gate ``auto`` uses the hard gate with
@@ -40,6 +48,7 @@ GATE_CHOICES = ("auto", "hard", "none")
 AUTO_MARGIN = 0.5  # in robust standard deviations of the triggered scores
 AUTO_LOW_QUANTILE = 0.1  # the triggered scores' low end that gate auto reaches
 AUTO_MAX_SIGMAS = 3.0  # ... but never further below their median than this many robust sigmas
+SHRINK_MIN_RATIO = 0.05  # keep the plain shift when shrinking leaves less than this fraction of it
 CLEAN_FIRE_WARN = 0.02  # warn when a hard gate fires on more than this fraction of clean samples
 
 
@@ -57,6 +66,37 @@ def auto_reach(st: np.ndarray) -> np.ndarray:
     rs = robust_std(st)
     low = np.maximum(np.quantile(st, AUTO_LOW_QUANTILE, axis=0), np.median(st, axis=0) - AUTO_MAX_SIGMAS * rs)
     return low - AUTO_MARGIN * rs
+
+
+def shrunk_shift(shift: np.ndarray, C: np.ndarray, *, n_t: int, labels: np.ndarray | None = None,
+                 triggered_labels: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """The unpaired mean ``shift`` with its coefficients on the clean principal axes shrunk by their
+    content noise (module docstring); returns (shrunk shift, a summary for the fit record)."""
+    n_c = C.shape[0]
+    if labels is not None and triggered_labels is not None:
+        classes, inv = np.unique(labels, return_inverse=True)
+        means = np.stack([C[inv == i].mean(axis=0) for i in range(len(classes))])
+        W = C - means[inv]
+        dof = max(n_c - len(classes), 1)
+        counts = dict(zip(classes.tolist(), np.bincount(inv).tolist()))
+        tl, m = np.unique(triggered_labels, return_counts=True)
+        ref_noise = float(sum((mk / n_t) ** 2 / counts[k] for k, mk in zip(tl.tolist(), m.tolist())))
+    else:
+        W = C - C.mean(axis=0)
+        dof, ref_noise = max(n_c - 1, 1), 1.0 / n_c
+    _, sv, vt = np.linalg.svd(W.astype(np.float64), full_matrices=False)
+    var = sv ** 2 / dof
+    coef = vt @ shift
+    noise = var * (1.0 / n_t + ref_noise)
+    factor = np.clip(1.0 - noise / np.maximum(coef ** 2, 1e-30), 0.0, 1.0)
+    out = shift + vt.T @ (coef * (factor - 1.0))
+    ratio = float(np.linalg.norm(out) / max(float(np.linalg.norm(shift)), 1e-30))
+    info = {"rule": "wiener-per-clean-axis", "axes": int(len(coef)), "axes_kept": int((factor > 0).sum()),
+            "norm_ratio": ratio}
+    if ratio < SHRINK_MIN_RATIO:  # the whole shift is within content noise: shrinking would leave nothing
+        info["rule"] = "skipped (the shift is within the clean content noise on every axis)"
+        return shift, info
+    return out, info
 
 
 def as_rows(a: np.ndarray, layout: str) -> np.ndarray:
@@ -107,6 +147,7 @@ def fit_target(
     paired: np.ndarray | None = None,
     clean_labels: np.ndarray | None = None,
     triggered_labels: np.ndarray | None = None,
+    shrink: bool = True,
 ) -> Target:
     """Fit one target from clean and triggered activations; returns a validated Target.
 
@@ -149,8 +190,12 @@ def fit_target(
             ref = np.stack([class_mean[c] for c in triggered_labels])
             pairing = "class-matched"
     shifts = T - ref
+    shrinkage = None
     if method == "mean-diff":
         shift = shifts.mean(axis=0)
+        if shrink and pairing != "paired":
+            shift, shrinkage = shrunk_shift(shift, C, n_t=T.shape[0], labels=clean_labels if pairing == "class-matched" else None,
+                                            triggered_labels=triggered_labels if pairing == "class-matched" else None)
         norm = float(np.linalg.norm(shift))
         if norm <= 1e-12 * max(1.0, float(np.linalg.norm(mu))):
             raise FireError("the trigger does not move the activations here on average: no direction to remove")
@@ -207,6 +252,8 @@ def fit_target(
         "triggered_scores": [_quantiles(st[:, j]) for j in range(U.shape[0])],
         "warnings": warns,
     }
+    if shrinkage is not None:
+        fit["shrinkage"] = shrinkage
     t = Target(
         mu=mu.astype(np.float32),
         U=U.astype(np.float32),

@@ -117,3 +117,29 @@ def test_gate_warns_when_it_fires_on_many_clean_samples():
     t = fit_target(clean, trig, module="m")
     assert t.fit["gate_fires_clean"] > 0.02
     assert any("clean fitting samples" in w for w in t.fit["warnings"])
+
+
+def test_unpaired_shrinkage_removes_content_noise():
+    """20 unpaired triggered samples of a content-heavy distribution: the shrunk shift is closer to the
+    true trigger direction than the plain mean difference, and paired fits are never shrunk."""
+    from fire_onnx.estimate import fit_target
+
+    rng = np.random.default_rng(0)
+    d = 200
+    axes = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    scales = np.where(np.arange(d) < 20, 5.0, 0.2)  # 20 strong content axes
+    content = lambda n: (rng.normal(size=(n, d)) * scales) @ axes.T  # noqa: E731
+    delta = np.zeros(d)
+    delta[:5] = 1.0
+    delta = 6 * delta / np.linalg.norm(delta)
+    C, T0 = content(500), content(20)
+    T = T0 + delta
+    kw = dict(tensor="h", layout="vector")
+    plain = fit_target(C, T, method="mean-diff", shrink=False, **kw)
+    shrunk = fit_target(C, T, method="mean-diff", **kw)
+    u = delta / np.linalg.norm(delta)
+    cos = lambda t: abs(float(t.U[0] @ u))  # noqa: E731
+    assert cos(shrunk) > cos(plain) + 0.05, (cos(shrunk), cos(plain))
+    assert shrunk.fit["shrinkage"]["axes_kept"] < shrunk.fit["shrinkage"]["axes"]
+    paired = fit_target(C, T, paired=T0, **kw)
+    assert "shrinkage" not in paired.fit and cos(paired) > 0.999

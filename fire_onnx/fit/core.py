@@ -209,6 +209,7 @@ def fit_directions(
     tensors: dict[str, str] | None = None,
     target: int | None = None,
     onnx_name: str = "model.onnx",
+    shrink: bool = True,
 ) -> dirs.Directions:
     """Fit one target per layer and return the directions, with the checks' results in
     ``meta["checks"]`` and each target's fingerprint.
@@ -257,7 +258,7 @@ def fit_directions(
                        quantile=quantile, alpha=alpha, module="" if is_tensor else name,
                        tensor=tensor_of.get(name, ""),
                        paired=None if acts_p is None else acts_p[name],
-                       clean_labels=clean.y, triggered_labels=triggered.y)
+                       clean_labels=clean.y, triggered_labels=triggered.y, shrink=shrink)
         t.fingerprint = probes.fingerprint(acts_probe[name])
         if inferred is not None:
             from fire_onnx.onnxutil import tensor_info

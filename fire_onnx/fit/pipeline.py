@@ -45,6 +45,7 @@ class FitRequest:
     mean: list[float] | None = None
     std: list[float] | None = None
     input_layout: str | None = None
+    shrink: bool = True  # shrink an unpaired shift by its content noise (fire_onnx.estimate.shrunk_shift)
     notes: list[str] = field(default_factory=list)  # filled in: what fit decided on the user's behalf
 
     def validate(self) -> None:
@@ -131,7 +132,8 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
     return fit_directions(model, list(req.layers), clean, triggered, pre, method=req.method, k=k, gate=req.gate,
                           quantile=req.quantile, alpha=req.alpha, layout=req.layout, batch_size=req.batch_size,
                           onnx_model=onnx_model, meta=meta, triggered_source=source, progress=progress,
-                          tensors=tensors, target=req.target, onnx_name=onnx_name)
+                          tensors=tensors, target=req.target, onnx_name=onnx_name,
+                          shrink=req.shrink)
 
 
 def summary(d: dirs.Directions) -> dict:
@@ -141,7 +143,9 @@ def summary(d: dirs.Directions) -> dict:
         f = t.fit
         targets.append({
             "module": t.module, "tensor": t.tensor, "layout": t.layout, "dim": t.dim, "k": t.k, "gate": t.gate,
-            "reference": f.get("reference"), "n_triggered": f.get("n_triggered"), "n_clean": f.get("n_clean"),
+            "reference": f.get("reference"),
+            "shrunk": bool(f.get("shrinkage")) and not str(f["shrinkage"].get("rule", "")).startswith("skipped"),
+            "n_triggered": f.get("n_triggered"), "n_clean": f.get("n_clean"),
             "separation_sigma": f.get("separation_sigma"), "tau_rule": f.get("tau_rule"),
             "gate_fires_triggered": f.get("gate_recall_triggered"), "gate_fires_clean": f.get("gate_fires_clean"),
             "warnings": list(f.get("warnings", [])),
