@@ -262,7 +262,7 @@ def inspect(model, include_all, json_out):
     if summ["patched"]:
         click.echo("  already patched by fire-onnx: " + ", ".join(t.get("tensor", "?") for t in summ["fire_onnx_targets"]))
     rows = [("tensor", "shape", "op", "fit --layer", "layout", "note")]
-    rows += [(c.tensor, "x".join(str(d) for d in c.shape), c.op, ", ".join(c.layers) or "-", c.layout, c.note)
+    rows += [(c.tensor, "unknown" if c.shape is None else "x".join(str(d) for d in c.shape), c.op, ", ".join(c.layers) or "-", c.layout, c.note)
              for c in cands]
     widths = [min(60, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
     for r in rows:
