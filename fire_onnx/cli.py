@@ -248,7 +248,7 @@ def inspect(model, include_all, json_out):
     from fire_onnx.onnxutil import load_model
 
     _guard_output(json_out, [model])
-    m = load_model(model)
+    m = load_model(model, weights=False)  # names and shapes only: a 2 GB model's weights stay on disk
     summ = insp.summary(m)
     cands = insp.candidates(m, include_all=include_all)
     if json_out:

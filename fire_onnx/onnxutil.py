@@ -30,13 +30,16 @@ FLOAT_TYPES = {
 }
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data); a missing or corrupt file raises FireError."""
+def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model (with its external data); a missing or corrupt file raises FireError.
+
+    ``weights=False`` leaves external data on disk (the graph, names, shapes and inline constants
+    only): enough to inspect a model past 2 GiB without reading its weights into memory."""
     p = Path(path)
     if not p.is_file():
         raise FireError(f"model not found: {p}")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=weights)
     except Exception as e:  # protobuf DecodeError, external-data errors, ...
         msg = first_line(e)
         raise FireError(f"{p} is not a readable ONNX model: {msg}") from None
