@@ -240,7 +240,7 @@ def inspect(model, include_all, json_out):
     from fire_onnx.onnxutil import load_model
 
     check_outputs([json_out], [model])
-    m = load_model(model)
+    m = load_model(model, weights=False)  # names and shapes only: a 2 GB model's weights stay on disk
     summ = insp.summary(m)
     cands = insp.candidates(m, include_all=include_all)
     if json_out:
@@ -255,7 +255,7 @@ def inspect(model, include_all, json_out):
         click.echo("  already patched by fire-onnx: " + (", ".join(t["tensor"] for t in summ["fire_onnx_targets"])
                                                          or f"({summ['fire_onnx_targets_error'] or 'no targets recorded'})"))
     rows = [("tensor", "shape", "op", "fit --layer", "layout", "note")]
-    rows += [(c.tensor, "x".join(str(d) for d in c.shape), c.op, ", ".join(c.layers) or "-", c.layout, c.note)
+    rows += [(c.tensor, "unknown" if c.shape is None else "x".join(str(d) for d in c.shape), c.op, ", ".join(c.layers) or "-", c.layout, c.note)
              for c in cands]
     widths = [min(60, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
     for r in rows:

@@ -16,8 +16,8 @@ POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "LayerN
 @dataclass
 class Candidate:
     tensor: str
-    shape: list
-    dtype: str
+    shape: list | None  # None: unknown (shape inference could not tell; the tensor is still listed)
+    dtype: str  # "?" when unknown
     op: str
     module: str  # innermost module whose code produced the tensor
     layers: list  # module paths whose output this tensor is: the values ``fit --layer`` accepts
@@ -34,9 +34,11 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
     """Float activations of rank >= 2 in graph order, with shape, producer and module scope.
 
     By default only likely targets are listed: module outputs, post-activation/pooling/norm tensors
-    and graph outputs; ``include_all`` lists every float activation.
+    and graph outputs; ``include_all`` lists every float activation. A tensor whose type or shape
+    shape inference could not tell (after a custom op, say) is listed too, with shape None and a
+    note: it may well be a float activation, and ``patch`` says what it needs if it is not.
     """
-    inferred = infer_shapes(model)
+    inferred = infer_shapes(model, weights=False)
     graph = inferred.graph
     layers_of = ScopeIndex(graph).output_map()
     folded = folded_weights(graph)
@@ -52,8 +54,11 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
             continue
         for name in n.output:
             elem, dims = shapes.get(name, (None, None))
-            if elem not in FLOAT_TYPES or dims is None or len(dims) < 2:
+            if not elem:
+                elem = None  # 0: UNDEFINED
+            if (elem is not None and elem not in FLOAT_TYPES) or (dims is not None and len(dims) < 2):
                 continue
+            unknown = elem is None or dims is None
             pair = fused_ops(n.op_type, consumers.get(name, []))
             layers = layers_of.get(name, [])
             own = node_module(n)
@@ -72,17 +77,20 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
             else:
                 note = ""
             note += folded_note if note else folded_note[2:]
+            if unknown:
+                what = "type and shape" if elem is None and dims is None else ("type" if elem is None else "shape")
+                note += f"; {what} unknown" if note else f"{what} unknown"
             if not include_all and not note.startswith(("candidate", "graph")) and not ((layers or folded_note) and pair):
                 continue
             out.append(Candidate(
                 tensor=name,
-                shape=["?" if d is None else d for d in dims],
-                dtype=FLOAT_TYPES[elem],
+                shape=None if dims is None else ["?" if d is None else d for d in dims],
+                dtype=FLOAT_TYPES.get(elem, "?"),
                 op=n.op_type,
                 module=own,
                 layers=layers,
                 consumers=len(consumers.get(name, [])),
-                layout=default_layout(dims),
+                layout=default_layout(dims) if dims is not None else "?",
                 breaks_fusion=pair is not None,
                 note=note,
             ))

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 
 from fire_onnx.errors import FireError, first_line
-from fire_onnx.fileio import atomic_path
 
 # protobuf refuses to serialize a message of 2 GiB or more; switch to external data well before.
+# FIRE_ONNX_EXTERNAL_DATA_THRESHOLD (bytes) overrides it, e.g. to exercise the external-data path in tests.
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
+EXTERNAL_DATA_ENV = "FIRE_ONNX_EXTERNAL_DATA_THRESHOLD"
+EXTERNAL_MIN_BYTES = 1024  # initializers at least this large go to the data file
+_ALIGN = 4096  # each tensor starts on a page boundary of the data file (lets runtimes mmap it)
+_UNLOADED = "fire_onnx.unloaded"  # location of the stubs in a weightless copy (never read)
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -22,13 +30,16 @@ FLOAT_TYPES = {
 }
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data); a missing or corrupt file raises FireError."""
+def load_model(path: str | os.PathLike, *, weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model (with its external data); a missing or corrupt file raises FireError.
+
+    ``weights=False`` leaves external data on disk (the graph, names, shapes and inline constants
+    only): enough to inspect a model past 2 GiB without reading its weights into memory."""
     p = Path(path)
     if not p.is_file():
         raise FireError(f"model not found: {p}")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=weights)
     except Exception as e:  # protobuf DecodeError, external-data errors, ...
         msg = first_line(e)
         raise FireError(f"{p} is not a readable ONNX model: {msg}") from None
@@ -37,40 +48,186 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def external_data_threshold() -> int:
+    """Model size (bytes) from which weights go to an external data file: the environment variable
+    FIRE_ONNX_EXTERNAL_DATA_THRESHOLD when set, else EXTERNAL_DATA_THRESHOLD (~1.9 GB)."""
+    env = os.environ.get(EXTERNAL_DATA_ENV, "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise FireError(f"{EXTERNAL_DATA_ENV} must be a whole number of bytes, got {env!r}") from None
+    return EXTERNAL_DATA_THRESHOLD
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    """Size of a tensor's data, from its dims and type (without touching the data, which protobuf would
+    copy); tensors of strings or unknown types are measured by serializing them."""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:
+        itemsize = 0
+    if t.data_type == onnx.TensorProto.STRING or itemsize == 0:
+        return t.ByteSize()
+    return n * itemsize
+
+
+def approx_size(model: onnx.ModelProto) -> int:
+    """The serialized size of ``model``, near enough to choose external data. ``ModelProto.ByteSize()``
+    serializes the whole message and raises EncodeError past 2 GiB, so the top-level initializers are
+    sized from their shapes and only the rest (nodes, each < 2 GiB) is measured."""
+    g = model.graph
+    total = sum(_tensor_nbytes(t) for t in g.initializer)
+    for part in (g.node, g.sparse_initializer, g.input, g.output, g.value_info, model.functions):
+        total += sum(x.ByteSize() for x in part)
+    return total
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _exportable(t: onnx.TensorProto) -> bool:
+    return t.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) and \
+        _tensor_nbytes(t) >= EXTERNAL_MIN_BYTES
+
+
+def _stub(t: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    s = onnx.TensorProto(name=t.name, data_type=t.data_type, doc_string=t.doc_string)
+    s.dims.extend(t.dims)
+    s.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = s.external_data.add()
+        e.key, e.value = key, value
+    return s
+
+
+def light_copy(model: onnx.ModelProto, data_file: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose top-level initializers of 1 KiB or more refer to external data.
+
+    With ``data_file``, their bytes are written there (one tensor in memory at a time, each starting on
+    a 4 KiB boundary) and the copy is a complete model once saved in the same folder. Without it the
+    copy carries no weights at all, which is enough for shape inference and graph inspection but not
+    to run. Either way ``model`` is not modified and the weights are never held twice.
+    """
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(out.graph, fd, value)
+    f = open(data_file, "wb") if data_file is not None else None
+    location = Path(data_file).name if data_file is not None else _UNLOADED
+    try:
+        offset = 0
+        for t in model.graph.initializer:
+            if not _exportable(t) or _is_external(t):
+                if _is_external(t) and f is not None:
+                    raise RuntimeError(f"initializer {t.name!r} has no data loaded; cannot write it")
+                out.graph.initializer.add().CopyFrom(t)
+                continue
+            length = _tensor_nbytes(t)
+            if f is not None:
+                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+                length = len(raw)
+                pad = -offset % _ALIGN
+                f.write(b"\0" * pad)
+                offset += pad
+                f.write(raw)
+                del raw
+            out.graph.initializer.append(_stub(t, location, offset, length))
+            offset += length
+    finally:
+        if f is not None:
+            f.close()
+    return out
+
+
+def _copy_field(dst, fd, value) -> None:
+    if hasattr(value, "extend"):  # a repeated field (FieldDescriptor.label is gone from newer protobuf)
+        getattr(dst, fd.name).extend(value)
+    elif hasattr(value, "CopyFrom"):
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
+
+
 def write_model(model: onnx.ModelProto, path: str | os.PathLike, data_location: str) -> None:
-    """Serialize ``model`` to ``path``; above ~2 GiB its weights go to ``data_location`` beside it."""
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    """Serialize ``model`` to ``path``; from the external-data threshold (~1.9 GB) on, its weights go to
+    ``data_location`` in the same folder. ``model`` is not modified. For an atomic pair of files write
+    into the folder of :func:`atomic_model_path`."""
+    if approx_size(model) < external_data_threshold():
         Path(path).write_bytes(model.SerializeToString())
     else:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_location, size_threshold=1024)
+        light = light_copy(model, Path(path).parent / data_location)
+        Path(path).write_bytes(light.SerializeToString())
+
+
+@contextlib.contextmanager
+def atomic_model_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary model path, in a fresh folder beside ``dest``, for :func:`write_model`.
+
+    When the block succeeds the external data file (if one was written, named ``dest`` + ".data") and
+    then the model are moved onto their final names; on failure (or Ctrl-C) the folder is removed and
+    nothing is left behind. The temporary model can be loaded (onnxruntime, onnx.checker) inside the
+    block, with its data beside it.
+    """
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise FireError(f"output folder does not exist: {parent}")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmp = tmpdir / dest.name
+        yield tmp
+        data = tmpdir / (dest.name + ".data")
+        for p in (data, tmp):
+            if p.exists():
+                os.chmod(p, 0o666 & ~_umask())
+        if data.exists():
+            os.replace(data, parent / data.name)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_model(model: onnx.ModelProto, dest: str | os.PathLike) -> None:
     """Write ``model`` to ``dest`` atomically; models near 2 GiB go to external data beside it."""
     dest = Path(dest)
-    with atomic_path(dest) as tmp:
+    with atomic_model_path(dest) as tmp:
         write_model(model, tmp, dest.name + ".data")
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def check_written_model(path: str | os.PathLike) -> None:
+    """onnx.checker on a model file (its external data is checked where it lies, never loaded)."""
+    onnx.checker.check_model(str(path), full_check=False)
+
+
+def infer_shapes(model: onnx.ModelProto, *, weights: bool = True) -> onnx.ModelProto:
     """Shape inference that never fails the caller: an unknown custom op just leaves shapes unknown.
 
-    Models too large to serialize in one protobuf go through ``infer_shapes_path`` on a temporary
-    copy with external data; only the inferred ``value_info`` is brought back.
+    Models past the external-data threshold (``ModelProto.ByteSize`` and serialization fail above
+    2 GiB) are inferred on a weightless :func:`light_copy`; the result is a copy of ``model`` with the
+    inferred ``value_info`` or, with ``weights=False``, that weightless copy itself (enough for names,
+    shapes and types; it cannot run, and saves holding the weights twice).
     """
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if approx_size(model) < external_data_threshold():
             return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "model.onnx", Path(tmp) / "inferred.onnx"
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, str(src), save_as_external_data=True, location="model.data", size_threshold=1024)
-            onnx.shape_inference.infer_shapes_path(str(src), str(dst), strict_mode=False, data_prop=True)
-            inferred = onnx.load(str(dst), load_external_data=False)
+        light = light_copy(model)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        if not weights:
+            return inferred
         out = onnx.ModelProto()
         out.CopyFrom(model)
         del out.graph.value_info[:]

@@ -35,6 +35,10 @@ from fire_onnx.errors import FireError, first_line, suggest
 from fire_onnx.fileio import atomic_path, check_outputs, sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
+    approx_size,
+    atomic_model_path,
+    check_written_model,
+    external_data_threshold,
     infer_shapes,
     keep_source_inputs,
     load_model,
@@ -76,6 +80,7 @@ class PatchResult:
     warnings: list[str]
     source: onnx.ModelProto | None = None  # the unpatched graph the repair was built on
     source_tensors: list[str] = field(default_factory=list)  # each target's tensor name in ``source``
+    checked: bool = True  # onnx.checker passed in memory; False: too large, check the written file
 
 
 def is_patched(model: onnx.ModelProto) -> bool:
@@ -315,8 +320,7 @@ def patch_model(
     if opset < MIN_OPSET:
         raise FireError(f"model opset {opset} is older than {MIN_OPSET}, the oldest fire-onnx patches")
 
-    src = onnx.ModelProto()
-    src.CopyFrom(model)
+    src = model  # only read (a copy only where an old patch is removed): big models are not held twice
     recorded, why = read_patched_targets(src) if already else ([], None)
     if already and not recorded:
         raise FireError(f"the model carries fire-onnx nodes but {why or 'no fire_onnx.targets metadata'}, so the old "
@@ -329,7 +333,7 @@ def patch_model(
         del src.opset_import[:]
         src.opset_import.extend(model.opset_import)
         keep_source_inputs(src, model)
-    inferred = infer_shapes(src)
+    inferred = infer_shapes(src, weights=False)  # names, shapes and types only
 
     plan = []
     for t in directions.targets:
@@ -406,17 +410,25 @@ def patch_model(
     del out.metadata_props[:]
     for k, v in keep.items():
         out.metadata_props.add(key=k, value=v)
+    checked = approx_size(out) < external_data_threshold()  # else serializing for the checker fails
+    if checked:
+        _check(lambda: onnx.checker.check_model(out, full_check=False),
+               lambda: onnx.checker.check_model(model, full_check=False), notes)
+    return PatchResult(model=out, targets=patched, warnings=notes, source=src,
+                       source_tensors=[name for _, name, _, _ in plan], checked=checked)
+
+
+def _check(check_patched, check_source, notes: list[str]) -> None:
+    """onnx.checker on the patched model: a failure is a fire-onnx bug unless the source fails too."""
     try:
-        onnx.checker.check_model(out, full_check=False)
+        check_patched()
     except onnx.checker.ValidationError as e:
         try:
-            onnx.checker.check_model(model, full_check=False)
+            check_source()
         except onnx.checker.ValidationError:
             notes.append("the input model itself fails onnx.checker; the patched model does too")
         else:
             raise RuntimeError(f"internal error: the patched model fails onnx.checker: {e}") from e
-    return PatchResult(model=out, targets=patched, warnings=notes, source=src,
-                       source_tensors=[name for _, name, _, _ in plan])
 
 
 def check_model_fingerprint(result: PatchResult, directions: dirs.Directions, *, force: bool = False) -> None:
@@ -488,8 +500,10 @@ def patch_file(
     d = dirs.load(directions_path)
     result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))
     check_model_fingerprint(result, d, force=force)
-    with atomic_path(out_path) as tmp:
+    with atomic_model_path(out_path) as tmp:  # the model and its .data file (past ~1.9 GB), or neither
         write_model(result.model, tmp, out_path.name + ".data")
+        if not result.checked:  # too large to check in memory: check the file (external data by path)
+            _check(lambda: check_written_model(tmp), lambda: check_written_model(model_path), result.warnings)
         if verify:
             note = verify_in_onnxruntime(tmp, model_path)
             if note:

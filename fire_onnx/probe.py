@@ -101,28 +101,32 @@ def _session_for(model, tensors: Sequence[str], extra_outputs: Sequence[str] = (
     import onnx
 
     from fire_onnx.evaluate import session
-    from fire_onnx.onnxutil import EXTERNAL_DATA_THRESHOLD, infer_shapes
+    from fire_onnx.onnxutil import approx_size, external_data_threshold, infer_shapes, light_copy
 
-    m = onnx.ModelProto()
-    m.CopyFrom(infer_shapes(model))  # a copy: infer_shapes returns its argument when inference fails
-    known = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
-    wanted = list(dict.fromkeys([*tensors, *extra_outputs]))
-    del m.graph.output[:]
-    for name in wanted:
-        vi = known.get(name)
-        m.graph.output.append(vi if vi is not None else onnx.helper.make_empty_tensor_value_info(name))
-    if m.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        return session(m.SerializeToString())
-    tmp = tempfile.mkdtemp(prefix="fire_onnx_probe_")
-    path = Path(tmp) / "model.onnx"
-    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.data", size_threshold=1024)
+    big = approx_size(model) >= external_data_threshold()
+    tmp = Path(tempfile.mkdtemp(prefix="fire_onnx_probe_")) if big else None
     try:
+        if big:  # weights to a temporary data file, the graph (no weights) edited and saved beside it
+            m = infer_shapes(light_copy(model, tmp / "model.data"))
+        else:
+            m = onnx.ModelProto()
+            m.CopyFrom(infer_shapes(model))  # a copy: infer_shapes returns its argument when inference fails
+        known = {vi.name: vi for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
+        wanted = list(dict.fromkeys([*tensors, *extra_outputs]))
+        del m.graph.output[:]
+        for name in wanted:
+            vi = known.get(name)
+            m.graph.output.append(vi if vi is not None else onnx.helper.make_empty_tensor_value_info(name))
+        if not big:
+            return session(m.SerializeToString())
+        path = tmp / "model.onnx"
+        path.write_bytes(m.SerializeToString())
         return session(str(path))
     finally:  # onnxruntime has read the weights; the files can go
-        for p in Path(tmp).iterdir():
-            os.unlink(p)
-        os.rmdir(tmp)
+        if tmp is not None:
+            for p in tmp.iterdir():
+                os.unlink(p)
+            os.rmdir(tmp)
 
 
 class TensorReader:

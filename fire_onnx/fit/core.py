@@ -64,7 +64,7 @@ class OnnxSource:
         from fire_onnx.onnxutil import infer_shapes
         from fire_onnx.patch import resolve_tensor
 
-        self.inferred = infer_shapes(onnx_model)
+        self.inferred = infer_shapes(onnx_model, weights=False)  # names and shapes (no second copy of a 2 GB model)
         self.layers = list(layers)
         names = {o for n in self.inferred.graph.node for o in n.output}
         self.tensor_of = {}
@@ -76,7 +76,7 @@ class OnnxSource:
                 self.tensor_of[layer] = layer
             else:
                 self.tensor_of[layer] = resolve_tensor(self.inferred, module=layer)
-        self.reader = probes.TensorReader(self.inferred, list(self.tensor_of.values()), with_logits=True,
+        self.reader = probes.TensorReader(onnx_model, list(self.tensor_of.values()), with_logits=True,
                                           batch_size=batch_size)
 
     def run(self, x: np.ndarray, progress: Progress | None = None):
