@@ -445,9 +445,13 @@ def test_valid_file_still_loads_and_round_trips(base, tmp_path):
 
 
 # ================================================================== item 12: hostile ONNX metadata
-def with_meta(src: Path, dst: Path, **props) -> Path:
-    """A copy of ``src`` whose fire_onnx.<key> metadata are set to the given strings (None: removed)."""
+def with_meta(src: Path, dst: Path, scopes: str | None = None, **props) -> Path:
+    """A copy of ``src`` whose fire_onnx.<key> metadata are set to the given strings (None: removed) and,
+    with ``scopes``, every node's ``pkg.torch.onnx.name_scopes`` (the dynamo exporter's module scopes)."""
     m = onnx.load(str(src))
+    if scopes is not None:
+        for node in m.graph.node:
+            node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scopes)
     meta = {p.key: p.value for p in m.metadata_props}
     for key, value in props.items():
         meta.pop(f"fire_onnx.{key}", None)
@@ -695,7 +699,8 @@ def test_generated_malformed_directions_never_crash_patch(base, tmp_path):
 
 @st.composite
 def metadata(draw, recorded: dict):
-    """fire_onnx.* metadata values: absent, valid, edited, any JSON, garbage text or deep nesting."""
+    """fire_onnx.* metadata values: absent, valid, edited, any JSON, garbage text or deep nesting; and
+    node scope metadata (valid, garbage or deep)."""
     props = {}
     for key in ("targets", "preprocess", "attack", "version"):
         how = draw(st.sampled_from(["keep", "edit", "edit", "absent", "any"]))
@@ -709,6 +714,9 @@ def metadata(draw, recorded: dict):
         else:
             doc = json.loads(valid) if key != "version" else valid
             props[key] = mutate_json(draw, doc)
+    props["scopes"] = draw(st.one_of(st.none(), st.text(max_size=30), JSON.map(repr), st.sampled_from(
+        ["[" * 5000, "(" * 300 + ")" * 300, "{'a': 1}", "7"]),
+        st.lists(st.sampled_from(["", "block", "block.0", "relu", "aten::relu"]), max_size=4).map(repr)))
     return props
 
 
