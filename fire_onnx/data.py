@@ -180,8 +180,9 @@ def preprocess_from_record(d) -> Preprocess:
                          std=[float(v) for v in d["std"]], layout=d["layout"])
     except OverflowError:
         raise ValueError("has non-finite values (a number too large for a float)") from None
-    if not all(np.isfinite(v) for v in (pre.scale, *pre.mean, *pre.std)):
-        raise ValueError("has non-finite values")
+    with np.errstate(over="ignore"):
+        if not all(np.isfinite(np.float32(v)) for v in (pre.scale, *pre.mean, *pre.std)):
+            raise ValueError("has non-finite values (or values too large for float32)")
     if pre.scale == 0 or any(v == 0 for v in pre.std):
         raise ValueError("has a zero " + ("scale" if pre.scale == 0 else "std"))
     return pre

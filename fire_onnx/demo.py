@@ -98,6 +98,12 @@ def run_demo(
     log: Log = print,
 ) -> dict:
     """Run the whole demo and return the report (also written to ``out_dir/report.json``)."""
+    out = Path(out_dir)
+    data_path = Path(data) if data else bundled_mnist()
+    check_output_folder(out)  # before any work: a folder that cannot be written fails now, not after training
+    if out.is_dir():
+        check_outputs([out / name for name in ARTIFACTS], [data_path])
+
     import torch
 
     from fire_onnx.evaluate import compute_metrics, session
@@ -105,11 +111,6 @@ def run_demo(
     from fire_onnx.patch import patch_file
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    data_path = Path(data) if data else bundled_mnist()
-    check_output_folder(out)  # before any work: a folder that cannot be written fails now, not after training
-    if out.is_dir():
-        check_outputs([out / name for name in ARTIFACTS], [data_path])
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     train, test = load_images(data_path, "train"), load_images(data_path, "test")

@@ -355,12 +355,13 @@ def node_scopes(node: onnx.NodeProto) -> list[str]:
     """Module paths enclosing ``node``, outermost first ([] for top-level code or unknown)."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
-            try:
+            try:  # untrusted text: deep nesting raises RecursionError/MemoryError, not only SyntaxError
                 scopes = ast.literal_eval(p.value)
-            except (ValueError, SyntaxError):
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 return []
-            scopes = [str(s) for s in scopes[:-1] if s]  # last entry is the op itself
-            return scopes
+            if not isinstance(scopes, (list, tuple)) or not all(isinstance(s, str) for s in scopes):
+                return []
+            return [s for s in scopes[:-1] if s]  # last entry is the op itself
     name = node.name
     if name.startswith("/") and name.count("/") >= 2:
         levels = [lv for lv in name.split("/")[1:-1] if lv]
