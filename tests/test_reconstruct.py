@@ -135,7 +135,9 @@ def test_fit_from_flagged_images_only_removes_the_backdoor(demo_run, mnist_path,
     flagged = tmp_path / "flagged.npz"
     np.savez(flagged, x=triggers.parse("badnets").apply(test.x[idx]))
     d = tmp_path / "d.npz"
-    proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered",
+    # activations and predictions from the PyTorch model here (the README's example fits from the ONNX model)
+    proc = run_cli("fit", "--model", "fire_onnx_models.small_cnn:build_mnist", "--weights", out / "model.pt",
+                   "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered",
                    flagged, "--mean", "0.5", "--std", "0.5", "-o", d, "--json", tmp_path / "fit.json", check=True)
     assert "trigger reconstruction: patch" in proc.stdout and "confirmed" in proc.stdout, proc.stdout
     summ = json.loads((tmp_path / "fit.json").read_text())

@@ -190,6 +190,7 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
 
 RECONSTRUCT_CHOICES = ("auto", "off")
 PSEUDO_PAIRS = 100  # reconstructed-trigger pairs to fit on (at least as many as flagged images)
+GATE_FLAGGED = True  # gate auto must also reach the real flagged images (not only the pseudo-pairs)
 
 
 def reconstruct_pairs(source, preprocess: Preprocess, clean: Images, flagged: Images, logits_f, held: Images | None,
@@ -302,7 +303,7 @@ def fit_directions(
         meta["reconstruction"] = pseudo["meta"]
         if pseudo["pairs"] is not None:
             stamped, originals = pseudo["pairs"]
-            acts_gate = acts_t
+            acts_gate = acts_t if GATE_FLAGGED else None
             acts_t = source.run(preprocess(stamped.x), progress)[0]
             acts_p = source.run(preprocess(originals.x), progress)[0]
             triggered = stamped
