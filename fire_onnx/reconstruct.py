@@ -23,10 +23,14 @@ trigger models, each estimated from the flagged images and clean images alone:
 The clean reference excludes images of the flagged images' majority predicted class (the flagged
 images were drawn from the other classes). Each candidate is then *confirmed by the model*: stamped
 onto held clean images that are not of that class, it should make the model predict that class.
-The confirmation rate is the share that does. The winner is the candidate with the highest rate,
-preferring the smallest change (mean absolute pixel change on the held images) among candidates within
-``TIE_TOL`` of the best rate. Below ``CONFIRM_THRESHOLD`` nothing is confirmed: the caller falls
-back to the unpaired estimate and warns.
+The confirmation rate is the share that does. The winner is the candidate with the highest rate;
+among candidates within ``TIE_TOL`` (3 points) of the best rate, the most structured kind wins (patch,
+then blend, then additive) and within a kind the smallest change (mean absolute pixel change on the
+held images). The kind comes first because the additive model is the catch-all: the mean difference
+also carries the flagged images' own content, and on a Blended MNIST model it confirmed as often as
+the blend (98 %) with a slightly smaller change yet left 21.7 % ASR after the repair from 5 flagged
+images, against 2.1 % with the blend. Below ``CONFIRM_THRESHOLD`` (50 %) nothing is confirmed: the
+caller falls back to the unpaired estimate and warns.
 """
 
 from __future__ import annotations
@@ -244,6 +248,14 @@ def candidates(flagged: np.ndarray, clean: np.ndarray) -> list[Candidate]:
     return patches + blend_candidates(flagged, clean, exclude) + additive_candidates(flagged, clean)
 
 
+KIND_RANK = {"patch": 0, "blend": 1, "additive": 2}  # near-ties: the more structured kind first
+PREFER_STRUCTURED = True  # False: near-ties go to the smallest change alone (benchmarks only)
+
+
+def _preference(c: Candidate):
+    return (KIND_RANK[c.kind], c.change) if PREFER_STRUCTURED else (c.change,)
+
+
 def reconstruct(flagged: np.ndarray, clean: np.ndarray, held: np.ndarray, predict: Predict, *,
                 flagged_pred: np.ndarray | None = None, clean_excluded: np.ndarray | None = None,
                 held_excluded: np.ndarray | None = None, threshold: float = CONFIRM_THRESHOLD,
@@ -280,7 +292,7 @@ def reconstruct(flagged: np.ndarray, clean: np.ndarray, held: np.ndarray, predic
     winner = None
     if cands and best >= threshold:
         near = [c for c in cands if c.rate >= best - TIE_TOL]
-        winner = min(near, key=lambda c: c.change)
+        winner = min(near, key=_preference)
     reason = "" if winner else (f"no trigger model moves at least {threshold:.0%} of held clean images to class {maj} "
                                 f"(best {best:.0%})")
     return Reconstruction(winner, cands, maj, share, len(flagged), len(hold), threshold, reason, held=hold)
