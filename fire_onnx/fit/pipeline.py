@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from fire_onnx import directions as dirs
 from fire_onnx import triggers
 from fire_onnx.data import Preprocess, fit_samples, load_images, load_triggered
@@ -132,8 +134,6 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
     tensors = {req.layers[0]: req.tensor} if req.tensor else None
     reconstruct, held = "off", None
     if req.reconstruct == "auto" and source is None:  # flagged images without their clean twins
-        import numpy as np
-
         # the pool images fit_samples did not pick as clean samples (same seeded order)
         rest = np.random.default_rng(req.seed).permutation(len(pool))[req.n_clean:]
         reconstruct, held = "auto", pool.subset(rest) if len(rest) else None
@@ -168,8 +168,8 @@ def summary(d: dirs.Directions) -> dict:
 def describe_reconstruction(rc: dict) -> str:
     """One line on the trigger reconstruction (printed by ``fit``)."""
     if not rc.get("confirmed"):
-        return (f"trigger reconstruction: nothing confirmed (best rate {rc.get('rate', 0):.0%} < "
-                f"{rc.get('threshold', 0.5):.0%}); unpaired estimate used")
+        why = rc.get("reason") or f"best rate {rc.get('rate', 0):.0%} < {rc.get('threshold', 0.5):.0%}"
+        return f"trigger reconstruction: nothing confirmed ({why}); unpaired estimate used
     what = rc["kind"]
     if "mask_pixels" in rc:
         r0, r1, c0, c1 = rc["mask_box"]
