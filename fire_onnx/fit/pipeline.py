@@ -169,7 +169,7 @@ def describe_reconstruction(rc: dict) -> str:
     """One line on the trigger reconstruction (printed by ``fit``)."""
     if not rc.get("confirmed"):
         why = rc.get("reason") or f"best rate {rc.get('rate', 0):.0%} < {rc.get('threshold', 0.5):.0%}"
-        return f"trigger reconstruction: nothing confirmed ({why}); unpaired estimate used
+        return f"trigger reconstruction: nothing confirmed ({why}); unpaired estimate used"
     what = rc["kind"]
     if "mask_pixels" in rc:
         r0, r1, c0, c1 = rc["mask_box"]
