@@ -145,6 +145,12 @@ def test_fit_from_flagged_images_only_removes_the_backdoor(demo_run, mnist_path,
     assert recon["kind"] == "patch" and recon["rate"] >= 0.9 and recon["majority_class"] == 0
     assert set(range(24, 27)) >= set(range(*recon["mask_box"][:2])) or recon["mask_pixels"] <= 16
     assert summ["targets"][0]["reference"] == "paired"
+    # --reconstruct off: the plain unpaired estimate, no reconstruction recorded
+    run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered", flagged,
+            "--mean", "0.5", "--std", "0.5", "--reconstruct", "off", "-o", tmp_path / "off.npz", "--json",
+            tmp_path / "off.json", check=True)
+    off = json.loads((tmp_path / "off.json").read_text())
+    assert off["targets"][0]["reference"] == "unpaired" and "reconstruction" not in off
     run_cli("patch", out / "model.onnx", d, "-o", tmp_path / "m.onnx", check=True)
     run_cli("eval", out / "model.onnx", tmp_path / "m.onnx", "--data", mnist_path, "--trigger", "badnets",
             "--target", "0", "--json", tmp_path / "eval.json", check=True)
@@ -171,3 +177,12 @@ def test_flagged_clean_images_warn_nothing_confirmed(demo_run, mnist_path, tmp_p
     assert "nothing confirmed" in proc.stdout
     summ = json.loads((tmp_path / "f.json").read_text())
     assert summ["reconstruction"]["kind"] == "none" and summ["targets"][0]["reference"] == "unpaired"
+
+
+def test_reconstruct_option_is_checked():
+    from fire_onnx.errors import FireError
+    from fire_onnx.fit.pipeline import FitRequest
+
+    req = FitRequest(layers=["x"], clean_path="c.npz", onnx_path="m.onnx", trigger_spec="badnets", reconstruct="on")
+    with pytest.raises(FireError, match="--reconstruct must be auto or off"):
+        req.validate()
