@@ -10,9 +10,11 @@ trigger models, each estimated from the flagged images and clean images alone:
   of their median) while the clean images rarely take that value there (the share of flagged images
   that agree exceeds the share of clean ones by ``PATCH_MARGIN``). The search is location-free, so a
   patch in any corner, the center or elsewhere is found the same way. Variants: the detected pixels
-  after dropping isolated ones, their largest connected component, its bounding box (which also
+  after dropping isolated ones, their largest connected component, their bounding box (which also
   covers pattern pixels equal to the background, e.g. the dark squares of a checker patch), and the
-  component dilated by one pixel; pattern = the flagged images' per-pixel median.
+  largest component dilated by one pixel; pattern = the flagged images' per-pixel median. A patch is
+  compact: a variant whose bounding box exceeds ``PATCH_MAX_AREA`` of the image is dropped (on MNIST,
+  a SIG signal lifts the black background in stripes that the flagged images agree on).
 - ``blend``:    ``x' = (1 - a) x + a p``. Blending scales the spread of every pixel by ``1 - a``, so ``a``
   comes from the ratio of the flagged to the clean pixel spread (pooled over pixels), and ``p`` from
   the means: ``mean_flagged = (1 - a) mean_clean + a p``.
@@ -48,7 +50,7 @@ N_CONFIRM = 200  # held clean images a candidate is stamped onto to confirm it
 PATCH_TOL = 12.0  # pixel values (0..255) within this of the flagged median "agree"
 PATCH_AGREE = 0.8  # share of flagged images that must agree on a patch pixel
 PATCH_MARGIN = 0.5  # ... exceeding the share of clean images that take that value there by this much
-PATCH_MAX_AREA = 0.25  # a "patch" covering more than this share of the image is not a patch
+PATCH_MAX_AREA = 0.25  # a "patch" whose bounding box covers more than this share of the image is not a patch
 BLEND_MIN = 0.03  # blend ratios below this are no blend
 ADDITIVE_Z = 3.0  # the sparse additive variant keeps mean differences above this many standard errors
 
@@ -124,7 +126,8 @@ def _f(x: np.ndarray) -> np.ndarray:
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a 2-D boolean mask, largest first (each a boolean mask)."""
+    """8-connected components of a 2-D boolean mask, largest first (each a boolean mask); diagonal
+    neighbours connect, so the bright squares of a checker patch form one component."""
     h, w = mask.shape
     seen = np.zeros_like(mask, dtype=bool)
     comps = []
@@ -137,7 +140,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
         while stack:
             r, c = stack.pop()
             comp[r, c] = True
-            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            for rr, cc in ((r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)):
                 if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not seen[rr, cc]:
                     seen[rr, cc] = True
                     stack.append((rr, cc))
@@ -151,6 +154,13 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     out[:-1] |= mask[1:]
     out[:, 1:] |= mask[:, :-1]
     out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def _filled_box(mask: np.ndarray) -> np.ndarray:
+    r0, r1, c0, c1 = _box(mask)
+    out = np.zeros_like(mask, dtype=bool)
+    out[r0:r1, c0:c1] = True
     return out
 
 
@@ -177,16 +187,15 @@ def patch_candidates(flagged: np.ndarray, clean: np.ndarray) -> list[Candidate]:
         return []
     comps = _components(raw)
     kept = [c for c in comps if c.sum() >= 2] or comps  # drop isolated pixels unless nothing else is left
-    masks = {"patch": np.logical_or.reduce(kept), "patch-largest": comps[0]}
-    r0, r1, c0, c1 = _box(comps[0])
-    box = np.zeros_like(raw)
-    box[r0:r1, c0:c1] = True
-    masks["patch-box"] = box
-    masks["patch-dilated"] = _dilate(comps[0])
+    union = np.logical_or.reduce(kept)
+    masks = {"patch": union, "patch-largest": comps[0], "patch-box": _filled_box(union),
+             "patch-dilated": _dilate(comps[0])}
     out, seen = [], []
     zeros = np.zeros_like(med, dtype=np.float32)
     for name, m in masks.items():
-        if m.sum() > PATCH_MAX_AREA * h * w or any(np.array_equal(m, s) for s in seen):
+        # a patch is compact: its bounding box covers at most PATCH_MAX_AREA of the image (pixels
+        # scattered over the image, e.g. where an additive signal lifts a black background, are not one)
+        if _filled_box(m).sum() > PATCH_MAX_AREA * h * w or any(np.array_equal(m, s) for s in seen):
             continue
         seen.append(m)
         br0, br1, bc0, bc1 = _box(m)
