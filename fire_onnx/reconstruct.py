@@ -12,7 +12,11 @@ trigger models, each estimated from the flagged images and clean images alone:
   patch in any corner, the center or elsewhere is found the same way. Variants: the detected pixels
   after dropping isolated ones, their largest connected component, their bounding box (which also
   covers pattern pixels equal to the background, e.g. the dark squares of a checker patch), and the
-  largest component dilated by one pixel; pattern = the flagged images' per-pixel median. A patch is
+  largest component grown into neighbouring pixels that pass looser thresholds (edges that some
+  flagged images cover differently); pattern = the flagged images' per-pixel median. (A blind
+  one-pixel dilation was tried and dropped: its ring takes the flagged images' median *content*, which
+  on a weak centre-patch MNIST model confirmed more often than the exact patch, 90 % vs 81 %, and
+  left 10 % ASR against 2.7 % paired.) A patch is
   compact: a variant whose bounding box exceeds ``PATCH_MAX_AREA`` of the image is dropped (on MNIST,
   a SIG signal lifts the black background in stripes that the flagged images agree on).
 - ``blend``:    ``x' = (1 - a) x + a p``. Blending scales the spread of every pixel by ``1 - a``, so ``a``
@@ -26,7 +30,8 @@ The clean reference excludes images of the flagged images' majority predicted cl
 images were drawn from the other classes). Each candidate is then *confirmed by the model*: stamped
 onto held clean images that are not of that class, it should make the model predict that class.
 The confirmation rate is the share that does. The winner is the candidate with the highest rate;
-among candidates within ``TIE_TOL`` (3 points) of the best rate, the most structured kind wins (patch,
+among candidates within ``TIE_TOL`` (3 points) of the best rate, or within two binomial standard
+errors of it where that is more (:func:`tie_tolerance`), the most structured kind wins (patch,
 then blend, then additive) and within a kind the smallest change (mean absolute pixel change on the
 held images). The kind comes first because the additive model is the catch-all: the mean difference
 also carries the flagged images' own content, and on a Blended MNIST model it confirmed as often as
@@ -45,11 +50,13 @@ import numpy as np
 from fire_onnx.errors import FireError
 
 CONFIRM_THRESHOLD = 0.5  # a candidate must move at least this share of held images to the flagged class
-TIE_TOL = 0.03  # candidates within this of the best confirmation rate tie; the smallest change wins
+TIE_TOL = 0.03  # candidates within this (or 2 standard errors) of the best rate tie, see tie_tolerance
 N_CONFIRM = 200  # held clean images a candidate is stamped onto to confirm it
 PATCH_TOL = 12.0  # pixel values (0..255) within this of the flagged median "agree"
 PATCH_AGREE = 0.8  # share of flagged images that must agree on a patch pixel
 PATCH_MARGIN = 0.5  # ... exceeding the share of clean images that take that value there by this much
+PATCH_AGREE_LOOSE = 0.5  # the grown variant also takes neighbouring pixels at these looser thresholds
+PATCH_MARGIN_LOOSE = 0.25
 PATCH_MAX_AREA = 0.25  # a "patch" whose bounding box covers more than this share of the image is not a patch
 BLEND_MIN = 0.03  # blend ratios below this are no blend
 ADDITIVE_Z = 3.0  # the sparse additive variant keeps mean differences above this many standard errors
@@ -107,7 +114,9 @@ class Reconstruction:
         out = {"kind": w.kind if w else "none", "name": w.name if w else "",
                "rate": round(float(w.rate), 4) if w else
                max((round(float(c.rate), 4) for c in self.candidates if c.rate is not None), default=0.0),
-               "confirmed": self.confirmed, "threshold": self.threshold, "tie_tolerance": TIE_TOL,
+               "confirmed": self.confirmed, "threshold": self.threshold,
+               "tie_tolerance": round(tie_tolerance(max((c.rate or 0 for c in self.candidates), default=0),
+                                                    self.n_confirm), 4),
                "majority_class": self.majority_class, "majority_share": round(float(self.majority_share), 4),
                "n_flagged": self.n_flagged, "n_confirm": self.n_confirm,
                "candidates": [c.describe() for c in self.candidates]}
@@ -172,16 +181,33 @@ def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
 def patch_pixels(flagged: np.ndarray, clean: np.ndarray, tol: float = PATCH_TOL, agree: float = PATCH_AGREE,
                  margin: float = PATCH_MARGIN) -> tuple[np.ndarray, np.ndarray]:
     """(H, W) boolean mask of pixels that look replaced, and the flagged per-pixel median (H, W, C)."""
+    share_f, share_c, med = _shares(flagged, clean, tol)
+    return (share_f >= agree) & (share_f - share_c >= margin), med
+
+
+def _shares(flagged: np.ndarray, clean: np.ndarray, tol: float = PATCH_TOL):
+    """Per pixel: the share of flagged and of clean images within ``tol`` of the flagged median, and
+    that median."""
     F, X = _f(flagged), _f(clean)
     med = np.median(F, axis=0)
     share_f = (np.abs(F - med) <= tol).all(axis=-1).mean(axis=0)
     share_c = (np.abs(X - med) <= tol).all(axis=-1).mean(axis=0)
-    return (share_f >= agree) & (share_f - share_c >= margin), med
+    return share_f, share_c, med
+
+
+def _grow(mask: np.ndarray, loose: np.ndarray) -> np.ndarray:
+    """Grow ``mask`` into neighbouring pixels that pass the ``loose`` test, until it stops growing."""
+    while True:
+        grown = mask | (_dilate(mask) & loose)
+        if grown.sum() == mask.sum():
+            return grown
+        mask = grown
 
 
 def patch_candidates(flagged: np.ndarray, clean: np.ndarray) -> list[Candidate]:
     """Replaced-patch candidates (see the module docstring); none when no pixel looks replaced."""
-    raw, med = patch_pixels(flagged, clean)
+    share_f, share_c, med = _shares(flagged, clean)
+    raw = (share_f >= PATCH_AGREE) & (share_f - share_c >= PATCH_MARGIN)
     h, w = raw.shape
     if not raw.any():
         return []
@@ -189,7 +215,7 @@ def patch_candidates(flagged: np.ndarray, clean: np.ndarray) -> list[Candidate]:
     kept = [c for c in comps if c.sum() >= 2] or comps  # drop isolated pixels unless nothing else is left
     union = np.logical_or.reduce(kept)
     masks = {"patch": union, "patch-largest": comps[0], "patch-box": _filled_box(union),
-             "patch-dilated": _dilate(comps[0])}
+             "patch-grown": _grow(comps[0], (share_f >= PATCH_AGREE_LOOSE) & (share_f - share_c >= PATCH_MARGIN_LOOSE))}
     out, seen = [], []
     zeros = np.zeros_like(med, dtype=np.float32)
     for name, m in masks.items():
@@ -235,6 +261,12 @@ def additive_candidates(flagged: np.ndarray, clean: np.ndarray) -> list[Candidat
     zeros = np.zeros((*d.shape[:2], 1), np.float32)
     out = [Candidate("additive", "additive", zeros, np.zeros_like(d), d,
                      {"delta_l2": round(float(np.linalg.norm(d)), 2)})]
+    # signals that vary along one axis only (SIG's sinusoid): the mean difference averaged along the
+    # other axis, which averages the flagged images' own content away
+    for name, axis in (("additive-columns", 0), ("additive-rows", 1)):
+        dp = np.broadcast_to(d.mean(axis=axis, keepdims=True), d.shape).astype(np.float32)
+        out.append(Candidate("additive", name, zeros, np.zeros_like(d), np.ascontiguousarray(dp),
+                             {"delta_l2": round(float(np.linalg.norm(dp)), 2)}))
     if len(F) >= 2:
         se = np.sqrt(F.var(axis=0, ddof=1) / len(F) + X.var(axis=0, ddof=1) / max(len(X), 1))
         keep = np.abs(d) > ADDITIVE_Z * np.maximum(se, 1e-3)
@@ -255,6 +287,12 @@ def candidates(flagged: np.ndarray, clean: np.ndarray) -> list[Candidate]:
     if patches:
         exclude = patches[0].mask[:, :, 0] > 0
     return patches + blend_candidates(flagged, clean, exclude) + additive_candidates(flagged, clean)
+
+
+def tie_tolerance(best: float, n: int) -> float:
+    """Rates within this of the best tie: ``TIE_TOL`` or two binomial standard errors of the best rate
+    measured on ``n`` images, whichever is larger (a rate of 0.85 on 200 images is +-0.025)."""
+    return max(TIE_TOL, 2 * float(np.sqrt(best * (1 - best) / max(n, 1))))
 
 
 KIND_RANK = {"patch": 0, "blend": 1, "additive": 2}  # near-ties: the more structured kind first
@@ -300,7 +338,7 @@ def reconstruct(flagged: np.ndarray, clean: np.ndarray, held: np.ndarray, predic
     best = max((c.rate for c in cands), default=0.0)
     winner = None
     if cands and best >= threshold:
-        near = [c for c in cands if c.rate >= best - TIE_TOL]
+        near = [c for c in cands if c.rate >= best - tie_tolerance(best, len(hold))]
         winner = min(near, key=_preference)
     reason = "" if winner else (f"no trigger model moves at least {threshold:.0%} of held clean images to class {maj} "
                                 f"(best {best:.0%})")
