@@ -157,13 +157,17 @@ def cli():
 @click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(),
               help="The directions file to write.")
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
+@click.option("--reconstruct", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+              help="--triggered images without x_clean (flagged inputs): auto reconstructs the trigger in pixel "
+                   "space, lets the model confirm it, and fits paired on clean images stamped with it; off (or "
+                   "nothing confirmed) uses the noisier unpaired shift against the clean mean.")
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
         n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
-        json_out, scale, mean, std, input_layout):
+        json_out, reconstruct, scale, mean, std, input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
-    from fire_onnx.fit.pipeline import FitRequest, run_fit, summary
+    from fire_onnx.fit.pipeline import FitRequest, describe_reconstruction, run_fit, summary
 
     check_outputs([output, json_out], [clean_path, triggered_path, weights, onnx_path, model_spec])
     req = FitRequest(
@@ -171,7 +175,7 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         onnx_path=onnx_path, tensor=tensor, triggered_path=triggered_path, trigger_spec=trigger_spec, target=target,
         split=split, n_clean=n_clean, n_triggered=n_triggered, method=method, k=k, gate=gate, quantile=quantile,
         alpha=alpha, shrink=shrink, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"), input_layout=input_layout)
+        std=_floats(std, "--std"), input_layout=input_layout, reconstruct=reconstruct)
     d = run_fit(req, progress=_progress("collecting activations"))
     dirs.save(d, output)
     summ = summary(d)
@@ -184,6 +188,8 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         reach = (f", {checks['triggered_to_target']:.0%} of triggered ones reach target {target}"
                  if "triggered_to_target" in checks else "")
         click.echo(f"model: {checks['clean_accuracy']:.1%} accuracy on the clean fitting images{reach}")
+    if not quiet and summ.get("reconstruction"):
+        click.echo(describe_reconstruction(summ["reconstruction"]))
     for t in summ["targets"] if not quiet else []:
         click.echo(
             f"{t['module'] or t['tensor']}: {t['layout']} D={t['dim']} k={t['k']} gate={t['gate']} ({t['reference']} "

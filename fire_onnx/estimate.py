@@ -148,11 +148,14 @@ def fit_target(
     clean_labels: np.ndarray | None = None,
     triggered_labels: np.ndarray | None = None,
     shrink: bool = True,
+    gate_triggered: np.ndarray | None = None,
 ) -> Target:
     """Fit one target from clean and triggered activations; returns a validated Target.
 
     ``paired`` are the activations of the triggered images *without* their trigger (same order);
     labels, when both given and no pairing, make the clean reference class-matched.
+    ``gate_triggered``: activations of further triggered samples that gate auto must reach as well,
+    without entering the direction (the real flagged inputs behind a reconstructed trigger).
     """
     layout = layout or default_layout(clean.shape)
     if layout not in LAYOUTS:
@@ -208,6 +211,12 @@ def fit_target(
     sc, st = (C - mu) @ U.T, (T - mu) @ U.T
     sign = np.where(st.mean(axis=0) < 0, -1.0, 1.0)  # orient: triggered scores positive on average
     U, sc, st = U * sign[:, None], sc * sign, st * sign
+    sg = None
+    if gate_triggered is not None:
+        if gate_triggered.shape[1:] != triggered.shape[1:]:
+            raise FireError(f"gate triggered activations {gate_triggered.shape[1:]} differ from {triggered.shape[1:]}")
+        sg = (as_rows(gate_triggered, layout) - mu) @ U.T
+        st = np.concatenate([st, sg])
     tau_clean = np.quantile(sc, quantile, axis=0)
     tau, chosen, rule = tau_clean, gate, "clean-quantile"
     if gate == "auto":
@@ -254,6 +263,9 @@ def fit_target(
     }
     if shrinkage is not None:
         fit["shrinkage"] = shrinkage
+    if sg is not None:
+        fit["n_gate_triggered"] = int(gate_triggered.shape[0])
+        fit["gate_recall_gate_triggered"] = float((sg > tau).any(axis=1).mean()) if chosen != "none" else 1.0
     t = Target(
         mu=mu.astype(np.float32),
         U=U.astype(np.float32),

@@ -32,7 +32,7 @@ import onnx
 
 from fire_onnx import directions as dirs
 from fire_onnx.errors import FireError, first_line, suggest
-from fire_onnx.fileio import atomic_path, check_outputs, sha256_file
+from fire_onnx.fileio import check_outputs, sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
     approx_size,

@@ -188,6 +188,46 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
     return out
 
 
+RECONSTRUCT_CHOICES = ("auto", "off")
+PSEUDO_PAIRS = 100  # reconstructed-trigger pairs to fit on (at least as many as flagged images)
+GATE_FLAGGED = True  # gate auto must also reach the real flagged images (not only the pseudo-pairs)
+
+
+def reconstruct_pairs(source, preprocess: Preprocess, clean: Images, flagged: Images, logits_f, held: Images | None,
+                      checks: dict) -> dict:
+    """Reconstruct the trigger behind ``flagged`` and build pseudo-pairs from it.
+
+    Returns ``{"meta": what meta["reconstruction"] records, "pairs": (stamped, originals) or None}``;
+    when nothing is confirmed (or the model has no class outputs to confirm with), a warning goes to
+    ``checks["warnings"]`` and the caller keeps the unpaired estimate.
+    """
+    from fire_onnx import reconstruct as rc
+
+    fallback = "fell back to the unpaired shift of the flagged images against the clean mean, which is much noisier"
+    if logits_f is None:
+        reason = "the model's output is not (N, classes) logits, so no reconstruction can be confirmed"
+        checks["warnings"].append(f"trigger reconstruction skipped: {reason}; {fallback}")
+        return {"meta": {"kind": "none", "rate": 0.0, "confirmed": False, "reason": reason, "candidates": []},
+                "pairs": None}
+    pool = held if held is not None and len(held) else clean
+    maj = int(np.bincount(logits_f.argmax(axis=1)).argmax())
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return source.run(preprocess(x))[1].argmax(axis=1)
+
+    r = rc.reconstruct(flagged.x, clean.x, pool.x, predict, flagged_pred=logits_f.argmax(axis=1),
+                       clean_excluded=None if clean.y is None else clean.y == maj,
+                       held_excluded=None if pool.y is None else pool.y == maj)
+    meta = r.describe()
+    if not r.confirmed:
+        checks["warnings"].append(f"no trigger reconstruction confirmed: {r.reason}; {fallback}. Give --trigger SPEC "
+                                  "if you know the trigger, or flagged images with their clean twins (x_clean)")
+        return {"meta": meta, "pairs": None}
+    originals = r.held[:max(PSEUDO_PAIRS, len(flagged))]
+    meta["pseudo_pairs"] = int(len(originals))
+    return {"meta": meta, "pairs": (Images(r.winner.apply(originals)), Images(originals))}
+
+
 def fit_directions(
     model,
     layers: Sequence[str],
@@ -210,6 +250,8 @@ def fit_directions(
     target: int | None = None,
     onnx_name: str = "model.onnx",
     shrink: bool = True,
+    reconstruct: str = "off",
+    held: Images | None = None,
 ) -> dirs.Directions:
     """Fit one target per layer and return the directions, with the checks' results in
     ``meta["checks"]`` and each target's fingerprint.
@@ -223,6 +265,12 @@ def fit_directions(
     tensor it applies to; its shape and (with a PyTorch model) its values are checked against the
     module's output. ``target`` (the attack's target class, when known) is checked against the
     triggered samples' predictions.
+
+    ``reconstruct="auto"`` with unpaired triggered images (flagged inputs, no ``triggered_source``):
+    reconstruct the trigger in pixel space and let the model confirm it (:mod:`fire_onnx.reconstruct`);
+    when confirmed, the fit is paired on pseudo-pairs (the reconstructed trigger stamped on ``held``
+    clean images, or on ``clean`` when not given; the image without it), with the flagged images'
+    own activations added to what gate auto must reach. The outcome is in ``meta["reconstruction"]``.
     """
     if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
         raise FireError("the clean originals of the triggered images do not match them in shape")
@@ -248,6 +296,18 @@ def fit_directions(
     acts_t, logits_t = source.run(preprocess(triggered.x), progress)
     acts_p = source.run(preprocess(triggered_source.x), progress)[0] if triggered_source is not None else None
     checks = model_checks(logits_c, clean.y, logits_t, target, len(triggered))
+    acts_gate = None
+    if reconstruct not in RECONSTRUCT_CHOICES:
+        raise FireError(f"reconstruct must be one of {', '.join(RECONSTRUCT_CHOICES)}")
+    if reconstruct == "auto" and triggered_source is None:
+        pseudo = reconstruct_pairs(source, preprocess, clean, triggered, logits_t, held, checks)
+        meta["reconstruction"] = pseudo["meta"]
+        if pseudo["pairs"] is not None:
+            stamped, originals = pseudo["pairs"]
+            acts_gate = acts_t if GATE_FLAGGED else None
+            acts_t = source.run(preprocess(stamped.x), progress)[0]
+            acts_p = source.run(preprocess(originals.x), progress)[0]
+            triggered = stamped
     probe_x = probes.probe_images(clean.x)
     acts_probe = source.run(preprocess(probe_x))[0]
 
@@ -258,7 +318,8 @@ def fit_directions(
                        quantile=quantile, alpha=alpha, module="" if is_tensor else name,
                        tensor=tensor_of.get(name, ""),
                        paired=None if acts_p is None else acts_p[name],
-                       clean_labels=clean.y, triggered_labels=triggered.y, shrink=shrink)
+                       clean_labels=clean.y, triggered_labels=triggered.y,
+                       gate_triggered=None if acts_gate is None else acts_gate[name], shrink=shrink)
         t.fingerprint = probes.fingerprint(acts_probe[name])
         if inferred is not None:
             from fire_onnx.onnxutil import tensor_info

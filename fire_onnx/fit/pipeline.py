@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from fire_onnx import directions as dirs
 from fire_onnx import triggers
 from fire_onnx.data import Preprocess, fit_samples, load_images, load_triggered
@@ -46,6 +48,7 @@ class FitRequest:
     std: list[float] | None = None
     input_layout: str | None = None
     shrink: bool = True  # shrink an unpaired shift by its content noise (fire_onnx.estimate.shrunk_shift)
+    reconstruct: str = "auto"  # flagged images without x_clean: reconstruct the trigger ("auto") or not ("off")
     notes: list[str] = field(default_factory=list)  # filled in: what fit decided on the user's behalf
 
     def validate(self) -> None:
@@ -63,6 +66,8 @@ class FitRequest:
             raise FireError("--tensor names the ONNX tensor of one --layer; give exactly one --layer with it")
         if self.tensor and not self.onnx_path:
             raise FireError("--tensor needs --onnx (it names a tensor of that model)")
+        if self.reconstruct not in ("auto", "off"):
+            raise FireError("--reconstruct must be auto or off")
 
 
 def infer_input_layout(onnx_model, image_shape) -> str | None:
@@ -128,12 +133,17 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
 
         model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
     tensors = {req.layers[0]: req.tensor} if req.tensor else None
+    reconstruct, held = "off", None
+    if req.reconstruct == "auto" and source is None:  # flagged images without their clean twins
+        # the pool images fit_samples did not pick as clean samples (same seeded order)
+        rest = np.random.default_rng(req.seed).permutation(len(pool))[req.n_clean:]
+        reconstruct, held = "auto", pool.subset(rest) if len(rest) else None
     onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
     return fit_directions(model, list(req.layers), clean, triggered, pre, method=req.method, k=k, gate=req.gate,
                           quantile=req.quantile, alpha=req.alpha, layout=req.layout, batch_size=req.batch_size,
                           onnx_model=onnx_model, meta=meta, triggered_source=source, progress=progress,
-                          tensors=tensors, target=req.target, onnx_name=onnx_name,
-                          shrink=req.shrink)
+                          tensors=tensors, target=req.target, onnx_name=onnx_name, reconstruct=reconstruct,
+                          held=held, shrink=req.shrink)
 
 
 def summary(d: dirs.Directions) -> dict:
@@ -151,5 +161,27 @@ def summary(d: dirs.Directions) -> dict:
             "warnings": list(f.get("warnings", [])),
         })
     checks = dict(d.meta.get("checks", {}))
-    return {"targets": targets, "checks": checks, "preprocess": d.preprocess,
+    out = {"targets": targets, "checks": checks, "preprocess": d.preprocess,
             "warnings": list(checks.get("warnings", [])) + [w for t in targets for w in t["warnings"]]}
+    if d.meta.get("reconstruction"):
+        out["reconstruction"] = d.meta["reconstruction"]
+    return out
+
+
+def describe_reconstruction(rc: dict) -> str:
+    """One line on the trigger reconstruction (printed by ``fit``)."""
+    if not rc.get("confirmed"):
+        why = rc.get("reason") or f"best rate {rc.get('rate', 0):.0%} < {rc.get('threshold', 0.5):.0%}"
+        return f"trigger reconstruction: nothing confirmed ({why}); unpaired estimate used"
+    what = rc["kind"]
+    if "mask_pixels" in rc:
+        r0, r1, c0, c1 = rc["mask_box"]
+        what += f" ({rc['name']}: {rc['mask_pixels']} px in rows {r0}-{r1 - 1}, cols {c0}-{c1 - 1})"
+    elif "blend_ratio" in rc:
+        what += f" (ratio {rc['blend_ratio']:.2f})"
+    elif rc["kind"] == "additive":
+        what += f" ({rc['name']}, L2 {rc.get('delta_l2', 0):.0f})"
+    tried = ", ".join(f"{c['name']} {c.get('rate', 0):.0%}" for c in rc.get("candidates", []))
+    return (f"trigger reconstruction: {what}, confirmed: {rc['rate']:.0%} of {rc['n_confirm']} held clean images "
+            f"go to class {rc['majority_class']} when stamped; fitted paired on {rc.get('pseudo_pairs', 0)} "
+            f"pseudo-pairs (tried: {tried})")

@@ -1,0 +1,188 @@
+"""Trigger reconstruction from flagged inputs (fire_onnx.reconstruct) and fit --reconstruct end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from fire_onnx import reconstruct as rc
+from fire_onnx import triggers
+
+
+def textured(n: int, seed: int, h: int = 24, w: int = 24, c: int = 3) -> np.ndarray:
+    """Smooth random images (blurred noise plus a gradient): pixel values spread over 0..255."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(128, 60, size=(n, h // 4, w // 4, c))
+    x = np.repeat(np.repeat(x, 4, axis=1), 4, axis=2)
+    x += rng.normal(0, 25, size=(n, h, w, c)) + np.linspace(-30, 30, w)[None, None, :, None]
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def true_mask(spec: str, h: int = 24, w: int = 24) -> np.ndarray:
+    """Pixels the trigger replaces: stamp it on an all-gray image and on an all-black one."""
+    t = triggers.parse(spec)
+    a, b = np.full((1, h, w, 3), 77, np.uint8), np.full((1, h, w, 3), 160, np.uint8)
+    return (t.apply(a)[0] != a[0]).any(-1) | (t.apply(b)[0] != b[0]).any(-1)
+
+
+@pytest.mark.parametrize("spec", ["badnets:size=3,pos=br", "badnets:size=5,pos=tl,margin=0",
+                                  "badnets:size=4,pos=center,pattern=checker", "badnets:size=3,pos=tr,value=200"])
+def test_patch_location_and_pattern_are_recovered(spec):
+    clean, flagged_src = textured(300, 0), textured(20, 1)
+    trig = triggers.parse(spec)
+    cands = rc.patch_candidates(trig.apply(flagged_src), clean)
+    assert cands, "no patch found"
+    truth = true_mask(spec)
+    best = max(cands, key=lambda c: iou(c.mask[:, :, 0] > 0, truth))
+    m = best.mask[:, :, 0] > 0
+    assert iou(m, truth) >= 0.8
+    # stamped with the reconstruction, held images match the real trigger on the patch pixels
+    held = textured(10, 2)
+    assert np.abs(best.apply(held)[:, truth].astype(int) - trig.apply(held)[:, truth].astype(int)).max() <= 1
+    # and the plain "patch" candidate never strays far from the truth (no false pixels elsewhere)
+    assert (cands[0].mask[:, :, 0] > 0)[~_dilate(truth)].sum() == 0
+
+
+def _dilate(m):
+    return rc._dilate(m)
+
+
+def test_no_patch_in_clean_images_and_no_blend_in_a_patch():
+    clean, other = textured(300, 0), textured(20, 3)
+    assert rc.patch_candidates(other, clean) == []
+    assert rc.blend_ratio(other, clean) < rc.BLEND_MIN + 0.05
+    patched = triggers.parse("badnets:size=3").apply(other)
+    assert rc.blend_candidates(patched, clean, exclude=true_mask("badnets:size=3")) == []
+
+
+@pytest.mark.parametrize("alpha,n", [(0.2, 20), (0.3, 20), (0.1, 50)])
+def test_blend_ratio_is_recovered(alpha, n):
+    clean, src = textured(400, 0), textured(n, 5)
+    flagged = triggers.parse(f"blended:alpha={alpha},seed=4").apply(src)
+    a = rc.blend_ratio(flagged, clean)
+    assert abs(a - alpha) <= 0.05, a
+    (cand,) = rc.blend_candidates(flagged, clean)
+    assert cand.info["blend_ratio"] == pytest.approx(a, abs=1e-4)
+    # the recovered pattern correlates with the true one
+    pat = np.random.default_rng(4).integers(0, 256, size=(24, 24, 3)).astype(np.float32)
+    assert np.corrcoef(cand.pattern.ravel(), pat.ravel())[0, 1] > 0.5
+
+
+def test_additive_signal_is_recovered():
+    clean, src = textured(400, 0), textured(30, 6)
+    flagged = triggers.parse("sig:delta=30,freq=3").apply(src)
+    cands = rc.additive_candidates(flagged, clean)
+    sig = 30 * np.sin(2 * np.pi * np.arange(24) * 3 / 24)
+    d = cands[0].delta.mean(axis=(0, 2))
+    assert np.corrcoef(d, sig)[0, 1] > 0.9
+
+
+def detector(spec: str, target: int = 7):
+    """A stand-in 'model' that predicts ``target`` exactly when the patch of ``spec`` is present
+    (else class = image brightness bucket, never ``target``)."""
+    truth = true_mask(spec)
+    t = triggers.parse(spec)
+    value = t.apply(np.zeros((1, 24, 24, 3), np.uint8))[0][truth]
+
+    def predict(x):
+        hit = (np.abs(x[:, truth].astype(int) - value.astype(int)) <= 2).all(axis=(1, 2))
+        base = (x.reshape(len(x), -1).mean(axis=1) // 64).astype(int)  # 0..3
+        return np.where(hit, target, base)
+
+    return predict
+
+
+def test_reconstruct_confirms_the_patch_with_the_model():
+    spec = "badnets:size=3,pos=center"
+    predict = detector(spec)
+    flagged = triggers.parse(spec).apply(textured(20, 1))
+    r = rc.reconstruct(flagged, textured(300, 0), textured(150, 2), predict)
+    assert r.confirmed and r.winner.kind == "patch" and r.winner.rate >= 0.95
+    assert r.majority_class == 7 and r.majority_share == 1.0
+    d = r.describe()
+    assert d["kind"] == "patch" and d["rate"] >= 0.95 and d["mask_pixels"] >= 9 and len(d["candidates"]) >= 3
+    # near-ties go to the more structured kind, then to the smallest change
+    for c in r.candidates:
+        if c.rate >= max(x.rate for x in r.candidates) - d["tie_tolerance"]:
+            assert (rc.KIND_RANK[c.kind], c.change) >= (rc.KIND_RANK[r.winner.kind], r.winner.change)
+    json.dumps(d)  # recorded in the directions file's JSON header
+
+
+def test_nothing_confirmed_when_the_model_ignores_the_candidates():
+    flagged = triggers.parse("badnets:size=3").apply(textured(20, 1))
+    # a 'model' whose class is one pixel's value mod 4: no trigger model moves images to one class
+    r = rc.reconstruct(flagged, textured(300, 0), textured(150, 2), lambda x: x[:, 5, 5, 0].astype(int) % 4)
+    assert not r.confirmed and r.describe()["kind"] == "none" and "no trigger model" in r.reason
+
+
+# ------------------------------------------------------------------------------- end to end (CLI)
+def test_fit_from_flagged_images_only_removes_the_backdoor(demo_run, mnist_path, tmp_path):
+    """20 flagged images (triggered test images of non-target classes, no x_clean, no labels):
+    fit reconstructs the patch, fits paired on pseudo-pairs, and the patched model loses the backdoor;
+    the unpaired estimate (--reconstruct off) is recorded as such."""
+    from fire_onnx.data import load_images
+
+    out, report = demo_run
+    test = load_images(mnist_path, "test")
+    idx = np.flatnonzero(test.y != 0)[:20]
+    flagged = tmp_path / "flagged.npz"
+    np.savez(flagged, x=triggers.parse("badnets").apply(test.x[idx]))
+    d = tmp_path / "d.npz"
+    # activations and predictions from the PyTorch model here (the README's example fits from the ONNX model)
+    proc = run_cli("fit", "--model", "fire_onnx_models.small_cnn:build_mnist", "--weights", out / "model.pt",
+                   "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered",
+                   flagged, "--mean", "0.5", "--std", "0.5", "-o", d, "--json", tmp_path / "fit.json", check=True)
+    assert "trigger reconstruction: patch" in proc.stdout and "confirmed" in proc.stdout, proc.stdout
+    summ = json.loads((tmp_path / "fit.json").read_text())
+    recon = summ["reconstruction"]
+    assert recon["kind"] == "patch" and recon["rate"] >= 0.9 and recon["majority_class"] == 0
+    assert set(range(24, 27)) >= set(range(*recon["mask_box"][:2])) or recon["mask_pixels"] <= 16
+    assert summ["targets"][0]["reference"] == "paired"
+    # --reconstruct off: the plain unpaired estimate, no reconstruction recorded
+    run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered", flagged,
+            "--mean", "0.5", "--std", "0.5", "--reconstruct", "off", "-o", tmp_path / "off.npz", "--json",
+            tmp_path / "off.json", check=True)
+    off = json.loads((tmp_path / "off.json").read_text())
+    assert off["targets"][0]["reference"] == "unpaired" and "reconstruction" not in off
+    run_cli("patch", out / "model.onnx", d, "-o", tmp_path / "m.onnx", check=True)
+    run_cli("eval", out / "model.onnx", tmp_path / "m.onnx", "--data", mnist_path, "--trigger", "badnets",
+            "--target", "0", "--json", tmp_path / "eval.json", check=True)
+    res = json.loads((tmp_path / "eval.json").read_text())["models"]
+    orig, fixed = res[str(out / "model.onnx")], res[str(tmp_path / "m.onnx")]
+    assert orig["asr"] >= 0.9
+    assert fixed["asr"] <= 0.03, fixed
+    assert orig["ca"] - fixed["ca"] <= 0.01
+
+
+def test_flagged_clean_images_warn_nothing_confirmed(demo_run, mnist_path, tmp_path):
+    """A 'flagged' file of plain clean images shares no trigger: fit says nothing was confirmed and
+    falls back to the unpaired estimate with a warning instead of a silent bad repair."""
+    from fire_onnx.data import load_images
+
+    out, _ = demo_run
+    test = load_images(mnist_path, "test")
+    flagged = tmp_path / "flagged.npz"
+    np.savez(flagged, x=test.x[test.y == 3][:20])
+    proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered",
+                   flagged, "--mean", "0.5", "--std", "0.5", "-o", tmp_path / "d.npz", "--json", tmp_path / "f.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "no trigger reconstruction confirmed" in proc.stderr
+    assert "nothing confirmed" in proc.stdout
+    summ = json.loads((tmp_path / "f.json").read_text())
+    assert summ["reconstruction"]["kind"] == "none" and summ["targets"][0]["reference"] == "unpaired"
+
+
+def test_reconstruct_option_is_checked():
+    from fire_onnx.errors import FireError
+    from fire_onnx.fit.pipeline import FitRequest
+
+    req = FitRequest(layers=["x"], clean_path="c.npz", onnx_path="m.onnx", trigger_spec="badnets", reconstruct="on")
+    with pytest.raises(FireError, match="--reconstruct must be auto or off"):
+        req.validate()
