@@ -657,6 +657,8 @@ class Outcomes:
         exc = res.exception
         if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
             return None
+        if isinstance(exc, SystemExit) and exc.code == 3:  # eval's --fail-* exit (not used here, but not a crash)
+            return "exit 3"
         if isinstance(exc, FireError):
             msg = str(exc)
             assert msg and "\n" not in msg, repr(msg)
