@@ -46,13 +46,14 @@ def _probe_writable(folder: Path) -> None:
 
 
 def check_outputs(outputs: Iterable[str | os.PathLike | None],
-                  inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+                  inputs: Iterable[str | os.PathLike | None] = (), *, special_ok: bool = True) -> None:
     """Check, before any work, that every output file can be written; raise FireError otherwise.
 
     ``None`` and ``"-"`` (stdout) entries are skipped. An output must not be an existing folder, nor
     one of ``inputs`` (fire-onnx never overwrites its input: same path, symlink or hard link), nor be
     named twice; its folder must exist and accept a new file. An existing device or pipe (``/dev/null``)
-    is accepted when writable: it is written in place.
+    is accepted when writable and ``special_ok`` (it is written in place); model outputs, which are
+    moved into place with their external data, pass ``special_ok=False``.
     """
     ins = [Path(p) for p in inputs if p is not None and str(p) not in ("", "-")]
     seen: list[Path] = []
@@ -70,6 +71,8 @@ def check_outputs(outputs: Iterable[str | os.PathLike | None],
         if p.is_dir():
             raise FireError(f"output {out} is a folder; name a file to write")
         if _is_special(p):
+            if not special_ok:
+                raise FireError(f"output {out} is not a regular file (a device or a pipe); name a file to write")
             if not os.access(p, os.W_OK):
                 raise FireError(f"cannot write to {out} (permission denied)")
             continue

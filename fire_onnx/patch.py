@@ -495,7 +495,7 @@ def patch_file(
     ``verify``, the written model must load in onnxruntime before it replaces ``output``. Directions
     whose recorded fingerprint does not match the model are refused unless ``force``."""
     out_path = Path(output) if output else default_output(model_path)
-    check_outputs([out_path], [model_path, directions_path])
+    check_outputs([out_path], [model_path, directions_path], special_ok=False)
     model = load_model(model_path)
     d = dirs.load(directions_path)
     result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))

@@ -261,12 +261,26 @@ def test_read_only_folder_is_refused_before_any_work(ws, cmd):
         ro.chmod(0o755)
 
 
-def test_dev_null_is_written_in_place_not_replaced(ws):
-    """A JSON report to /dev/null (a CI idiom) works and leaves the device a device."""
-    if not os.path.exists("/dev/null"):
-        pytest.skip("no /dev/null")
-    run_cli("patch", "tiny.onnx", "d.npz", "-o", "p.onnx", "--json", "/dev/null", cwd=ws, check=True)
-    assert not Path("/dev/null").is_file() and (ws / "p.onnx").is_file()
+def test_a_pipe_or_device_report_is_written_in_place_not_replaced(ws):
+    """A JSON report to a device or pipe (``--json /dev/null``, a CI idiom) is written into it, never
+    replaced by a regular file; a model output there is refused (models are moved into place)."""
+    import threading
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    fifo = ws / "report.pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    proc = run_here("patch", "tiny.onnx", "d.npz", "-o", "p.onnx", "--json", fifo, cwd=ws)
+    reader.join(timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(got[0])["output"] == "p.onnx" and (ws / "p.onnx").is_file()
+    assert not fifo.is_file() and fifo.exists()  # still the pipe
+    before = snapshot(ws)
+    assert_user_error(run_here("patch", "tiny.onnx", "d.npz", "-o", fifo, cwd=ws), ws, before, "not a regular file")
+    assert not fifo.is_file() and fifo.exists()
 
 
 def test_library_patch_file_checks_its_output(ws):
