@@ -100,9 +100,14 @@ class Target:
             fs = [int(s) for s in self.feature_shape]
             if self.layout == "flat":
                 if any(s <= 0 for s in fs) or math.prod(fs) != d:
-                    raise FireError(f"{where}: feature_shape {fs} does not flatten to D = {d}")
+                    raise FireError(f"{where}: feature_shape {_brief(fs)} does not flatten to D = {d}")
             elif fs[-1] != d:
-                raise FireError(f"{where}: feature_shape {fs} must end in D = {d} for layout {self.layout}")
+                raise FireError(f"{where}: feature_shape {_brief(fs)} must end in D = {d} for layout {self.layout}")
+
+
+def _brief(v, limit: int = 60) -> str:
+    text = str(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -169,13 +174,13 @@ ARRAYS = ("mu", "U", "tau", "alpha")
 def _header_text(arrays: dict, path) -> str:
     h = arrays["header"]
     if not isinstance(h, np.ndarray) or h.dtype.kind not in "US" or h.size != 1:
-        raise FireError(f"{path}: the 'header' entry is not a JSON string (a damaged or hand-made file?)")
+        raise _Damaged(f"{path}: the 'header' entry is not a JSON string")
     v = h.reshape(-1)[0]
     if isinstance(v, bytes):
         try:
             return v.decode("utf-8")
         except UnicodeDecodeError:
-            raise FireError(f"{path}: the 'header' entry is not UTF-8 text") from None
+            raise _Damaged(f"{path}: the 'header' entry is not UTF-8 text") from None
     return str(v)
 
 
@@ -191,7 +196,7 @@ def _target_from_header(h: dict, arr: dict, where: str) -> Target:
         if v is None:
             return ""
         if not isinstance(v, str):
-            raise FireError(f"{where}: {key} must be a string, got {_kind(v)}")
+            raise _Damaged(f"{where}: {key} must be a string, got {_kind(v)}")
         return v
 
     def obj(key: str) -> dict:
@@ -199,22 +204,22 @@ def _target_from_header(h: dict, arr: dict, where: str) -> Target:
         if v is None:
             return {}
         if not isinstance(v, dict):
-            raise FireError(f"{where}: {key} must be an object, got {_kind(v)}")
+            raise _Damaged(f"{where}: {key} must be an object, got {_kind(v)}")
         return v
 
     fs = h.get("feature_shape")
     if fs is None:
         fs = []
     if not isinstance(fs, list) or not all(is_int(x) for x in fs):
-        raise FireError(f"{where}: feature_shape must be a list of integers")
+        raise _Damaged(f"{where}: feature_shape must be a list of integers")
     if any(x < -1 for x in fs):
-        raise FireError(f"{where}: feature_shape {fs} has a negative dimension")
+        raise _Damaged(f"{where}: feature_shape {_brief(fs)} has a negative dimension")
     fingerprint = obj("fingerprint")
     if fingerprint:
         from fire_onnx.probe import FINGERPRINT_VERSION, valid_fingerprint
 
         if fingerprint.get("version") == FINGERPRINT_VERSION and not valid_fingerprint(fingerprint):
-            raise FireError(f"{where}: its model fingerprint is malformed (a damaged or hand-edited file?)")
+            raise _Damaged(f"{where}: its model fingerprint is malformed")
     t = Target(layout=text("layout"), gate=text("gate"), tensor=text("tensor"), module=text("module"),
                feature_shape=list(fs), fit=obj("fit"), fingerprint=fingerprint, **arr)
     for key in ("dim", "k"):
@@ -222,19 +227,22 @@ def _target_from_header(h: dict, arr: dict, where: str) -> Target:
         if v is None:
             continue
         if not is_int(v):
-            raise FireError(f"{where}: {key} must be an integer, got {_kind(v)}")
+            raise _Damaged(f"{where}: {key} must be an integer, got {_kind(v)}")
         a = t.U
         if isinstance(a, np.ndarray) and a.ndim == 2 and v != a.shape[1 if key == "dim" else 0]:
-            raise FireError(f"{where}: the header says {key} = {v} but U has shape {a.shape}")
+            raise _Damaged(f"{where}: the header says {key} = {v} but U has shape {a.shape}")
     return t
 
 
 def _check_meta(meta: dict, path) -> None:
     target, trigger = meta.get("target"), meta.get("trigger")
     if target is not None and (not is_int(target) or target < 0):
-        raise FireError(f"{path}: meta.target must be a class index (an integer >= 0), got {_kind(target)}")
+        raise _Damaged(f"{path}: meta.target must be a class index (an integer >= 0), got {_kind(target)}")
     if trigger is not None and not isinstance(trigger, dict):
-        raise FireError(f"{path}: meta.trigger must be an object, got {_kind(trigger)}")
+        raise _Damaged(f"{path}: meta.trigger must be an object, got {_kind(trigger)}")
+
+
+DAMAGED = "(a damaged or hand-edited directions file: fit the directions again)"
 
 
 def load(path: str | os.PathLike) -> Directions:
@@ -249,9 +257,20 @@ def load(path: str | os.PathLike) -> Directions:
     if "header" not in arrays:
         raise FireError(f"{path} is not a fire-onnx directions file (no 'header' entry)")
     try:
+        return _load(path, arrays)
+    except _Damaged as e:
+        raise FireError(f"{e} {DAMAGED}") from None
+
+
+class _Damaged(FireError):
+    """A structural problem of a file that otherwise claims to be a directions file."""
+
+
+def _load(path, arrays: dict) -> Directions:
+    try:
         header = loads_json(_header_text(arrays, path))
     except ValueError as e:
-        raise FireError(f"{path}: the header {e}") from None
+        raise _Damaged(f"{path}: the header {e}") from None
     if not isinstance(header, dict):
         raise FireError(f"{path} is not a fire-onnx directions file (its header is {_kind(header)}, not an object)")
     if header.get("format") != FORMAT:
@@ -264,26 +283,26 @@ def load(path: str | os.PathLike) -> Directions:
         raise FireError(f"{path} has directions schema version {shown}; this fire-onnx reads version {SCHEMA_VERSION}")
     heads = header.get("targets")
     if not isinstance(heads, list):
-        raise FireError(f"{path}: header has no target list")
+        raise _Damaged(f"{path}: header has no target list")
     expected = {"header", "probe.x"} | {f"t{i}.{n}" for i in range(len(heads)) for n in ARRAYS}
     extra = sorted(k for k in arrays if k not in expected)
     if extra:
-        raise FireError(f"{path}: unexpected arrays {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} "
-                        f"for a header with {len(heads)} target(s) (a damaged or hand-edited file?)")
+        raise _Damaged(f"{path}: unexpected arrays {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} "
+                        f"for a header with {len(heads)} target(s)")
     targets = []
     for i, h in enumerate(heads):
         if not isinstance(h, dict):
-            raise FireError(f"{path}: target {i} header is not an object")
+            raise _Damaged(f"{path}: target {i} header is not an object")
         arr = {}
         for name in ARRAYS:
             key = f"t{i}.{name}"
             if key not in arrays:
-                raise FireError(f"{path}: missing array {key}")
+                raise _Damaged(f"{path}: missing array {key}")
             arr[name] = arrays[key]
         targets.append(_target_from_header(h, arr, f"{path}: target {i}"))
     for key in ("preprocess", "meta"):
         if header.get(key) is not None and not isinstance(header[key], dict):
-            raise FireError(f"{path}: header {key} must be an object, got {_kind(header[key])}")
+            raise _Damaged(f"{path}: header {key} must be an object, got {_kind(header[key])}")
     preprocess = dict(header.get("preprocess") or {})
     if preprocess:
         from fire_onnx.data import preprocess_from_record
@@ -291,7 +310,7 @@ def load(path: str | os.PathLike) -> Directions:
         try:
             preprocess = preprocess_from_record(preprocess).as_dict()
         except ValueError as e:
-            raise FireError(f"{path}: the recorded preprocessing {e}; fit the directions again") from None
+            raise _Damaged(f"{path}: the recorded preprocessing {e}") from None
     meta = dict(header.get("meta") or {})
     _check_meta(meta, path)
     d = Directions(targets=targets, preprocess=preprocess, meta=meta, probe=arrays.get("probe.x"))
@@ -299,12 +318,12 @@ def load(path: str | os.PathLike) -> Directions:
     for i, t in enumerate(targets):
         stats = t.fingerprint.get("stats")
         if isinstance(probe, np.ndarray) and probe.ndim == 4 and isinstance(stats, list) and len(stats) != len(probe):
-            raise FireError(f"{path}: target {i}: its model fingerprint has {len(stats)} rows for {len(probe)} probe "
-                            "images (a damaged or hand-edited file?)")
+            raise _Damaged(f"{path}: target {i}: its model fingerprint has {len(stats)} rows for {len(probe)} probe "
+                            "images")
     try:
         d.validate()
     except FireError as e:
-        raise FireError(f"{path}: {e}") from None
+        raise _Damaged(f"{path}: {e}") from None
     return d
 
 
