@@ -69,6 +69,15 @@ def test_ir3_light_model_patches_and_matches_numpy(sweep, tmp_path):
     assert m.ir_version == 3
     assert sum(n.name.endswith("/repaired") for n in m.graph.node) == 1
 
+    # an initializer is a graph input before IR 4, but a weight, not an activation to repair
+    weight = src.graph.initializer[0].name
+    assert weight in {i.name for i in src.graph.input}
+    bad = tmp_path / "weight.npz"
+    dirs.save(dirs.Directions([random_target(4, weight, layout="vector")]), bad)
+    proc = run_cli("patch", path, bad, "-o", tmp_path / "w.onnx")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"tensor {weight!r} is not in the model" in proc.stderr
+
 
 def test_upgraded_pytorch_model_patches_and_matches_numpy(sweep, tmp_path):
     """An opset-6 pytorch test model, upgraded to opset 9 by onnx.version_converter (IR 3 kept)."""
