@@ -6,6 +6,7 @@ import ast
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -174,17 +175,31 @@ def atomic_model_path(dest: str | os.PathLike) -> Iterator[Path]:
     When the block succeeds the external data file (if one was written, named ``dest`` + ".data") and
     then the model are moved onto their final names; on failure (or Ctrl-C) the folder is removed and
     nothing is left behind. The temporary model can be loaded (onnxruntime, onnx.checker) inside the
-    block, with its data beside it.
+    block, with its data beside it. A ``dest`` that is a device or a pipe (``-o /dev/null``) is
+    written in place, never replaced; a model with external data cannot go there.
     """
     dest = Path(dest)
+    special = _is_special(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
         raise FireError(f"output folder does not exist: {parent}")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
+    if dest.is_dir():
+        raise FireError(f"output {dest} is a folder; name a file to write")
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=None if special else parent))
+    except OSError as e:
+        raise FireError(f"cannot write to the output folder {parent} ({e.strerror or e})") from None
     try:
         tmp = tmpdir / dest.name
         yield tmp
         data = tmpdir / (dest.name + ".data")
+        if special:
+            if data.exists():
+                raise FireError(f"{dest} is not a regular file, and a model this large needs one "
+                                "(its weights go to a .data file beside it)")
+            with open(tmp, "rb") as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+            return
         for p in (data, tmp):
             if p.exists():
                 os.chmod(p, 0o666 & ~_umask())
@@ -193,6 +208,15 @@ def atomic_model_path(dest: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _is_special(p: Path) -> bool:
+    """An existing path that is neither a regular file nor a folder (a device such as /dev/null, a pipe)."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 def _umask() -> int:

@@ -114,8 +114,11 @@ def read_patched_targets(model: onnx.ModelProto) -> tuple[list[dict], str | None
 
 
 def _all_tensor_names(model: onnx.ModelProto) -> list[str]:
+    """Activations: node outputs and graph inputs (before IR 4 initializers are graph inputs too, but
+    they are weights, not activations)."""
+    initializers = {i.name for i in model.graph.initializer}
     names = [o for n in model.graph.node for o in n.output if o]
-    names += [i.name for i in model.graph.input]
+    names += [i.name for i in model.graph.input if i.name not in initializers]
     return list(dict.fromkeys(names))
 
 

@@ -69,6 +69,15 @@ def test_ir3_light_model_patches_and_matches_numpy(sweep, tmp_path):
     assert m.ir_version == 3
     assert sum(n.name.endswith("/repaired") for n in m.graph.node) == 1
 
+    # an initializer is a graph input before IR 4, but a weight, not an activation to repair
+    weight = src.graph.initializer[0].name
+    assert weight in {i.name for i in src.graph.input}
+    bad = tmp_path / "weight.npz"
+    dirs.save(dirs.Directions([random_target(4, weight, layout="vector")]), bad)
+    proc = run_cli("patch", path, bad, "-o", tmp_path / "w.onnx")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"tensor {weight!r} is not in the model" in proc.stderr
+
 
 def test_upgraded_pytorch_model_patches_and_matches_numpy(sweep, tmp_path):
     """An opset-6 pytorch test model, upgraded to opset 9 by onnx.version_converter (IR 3 kept)."""
@@ -237,3 +246,24 @@ def test_size_without_serializing_and_light_copy(tmp_path):
     b = ort.InferenceSession(str(tmp_path / "copy.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(a, b)
     assert light_copy(m).ByteSize() < 1_000  # weightless
+
+
+def test_patch_to_a_device_writes_in_place(tmp_path):
+    """``-o /dev/null`` (a dry run) writes through the device and never replaces it; a model with
+    external data cannot go there (one-line error, exit 1)."""
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null")
+    import subprocess
+
+    model = tmp_path / "mlp.onnx"
+    mlp_model(model)
+    d = tmp_path / "d.npz"
+    dirs.save(dirs.Directions([random_target(256, "h", layout="vector")]), d)
+    run_cli("patch", model, d, "-o", "/dev/null", check=True)
+    assert Path("/dev/null").is_char_device()
+    env = {**os.environ, "FIRE_ONNX_EXTERNAL_DATA_THRESHOLD": "10000"}
+    proc = subprocess.run(fire_onnx_exe() + ["patch", str(model), str(d), "-o", "/dev/null"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "not a regular file" in proc.stderr
+    assert Path("/dev/null").is_char_device() and not Path("/dev/null.data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "mlp.onnx"]

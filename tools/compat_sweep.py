@@ -373,9 +373,10 @@ def check_model(suite: str, name: str, path: Path, work: Path, index: int = 0) -
 def render(records: list[dict]) -> str:
     suites = list(dict.fromkeys(r["suite"] for r in records))
     lines = ["# Compatibility sweep: the onnx package's backend test models", "",
-             f"onnx {onnx.__version__}; each model: `fire-onnx inspect`, then `fire-onnx patch` at one float intermediate "
-             "tensor with random directions, checked in onnxruntime against a numpy reference of the repair and "
-             "of the rewiring (tools/compat_sweep.py).", "",
+             f"onnx {onnx.__version__}; each model: `fire-onnx inspect --all`, then `fire-onnx patch` at one float "
+             "activation with random directions, checked in onnxruntime against a numpy reference of the repair and "
+             "of the rewiring (tools/compat_sweep.py). Models older than opset 9 are upgraded with "
+             "onnx.version_converter first.", "",
              "| suite | models | ok | clean refusals | skipped | tracebacks | mismatches |", "|---|---|---|---|---|---|---|"]
     tot = Counter()
     for s in suites:
@@ -397,9 +398,15 @@ def render(records: list[dict]) -> str:
         for (stage, reason), models in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             shown = ", ".join(models[:6]) + (f" … (+{len(models) - 6})" if len(models) > 6 else "")
             lines.append(f"| {stage or '-'} | {reason.replace('|', '/')} | {len(models)}: {shown} |")
-    ir3 = [r for r in records if r.get("ir_version", 99) < 4 and r["status"] == "ok"]
-    lines += ["", f"IR version < 4 models patched and verified: {len(ir3)}; upgraded from an older opset: "
-              f"{sum(1 for r in records if r.get('upgrade'))}."]
+    ok = [r for r in records if r["status"] == "ok"]
+    ir3 = [r for r in ok if r.get("ir_version", 99) < 4]
+    layouts = Counter(f"{r['layout']}/{r['gate']}" for r in ok)
+    lines += ["", f"Patched and verified: {len(ok)} models, {len(ir3)} of them IR version < 4; "
+              f"{sum(1 for r in records if r.get('upgrade'))} upgraded from an older opset; "
+              f"{sum(1 for r in ok if r.get('graph_output'))} at a graph output (one-node models), the rest at an "
+              f"intermediate tensor; layout/gate: " + ", ".join(f"{k} {v}" for k, v in sorted(layouts.items())) +
+              f". Largest relative error of the repaired tensor: {max((r['target_err'] for r in ok), default=0):.2g}; "
+              f"of the outputs (rewiring): {max((r['output_err'] for r in ok), default=0):.2g}."]
     return "\n".join(lines) + "\n"
 
 
@@ -409,7 +416,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="only models whose name contains this")
     ap.add_argument("--out", required=True, help="folder for results.json and results.md")
     ap.add_argument("--keep", default=None, help="keep each model's work folder under this folder")
+    ap.add_argument("--render", action="store_true", help="only rewrite results.md from <out>/results.json")
     args = ap.parse_args(argv)
+    if args.render:
+        records = json.loads((Path(args.out) / "results.json").read_text())["models"]
+        (Path(args.out) / "results.md").write_text(render(records))
+        print(render(records))
+        return 0
 
     models = list_models(tuple(args.suite or SUITES), args.only)
     records = []
