@@ -79,12 +79,18 @@ def test_ir3_light_model_patches_and_matches_numpy(sweep, tmp_path):
     assert f"tensor {weight!r} is not in the model" in proc.stderr
 
 
-def test_upgraded_pytorch_model_patches_and_matches_numpy(sweep, tmp_path):
-    """An opset-6 pytorch test model, upgraded to opset 9 by onnx.version_converter (IR 3 kept)."""
-    path = backend_model(sweep, "pytorch-converted", "test_ConvTranspose2d")
-    rec = sweep.check_model("pytorch-converted", "test_ConvTranspose2d", path, tmp_path / "ct", index=2)
+@pytest.mark.parametrize("name,index,layout,graph_output", [
+    ("test_ConvTranspose2d", 2, "flat", True),  # one node: the graph output is patched, its name kept
+    ("test_GLU_dim", 1, "token", False),  # an intermediate (N, T, D) tensor, per-token repair
+])
+def test_upgraded_pytorch_model_patches_and_matches_numpy(sweep, tmp_path, name, index, layout, graph_output):
+    """Opset-6 pytorch test models, upgraded to opset 9 by onnx.version_converter (IR 3 kept)."""
+    path = backend_model(sweep, "pytorch-converted", name)
+    rec = sweep.check_model("pytorch-converted", name, path, tmp_path / "m", index=index)
     assert rec["status"] == "ok", rec
-    assert rec["upgrade"] == "opset 6 -> 9" and rec["ir_version"] < 4
+    assert rec["upgrade"] == "opset 6 -> 9" and rec["ir_version"] < 4 and rec["patched_ir_version"] == rec["ir_version"]
+    assert (rec["layout"], rec["graph_output"]) == (layout, graph_output)
+    assert rec["target_err"] < 1e-4 and rec["output_err"] < 1e-4
 
 
 def unknown_shape_model(path: Path) -> None:
