@@ -254,22 +254,28 @@ def test_size_without_serializing_and_light_copy(tmp_path):
     assert light_copy(m).ByteSize() < 1_000  # weightless
 
 
-def test_patch_to_a_device_writes_in_place(tmp_path):
-    """``-o /dev/null`` (a dry run) writes through the device and never replaces it; a model with
-    external data cannot go there (one-line error, exit 1)."""
+def test_model_output_to_a_device(tmp_path, monkeypatch):
+    """``patch -o /dev/null`` is refused before any work (one line, exit 1) and the device stays a device;
+    the library's atomic_model_path writes through a device in place (never replacing it) and refuses
+    there a model with external data."""
     if not os.path.exists("/dev/null"):
         pytest.skip("no /dev/null")
-    import subprocess
+    from fire_onnx.errors import FireError
+    from fire_onnx.onnxutil import save_model
 
     model = tmp_path / "mlp.onnx"
     mlp_model(model)
     d = tmp_path / "d.npz"
     dirs.save(dirs.Directions([random_target(256, "h", layout="vector")]), d)
-    run_cli("patch", model, d, "-o", "/dev/null", check=True)
-    assert Path("/dev/null").is_char_device()
-    env = {**os.environ, "FIRE_ONNX_EXTERNAL_DATA_THRESHOLD": "10000"}
-    proc = subprocess.run(fire_onnx_exe() + ["patch", str(model), str(d), "-o", "/dev/null"], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = run_cli("patch", model, d, "-o", "/dev/null")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "not a regular file" in proc.stderr
+    assert Path("/dev/null").is_char_device()
+
+    m = onnx.load(str(model))
+    save_model(m, "/dev/null")
+    assert Path("/dev/null").is_char_device()
+    monkeypatch.setenv("FIRE_ONNX_EXTERNAL_DATA_THRESHOLD", "10000")
+    with pytest.raises(FireError, match="not a regular file"):
+        save_model(m, "/dev/null")
     assert Path("/dev/null").is_char_device() and not Path("/dev/null.data").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "mlp.onnx"]
