@@ -83,7 +83,11 @@ def approx_size(model: onnx.ModelProto) -> int:
     g = model.graph
     total = sum(_tensor_nbytes(t) for t in g.initializer)
     for part in (g.node, g.sparse_initializer, g.input, g.output, g.value_info, model.functions):
-        total += sum(x.ByteSize() for x in part)
+        for x in part:
+            try:
+                total += x.ByteSize()
+            except Exception:  # EncodeError: this part alone is past 2 GiB
+                total += 1 << 31
     return total
 
 
@@ -161,11 +165,18 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, data_location: 
     """Serialize ``model`` to ``path``; from the external-data threshold (~1.9 GB) on, its weights go to
     ``data_location`` in the same folder. ``model`` is not modified. For an atomic pair of files write
     into the folder of :func:`atomic_model_path`."""
-    if approx_size(model) < external_data_threshold():
-        Path(path).write_bytes(model.SerializeToString())
-    else:
-        light = light_copy(model, Path(path).parent / data_location)
-        Path(path).write_bytes(light.SerializeToString())
+    from google.protobuf.message import EncodeError
+
+    try:
+        if approx_size(model) < external_data_threshold():
+            Path(path).write_bytes(model.SerializeToString())
+        else:
+            light = light_copy(model, Path(path).parent / data_location)
+            Path(path).write_bytes(light.SerializeToString())
+    except EncodeError:  # what stays inline (Constant nodes, subgraphs) is itself past 2 GiB
+        raise FireError("the patched model is too large to write: over 2 GiB remain outside the top-level "
+                        "initializers (in Constant nodes or subgraphs), which fire-onnx does not move to "
+                        "external data; turn large Constant nodes into initializers first") from None
 
 
 @contextlib.contextmanager
