@@ -324,6 +324,7 @@ def reconstruct(flagged: np.ndarray, clean: np.ndarray, held: np.ndarray, predic
     share = float(counts[maj] / len(fp))
     ref = clean[~clean_excluded] if clean_excluded is not None else clean
     hold = held[~held_excluded] if held_excluded is not None else held
+    hold = hold[:3 * n_confirm]  # enough to find n_confirm the model does not already put in that class
     hold = hold[predict(hold) != maj][:n_confirm] if len(hold) else hold
     ref_pred = predict(ref) if len(ref) else np.zeros(0, int)
     ref = ref[ref_pred != maj]

@@ -186,3 +186,12 @@ def test_reconstruct_option_is_checked():
     req = FitRequest(layers=["x"], clean_path="c.npz", onnx_path="m.onnx", trigger_spec="badnets", reconstruct="on")
     with pytest.raises(FireError, match="--reconstruct must be auto or off"):
         req.validate()
+
+
+def test_patch_survives_a_fifth_of_flagged_images_without_the_trigger():
+    """Monitoring flags some clean inputs too: with 4 of 20 flagged images untriggered the patch is
+    still found exactly (a pixel needs PATCH_AGREE = 80 % of the flagged images to agree)."""
+    flagged = triggers.parse("badnets:size=4,pos=bl").apply(textured(20, 1))
+    flagged[:4] = textured(4, 9)
+    cands = rc.patch_candidates(flagged, textured(300, 0))
+    assert cands and iou(cands[0].mask[:, :, 0] > 0, true_mask("badnets:size=4,pos=bl")) >= 0.8
