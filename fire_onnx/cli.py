@@ -116,9 +116,9 @@ def cli():
 @click.option("--no-weights", is_flag=True,
               help="The --model factory returns a trained model by itself (without this, --model without "
                    "--weights is refused: a freshly built model has random weights).")
-@click.option("--layer", "layers", multiple=True, required=True, metavar="MODULE",
+@click.option("--layer", "layers", multiple=True, metavar="MODULE",
               help="Module path whose output to repair, or an ONNX tensor name when fitting from --onnx "
-                   "(repeat for several layers).")
+                   "(repeat for several layers). Required unless --update.")
 @click.option("--tensor", default=None, metavar="NAME",
               help="The ONNX tensor that the (single) --layer exports to, where the export's scope names do "
                    "not tell (see 'fire-onnx inspect'); needs --onnx.")
@@ -154,28 +154,44 @@ def cli():
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Images per forward pass.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection.")
-@click.option("-o", "--output", default="directions.npz", show_default=True, type=click.Path(),
-              help="The directions file to write.")
+@click.option("-o", "--output", default=None, type=click.Path(),
+              help="The directions file to write (default directions.npz; with --update DIRECTIONS, the next "
+                   "free name of DIRECTIONS with .u1, .u2, ... before .npz).")
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
 @click.option("--reconstruct", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
               help="--triggered images without x_clean (flagged inputs): auto reconstructs the trigger in pixel "
                    "space, lets the model confirm it, and fits paired on clean images stamped with it; off (or "
                    "nothing confirmed) uses the noisier unpaired shift against the clean mean.")
+@click.option("--repair", type=click.Choice(["project", "translate"]), default="project", show_default=True,
+              help="project: remove the activation's component along the directions (gated); translate: the FIRE "
+                   "paper's operator, subtract alpha x the mean triggered shift (where the gate fires; --gate none: "
+                   "on every input). translate is a baseline: it moves every input the gate selects by the same "
+                   "amount and usually costs clean accuracy.")
+@click.option("--update", "update_path", default=None, type=click.Path(dir_okay=False), metavar="DIRECTIONS",
+              help="Refine this directions file with the new --triggered images (the earlier triggered images are "
+                   "not needed: the file keeps the statistics). Layers, method, gate, alpha, repair and "
+                   "preprocessing come from the file; give the model and --clean again. Writes -o (default: see "
+                   "there), never DIRECTIONS itself.")
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
         n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
-        json_out, reconstruct, scale, mean, std, input_layout):
+        json_out, reconstruct, repair, update_path, scale, mean, std, input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, describe_reconstruction, run_fit, summary
 
-    check_outputs([output, json_out], [clean_path, triggered_path, weights, onnx_path, model_spec])
+    if output is None:
+        from fire_onnx.fit.update import default_update_output
+
+        output = str(default_update_output(update_path)) if update_path else "directions.npz"
+    check_outputs([output, json_out], [clean_path, triggered_path, weights, onnx_path, model_spec, update_path])
     req = FitRequest(
         layers=list(layers), clean_path=clean_path, model_spec=model_spec, weights=weights, no_weights=no_weights,
         onnx_path=onnx_path, tensor=tensor, triggered_path=triggered_path, trigger_spec=trigger_spec, target=target,
         split=split, n_clean=n_clean, n_triggered=n_triggered, method=method, k=k, gate=gate, quantile=quantile,
         alpha=alpha, shrink=shrink, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"), input_layout=input_layout, reconstruct=reconstruct)
+        std=_floats(std, "--std"), input_layout=input_layout, reconstruct=reconstruct, repair=repair,
+        update_path=update_path)
     d = run_fit(req, progress=_progress("collecting activations"))
     dirs.save(d, output)
     summ = summary(d)
@@ -192,7 +208,9 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         click.echo(describe_reconstruction(summ["reconstruction"]))
     for t in summ["targets"] if not quiet else []:
         click.echo(
-            f"{t['module'] or t['tensor']}: {t['layout']} D={t['dim']} k={t['k']} gate={t['gate']} ({t['reference']} "
+            f"{t['module'] or t['tensor']}: {t['layout']} D={t['dim']} k={t['k']} gate={t['gate']}"
+            + (f" repair={t['repair']}" if t["repair"] != "project" else "")
+            + (f" (update {t['updates']}, " if t["updates"] else " (") + f"{t['reference']} "
             f"shift{', shrunk' if t.get('shrunk') else ''}, {t['n_triggered']} triggered / {t['n_clean']} clean), separation "
             f"{t['separation_sigma'][0]:.1f} sigma, gate fires on {t['gate_fires_triggered']:.0%} triggered / "
             f"{t['gate_fires_clean']:.1%} clean" + (f", tensor {t['tensor']}" if t["tensor"] else ""))
@@ -211,7 +229,9 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
 @click.option("-o", "--output", default=None, type=click.Path(),
               help="Output model (default: MODEL with .fire.onnx next to it).")
 @click.option("--tensor", default=None, help="Patch this ONNX tensor instead of the recorded one.")
-@click.option("--replace", is_flag=True, help="Replace the repair of an already patched model.")
+@click.option("--replace", is_flag=True,
+              help="MODEL is already patched by fire-onnx: swap its repair for DIRECTIONS (same tensors); the "
+                   "result equals patching the original model. Refused for a model without a fire-onnx repair.")
 @click.option("--no-verify", is_flag=True, help="Skip loading the patched model in onnxruntime before writing it.")
 @click.option("--force", is_flag=True,
               help="Patch even when the directions' model fingerprint does not match MODEL (fitted on another "
@@ -227,7 +247,8 @@ def patch(model, directions, output, tensor, replace, no_verify, force, json_out
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     for t in res.targets if json_out != "-" else []:
-        click.echo(f"patched {t.tensor} {list(t.shape)} ({t.layout}, k={t.k}, gate {t.gate}, {t.nodes} nodes)"
+        click.echo(f"patched {t.tensor} {list(t.shape)} ({t.layout}, k={t.k}, gate {t.gate}, "
+                   + (f"repair {t.repair}, " if t.repair != "project" else "") + f"{t.nodes} nodes)"
                    + (f" [module {t.module}]" if t.module else ""))
     if json_out != "-":
         click.echo(f"wrote {path}")

@@ -7,11 +7,18 @@ name and/or the PyTorch module path it was fitted at) plus the repair to apply t
     c   = s                                 # gate "none"
     c   = s * (s > tau)                     # gate "hard": act only where the score is above tau
     c   = 0 where s is NaN or infinite      # a non-finite activation is left as it was
-    h'  = h - (alpha * c) @ U
+    h'  = h - (alpha * c) @ U               # repair "project" (the default)
+    h'  = h - (alpha * shift * [c > 0]) @ U  # repair "translate": the FIRE paper's x - alpha beta, with
+                                            # beta = shift @ U the mean triggered shift (gate "none":
+                                            # every input, a plain Sub of a constant)
 
 The npz holds plain arrays only (``allow_pickle=False`` on load): ``header`` is a 0-d unicode array
 with a JSON document, and target ``i`` has float32 arrays ``t{i}.mu`` (D,), ``t{i}.U`` (k, D),
-``t{i}.tau`` (k,), ``t{i}.alpha`` (k,). See README.md, "Directions file".
+``t{i}.tau`` (k,), ``t{i}.alpha`` (k,). A ``translate`` target also has ``t{i}.shift`` (k,) and makes
+the file schema version 2 (older fire-onnx refuses it instead of applying a projection); files of
+projections stay version 1. Optional ``t{i}.stats.*`` arrays hold the sufficient statistics of the
+estimate for ``fit --update`` (:mod:`fire_onnx.streaming`); readers that do not know them ignore them.
+See README.md, "Directions file".
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ from fire_onnx.errors import FireError
 from fire_onnx.fileio import atomic_path, is_int, load_npz, loads_json
 
 FORMAT = "fire-onnx.directions"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version written; 1 is still written when nothing needs 2
+READABLE_VERSIONS = (1, 2)
 LAYOUTS = ("flat", "vector", "token")
 GATES = ("none", "hard")
+REPAIRS = ("project", "translate")  # "translate" (the FIRE paper's operator) needs schema version 2
+STATS_PREFIX = "stats."
 ORTHO_TOL = 1e-3
 
 
@@ -49,6 +59,16 @@ class Target:
     feature_shape: list[int] = field(default_factory=list)  # per-sample shape, -1 for dynamic
     fit: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)  # see fire_onnx.probe
+    repair: str = "project"
+    shift: np.ndarray | None = None  # (k,) translate only: the mean shift along each row of U
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # fit --update's statistics (fire_onnx.streaming)
+
+    @property
+    def beta(self) -> np.ndarray:
+        """The translation (D,) a translate target subtracts (before alpha): ``shift @ U``."""
+        if self.shift is None:
+            raise FireError(f"target {self.label} is not a translate repair")
+        return self.shift.astype(np.float64) @ self.U.astype(np.float64)
 
     @property
     def dim(self) -> int:
@@ -69,7 +89,11 @@ class Target:
             raise FireError(f"{where}: gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if not self.tensor and not self.module:
             raise FireError(f"{where}: needs a tensor name or a module path")
-        for name in ("mu", "U", "tau", "alpha"):
+        if self.repair not in REPAIRS:
+            raise FireError(f"{where}: repair must be one of {', '.join(REPAIRS)}, got {self.repair!r}")
+        if (self.repair == "translate") != (self.shift is not None):
+            raise FireError(f"{where}: a translate repair needs the shift array (and only it has one)")
+        for name in ("mu", "U", "tau", "alpha") + (("shift",) if self.shift is not None else ()):
             a = getattr(self, name)
             if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
                 raise FireError(f"{where}: {name} must be a floating-point array")
@@ -82,7 +106,7 @@ class Target:
             raise FireError(f"{where}: k = {k} directions cannot exceed the dimension D = {d}")
         if self.mu.shape != (d,):
             raise FireError(f"{where}: mu has shape {self.mu.shape}, expected ({d},) to match U")
-        for name in ("tau", "alpha"):
+        for name in ("tau", "alpha") + (("shift",) if self.shift is not None else ()):
             if getattr(self, name).shape != (k,):
                 raise FireError(f"{where}: {name} has shape {getattr(self, name).shape}, expected ({k},)")
         if np.any(self.alpha < 0):
@@ -90,6 +114,8 @@ class Target:
         with np.errstate(over="ignore", invalid="ignore"):
             offset = self.U.astype(np.float64) @ self.mu.astype(np.float64)  # the patch's U mu constant
             scaled = self.alpha.astype(np.float64).max() * np.abs(self.U.astype(np.float64)).max()
+            if self.shift is not None:
+                scaled *= max(1.0, float(np.abs(self.shift.astype(np.float64)).max()))
             if not (np.all(np.isfinite(offset.astype(np.float32))) and np.isfinite(np.float32(scaled))):
                 raise FireError(f"{where}: mu or alpha is too large for float32 (the repair's constants overflow)")
         gram = self.U.astype(np.float64) @ self.U.astype(np.float64).T
@@ -141,7 +167,13 @@ def _target_header(t: Target) -> dict[str, Any]:
         "feature_shape": [int(s) for s in t.feature_shape],
         "fit": t.fit,
         "fingerprint": t.fingerprint,
+        "repair": t.repair,
     }
+
+
+def schema_version_needed(directions: Directions) -> int:
+    """1 unless a target needs what version 1 readers would misread (a translate repair)."""
+    return 2 if any(t.repair != "project" for t in directions.targets) else 1
 
 
 def save(directions: Directions, path: str | os.PathLike) -> None:
@@ -151,7 +183,7 @@ def save(directions: Directions, path: str | os.PathLike) -> None:
 
     header = {
         "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version_needed(directions),
         "fire_onnx_version": __version__,
         "preprocess": directions.preprocess,
         "meta": directions.meta,
@@ -161,6 +193,10 @@ def save(directions: Directions, path: str | os.PathLike) -> None:
     for i, t in enumerate(directions.targets):
         for name in ("mu", "U", "tau", "alpha"):
             arrays[f"t{i}.{name}"] = np.ascontiguousarray(getattr(t, name), dtype=np.float32)
+        if t.shift is not None:
+            arrays[f"t{i}.shift"] = np.ascontiguousarray(t.shift, dtype=np.float32)
+        for name, a in t.stats.items():
+            arrays[f"t{i}.{STATS_PREFIX}{name}"] = np.ascontiguousarray(a)
     if directions.probe is not None:
         arrays["probe.x"] = np.ascontiguousarray(directions.probe, dtype=np.uint8)
     with atomic_path(path) as tmp:
@@ -278,9 +314,10 @@ def _load(path, arrays: dict) -> Directions:
         shown = repr(fmt[:60]) if isinstance(fmt, str) else _kind(fmt)
         raise FireError(f"{path} is not a fire-onnx directions file (format {shown})")
     version = header.get("schema_version")
-    if not is_int(version) or version != SCHEMA_VERSION:
+    if not is_int(version) or version not in READABLE_VERSIONS:
         shown = repr(version) if is_int(version) and abs(version) < 10**9 else _kind(version)
-        raise FireError(f"{path} has directions schema version {shown}; this fire-onnx reads version {SCHEMA_VERSION}")
+        raise FireError(f"{path} has directions schema version {shown}; this fire-onnx reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))} (a newer fire-onnx wrote it: upgrade)")
     heads = header.get("targets")
     if not isinstance(heads, list):
         raise _Damaged(f"{path}: header has no target list")
@@ -299,6 +336,16 @@ def _load(path, arrays: dict) -> Directions:
             if key not in arrays:
                 raise _Damaged(f"{path}: missing array {key}")
             arr[name] = arrays[key]
+        repair = h.get("repair", "project")
+        if not isinstance(repair, str) or repair not in REPAIRS:
+            shown = repr(repair[:40]) if isinstance(repair, str) else _kind(repair)
+            raise FireError(f"{path}: target {i}: repair must be one of {', '.join(REPAIRS)}, got {shown}")
+        if repair != "project" and version < 2:
+            raise FireError(f"{path}: target {i} has repair {repair!r}, which needs schema version 2")
+        arr["shift"] = arrays.get(f"t{i}.shift") if repair == "translate" else None
+        pre = f"t{i}.{STATS_PREFIX}"
+        arr["stats"] = {k[len(pre):]: v for k, v in arrays.items() if k.startswith(pre)}
+        arr["repair"] = repair
         targets.append(_target_from_header(h, arr, f"{path}: target {i}"))
     for key in ("preprocess", "meta"):
         if header.get(key) is not None and not isinstance(header[key], dict):
@@ -346,8 +393,12 @@ def reference_repair(h: np.ndarray, t: Target) -> np.ndarray:
         x = h
     with np.errstate(invalid="ignore", over="ignore"):
         s = (x - t.mu.astype(np.float64)) @ U.T
-    s = np.where(np.isfinite(s), s, 0.0)  # NaN/inf activations get no correction (left as they were)
-    if t.gate == "hard":
+    finite = np.isfinite(s)
+    s = np.where(finite, s, 0.0)  # NaN/inf activations get no correction (left as they were)
+    if t.repair == "translate":  # x - alpha beta where the gate fires; gate "none": every input, as a Sub
+        fires = finite & (s > t.tau.astype(np.float64)) if t.gate == "hard" else np.ones_like(finite)
+        s = np.where(fires, t.shift.astype(np.float64), 0.0)
+    elif t.gate == "hard":
         s = np.where(s > t.tau.astype(np.float64), s, 0.0)
     x = x - (s * t.alpha.astype(np.float64)) @ U
     return x.reshape(h.shape)

@@ -42,8 +42,10 @@ import numpy as np
 
 from fire_onnx.directions import LAYOUTS, Target, orthonormalize
 from fire_onnx.errors import FireError
+from fire_onnx.streaming import ShiftStats
 
 METHODS = ("mean-diff", "subspace")
+REPAIR_CHOICES = ("project", "translate")
 GATE_CHOICES = ("auto", "hard", "none")
 AUTO_MARGIN = 0.5  # in robust standard deviations of the triggered scores
 AUTO_LOW_QUANTILE = 0.1  # the triggered scores' low end that gate auto reaches
@@ -149,6 +151,9 @@ def fit_target(
     triggered_labels: np.ndarray | None = None,
     shrink: bool = True,
     gate_triggered: np.ndarray | None = None,
+    repair: str = "project",
+    prior: ShiftStats | None = None,
+    prior_fit: dict | None = None,
 ) -> Target:
     """Fit one target from clean and triggered activations; returns a validated Target.
 
@@ -156,6 +161,12 @@ def fit_target(
     labels, when both given and no pairing, make the clean reference class-matched.
     ``gate_triggered``: activations of further triggered samples that gate auto must reach as well,
     without entering the direction (the real flagged inputs behind a reconstructed trigger).
+    ``repair`` "translate" records the mean shift along each direction, so the repair subtracts the
+    shift itself (the FIRE paper's x - alpha beta) instead of projecting. ``prior`` are the statistics
+    of earlier triggered samples (``fit --update``; ``prior_fit`` their target's fit record): the
+    estimate is then the one of a fit on the earlier and the new triggered samples together
+    (:mod:`fire_onnx.streaming`; the shrinkage of an unpaired shift uses the total count, and a
+    class-matched one is shrunk as unpaired after an update). The target keeps the merged statistics.
     """
     layout = layout or default_layout(clean.shape)
     if layout not in LAYOUTS:
@@ -168,6 +179,8 @@ def fit_target(
         raise FireError("the gate quantile must be in [0.5, 1)")
     if alpha < 0:
         raise FireError("alpha must be >= 0")
+    if repair not in REPAIR_CHOICES:
+        raise FireError(f"repair must be one of {', '.join(REPAIR_CHOICES)}")
     if clean.shape[1:] != triggered.shape[1:]:
         raise FireError(f"clean activations {clean.shape[1:]} and triggered {triggered.shape[1:]} differ in shape")
     if clean.shape[0] < 2 or triggered.shape[0] < 1:
@@ -178,8 +191,9 @@ def fit_target(
     d = C.shape[1]
     if method == "mean-diff" and k != 1:
         raise FireError("method mean-diff estimates exactly one direction (use --method subspace for k > 1)")
-    if k < 1 or k > min(d, T.shape[0]):
-        raise FireError(f"k must be between 1 and min(D = {d}, triggered observations = {T.shape[0]})")
+    n_obs = T.shape[0] + (prior.n_obs if prior is not None else 0)
+    if k < 1 or k > min(d, n_obs):
+        raise FireError(f"k must be between 1 and min(D = {d}, triggered observations = {n_obs})")
     mu = C.mean(axis=0)
     pairing, ref = "unpaired", mu[None, :]
     if paired is not None:
@@ -192,30 +206,43 @@ def fit_target(
             class_mean = {c: C[clean_labels == c].mean(axis=0) for c in classes}
             ref = np.stack([class_mean[c] for c in triggered_labels])
             pairing = "class-matched"
-    shifts = T - ref
-    shrinkage = None
+    G = None
+    if gate_triggered is not None:
+        if gate_triggered.shape[1:] != triggered.shape[1:]:
+            raise FireError(f"gate triggered activations {gate_triggered.shape[1:]} differ from {triggered.shape[1:]}")
+        G = as_rows(gate_triggered, layout)
+    new = ShiftStats.from_rows(T, None if pairing == "unpaired" else ref, mu, n_images=triggered.shape[0],
+                               sketch=method == "subspace", gate_rows=G)
+    stats, T_all = new, T
+    if prior is not None:
+        stats = prior.merge(new)
+        T_all = np.concatenate([prior.rows.astype(np.float64), T])  # every kept row scores the gate
+        old = (prior_fit or {}).get("reference")
+        if old and old != pairing:
+            pairing = "mixed"
+    mean_shift = stats.mean_shift(mu)
+    shift, shrinkage = mean_shift, None
     if method == "mean-diff":
-        shift = shifts.mean(axis=0)
-        if shrink and pairing != "paired":
-            shift, shrinkage = shrunk_shift(shift, C, n_t=T.shape[0], labels=clean_labels if pairing == "class-matched" else None,
-                                            triggered_labels=triggered_labels if pairing == "class-matched" else None)
+        if shrink and pairing in ("unpaired", "class-matched"):
+            matched = pairing == "class-matched" and prior is None
+            shift, shrinkage = shrunk_shift(shift, C, n_t=stats.n_obs, labels=clean_labels if matched else None,
+                                            triggered_labels=triggered_labels if matched else None)
         norm = float(np.linalg.norm(shift))
         if norm <= 1e-12 * max(1.0, float(np.linalg.norm(mu))):
             raise FireError("the trigger does not move the activations here on average: no direction to remove")
         U = (shift / norm)[None, :]
     else:
-        _, sv, vt = np.linalg.svd(shifts, full_matrices=False)
+        _, sv, vt = np.linalg.svd(stats.sketch.astype(np.float64), full_matrices=False)
         if sv[0] <= 1e-12:
             raise FireError("the trigger does not move the activations here: no direction to remove")
         U = orthonormalize(vt[:k])
+    T = T_all
     sc, st = (C - mu) @ U.T, (T - mu) @ U.T
     sign = np.where(st.mean(axis=0) < 0, -1.0, 1.0)  # orient: triggered scores positive on average
     U, sc, st = U * sign[:, None], sc * sign, st * sign
     sg = None
-    if gate_triggered is not None:
-        if gate_triggered.shape[1:] != triggered.shape[1:]:
-            raise FireError(f"gate triggered activations {gate_triggered.shape[1:]} differ from {triggered.shape[1:]}")
-        sg = (as_rows(gate_triggered, layout) - mu) @ U.T
+    if G is not None:
+        sg = (G - mu) @ U.T
         st = np.concatenate([st, sg])
     tau_clean = np.quantile(sc, quantile, axis=0)
     tau, chosen, rule = tau_clean, gate, "clean-quantile"
@@ -250,10 +277,11 @@ def fit_target(
         "tau_rule": rule,
         "tau_clean_quantile": [float(v) for v in tau_clean],
         "n_clean": int(clean.shape[0]),
-        "n_triggered": int(triggered.shape[0]),
+        "n_triggered": int(stats.n_images),
         "observations_clean": int(C.shape[0]),
-        "observations_triggered": int(T.shape[0]),
-        "shift_norm": float(np.linalg.norm(shifts.mean(axis=0))),
+        "observations_triggered": int(stats.n_obs),
+        "shift_norm": float(np.linalg.norm(mean_shift)),
+        "repair": repair,
         "gate_recall_triggered": recall,
         "gate_fires_clean": clean_fp,
         "separation_sigma": [float(v) for v in sep],
@@ -266,6 +294,10 @@ def fit_target(
     if sg is not None:
         fit["n_gate_triggered"] = int(gate_triggered.shape[0])
         fit["gate_recall_gate_triggered"] = float((sg > tau).any(axis=1).mean()) if chosen != "none" else 1.0
+    if prior is not None:
+        fit["updates"] = int((prior_fit or {}).get("updates", 0)) + 1
+        if len(st) < stats.n_obs + stats.n_gate_rows:
+            fit["gate_rows_sampled"] = int(len(st))
     t = Target(
         mu=mu.astype(np.float32),
         U=U.astype(np.float32),
@@ -277,6 +309,9 @@ def fit_target(
         module=module,
         feature_shape=[int(s) for s in clean.shape[1:]] if layout == "flat" else [-1] * (clean.ndim - 2) + [d],
         fit=fit,
+        repair=repair,
+        shift=(U @ shift).astype(np.float32) if repair == "translate" else None,
+        stats=stats.to_arrays(),
     )
     t.validate(f"fitted target {module or tensor}")
     return t

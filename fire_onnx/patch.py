@@ -15,6 +15,11 @@ dynamic dimension dynamic. For a target ``h`` with directions ``U`` (k, D)::
 
 (token: MatMul + Sub in place of each Gemm, which is 2-D only).
 
+Repair ``translate`` (the FIRE paper's operator, ``x - alpha beta``): with gate "none" one node,
+``Sub(h, alpha beta)`` (beta reshaped to the per-sample shape); with gate "hard" the scores and gate as
+above, then ``c = Where(s > tau, 1, 0)`` (0 for non-finite scores) and ``x' = Gemm(c, diag(alpha shift) U,
+x, alpha=-1, beta=1)``.
+
 Consumers are rewired from ``h`` to the result (subgraph bodies included, since onnx-graphsurgeon
 shares outer tensors with them); a target that is a graph output keeps its public name.
 """
@@ -68,6 +73,7 @@ class PatchedTarget:
     k: int
     shape: list = field(default_factory=list)
     nodes: int = 0
+    repair: str = "project"
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -245,10 +251,26 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to):
     x = h
     if cast_to is not None:
         x = node("Cast", "cast_in", [x], attrs={"to": onnx.TensorProto.FLOAT})
+    translate = target.repair == "translate"
+    if translate and target.gate != "hard":  # the paper's operator on every input: one Sub of a constant
+        beta = target.alpha.astype(np.float64) @ (target.shift.astype(np.float64)[:, None] * U)
+        fs = [int(v) for v in target.feature_shape]
+        if target.layout == "flat" and fs and all(v > 0 for v in fs):
+            beta = beta.reshape([1] + fs)
+        elif target.layout == "flat":
+            x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, -1], dtype=np.int64))])
+        y = node("Sub", "repaired", [x, const("alpha_beta", beta.astype(ctype))])
+        if target.layout == "flat" and len(beta.shape) == 1:
+            y = node("Reshape", "unflatten", [y, node("Shape", "orig_shape", [h], out_dtype=np.int64)])
+        if cast_to is not None:
+            y = node("Cast", "cast_out", [y], out_dtype=np_dtype, attrs={"to": cast_to})
+        return y, len(graph.nodes) - nodes_before
     if target.layout == "flat":
         x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, -1], dtype=np.int64))])
     u_mu = U @ target.mu.astype(np.float64)
     w = target.alpha.astype(np.float64)[:, None] * U
+    if translate:  # the correction is the shift itself where the gate fires
+        w = (target.alpha.astype(np.float64) * target.shift.astype(np.float64))[:, None] * U
     two_d = target.layout in ("flat", "vector")
     if two_d:  # Gemm folds the offset into the score product: s = x U^T - U mu
         s = node("Gemm", "scores", [x, const("U", U.astype(ctype)), const("neg_U_mu", (-u_mu).astype(ctype))],
@@ -264,9 +286,15 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to):
     tau = target.tau.astype(ctype) if target.gate == "hard" else np.full((1,), -big, dtype=ctype)
     zero = const("zero", np.zeros((1,), dtype=ctype))
     mask = node("Greater", "gate_mask", [s, const("tau", tau)], out_dtype=np.bool_)
-    s = node("Where", "gated", [mask, s, zero])
-    finite = node("Greater", "finite_mask", [const("max", np.full((1,), big, dtype=ctype)), s], out_dtype=np.bool_)
-    s = node("Where", "finite", [finite, s, zero])
+    if translate:  # 1 where the gate fires and the score is finite, else 0
+        finite = node("Greater", "finite_mask", [const("max", np.full((1,), big, dtype=ctype)), s], out_dtype=np.bool_)
+        s = node("Where", "gated", [mask, const("one", np.ones((1,), dtype=ctype)), zero])
+        s = node("Where", "finite", [finite, s, zero])
+    else:
+        s = node("Where", "gated", [mask, s, zero])
+        finite = node("Greater", "finite_mask", [const("max", np.full((1,), big, dtype=ctype)), s],
+                      out_dtype=np.bool_)
+        s = node("Where", "finite", [finite, s, zero])
     if two_d:  # and the subtraction into the correction product: x' = x - c (alpha U)
         y = node("Gemm", "repaired", [s, const("alpha_U", w.astype(ctype)), x], attrs={"alpha": -1.0, "beta": 1.0})
     else:
@@ -280,9 +308,11 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to):
     return y, len(graph.nodes) - nodes_before
 
 
-def _unpatch(graph, gs, recorded: list[dict]) -> None:
-    """Remove an earlier fire-onnx patch (for --replace): rewire consumers back, restore names."""
+def _unpatch(graph, gs, recorded: list[dict]) -> list[str]:
+    """Remove an earlier fire-onnx patch (for --replace): rewire consumers back, restore names.
+    Returns the names of the tensors the earlier repair read, as they are in the restored graph."""
     tensors = graph.tensors()
+    restored = []
     for rec in recorded:
         h = tensors.get(rec.get("tensor", ""))
         y = tensors.get(rec.get("output", ""))
@@ -297,8 +327,10 @@ def _unpatch(graph, gs, recorded: list[dict]) -> None:
             y.name = public + ".fire_onnx_old"
             h.name = public
             graph.outputs = [h if t is y else t for t in graph.outputs]
+        restored.append(h.name)
     graph.nodes = [n for n in graph.nodes if not n.name.startswith(PREFIX + "/")]
     graph.cleanup()
+    return restored
 
 
 def patch_model(
@@ -319,6 +351,9 @@ def patch_model(
     already = is_patched(model)
     if already and not replace:
         raise FireError("model is already patched by fire-onnx; pass --replace to swap in the new directions")
+    if replace and not already:
+        raise FireError("--replace swaps the repair of a model patched by fire-onnx, but this model has no fire-onnx "
+                        "repair (no fire_onnx.targets metadata, no fire_onnx/ nodes); patch it without --replace")
     opset = opset_of(model)
     if opset < MIN_OPSET:
         raise FireError(f"model opset {opset} is older than {MIN_OPSET}, the oldest fire-onnx patches")
@@ -330,7 +365,7 @@ def patch_model(
                         "repair cannot be removed safely; patch the original (unpatched) model instead")
     if already:
         g0 = gs.import_onnx(src)
-        _unpatch(g0, gs, recorded)
+        before = _unpatch(g0, gs, recorded)
         src = gs.export_onnx(g0, do_type_check=False)
         src.ir_version = model.ir_version
         del src.opset_import[:]
@@ -351,6 +386,10 @@ def patch_model(
         if warn:
             notes.append(warn)
         plan.append((t, name, elem, dims))
+    if already and not tensor and sorted(p[1] for p in plan) != sorted(before):
+        raise FireError(f"the new directions repair {', '.join(sorted(p[1] for p in plan))} but the model's fire-onnx "
+                        f"repair is at {', '.join(sorted(before))}: --replace swaps a repair at the same tensors; to "
+                        "repair other tensors, patch the original (unpatched) model")
 
     # Build on the source graph, not the shape-inferred one: persisting inferred value_info changes
     # which optimizations onnxruntime applies (measured: a ViT ran 12 % slower at batch 64 with
@@ -382,7 +421,7 @@ def patch_model(
                     n.inputs[i] = y
         patched.append(PatchedTarget(tensor=h.name, output=y.name, module=t.module, layout=t.layout,
                                      gate=t.gate, k=t.k, shape=[d if d is not None else "?" for d in dims],
-                                     nodes=count))
+                                     nodes=count, repair=t.repair))
     graph.cleanup().toposort()
     try:
         graph.tensors(check_duplicates=True)
@@ -432,6 +471,12 @@ def _check(check_patched, check_source, notes: list[str]) -> None:
             notes.append("the input model itself fails onnx.checker; the patched model does too")
         else:
             raise RuntimeError(f"internal error: the patched model fails onnx.checker: {e}") from e
+
+
+def replace_repair(patched: onnx.ModelProto, directions: dirs.Directions, *, directions_sha256: str = "") -> PatchResult:
+    """Swap the fire-onnx repair of ``patched`` for ``directions`` (same tensors); the result equals
+    patching the original model with ``directions``. Refuses a model without a fire-onnx repair."""
+    return patch_model(patched, directions, replace=True, directions_sha256=directions_sha256)
 
 
 def check_model_fingerprint(result: PatchResult, directions: dirs.Directions, *, force: bool = False) -> None:

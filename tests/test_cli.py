@@ -227,9 +227,9 @@ def _pickled_header(a):
     a["header"] = np.array([{"a": 1}], dtype=object)
 
 
-def _schema_2(a):
+def _schema_3(a):
     h = json.loads(str(a["header"][()]))
-    h["schema_version"] = 2
+    h["schema_version"] = 3
     a["header"] = np.array(json.dumps(h))
 
 
@@ -275,8 +275,8 @@ BAD = {
         lambda ws: ["patch", "model.onnx", _edit_directions(ws, "pick.npz", _pickled_header), "-o", "o.onnx"],
         ["pick.npz", "pickle"]),
     "patch-schema-version": (
-        lambda ws: ["patch", "model.onnx", _edit_directions(ws, "v2.npz", _schema_2), "-o", "o.onnx"],
-        ["schema version 2"]),
+        lambda ws: ["patch", "model.onnx", _edit_directions(ws, "v3.npz", _schema_3), "-o", "o.onnx"],
+        ["schema version 3"]),
     "patch-missing-directions": (lambda ws: ["patch", "model.onnx", "absent.npz", "-o", "o.onnx"], ["absent.npz"]),
     "patch-garbage-directions": (
         lambda ws: ["patch", "model.onnx", _write(ws / "junk.npz", b"not an npz\n"), "-o", "o.onnx"], ["junk.npz"]),

@@ -35,7 +35,7 @@ def test_round_trip(tmp_path):
     assert back.preprocess["mean"] == [0.5] and back.meta["trigger"]["kind"] == "badnets"
     with np.load(p, allow_pickle=False) as z:  # plain arrays only
         header = json.loads(str(z["header"][()]))
-    assert header["format"] == dirs.FORMAT and header["schema_version"] == dirs.SCHEMA_VERSION
+    assert header["format"] == dirs.FORMAT and header["schema_version"] == 1  # projections only: still version 1
 
 
 def test_save_is_atomic_on_invalid_input(tmp_path):

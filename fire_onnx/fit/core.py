@@ -228,6 +228,37 @@ def reconstruct_pairs(source, preprocess: Preprocess, clean: Images, flagged: Im
     return {"meta": meta, "pairs": (Images(r.winner.apply(originals)), Images(originals))}
 
 
+def _priors(previous: dirs.Directions, layers: Sequence[str], source) -> dict:
+    """Per layer, (statistics, fit record, target) of the earlier fit; checks the model's fingerprint."""
+    from fire_onnx.data import Preprocess
+    from fire_onnx.streaming import ShiftStats
+
+    by_label = {}
+    for t in previous.targets:
+        for key in (t.module, t.tensor):
+            if key:
+                by_label.setdefault(key, t)
+    out = {}
+    acts = None
+    if previous.probe is not None:
+        acts = source.run(Preprocess.from_dict(previous.preprocess or {})(previous.probe))[0]
+    for name in layers:
+        t = by_label.get(name)
+        if t is None:
+            raise FireError(f"layer {name!r} is not a target of the directions file being updated")
+        if not t.stats:
+            raise FireError(f"the directions for {t.label} carry no update statistics (fitted by an older "
+                            "fire-onnx, or by hand): fit again on all triggered inputs, then --update works")
+        if acts is not None and probes.valid_fingerprint(t.fingerprint):
+            diff = probes.difference(t.fingerprint, acts[name])
+            if diff > probes.FINGERPRINT_TOL:
+                raise FireError(f"the model does not compute the activations the directions for {t.label} were "
+                                f"fitted on (relative difference {diff:.3g} on the probe images): --update needs "
+                                "the same model (and layer) as the earlier fit")
+        out[name] = (ShiftStats.from_arrays(t.stats, t.dim, f"target {t.label}"), t.fit, t)
+    return out
+
+
 def fit_directions(
     model,
     layers: Sequence[str],
@@ -252,6 +283,8 @@ def fit_directions(
     shrink: bool = True,
     reconstruct: str = "off",
     held: Images | None = None,
+    repair: str = "project",
+    previous: dirs.Directions | None = None,
 ) -> dirs.Directions:
     """Fit one target per layer and return the directions, with the checks' results in
     ``meta["checks"]`` and each target's fingerprint.
@@ -271,6 +304,12 @@ def fit_directions(
     when confirmed, the fit is paired on pseudo-pairs (the reconstructed trigger stamped on ``held``
     clean images, or on ``clean`` when not given; the image without it), with the flagged images'
     own activations added to what gate auto must reach. The outcome is in ``meta["reconstruction"]``.
+
+    ``repair`` is the operator (``project`` or ``translate``).
+
+    ``previous`` (``fit --update``) is an earlier fit of the same layers on the same model, with its
+    update statistics: the result is the fit on its triggered samples and ``triggered`` together
+    (see :mod:`fire_onnx.streaming`); the model must match its fingerprint.
     """
     if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
         raise FireError("the clean originals of the triggered images do not match them in shape")
@@ -311,15 +350,18 @@ def fit_directions(
     probe_x = probes.probe_images(clean.x)
     acts_probe = source.run(preprocess(probe_x))[0]
 
+    priors = _priors(previous, layers, source) if previous is not None else {}
     targets = []
     for name in layers:
         is_tensor = model is None and tensor_of.get(name) == name
+        prior, prior_fit, _ = priors.get(name, (None, None, None))
         t = fit_target(acts_c[name], acts_t[name], layout=layout, method=method, k=k, gate=gate,
                        quantile=quantile, alpha=alpha, module="" if is_tensor else name,
                        tensor=tensor_of.get(name, ""),
                        paired=None if acts_p is None else acts_p[name],
                        clean_labels=clean.y, triggered_labels=triggered.y,
-                       gate_triggered=None if acts_gate is None else acts_gate[name], shrink=shrink)
+                       gate_triggered=None if acts_gate is None else acts_gate[name], shrink=shrink, repair=repair,
+                       prior=prior, prior_fit=prior_fit)
         t.fingerprint = probes.fingerprint(acts_probe[name])
         if inferred is not None:
             from fire_onnx.onnxutil import tensor_info
@@ -328,4 +370,10 @@ def fit_directions(
             check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1])
         targets.append(t)
     meta["checks"] = checks
+    if previous is not None:
+        for t, old in zip(targets, (priors[name][2] for name in layers)):
+            if float(np.linalg.norm(t.mu - old.mu)) > 1e-4 * max(float(np.linalg.norm(old.mu)), 1e-12):
+                checks["warnings"].append(
+                    f"{t.label}: the clean mean differs from the earlier fit's (other clean images, --n-clean or "
+                    "--seed): the update uses the new clean images for the reference and the gate")
     return dirs.Directions(targets=targets, preprocess=preprocess.as_dict(), meta=meta, probe=probe_x)

@@ -50,8 +50,15 @@ class FitRequest:
     shrink: bool = True  # shrink an unpaired shift by its content noise (fire_onnx.estimate.shrunk_shift)
     reconstruct: str = "auto"  # flagged images without x_clean: reconstruct the trigger ("auto") or not ("off")
     notes: list[str] = field(default_factory=list)  # filled in: what fit decided on the user's behalf
+    repair: str = "project"  # the operator: project (gated projection) or translate (the FIRE paper's x - alpha beta)
+    update_path: str | None = None  # fit --update: refine this directions file with the new triggered inputs
+    tensors: dict[str, str] | None = None  # layer -> ONNX tensor, where the scope names do not tell
 
     def validate(self) -> None:
+        if not self.layers and not self.update_path:
+            raise FireError("give --layer (the module or tensor to repair), or --update DIRECTIONS")
+        if self.update_path and self.trigger_spec is None and self.triggered_path is None:
+            raise FireError("--update needs the new triggered images: --triggered FILE (or --trigger SPEC)")
         if (self.triggered_path is None) == (self.trigger_spec is None):
             raise FireError("give exactly one of --triggered FILE or --trigger SPEC")
         if self.model_spec is None and self.onnx_path is None:
@@ -87,6 +94,12 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
     from fire_onnx.fit.core import fit_directions
 
     req.validate()
+    previous = None
+    if req.update_path:
+        from fire_onnx.fit.update import apply_previous, load_for_update
+
+        previous = load_for_update(req.update_path)
+        apply_previous(req, previous)
     k = req.k or (3 if req.method == "subspace" else 1)
     trig = triggers.parse(req.trigger_spec) if req.trigger_spec else None
     triggered_imgs, triggered_clean = load_triggered(req.triggered_path, req.split) if req.triggered_path else (None, None)
@@ -132,18 +145,23 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
         from fire_onnx.fit.torch_model import load_model
 
         model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
-    tensors = {req.layers[0]: req.tensor} if req.tensor else None
+    tensors = {req.layers[0]: req.tensor} if req.tensor else req.tensors
     reconstruct, held = "off", None
     if req.reconstruct == "auto" and source is None:  # flagged images without their clean twins
         # the pool images fit_samples did not pick as clean samples (same seeded order)
         rest = np.random.default_rng(req.seed).permutation(len(pool))[req.n_clean:]
         reconstruct, held = "auto", pool.subset(rest) if len(rest) else None
     onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
-    return fit_directions(model, list(req.layers), clean, triggered, pre, method=req.method, k=k, gate=req.gate,
-                          quantile=req.quantile, alpha=req.alpha, layout=req.layout, batch_size=req.batch_size,
-                          onnx_model=onnx_model, meta=meta, triggered_source=source, progress=progress,
-                          tensors=tensors, target=req.target, onnx_name=onnx_name, reconstruct=reconstruct,
-                          held=held, shrink=req.shrink)
+    d = fit_directions(model, list(req.layers), clean, triggered, pre, method=req.method, k=k, gate=req.gate,
+                       quantile=req.quantile, alpha=req.alpha, layout=req.layout, batch_size=req.batch_size,
+                       onnx_model=onnx_model, meta=meta, triggered_source=source, progress=progress,
+                       tensors=tensors, target=req.target, onnx_name=onnx_name, reconstruct=reconstruct,
+                       held=held, shrink=req.shrink, repair=req.repair, previous=previous)
+    if previous is not None:
+        from fire_onnx.fit.update import stamp_update
+
+        stamp_update(d, previous, req.update_path)
+    return d
 
 
 def summary(d: dirs.Directions) -> dict:
@@ -156,6 +174,7 @@ def summary(d: dirs.Directions) -> dict:
             "reference": f.get("reference"),
             "shrunk": bool(f.get("shrinkage")) and not str(f["shrinkage"].get("rule", "")).startswith("skipped"),
             "n_triggered": f.get("n_triggered"), "n_clean": f.get("n_clean"),
+            "repair": t.repair, "updates": f.get("updates", 0),
             "separation_sigma": f.get("separation_sigma"), "tau_rule": f.get("tau_rule"),
             "gate_fires_triggered": f.get("gate_recall_triggered"), "gate_fires_clean": f.get("gate_fires_clean"),
             "warnings": list(f.get("warnings", [])),

@@ -313,12 +313,17 @@ def repair_module_output(target: dirs.Target):
     mu = torch.from_numpy(target.mu.astype(np.float32))
     tau = torch.from_numpy(target.tau.astype(np.float32))
     alpha = torch.from_numpy(target.alpha.astype(np.float32))
+    shift = torch.from_numpy(target.shift.astype(np.float32)) if target.repair == "translate" else None
 
     def hook(_mod, _inp, out):
         x = out.reshape(out.shape[0], -1) if target.layout == "flat" else out
         s = (x.to(torch.float32) - mu) @ U.T
-        s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))  # NaN/inf activations: no correction
-        if target.gate == "hard":
+        finite = torch.isfinite(s)
+        s = torch.where(finite, s, torch.zeros_like(s))  # NaN/inf activations: no correction
+        if shift is not None:  # translate: x - alpha beta where the gate fires (gate none: every input)
+            fires = (finite & (s > tau)) if target.gate == "hard" else torch.ones_like(finite)
+            s = torch.where(fires, shift.expand_as(s), torch.zeros_like(s))
+        elif target.gate == "hard":
             s = torch.where(s > tau, s, torch.zeros_like(s))
         y = x.to(torch.float32) - (s * alpha) @ U
         return y.reshape(out.shape).to(out.dtype)
