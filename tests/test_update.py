@@ -1,0 +1,170 @@
+"""Streaming updates (``fit --update``) and ``patch --replace``, on the session's real backdoored model."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_cli, sha
+
+from fire_onnx import directions as dirs
+from fire_onnx import triggers
+from fire_onnx.data import Preprocess, load_images
+from fire_onnx.errors import FireError
+from fire_onnx.evaluate import session
+from fire_onnx.fit.pipeline import FitRequest, run_fit
+from fire_onnx.streaming import ShiftStats, row_cap
+
+ERR = "fire-onnx: error: "
+
+
+@pytest.fixture
+def ws(demo_run, mnist_path, tmp_path):
+    """Copies of the demo model and MNIST, and flagged files: three batches (a, b, c) of triggered test
+    images of non-target classes, and their union; ``pair_*`` hold the clean twins too."""
+    out, _ = demo_run
+    for name in ("model.onnx", "model.fire.onnx", "directions.npz"):
+        shutil.copyfile(out / name, tmp_path / name)
+    shutil.copyfile(mnist_path, tmp_path / "mnist.npz")
+    test = load_images(mnist_path, "test")
+    keep = np.flatnonzero(test.y != 0)
+    trig = triggers.parse("badnets")
+    for name, sl in (("a", slice(0, 7)), ("b", slice(7, 19)), ("c", slice(19, 30)), ("abc", slice(0, 30))):
+        i = keep[sl]
+        np.savez(tmp_path / f"flag_{name}.npz", x=trig.apply(test.x[i]))
+        np.savez(tmp_path / f"pair_{name}.npz", x=trig.apply(test.x[i]), x_clean=test.x[i])
+    return tmp_path
+
+
+def request(ws, triggered, **kw) -> FitRequest:
+    base = dict(layers=["block2"], clean_path=str(ws / "mnist.npz"), onnx_path=str(ws / "model.onnx"),
+                triggered_path=str(ws / triggered), n_triggered=100, n_clean=300, mean=[0.5], std=[0.5])
+    base.update(kw)
+    return FitRequest(**base)
+
+
+def assert_same_estimate(a: dirs.Target, b: dirs.Target, tol=1e-5):
+    for name in ("mu", "U", "tau", "alpha"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=tol, rtol=tol, err_msg=name)
+    for key in ("n_triggered", "reference", "tau_rule", "gate_recall_triggered", "gate_fires_clean"):
+        assert a.fit[key] == b.fit[key], key
+
+
+@pytest.mark.parametrize("kind", ["flag", "pair"])
+def test_updates_equal_a_fit_on_the_union(ws, kind):
+    """fit(A), update(B), update(C) == fit(A u B u C) for mean-diff, unpaired (flagged) and paired."""
+    d = run_fit(request(ws, f"{kind}_a.npz"))
+    dirs.save(d, ws / "d0.npz")
+    for i, part in enumerate("bc", start=1):
+        d = run_fit(request(ws, f"{kind}_{part}.npz", layers=[], update_path=str(ws / f"d{i - 1}.npz")))
+        dirs.save(d, ws / f"d{i}.npz")
+    full = run_fit(request(ws, f"{kind}_abc.npz"))
+    got = dirs.load(ws / "d2.npz")
+    assert_same_estimate(got.targets[0], full.targets[0])
+    assert got.targets[0].fit["updates"] == 2 and got.meta["update_history"] == ["d0.npz", "d1.npz"]
+    assert got.targets[0].fit["reference"] == ("paired" if kind == "pair" else "unpaired")
+    stats = ShiftStats.from_arrays(got.targets[0].stats, got.targets[0].dim)
+    assert (stats.n_images, stats.rows.shape[0]) == (30, 30)
+
+
+def test_translate_update_equals_fit(ws):
+    """The translation (beta, the unnormalised mean shift) too: --repair is kept by the update."""
+    dirs.save(run_fit(request(ws, "pair_a.npz", repair="translate")), ws / "t0.npz")
+    up = run_fit(request(ws, "pair_b.npz", layers=[], update_path=str(ws / "t0.npz")))
+    full = run_fit(request(ws, "pair_abc.npz", repair="translate", n_triggered=19))
+    assert up.targets[0].repair == "translate"
+    np.testing.assert_allclose(up.targets[0].beta, full.targets[0].beta, rtol=1e-5, atol=1e-5)
+
+
+def test_stats_rows_are_bounded():
+    """Large D keeps fewer rows (at most 2 MiB), never fewer than 8; the reservoir keeps the cap."""
+    assert row_cap(3136) == 128 and row_cap(10**6) == 8 and row_cap(64) == 128
+    rng = np.random.default_rng(0)
+    d = 40000
+    a = ShiftStats.from_rows(rng.normal(size=(10, d)), None, np.zeros(d), n_images=10)
+    assert a.rows.shape == (10, d)
+    m = a.merge(ShiftStats.from_rows(rng.normal(size=(9, d)), None, np.zeros(d), n_images=9))
+    assert m.rows.shape == (row_cap(d), d) and m.n_obs == 19
+    np.testing.assert_allclose(m.sum_triggered, a.sum_triggered + (m.sum_triggered - a.sum_triggered))
+
+
+def strip_stats(src, dst):
+    """The same directions file without its update statistics (as an older fire-onnx wrote it)."""
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if ".stats." not in k}
+    with open(dst, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def one_error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(ERR)
+    return lines[0]
+
+
+def test_cli_update_and_replace(ws):
+    """The console script: fit, --update (default output name .u1), patch, patch --replace == fresh
+    patch of the original in onnxruntime; the update lowers the residual ASR of 7 flagged images."""
+    common = ["--onnx", "model.onnx", "--clean", "mnist.npz", "--mean", "0.5", "--std", "0.5", "--n-triggered", "50"]
+    run_cli("fit", *common, "--layer", "block2", "--triggered", "flag_a.npz", "-o", "d.npz", cwd=ws, check=True)
+    before = sha(ws / "d.npz")
+    proc = run_cli("fit", *common, "--update", "d.npz", "--triggered", "flag_b.npz", cwd=ws, check=True)
+    assert "update 1" in proc.stdout and "19 triggered" in proc.stdout and "wrote d.u1.npz" in proc.stdout
+    proc = run_cli("fit", *common, "--update", "d.u1.npz", "--triggered", "flag_c.npz", cwd=ws, check=True)
+    assert "wrote d.u2.npz" in proc.stdout and sha(ws / "d.npz") == before
+    run_cli("patch", "model.onnx", "d.npz", "-o", "p1.onnx", cwd=ws, check=True)
+    p1 = sha(ws / "p1.onnx")
+    run_cli("patch", "p1.onnx", "d.u2.npz", "--replace", "-o", "p2.onnx", cwd=ws, check=True)
+    run_cli("patch", "model.onnx", "d.u2.npz", "-o", "fresh.onnx", cwd=ws, check=True)
+    assert sha(ws / "p1.onnx") == p1
+    p2, fresh = onnx.load(str(ws / "p2.onnx")), onnx.load(str(ws / "fresh.onnx"))
+    assert sorted(n.op_type for n in p2.graph.node) == sorted(n.op_type for n in fresh.graph.node)
+    test = load_images(ws / "mnist.npz", "test")
+    x = Preprocess(mean=[0.5], std=[0.5]).__call__(triggers.parse("badnets").apply(test.x[:200]))
+    outs = []
+    for name in ("p2.onnx", "fresh.onnx", "p1.onnx"):
+        s = session(str(ws / name))
+        outs.append(s.run(None, {s.get_inputs()[0].name: x})[0])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not np.allclose(outs[0], outs[2], atol=1e-3)  # the repair was really swapped
+    y = test.y[:200]
+    asr = [float(((o.argmax(1) == 0) & (y != 0)).sum() / (y != 0).sum()) for o in outs]
+    assert asr[0] <= asr[2]
+
+
+def test_cli_refusals(ws, cnn_onnx):
+    """One error line, exit 1: --update of a file without statistics, --replace of an unpatched model,
+    --replace with directions for another tensor, --update with another model."""
+    strip_stats(ws / "directions.npz", ws / "old.npz")
+    common = ["--onnx", "model.onnx", "--clean", "mnist.npz", "--mean", "0.5", "--std", "0.5"]
+    msg = one_error_line(run_cli("fit", *common, "--update", "old.npz", "--triggered", "flag_a.npz", cwd=ws))
+    assert "no update statistics" in msg and not (ws / "old.u1.npz").exists()
+    assert dirs.load(ws / "old.npz").targets[0].stats == {}  # still a valid file for patch
+
+    msg = one_error_line(run_cli("patch", "model.onnx", "directions.npz", "--replace", "-o", "r.onnx", cwd=ws))
+    assert "no fire-onnx repair" in msg and not (ws / "r.onnx").exists()
+
+    run_cli("fit", *common, "--layer", "block1", "--trigger", "badnets", "--target", "0", "-o", "b1.npz", cwd=ws,
+            check=True)
+    msg = one_error_line(run_cli("patch", "model.fire.onnx", "b1.npz", "--replace", "-o", "r.onnx", cwd=ws))
+    assert "same tensors" in msg and not (ws / "r.onnx").exists()
+
+    _, other = cnn_onnx  # same architecture, other (untrained) weights
+    shutil.copyfile(other, ws / "other.onnx")
+    msg = one_error_line(run_cli("fit", "--onnx", "other.onnx", "--clean", "mnist.npz", "--update", "directions.npz",
+                                 "--triggered", "flag_a.npz", cwd=ws))
+    assert "same model" in msg
+
+    msg = one_error_line(run_cli("fit", *common, "--update", "directions.npz", "--layer", "block1",
+                                 "--triggered", "flag_a.npz", cwd=ws))
+    assert "leave --layer out" in msg
+
+
+def test_library_replace_repair_refuses_unpatched(ws):
+    from fire_onnx.patch import replace_repair
+
+    with pytest.raises(FireError, match="no fire-onnx repair"):
+        replace_repair(onnx.load(str(ws / "model.onnx")), dirs.load(ws / "directions.npz"))
