@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Sample efficiency of the repair as flagged inputs arrive: ASR / RA / CA after 5, 10, 20, 50, 100.
+
+One backdoored model (trained or reused by ``tools/bench_flagged.py``'s recipe cache, so both tools
+share models), repaired from the ONNX model alone, in onnxruntime:
+
+- ``flagged-stream``: flagged images (triggered non-target training images, no clean twin, no label)
+  arrive in order; the first batch is fitted (``run_fit``), every later batch only refines the
+  directions file (``fit --update``: the earlier images are not read again), and the deployed model's
+  repair is swapped (``patch --replace``) at each step;
+- ``paired``: for reference, a fit with the trigger known (stamped clean images with their twins) at the
+  same counts.
+
+At every step the streamed directions are also compared with a fresh fit on all flagged images so far
+(``refit_max_diff``: largest absolute difference of mu, U, tau; float noise when the update is exact).
+
+Writes ``<out>/results.json`` (records ``{dataset, model, attack, mode, n_triggered, seed, ca, asr, ra,
+...}``, fractions; records of other cells already there are kept), ``<out>/results.md`` and
+``<out>/<dataset>_<attack>.png``. Needs matplotlib (``pip install -e .[bench]``) for the plot. Example::
+
+    python tools/streaming_curve.py --data-dir /work/shared/data --dataset mnist5k --attack badnets \\
+        --out benchmarks/streaming
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_flagged as bf  # noqa: E402  (training, caching and the flagged-image split are shared)
+
+COUNTS = (5, 10, 20, 50, 100)
+MODES = ("flagged-stream", "paired")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_curve(args) -> list[dict]:
+    from fire_onnx import directions as dirs
+    from fire_onnx import triggers
+    from fire_onnx.data import Images, Preprocess, load_images
+    from fire_onnx.evaluate import compute_metrics, session
+    from fire_onnx.fit.pipeline import FitRequest, run_fit
+    from fire_onnx.patch import patch_file
+
+    spec, layer = bf.ATTACKS[args.attack]
+    data_path = Path(args.data_dir) / f"{args.dataset}.npz"
+    recipe = {"data": data_path.name, "size": data_path.stat().st_size, "arch": "small_cnn", "trigger": spec,
+              "target": bf.TARGET, "poison_rate": bf.POISON_RATE, "epochs": args.epochs, "seed": args.seed}
+    onnx_path, train_s = bf.train_or_reuse(recipe, data_path, Path(args.cache))
+    train, test = load_images(data_path, "train"), load_images(data_path, "test")
+    if args.limit:
+        test = test.subset(slice(0, args.limit))
+    c = train.x.shape[-1]
+    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
+    trig = triggers.parse(spec)
+    trig_test = Images(trig.apply(test.x), test.y)
+    # the same split as bench_flagged: flagged images come from training images the clean pool never sees
+    order = np.random.default_rng(1000 + args.seed).permutation(len(train))
+    flag_src = [i for i in order[: len(train) // 10] if train.y[i] != bf.TARGET]
+    pool = order[len(train) // 10:]
+    counts = sorted(int(n) for n in args.counts.split(","))
+    if counts[-1] > len(flag_src):
+        raise SystemExit(f"only {len(flag_src)} flagged images available, fewer than {counts[-1]}")
+    base = {"dataset": args.dataset, "model": "small_cnn", "attack": args.attack, "trigger": spec, "layer": layer,
+            "seed": args.seed, "epochs": args.epochs, "train_seconds": round(train_s, 1)}
+    common = dict(layers=[layer], clean_path="", onnx_path=str(onnx_path), target=bf.TARGET, n_clean=bf.N_CLEAN,
+                  seed=args.seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c)
+
+    def evaluate(model) -> dict:
+        m = compute_metrics(session(str(model)), test, pre, trig_test, bf.TARGET)
+        return {"ca": m.ca, "asr": m.asr, "ra": m.ra, "n_clean_test": m.n_clean, "n_triggered_test": m.n_triggered}
+
+    records = [dict(base, mode="original", n_triggered=0, **evaluate(onnx_path))]
+    log(f"original: CA {records[0]['ca']:.3f} ASR {records[0]['asr']:.3f} RA {records[0]['ra']:.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clean_file = tmp / "clean.npz"
+        np.savez(clean_file, x_train=train.x[pool], y_train=train.y[pool])
+        common["clean_path"] = str(clean_file)
+        prev_dirs = prev_model = None
+        done = 0
+        for n in counts:
+            # ------------------------------------------------ flagged, streamed: fit once, then update
+            t0 = time.perf_counter()
+            batch = tmp / f"flagged_{done}_{n}.npz"
+            np.savez(batch, x=trig.apply(train.x[flag_src[done:n]]))  # no labels, no clean twins
+            if prev_dirs is None:
+                d = run_fit(FitRequest(**common, triggered_path=str(batch), n_triggered=n - done))
+            else:
+                d = run_fit(FitRequest(**dict(common, layers=[]), triggered_path=str(batch), n_triggered=n - done,
+                                       update_path=str(prev_dirs)))
+            dpath = tmp / f"stream_{n}.npz"
+            dirs.save(d, dpath)
+            fit_s = time.perf_counter() - t0
+            model = tmp / f"stream_{n}.fire.onnx"
+            if prev_model is None:
+                patch_file(onnx_path, dpath, model)
+            else:  # swap the repair in the deployed (patched) model
+                patch_file(prev_model, dpath, model, replace=True)
+            # the same estimate from scratch on every flagged image so far, to check the update is exact
+            union = tmp / f"flagged_0_{n}.npz"
+            np.savez(union, x=trig.apply(train.x[flag_src[:n]]))
+            ref = run_fit(FitRequest(**common, triggered_path=str(union), n_triggered=n)).targets[0]
+            t = d.targets[0]
+            diff = max(float(np.abs(getattr(t, a) - getattr(ref, a)).max()) for a in ("mu", "U", "tau"))
+            rec = dict(base, mode="flagged-stream", n_triggered=n, batch=n - done, updates=t.fit.get("updates", 0),
+                       reference=t.fit.get("reference"), gate=t.gate, tau_rule=t.fit.get("tau_rule"),
+                       separation_sigma=t.fit.get("separation_sigma", [None])[0], refit_max_diff=diff,
+                       fit_seconds=round(fit_s, 2), stats_bytes=int(sum(a.nbytes for a in t.stats.values())),
+                       **evaluate(model))
+            records.append(rec)
+            log(f"flagged-stream n={n:3d} (update {rec['updates']}): CA {rec['ca']:.3f} ASR {rec['asr']:.3f} "
+                f"RA {rec['ra']:.3f}  |refit diff| {diff:.2e}")
+            prev_dirs, prev_model, done = dpath, model, n
+            # ------------------------------------------------ paired reference at the same count
+            d = run_fit(FitRequest(**common, trigger_spec=spec, n_triggered=n))
+            ppath = tmp / f"paired_{n}.npz"
+            dirs.save(d, ppath)
+            pmodel = tmp / f"paired_{n}.fire.onnx"
+            patch_file(onnx_path, ppath, pmodel)
+            t = d.targets[0]
+            rec = dict(base, mode="paired", n_triggered=n, reference=t.fit.get("reference"), gate=t.gate,
+                       separation_sigma=t.fit.get("separation_sigma", [None])[0], **evaluate(pmodel))
+            records.append(rec)
+            log(f"paired         n={n:3d}: CA {rec['ca']:.3f} ASR {rec['asr']:.3f} RA {rec['ra']:.3f}")
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["CA / ASR / RA in % on the test split (ASR and RA over triggered non-target images), SmallCNN, 10 % "
+             "poisoning, target 0, 500 clean training images; repair fitted from the ONNX model. "
+             "`flagged-stream`: flagged images (no twin, no label) arrive in order, first fit then `fit --update` "
+             "per batch and `patch --replace`; `paired`: trigger known, fitted from scratch at the same count. "
+             "`refit diff`: largest |difference| of mu, U, tau between the streamed directions and a fresh fit "
+             "on all flagged images so far.", ""]
+    cells: dict = {}
+    for r in records:
+        cells.setdefault((r["model"], r["dataset"], r["attack"], r["seed"]), []).append(r)
+    for (model, ds, att, seed), recs in cells.items():
+        orig = next((r for r in recs if r["mode"] == "original"), None)
+        lines += [f"### {model} / {ds} / {att} / seed {seed}", ""]
+        if orig:
+            lines += [f"Original model: CA {100 * orig['ca']:.1f}, ASR {100 * orig['asr']:.1f}, "
+                      f"RA {100 * orig['ra']:.1f}.", ""]
+        lines += [f"![streaming curve]({ds}_{att}.png)", "",
+                  "| flagged / triggered images | flagged-stream | refit diff | paired |", "|---|---|---|---|"]
+        by = {(r["mode"], r["n_triggered"]): r for r in recs}
+        for n in sorted({r["n_triggered"] for r in recs if r["mode"] != "original"}):
+            row = [str(n)]
+            for mode in MODES:
+                r = by.get((mode, n))
+                row.append("" if r is None else f"{100 * r['ca']:.1f} / {100 * r['asr']:.1f} / {100 * r['ra']:.1f}")
+                if mode == "flagged-stream":
+                    row.append("" if r is None else f"{r['refit_max_diff']:.1e}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed (pip install -e .[bench]): no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    orig = next((r for r in records if r["mode"] == "original"), None)
+    styles = {"flagged-stream": ("tab:red", "flagged, streamed (--update)"), "paired": ("tab:blue", "paired (trigger known)")}
+    for mode, (color, label) in styles.items():
+        rs = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["n_triggered"])
+        if not rs:
+            continue
+        n = [r["n_triggered"] for r in rs]
+        ax.plot(n, [100 * r["asr"] for r in rs], "o-", color=color, label=f"ASR, {label}")
+        ax.plot(n, [100 * r["ra"] for r in rs], "s--", color=color, alpha=0.7, label=f"RA, {label}")
+        ax.plot(n, [100 * r["ca"] for r in rs], ":", color=color, alpha=0.6, label=f"CA, {label}")
+    if orig:
+        ax.axhline(100 * orig["ca"], color="gray", lw=0.8, ls="-.", label="CA, original")
+    ax.set_xscale("log")
+    ticks = sorted({r["n_triggered"] for r in records if r["mode"] != "original"})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel("flagged (triggered) images seen")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True, help="folder with <dataset>.npz")
+    ap.add_argument("--dataset", default="mnist5k")
+    ap.add_argument("--attack", default="badnets", choices=sorted(bf.ATTACKS))
+    ap.add_argument("--out", default="benchmarks/streaming")
+    ap.add_argument("--cache", default="benchmarks/.cache/models", help="trained models (shared with bench_flagged)")
+    ap.add_argument("--counts", default=",".join(map(str, COUNTS)))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
+    args = ap.parse_args(argv)
+    from fire_onnx import __version__
+    from fire_onnx.fileio import write_text_atomic
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    new = run_curve(args)
+    path = out / "results.json"
+    old = json.loads(path.read_text()) if path.is_file() else []
+    key = (args.dataset, args.attack, args.seed)
+    records = [r for r in old if (r["dataset"], r["attack"], r["seed"]) != key] + new
+    write_text_atomic(path, json.dumps(records, indent=1, default=float) + "\n")
+    plot(new, out / f"{args.dataset}_{args.attack}.png", f"SmallCNN {args.dataset} {args.attack}: repair vs flagged "
+         "images seen")
+    md = markdown(records)
+    write_text_atomic(out / "results.md", md + f"\nfire-onnx {__version__}, python {platform.python_version()}; last run "
+                      f"{round(time.perf_counter() - t0)} s (training included unless cached).\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
