@@ -206,6 +206,7 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
                         log(f"  {mode}: skipped (fit has no --repair translate)")
                         continue
                     req["repair"] = "translate"
+                    req["gate"] = "none"  # the paper's operator: every input is translated
                 if mode == "flagged-unpaired":
                     if "reconstruct" not in have:
                         log(f"  {mode}: skipped (fit has no trigger reconstruction to turn off)")
