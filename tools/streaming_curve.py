@@ -177,7 +177,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=120)
     orig = next((r for r in records if r["mode"] == "original"), None)
     styles = {"flagged-stream": ("tab:red", "flagged, streamed (--update)"), "paired": ("tab:blue", "paired (trigger known)")}
     for mode, (color, label) in styles.items():
@@ -199,7 +199,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -216,12 +216,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot of this cell from results.json")
     args = ap.parse_args(argv)
     from fire_onnx import __version__
     from fire_onnx.fileio import write_text_atomic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    title = f"SmallCNN {args.dataset} {args.attack}: repair vs flagged images seen"
+    if args.plot_only:
+        recs = [r for r in json.loads((out / "results.json").read_text())
+                if (r["dataset"], r["attack"], r["seed"]) == (args.dataset, args.attack, args.seed)]
+        plot(recs, out / f"{args.dataset}_{args.attack}.png", title)
+        return 0
     t0 = time.perf_counter()
     new = run_curve(args)
     path = out / "results.json"
@@ -229,8 +236,7 @@ def main(argv=None) -> int:
     key = (args.dataset, args.attack, args.seed)
     records = [r for r in old if (r["dataset"], r["attack"], r["seed"]) != key] + new
     write_text_atomic(path, json.dumps(records, indent=1, default=float) + "\n")
-    plot(new, out / f"{args.dataset}_{args.attack}.png", f"SmallCNN {args.dataset} {args.attack}: repair vs flagged "
-         "images seen")
+    plot(new, out / f"{args.dataset}_{args.attack}.png", title)
     md = markdown(records)
     write_text_atomic(out / "results.md", md + f"\nfire-onnx {__version__}, python {platform.python_version()}; last run "
                       f"{round(time.perf_counter() - t0)} s (training included unless cached).\n")
