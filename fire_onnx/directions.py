@@ -321,8 +321,9 @@ def _load(path, arrays: dict) -> Directions:
     heads = header.get("targets")
     if not isinstance(heads, list):
         raise _Damaged(f"{path}: header has no target list")
-    expected = {"header", "probe.x"} | {f"t{i}.{n}" for i in range(len(heads)) for n in ARRAYS}
-    extra = sorted(k for k in arrays if k not in expected)
+    expected = {"header", "probe.x"} | {f"t{i}.{n}" for i in range(len(heads)) for n in ARRAYS + ("shift",)}
+    stats_of = tuple(f"t{i}.{STATS_PREFIX}" for i in range(len(heads)))  # fit --update's statistics
+    extra = sorted(k for k in arrays if k not in expected and not k.startswith(stats_of))
     if extra:
         raise _Damaged(f"{path}: unexpected arrays {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} "
                         f"for a header with {len(heads)} target(s)")
@@ -339,9 +340,9 @@ def _load(path, arrays: dict) -> Directions:
         repair = h.get("repair", "project")
         if not isinstance(repair, str) or repair not in REPAIRS:
             shown = repr(repair[:40]) if isinstance(repair, str) else _kind(repair)
-            raise FireError(f"{path}: target {i}: repair must be one of {', '.join(REPAIRS)}, got {shown}")
+            raise _Damaged(f"{path}: target {i}: repair must be one of {', '.join(REPAIRS)}, got {shown}")
         if repair != "project" and version < 2:
-            raise FireError(f"{path}: target {i} has repair {repair!r}, which needs schema version 2")
+            raise _Damaged(f"{path}: target {i} has repair {repair!r}, which needs schema version 2")
         arr["shift"] = arrays.get(f"t{i}.shift") if repair == "translate" else None
         pre = f"t{i}.{STATS_PREFIX}"
         arr["stats"] = {k[len(pre):]: v for k, v in arrays.items() if k.startswith(pre)}

@@ -40,7 +40,8 @@ def ws(demo_run, mnist_path, tmp_path):
 
 def request(ws, triggered, **kw) -> FitRequest:
     base = dict(layers=["block2"], clean_path=str(ws / "mnist.npz"), onnx_path=str(ws / "model.onnx"),
-                triggered_path=str(ws / triggered), n_triggered=100, n_clean=300, mean=[0.5], std=[0.5])
+                triggered_path=str(ws / triggered), n_triggered=100, n_clean=300, mean=[0.5], std=[0.5],
+                reconstruct="off")
     base.update(kw)
     return FitRequest(**base)
 
@@ -54,7 +55,8 @@ def assert_same_estimate(a: dirs.Target, b: dirs.Target, tol=1e-5):
 
 @pytest.mark.parametrize("kind", ["flag", "pair"])
 def test_updates_equal_a_fit_on_the_union(ws, kind):
-    """fit(A), update(B), update(C) == fit(A u B u C) for mean-diff, unpaired (flagged) and paired."""
+    """fit(A), update(B), update(C) == fit(A u B u C) for mean-diff, unpaired (flagged, with the default
+    shrinkage, no trigger reconstruction) and paired."""
     d = run_fit(request(ws, f"{kind}_a.npz"))
     dirs.save(d, ws / "d0.npz")
     for i, part in enumerate("bc", start=1):
@@ -67,6 +69,23 @@ def test_updates_equal_a_fit_on_the_union(ws, kind):
     assert got.targets[0].fit["reference"] == ("paired" if kind == "pair" else "unpaired")
     stats = ShiftStats.from_arrays(got.targets[0].stats, got.targets[0].dim)
     assert (stats.n_images, stats.rows.shape[0]) == (30, 30)
+    if kind == "flag":
+        assert got.targets[0].fit.get("shrinkage") and full.targets[0].fit.get("shrinkage")
+
+
+def test_update_with_trigger_reconstruction(ws):
+    """The default path for flagged images (reconstruct the trigger, fit on pseudo-pairs) also updates:
+    each batch's reconstruction adds its pseudo-pairs, and the real flagged images reach the gate."""
+    d = run_fit(request(ws, "flag_a.npz", reconstruct="auto"))
+    dirs.save(d, ws / "r0.npz")
+    first = d.targets[0].fit["n_triggered"]
+    up = run_fit(request(ws, "flag_b.npz", layers=[], update_path=str(ws / "r0.npz"), reconstruct="auto"))
+    t = up.targets[0]
+    assert up.meta["reconstruction"]["confirmed"] and t.fit["updates"] == 1
+    assert t.fit["reference"] == "paired" and t.fit["n_triggered"] > first
+    stats = ShiftStats.from_arrays(t.stats, t.dim)
+    assert stats.n_gate_rows == 7 + 12  # the real flagged images of both batches
+    assert t.fit["gate_recall_triggered"] == 1.0
 
 
 def test_translate_update_equals_fit(ws):
@@ -84,6 +103,7 @@ def test_stats_rows_are_bounded():
     rng = np.random.default_rng(0)
     d = 40000
     a = ShiftStats.from_rows(rng.normal(size=(10, d)), None, np.zeros(d), n_images=10)
+    assert ShiftStats.from_arrays(a.to_arrays(), d).n_obs == 10
     assert a.rows.shape == (10, d)
     m = a.merge(ShiftStats.from_rows(rng.normal(size=(9, d)), None, np.zeros(d), n_images=9))
     assert m.rows.shape == (row_cap(d), d) and m.n_obs == 19
@@ -108,7 +128,8 @@ def one_error_line(proc) -> str:
 def test_cli_update_and_replace(ws):
     """The console script: fit, --update (default output name .u1), patch, patch --replace == fresh
     patch of the original in onnxruntime; the update lowers the residual ASR of 7 flagged images."""
-    common = ["--onnx", "model.onnx", "--clean", "mnist.npz", "--mean", "0.5", "--std", "0.5", "--n-triggered", "50"]
+    common = ["--onnx", "model.onnx", "--clean", "mnist.npz", "--mean", "0.5", "--std", "0.5", "--n-triggered", "50",
+              "--reconstruct", "off"]
     run_cli("fit", *common, "--layer", "block2", "--triggered", "flag_a.npz", "-o", "d.npz", cwd=ws, check=True)
     before = sha(ws / "d.npz")
     proc = run_cli("fit", *common, "--update", "d.npz", "--triggered", "flag_b.npz", cwd=ws, check=True)
@@ -155,7 +176,7 @@ def test_cli_refusals(ws, cnn_onnx):
     _, other = cnn_onnx  # same architecture, other (untrained) weights
     shutil.copyfile(other, ws / "other.onnx")
     msg = one_error_line(run_cli("fit", "--onnx", "other.onnx", "--clean", "mnist.npz", "--update", "directions.npz",
-                                 "--triggered", "flag_a.npz", cwd=ws))
+                                 "--triggered", "flag_a.npz", "--reconstruct", "off", cwd=ws))
     assert "same model" in msg
 
     msg = one_error_line(run_cli("fit", *common, "--update", "directions.npz", "--layer", "block1",

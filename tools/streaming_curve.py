@@ -5,14 +5,18 @@ One backdoored model (trained or reused by ``tools/bench_flagged.py``'s recipe c
 share models), repaired from the ONNX model alone, in onnxruntime:
 
 - ``flagged-stream``: flagged images (triggered non-target training images, no clean twin, no label)
-  arrive in order; the first batch is fitted (``run_fit``), every later batch only refines the
-  directions file (``fit --update``: the earlier images are not read again), and the deployed model's
-  repair is swapped (``patch --replace``) at each step;
+  arrive in order; the first batch is fitted (``run_fit``, defaults: trigger reconstruction on), every
+  later batch only refines the directions file (``fit --update``: the earlier images are not read
+  again; each batch's trigger is reconstructed from that batch), and the deployed model's repair is
+  swapped (``patch --replace``) at each step;
+- ``flagged-stream-unpaired``: the same with ``--reconstruct off`` (the unpaired, shrunk shift), where
+  the update is exactly a fit on the union;
 - ``paired``: for reference, a fit with the trigger known (stamped clean images with their twins) at the
   same counts.
 
-At every step the streamed directions are also compared with a fresh fit on all flagged images so far
-(``refit_max_diff``: largest absolute difference of mu, U, tau; float noise when the update is exact).
+At every step the streamed directions are also compared with a fresh fit (same mode) on all flagged
+images so far (``refit_max_diff``: largest absolute difference of mu, U, tau; 0 up to float noise when
+the update is exact, i.e. without reconstruction; with it, one reconstruction from the union differs).
 
 Writes ``<out>/results.json`` (records ``{dataset, model, attack, mode, n_triggered, seed, ca, asr, ra,
 ...}``, fractions; records of other cells already there are kept), ``<out>/results.md`` and
@@ -38,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_flagged as bf  # noqa: E402  (training, caching and the flagged-image split are shared)
 
 COUNTS = (5, 10, 20, 50, 100)
-MODES = ("flagged-stream", "paired")
+MODES = ("flagged-stream", "flagged-stream-unpaired", "paired")
+STREAMED = {"flagged-stream": "auto", "flagged-stream-unpaired": "off"}  # mode -> fit --reconstruct
 
 
 def log(msg: str) -> None:
@@ -88,41 +93,46 @@ def run_curve(args) -> list[dict]:
         clean_file = tmp / "clean.npz"
         np.savez(clean_file, x_train=train.x[pool], y_train=train.y[pool])
         common["clean_path"] = str(clean_file)
-        prev_dirs = prev_model = None
+        prev = {mode: (None, None) for mode in STREAMED}  # mode -> (directions, patched model)
         done = 0
         for n in counts:
-            # ------------------------------------------------ flagged, streamed: fit once, then update
-            t0 = time.perf_counter()
             batch = tmp / f"flagged_{done}_{n}.npz"
             np.savez(batch, x=trig.apply(train.x[flag_src[done:n]]))  # no labels, no clean twins
-            if prev_dirs is None:
-                d = run_fit(FitRequest(**common, triggered_path=str(batch), n_triggered=n - done))
-            else:
-                d = run_fit(FitRequest(**dict(common, layers=[]), triggered_path=str(batch), n_triggered=n - done,
-                                       update_path=str(prev_dirs)))
-            dpath = tmp / f"stream_{n}.npz"
-            dirs.save(d, dpath)
-            fit_s = time.perf_counter() - t0
-            model = tmp / f"stream_{n}.fire.onnx"
-            if prev_model is None:
-                patch_file(onnx_path, dpath, model)
-            else:  # swap the repair in the deployed (patched) model
-                patch_file(prev_model, dpath, model, replace=True)
-            # the same estimate from scratch on every flagged image so far, to check the update is exact
             union = tmp / f"flagged_0_{n}.npz"
             np.savez(union, x=trig.apply(train.x[flag_src[:n]]))
-            ref = run_fit(FitRequest(**common, triggered_path=str(union), n_triggered=n)).targets[0]
-            t = d.targets[0]
-            diff = max(float(np.abs(getattr(t, a) - getattr(ref, a)).max()) for a in ("mu", "U", "tau"))
-            rec = dict(base, mode="flagged-stream", n_triggered=n, batch=n - done, updates=t.fit.get("updates", 0),
-                       reference=t.fit.get("reference"), gate=t.gate, tau_rule=t.fit.get("tau_rule"),
-                       separation_sigma=t.fit.get("separation_sigma", [None])[0], refit_max_diff=diff,
-                       fit_seconds=round(fit_s, 2), stats_bytes=int(sum(a.nbytes for a in t.stats.values())),
-                       **evaluate(model))
-            records.append(rec)
-            log(f"flagged-stream n={n:3d} (update {rec['updates']}): CA {rec['ca']:.3f} ASR {rec['asr']:.3f} "
-                f"RA {rec['ra']:.3f}  |refit diff| {diff:.2e}")
-            prev_dirs, prev_model, done = dpath, model, n
+            for mode, recon in STREAMED.items():
+                # ------------------------------------------------ flagged, streamed: fit once, then update
+                prev_dirs, prev_model = prev[mode]
+                t0 = time.perf_counter()
+                if prev_dirs is None:
+                    d = run_fit(FitRequest(**common, triggered_path=str(batch), n_triggered=n - done,
+                                           reconstruct=recon))
+                else:
+                    d = run_fit(FitRequest(**dict(common, layers=[]), triggered_path=str(batch), n_triggered=n - done,
+                                           update_path=str(prev_dirs), reconstruct=recon))
+                dpath = tmp / f"{mode}_{n}.npz"
+                dirs.save(d, dpath)
+                fit_s = time.perf_counter() - t0
+                model = tmp / f"{mode}_{n}.fire.onnx"
+                if prev_model is None:
+                    patch_file(onnx_path, dpath, model)
+                else:  # swap the repair in the deployed (patched) model
+                    patch_file(prev_model, dpath, model, replace=True)
+                # the same mode from scratch on every flagged image so far: is the update exact?
+                ref = run_fit(FitRequest(**common, triggered_path=str(union), n_triggered=n, reconstruct=recon))
+                t, rt = d.targets[0], ref.targets[0]
+                diff = max(float(np.abs(getattr(t, a) - getattr(rt, a)).max()) for a in ("mu", "U", "tau"))
+                rc = d.meta.get("reconstruction") or {}
+                rec = dict(base, mode=mode, n_triggered=n, batch=n - done, updates=t.fit.get("updates", 0),
+                           reference=t.fit.get("reference"), gate=t.gate, tau_rule=t.fit.get("tau_rule"),
+                           separation_sigma=t.fit.get("separation_sigma", [None])[0], refit_max_diff=diff,
+                           fit_seconds=round(fit_s, 2), stats_bytes=int(sum(a.nbytes for a in t.stats.values())),
+                           reconstruction=rc.get("kind"), reconstruction_rate=rc.get("rate"), **evaluate(model))
+                records.append(rec)
+                log(f"{mode:24s} n={n:3d} (update {rec['updates']}): CA {rec['ca']:.3f} ASR {rec['asr']:.3f} "
+                    f"RA {rec['ra']:.3f}  |refit diff| {diff:.2e}  {rec['reference']} {rc.get('kind', '')}")
+                prev[mode] = (dpath, model)
+            done = n
             # ------------------------------------------------ paired reference at the same count
             d = run_fit(FitRequest(**common, trigger_spec=spec, n_triggered=n))
             ppath = tmp / f"paired_{n}.npz"
@@ -133,7 +143,7 @@ def run_curve(args) -> list[dict]:
             rec = dict(base, mode="paired", n_triggered=n, reference=t.fit.get("reference"), gate=t.gate,
                        separation_sigma=t.fit.get("separation_sigma", [None])[0], **evaluate(pmodel))
             records.append(rec)
-            log(f"paired         n={n:3d}: CA {rec['ca']:.3f} ASR {rec['asr']:.3f} RA {rec['ra']:.3f}")
+            log(f"{'paired':24s} n={n:3d}: CA {rec['ca']:.3f} ASR {rec['asr']:.3f} RA {rec['ra']:.3f}")
     return records
 
 
@@ -141,9 +151,10 @@ def markdown(records: list[dict]) -> str:
     lines = ["CA / ASR / RA in % on the test split (ASR and RA over triggered non-target images), SmallCNN, 10 % "
              "poisoning, target 0, 500 clean training images; repair fitted from the ONNX model. "
              "`flagged-stream`: flagged images (no twin, no label) arrive in order, first fit then `fit --update` "
-             "per batch and `patch --replace`; `paired`: trigger known, fitted from scratch at the same count. "
-             "`refit diff`: largest |difference| of mu, U, tau between the streamed directions and a fresh fit "
-             "on all flagged images so far.", ""]
+             "per batch and `patch --replace` (defaults: each batch's trigger reconstructed from it); "
+             "`flagged-stream-unpaired`: the same with `--reconstruct off`; `paired`: trigger known, fitted from "
+             "scratch at the same count. `diff`: largest |difference| of mu, U, tau between the streamed "
+             "directions and a fresh fit in the same mode on all flagged images so far.", ""]
     cells: dict = {}
     for r in records:
         cells.setdefault((r["model"], r["dataset"], r["attack"], r["seed"]), []).append(r)
@@ -154,14 +165,15 @@ def markdown(records: list[dict]) -> str:
             lines += [f"Original model: CA {100 * orig['ca']:.1f}, ASR {100 * orig['asr']:.1f}, "
                       f"RA {100 * orig['ra']:.1f}.", ""]
         lines += [f"![streaming curve]({ds}_{att}.png)", "",
-                  "| flagged / triggered images | flagged-stream | refit diff | paired |", "|---|---|---|---|"]
+                  "| flagged / triggered images | flagged-stream | diff | flagged-stream-unpaired | diff | paired |",
+                  "|---|---|---|---|---|---|"]
         by = {(r["mode"], r["n_triggered"]): r for r in recs}
         for n in sorted({r["n_triggered"] for r in recs if r["mode"] != "original"}):
             row = [str(n)]
             for mode in MODES:
                 r = by.get((mode, n))
                 row.append("" if r is None else f"{100 * r['ca']:.1f} / {100 * r['asr']:.1f} / {100 * r['ra']:.1f}")
-                if mode == "flagged-stream":
+                if mode in STREAMED:
                     row.append("" if r is None else f"{r['refit_max_diff']:.1e}")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
@@ -179,7 +191,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=120)
     orig = next((r for r in records if r["mode"] == "original"), None)
-    styles = {"flagged-stream": ("tab:red", "flagged, streamed (--update)"), "paired": ("tab:blue", "paired (trigger known)")}
+    styles = {"flagged-stream": ("tab:red", "flagged, streamed (--update)"),
+              "flagged-stream-unpaired": ("tab:orange", "flagged, streamed, --reconstruct off"),
+              "paired": ("tab:blue", "paired (trigger known)")}
     for mode, (color, label) in styles.items():
         rs = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["n_triggered"])
         if not rs:
