@@ -201,6 +201,7 @@ def describe_reconstruction(rc: dict) -> str:
     elif rc["kind"] == "additive":
         what += f" ({rc['name']}, L2 {rc.get('delta_l2', 0):.0f})"
     tried = ", ".join(f"{c['name']} {c.get('rate', 0):.0%}" for c in rc.get("candidates", []))
+    how = (f"fitted paired on {rc.get('pseudo_pairs', 0)} pseudo-pairs" if rc.get("fit") != "unpaired" else
+           f"fitted unpaired on the flagged images (a {rc['kind']} reconstruction is too noisy to pair on)")
     return (f"trigger reconstruction: {what}, confirmed: {rc['rate']:.0%} of {rc['n_confirm']} held clean images "
-            f"go to class {rc['majority_class']} when stamped; fitted paired on {rc.get('pseudo_pairs', 0)} "
-            f"pseudo-pairs (tried: {tried})")
+            f"go to class {rc['majority_class']} when stamped; {how} (tried: {tried})")
