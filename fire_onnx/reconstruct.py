@@ -37,7 +37,8 @@ held images). The kind comes first because the additive model is the catch-all: 
 also carries the flagged images' own content, and on a Blended MNIST model it confirmed as often as
 the blend (98 %) with a slightly smaller change yet left 21.7 % ASR after the repair from 5 flagged
 images, against 2.1 % with the blend. Below ``CONFIRM_THRESHOLD`` (50 %) nothing is confirmed: the
-caller falls back to the unpaired estimate and warns.
+caller falls back to the unpaired estimate and warns. (``fire_onnx.fit.core`` pairs the fit on a
+patch or additive winner only; see ``PSEUDO_PAIR_KINDS`` there for why a blend is not paired on.)
 """
 
 from __future__ import annotations
