@@ -310,7 +310,7 @@ def fit_directions(
 
     ``reconstruct="auto"`` with unpaired triggered images (flagged inputs, no ``triggered_source``):
     reconstruct the trigger in pixel space and let the model confirm it (:mod:`fire_onnx.reconstruct`);
-    when confirmed, the fit is paired on pseudo-pairs (the reconstructed trigger stamped on ``held``
+    when a patch or additive trigger is confirmed, the fit is paired on pseudo-pairs (it stamped on ``held``
     clean images, or on ``clean`` when not given; the image without it), with the flagged images'
     own activations added to what gate auto must reach. The outcome is in ``meta["reconstruction"]``.
 
