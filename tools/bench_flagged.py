@@ -12,8 +12,9 @@ ONNX model alone (activations read in onnxruntime; no model code), in several mo
 - ``flagged-5``: the same with 5 flagged images;
 - ``flagged-unpaired``: 20 flagged images, trigger reconstruction off (the plain unpaired estimate),
   when ``fit`` has a reconstruction to turn off;
-- ``translate``: the FIRE paper's operator (subtract the unnormalized mean shift), paired, when ``fit``
-  has ``--repair translate``.
+- ``translate``: the FIRE paper's operator (subtract the unnormalized mean shift from every input,
+  ``--repair translate --gate none``), paired, when ``fit`` has ``--repair translate``;
+- ``translate-gated``: the same translation applied only where fire-onnx's gate fires (``--gate auto``).
 
 Each repair is patched into the ONNX model and evaluated on the test split: CA, ASR (triggered
 non-target images classified as the target), RA (triggered images classified as their true label).
@@ -47,7 +48,7 @@ ATTACKS = {  # name -> (trigger spec, layer of the SmallCNN to repair)
     "sig": ("sig", "block1"),
 }
 DATASETS = ["mnist5k", "fashion_mnist", "cifar10", "gtsrb32"]
-MODES = ["original", "paired", "flagged", "flagged-5", "flagged-unpaired", "translate"]
+MODES = ["original", "paired", "flagged", "flagged-5", "flagged-unpaired", "translate", "translate-gated"]
 # PreAct-ResNet18 (BackdoorBench's network) at a quarter of its width, trained on CIFAR-10 only: 2 CPU cores
 PREACT = {"arch": "preact18", "width": 16, "epochs": 12, "datasets": ["cifar10"], "attacks": ["badnets", "blended"],
           "layers": {"badnets": "layer3", "blended": "layer2"}}
@@ -197,7 +198,7 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
                 req = dict(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path), target=TARGET,
                            n_clean=N_CLEAN, seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c)
                 n = 5 if mode == "flagged-5" else 20
-                if mode in ("paired", "translate"):
+                if mode in ("paired", "translate", "translate-gated"):
                     req.update(trigger_spec=spec, n_triggered=n)
                 else:
                     req.update(triggered_path=str(flagged_file(n)), n_triggered=n)
@@ -207,6 +208,10 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
                         continue
                     req["repair"] = "translate"
                     req["gate"] = "none"  # the paper's operator: every input is translated
+                if mode == "translate-gated":  # the paper's translation where fire-onnx's gate fires
+                    if "repair" not in have:
+                        continue
+                    req["repair"] = "translate"
                 if mode == "flagged-unpaired":
                     if "reconstruct" not in have:
                         log(f"  {mode}: skipped (fit has no trigger reconstruction to turn off)")
@@ -280,6 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     ap.add_argument("--archs", default="small_cnn,preact18",
                     help="small_cnn on every dataset x attack; preact18 (width 16) on cifar10 x badnets, blended")
+    ap.add_argument("--fresh", action="store_true", help="drop the records of earlier runs in --out")
     ap.add_argument("--quick", action="store_true", help="one cell: mnist5k badnets, seed 0")
     args = ap.parse_args(argv)
     datasets, attacks = args.datasets.split(","), args.attacks.split(",")
@@ -299,12 +305,19 @@ def main(argv=None) -> int:
     if "preact18" in archs:
         cells += [("preact18", ds, att) for ds in PREACT["datasets"] for att in PREACT["attacks"]
                   if ds in datasets and att in attacks]
+    # cells measured by earlier runs stay (a cell re-measured here replaces its old records)
+    kept = json.loads(results_path.read_text()) if results_path.is_file() and not args.fresh else []
     for arch, ds, att in cells:
         for seed in (int(s) for s in args.seeds.split(",")):
             log(f"[{arch} / {ds} / {att} / seed {seed}]")
-            records += run_cell(ds, att, seed, args, modes, arch=arch)
+            new = run_cell(ds, att, seed, args, modes, arch=arch)
+            key = lambda r: (r["model"], r["dataset"], r["attack"], r["seed"], r["mode"])  # noqa: E731
+            fresh = {key(r) for r in new}
+            kept = [r for r in kept if key(r) not in fresh]
+            records += new
             # written after every cell, so an interrupted run keeps what it measured
-            _write(results_path, records)
+            _write(results_path, kept + records)
+    records = kept + records
     from fire_onnx import __version__
     from fire_onnx.fileio import write_text_atomic
 
