@@ -180,6 +180,14 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, describe_reconstruction, run_fit, summary
 
+    if update_path:  # these come from the file being updated: an explicit value would be silently ignored
+        ctx = click.get_current_context()
+        given = [f"--{n.replace('_', '-')}" for n in ("method", "k", "gate", "quantile", "alpha", "layout", "repair",
+                                                         "shrink")
+                 if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise FireError(f"--update takes {', '.join(given)} from {update_path} (the repair being refined); "
+                            "drop them, or fit from scratch without --update to change them")
     if output is None:
         from fire_onnx.fit.update import default_update_output
 

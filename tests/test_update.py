@@ -189,3 +189,11 @@ def test_library_replace_repair_refuses_unpatched(ws):
 
     with pytest.raises(FireError, match="no fire-onnx repair"):
         replace_repair(onnx.load(str(ws / "model.onnx")), dirs.load(ws / "directions.npz"))
+
+
+def test_update_refuses_options_it_would_ignore(ws):
+    """--update takes method, gate, alpha, ... from the file: giving them is an error, not a silent no-op."""
+    proc = run_cli("fit", "--onnx", "model.onnx", "--clean", "mnist.npz", "--update", "d.npz", "--triggered",
+                   "flag_b.npz", "--gate", "none", "--alpha", "0.5", cwd=ws)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--update takes --gate, --alpha from d.npz" in proc.stderr, proc.stderr
