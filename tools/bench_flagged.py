@@ -14,7 +14,8 @@ ONNX model alone (activations read in onnxruntime; no model code), in several mo
   when ``fit`` has a reconstruction to turn off;
 - ``translate``: the FIRE paper's operator (subtract the unnormalized mean shift from every input,
   ``--repair translate --gate none``), paired, when ``fit`` has ``--repair translate``;
-- ``translate-gated``: the same translation applied only where fire-onnx's gate fires (``--gate auto``).
+- ``translate-gated``: the same translation applied only where fire-onnx's gate fires (``--gate auto``);
+- ``flagged-translate``: 20 flagged images (as ``flagged``), gated translation (``--repair translate``).
 
 Each repair is patched into the ONNX model and evaluated on the test split: CA, ASR (triggered
 non-target images classified as the target), RA (triggered images classified as their true label).
@@ -48,7 +49,8 @@ ATTACKS = {  # name -> (trigger spec, layer of the SmallCNN to repair)
     "sig": ("sig", "block1"),
 }
 DATASETS = ["mnist5k", "fashion_mnist", "cifar10", "gtsrb32"]
-MODES = ["original", "paired", "flagged", "flagged-5", "flagged-unpaired", "translate", "translate-gated"]
+MODES = ["original", "paired", "flagged", "flagged-5", "flagged-unpaired", "translate", "translate-gated",
+         "flagged-translate"]
 # PreAct-ResNet18 (BackdoorBench's network) at a quarter of its width, trained on CIFAR-10 only: 2 CPU cores
 PREACT = {"arch": "preact18", "width": 16, "epochs": 12, "datasets": ["cifar10"], "attacks": ["badnets", "blended"],
           "layers": {"badnets": "layer3", "blended": "layer2"}}
@@ -208,6 +210,10 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
                         continue
                     req["repair"] = "translate"
                     req["gate"] = "none"  # the paper's operator: every input is translated
+                if mode == "flagged-translate":  # flagged inputs, gated translation
+                    if "repair" not in have:
+                        continue
+                    req["repair"] = "translate"
                 if mode == "translate-gated":  # the paper's translation where fire-onnx's gate fires
                     if "repair" not in have:
                         continue
