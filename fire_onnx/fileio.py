@@ -18,13 +18,23 @@ import numpy as np
 from fire_onnx.errors import FireError, first_line
 
 
-def _is_special(p: Path) -> bool:
+def is_special(p: Path) -> bool:
     """An existing output that is neither a regular file nor a folder (a device such as /dev/null, a pipe)."""
     try:
         mode = p.stat().st_mode
     except OSError:
         return False
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def output_parent(dest: Path) -> Path:
+    """The folder ``dest`` will be written in; a missing folder or a ``dest`` that is a folder is a FireError."""
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise FireError(f"output folder does not exist: {parent}")
+    if dest.is_dir():
+        raise FireError(f"output {dest} is a folder; name a file to write")
+    return parent
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -70,7 +80,7 @@ def check_outputs(outputs: Iterable[str | os.PathLike | None],
         seen.append(p)
         if p.is_dir():
             raise FireError(f"output {out} is a folder; name a file to write")
-        if _is_special(p):
+        if is_special(p):
             if not special_ok:
                 raise FireError(f"output {out} is not a regular file (a device or a pipe); name a file to write")
             if not os.access(p, os.W_OK):
@@ -107,21 +117,17 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     A failure (or Ctrl-C) leaves no partial file behind and ``dest`` untouched.
     """
     dest = Path(dest)
-    if _is_special(dest):  # /dev/null, a named pipe: written in place, never replaced by a regular file
+    if is_special(dest):  # /dev/null, a named pipe: written in place, never replaced by a regular file
         yield dest
         return
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise FireError(f"output folder does not exist: {parent}")
-    if dest.is_dir():
-        raise FireError(f"output {dest} is a folder; name a file to write")
+    parent = output_parent(dest)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
     except OSError as e:
         raise FireError(f"cannot write to the output folder {parent} ({e.strerror or e})") from None
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
@@ -130,7 +136,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

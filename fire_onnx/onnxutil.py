@@ -6,7 +6,6 @@ import ast
 import contextlib
 import os
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +13,7 @@ from typing import Iterator
 import onnx
 
 from fire_onnx.errors import FireError, first_line
+from fire_onnx.fileio import is_special, output_parent, umask
 
 # protobuf refuses to serialize a message of 2 GiB or more; switch to external data well before.
 # FIRE_ONNX_EXTERNAL_DATA_THRESHOLD (bytes) overrides it, e.g. to exercise the external-data path in tests.
@@ -190,12 +190,8 @@ def atomic_model_path(dest: str | os.PathLike) -> Iterator[Path]:
     written in place, never replaced; a model with external data cannot go there.
     """
     dest = Path(dest)
-    special = _is_special(dest)
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise FireError(f"output folder does not exist: {parent}")
-    if dest.is_dir():
-        raise FireError(f"output {dest} is a folder; name a file to write")
+    special = is_special(dest)
+    parent = output_parent(dest)
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=None if special else parent))
     except OSError as e:
@@ -213,27 +209,12 @@ def atomic_model_path(dest: str | os.PathLike) -> Iterator[Path]:
             return
         for p in (data, tmp):
             if p.exists():
-                os.chmod(p, 0o666 & ~_umask())
+                os.chmod(p, 0o666 & ~umask())
         if data.exists():
             os.replace(data, parent / data.name)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _is_special(p: Path) -> bool:
-    """An existing path that is neither a regular file nor a folder (a device such as /dev/null, a pipe)."""
-    try:
-        mode = p.stat().st_mode
-    except OSError:
-        return False
-    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_model(model: onnx.ModelProto, dest: str | os.PathLike) -> None:
