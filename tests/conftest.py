@@ -30,6 +30,33 @@ def run_cli(*args, cwd=None, check=False) -> subprocess.CompletedProcess:
     return proc
 
 
+def torch_repaired(model, d, x: np.ndarray) -> np.ndarray:
+    """Logits of a PyTorch ``model`` with the repair of directions ``d`` hooked in (the reference for ONNX)."""
+    import torch
+
+    from fire_onnx.fit import apply_in_torch
+
+    handles = apply_in_torch(model, d)
+    try:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def set_fire_metadata(m, **props) -> None:
+    """Set a model proto's ``fire_onnx.<key>`` metadata to the given strings (None: removed), in place."""
+    meta = {p.key: p.value for p in m.metadata_props}
+    for key, value in props.items():
+        meta.pop(f"fire_onnx.{key}", None)
+        if value is not None:
+            meta[f"fire_onnx.{key}"] = value
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
+
+
 def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

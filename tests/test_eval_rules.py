@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import run_cli
+from conftest import run_cli, set_fire_metadata
 from test_cli import assert_user_error, snapshot, ws  # noqa: F401  (ws is a fixture)
 
 from fire_onnx.data import infer_layout
@@ -33,14 +33,7 @@ def run_eval(ws: Path, *args, code: int = 0):
 def with_meta(ws: Path, name: str, src: str = "model.fire.onnx", **props) -> str:
     """A copy of ``src`` whose metadata keys (fire_onnx.<key>) are set to the given strings (None: removed)."""
     m = onnx.load(str(ws / src))
-    meta = {p.key: p.value for p in m.metadata_props}
-    for key, value in props.items():
-        meta.pop(f"fire_onnx.{key}", None)
-        if value is not None:
-            meta[f"fire_onnx.{key}"] = value
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        m.metadata_props.add(key=k, value=v)
+    set_fire_metadata(m, **props)
     onnx.save(m, str(ws / name))
     return name
 

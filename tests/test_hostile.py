@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import run_cli, sha
+from conftest import run_cli, set_fire_metadata, sha
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -466,14 +466,7 @@ def with_meta(src: Path, dst: Path, scopes: str | None = None, **props) -> Path:
     if scopes is not None:
         for node in m.graph.node:
             node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scopes)
-    meta = {p.key: p.value for p in m.metadata_props}
-    for key, value in props.items():
-        meta.pop(f"fire_onnx.{key}", None)
-        if value is not None:
-            meta[f"fire_onnx.{key}"] = value
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        m.metadata_props.add(key=k, value=v)
+    set_fire_metadata(m, **props)
     dst.write_bytes(m.SerializeToString())
     return dst
 

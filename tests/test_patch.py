@@ -9,10 +9,12 @@ import onnx
 import pytest
 import torch
 
+from conftest import torch_repaired
+
 from fire_onnx import directions as dirs
 from fire_onnx.errors import FireError
 from fire_onnx.evaluate import session
-from fire_onnx.fit import apply_in_torch, export_onnx
+from fire_onnx.fit import export_onnx
 from fire_onnx.patch import patch_model, resolve_target
 
 TRT_SAFE_OPS = {"Reshape", "Shape", "Gemm", "MatMul", "Sub", "Greater", "Where", "Cast"}
@@ -29,16 +31,6 @@ def random_target(d, k, layout, module, gate="hard", alpha=1.0, tau=0.0, seed=0)
 def run(model_proto, x):
     s = session(model_proto.SerializeToString())
     return s.run(None, {s.get_inputs()[0].name: x})[0]
-
-
-def torch_ref(model, d, x):
-    handles = apply_in_torch(model, d)
-    try:
-        with torch.no_grad():
-            return model(torch.from_numpy(x)).numpy()
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _export(model, shape, path, dynamo=False):
@@ -95,7 +87,7 @@ def test_patched_onnx_matches_pytorch_reference(models, fixture, module, layout,
     d_ = dirs.Directions([t])
     res = patch_model(proto, d_)
     got = run(res.model, x)
-    ref = torch_ref(torch_model, d_, x)
+    ref = torch_repaired(torch_model, d_, x)
     with torch.no_grad():
         orig = torch_model(torch.from_numpy(x)).numpy()
     assert np.abs(got - orig).max() > 1e-2 * np.abs(orig).max(), "the repair must change the outputs for this check to mean anything"
@@ -110,7 +102,7 @@ def test_dynamo_export_resolves_module_and_matches(cnn_onnx, tmp_path):
     res = patch_model(proto, dirs.Directions([t]))
     assert res.targets[0].tensor == resolve_target(proto, t)
     x = np.random.default_rng(3).normal(size=(5, 1, 28, 28)).astype(np.float32)
-    np.testing.assert_allclose(run(res.model, x), torch_ref(model, dirs.Directions([t]), x), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run(res.model, x), torch_repaired(model, dirs.Directions([t]), x), atol=1e-5, rtol=1e-5)
 
 
 def test_alpha_zero_gives_original_outputs(cnn_onnx):
@@ -136,7 +128,7 @@ def test_one_patched_file_serves_batches_1_7_64(cnn_onnx, tmp_path, batch):
     s = session(out)
     got = s.run(None, {"input": x})[0]
     assert got.shape == (batch, 10)
-    np.testing.assert_allclose(got, torch_ref(model, dirs.Directions([t]), x), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, torch_repaired(model, dirs.Directions([t]), x), atol=1e-5, rtol=1e-5)
 
 
 def test_hard_gate_acts_only_above_tau(cnn_onnx):
@@ -203,7 +195,7 @@ def test_two_targets_in_one_file(cnn_onnx):
     res = patch_model(onnx.load(str(path)), d)
     assert len(res.targets) == 2
     x = np.random.default_rng(2).normal(size=(4, 1, 28, 28)).astype(np.float32)
-    np.testing.assert_allclose(run(res.model, x), torch_ref(model, d, x), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run(res.model, x), torch_repaired(model, d, x), atol=1e-5, rtol=1e-5)
 
 
 def test_replace_swaps_directions(cnn_onnx):
@@ -313,7 +305,7 @@ def test_large_model_path_uses_external_data(cnn_onnx, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.fire.onnx", "big.fire.onnx.data", "d.npz"]
     x = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
     s = session(out)
-    np.testing.assert_allclose(s.run(None, {"input": x})[0], torch_ref(model, d, x), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(s.run(None, {"input": x})[0], torch_repaired(model, d, x), atol=1e-5, rtol=1e-5)
 
 
 def test_patch_file_verifies_in_onnxruntime(cnn_onnx, tmp_path):

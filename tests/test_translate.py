@@ -9,13 +9,11 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
-from conftest import run_cli
+from conftest import run_cli, torch_repaired
 
 from fire_onnx import directions as dirs
 from fire_onnx.errors import FireError
 from fire_onnx.estimate import fit_target
-from fire_onnx.fit import apply_in_torch
 from fire_onnx.patch import patch_model, patched_targets
 from fire_onnx.probe import TensorReader
 
@@ -37,16 +35,6 @@ def repaired_tensors(patched: onnx.ModelProto, x: np.ndarray):
     rec = patched_targets(patched)[0]
     acts, _ = TensorReader(patched, [rec["tensor"], rec["output"]], batch_size=len(x))(x)
     return acts[rec["tensor"]], acts[rec["output"]]
-
-
-def torch_logits(model, d, x):
-    handles = apply_in_torch(model, d)
-    try:
-        with torch.no_grad():
-            return model(torch.from_numpy(x)).numpy()
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def ort_logits(proto, x):
@@ -84,7 +72,7 @@ def test_translate_patch_matches_numpy_and_torch(cnn_onnx, module, d, layout, fs
         s = (flat - t.mu) @ t.U[0]
         np.testing.assert_array_equal(moved, s > t.tau[0])
         np.testing.assert_allclose(y.reshape(len(y), -1)[moved], flat[moved] - beta, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(ort_logits(res.model, x), torch_logits(model, dd, x), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ort_logits(res.model, x), torch_repaired(model, dd, x), atol=1e-5, rtol=1e-5)
 
 
 def test_translate_nonfinite_activation_gets_no_correction():
