@@ -63,6 +63,20 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def make_recipe(data_path: Path, arch: str, spec: str, epochs: int, seed: int) -> dict:
+    """The training recipe of a backdoored model (its hash keys the model cache; keep the keys stable)."""
+    return {"data": data_path.name, "size": data_path.stat().st_size, "arch": arch, "trigger": spec,
+            "target": TARGET, "poison_rate": POISON_RATE, "epochs": epochs, "seed": seed}
+
+
+def flagged_split(train, seed: int) -> tuple[list, np.ndarray]:
+    """(indices of flagged-image sources, indices of the clean pool): flagged images come from a tenth of
+    the training images (non-target ones) that the clean pool never sees."""
+    order = np.random.default_rng(1000 + seed).permutation(len(train))
+    flag_src = [i for i in order[: len(train) // 10] if train.y[i] != TARGET]
+    return flag_src, order[len(train) // 10:]
+
+
 def recipe_key(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -157,8 +171,7 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
 
     spec, layer = ATTACKS[attack]
     data_path = Path(args.data_dir) / f"{dataset}.npz"
-    recipe = {"data": data_path.name, "size": data_path.stat().st_size, "arch": arch, "trigger": spec,
-              "target": TARGET, "poison_rate": POISON_RATE, "epochs": args.epochs, "seed": seed}
+    recipe = make_recipe(data_path, arch, spec, args.epochs, seed)
     if arch == "preact18":
         recipe.update(width=PREACT["width"], epochs=PREACT["epochs"], train="sgd-onecycle-crop-flip")
         layer = PREACT["layers"][attack]
@@ -171,11 +184,7 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
     trig = triggers.parse(spec)
     trig_test = Images(trig.apply(test.x), test.y)
     have = fit_fields()
-    rng = np.random.default_rng(1000 + seed)
-    order = rng.permutation(len(train))
-    # flagged images come from training images the clean pool never sees
-    flag_src = [i for i in order[: len(train) // 10] if train.y[i] != TARGET]
-    pool = order[len(train) // 10:]
+    flag_src, pool = flagged_split(train, seed)
     model_name = f"preact18-w{PREACT['width']}" if arch == "preact18" else arch
     base = {"dataset": dataset, "model": model_name, "attack": attack, "trigger": spec, "layer": layer,
             "seed": seed, "epochs": recipe["epochs"], "train_seconds": round(train_s, 1)}

@@ -60,8 +60,7 @@ def run_curve(args) -> list[dict]:
 
     spec, layer = bf.ATTACKS[args.attack]
     data_path = Path(args.data_dir) / f"{args.dataset}.npz"
-    recipe = {"data": data_path.name, "size": data_path.stat().st_size, "arch": "small_cnn", "trigger": spec,
-              "target": bf.TARGET, "poison_rate": bf.POISON_RATE, "epochs": args.epochs, "seed": args.seed}
+    recipe = bf.make_recipe(data_path, "small_cnn", spec, args.epochs, args.seed)
     onnx_path, train_s = bf.train_or_reuse(recipe, data_path, Path(args.cache))
     train, test = load_images(data_path, "train"), load_images(data_path, "test")
     if args.limit:
@@ -70,10 +69,7 @@ def run_curve(args) -> list[dict]:
     pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
     trig = triggers.parse(spec)
     trig_test = Images(trig.apply(test.x), test.y)
-    # the same split as bench_flagged: flagged images come from training images the clean pool never sees
-    order = np.random.default_rng(1000 + args.seed).permutation(len(train))
-    flag_src = [i for i in order[: len(train) // 10] if train.y[i] != bf.TARGET]
-    pool = order[len(train) // 10:]
+    flag_src, pool = bf.flagged_split(train, args.seed)  # the same split as bench_flagged
     counts = sorted(int(n) for n in args.counts.split(","))
     if counts[-1] > len(flag_src):
         raise SystemExit(f"only {len(flag_src)} flagged images available, fewer than {counts[-1]}")

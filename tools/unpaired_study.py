@@ -12,7 +12,10 @@ and evaluated in onnxruntime:
 - ``augment``     the paper's idea: activations averaged over 8 random augmentations that keep the trigger
                   (gaussian noise, brightness/contrast jitter) for both sets, then the clean mean
 - ``shrink``      the mean difference, its coefficients on the clean principal axes shrunk by their noise
-                  (Wiener-style: coefficient * max(0, 1 - var_j (1/n_t + 1/n_c) / coefficient^2))
+                  (Wiener-style: coefficient * max(0, 1 - var_j (1/n_t + 1/n_c) / coefficient^2)); the
+                  library's ``fire_onnx.estimate.shrunk_shift``, what ``fit`` does without twins
+- ``shrink-class``  self-class's predicted classes as the reference, then the library's shrinkage on the
+                  within-class axes (3 rounds)
 - ``knn``         per-flagged-image pseudo-twins: the mean of its 5 nearest clean activations measured
                   orthogonally to the current direction estimate (3 rounds)
 - ``self-class``  self-consistent class-matched reference: the repaired model predicts each flagged image's
@@ -58,35 +61,27 @@ def rows(a):
     return a.reshape(len(a), -1)
 
 
-def shrink_shift(C, T):
-    mu = C.mean(0)
-    d = T.mean(0) - mu
-    Cc = C - mu
-    _, sv, vt = np.linalg.svd(Cc, full_matrices=False)
-    var = sv ** 2 / (len(C) - 1)
-    coef = vt @ d
-    noise = var * (1 / len(T) + 1 / len(C))
-    factor = np.clip(1 - noise / np.maximum(coef ** 2, 1e-30), 0, 1)
-    resid = d - vt.T @ coef
-    return vt.T @ (coef * factor) + resid
+def shrink_shift(C, T, yc=None, yt=None):
+    """The library's shrunk mean shift (fire_onnx.estimate.shrunk_shift), against the clean mean or, with
+    predicted classes ``yt`` for the flagged rows, against those classes' clean means."""
+    from fire_onnx.estimate import shrunk_shift
+
+    if yt is None:
+        d = T.mean(0) - C.mean(0)
+    else:
+        mu = C.mean(0)
+        means = {k: C[yc == k].mean(0) for k in np.unique(yc)}
+        d = (T - np.stack([means.get(k, mu) for k in yt])).mean(0)
+    return shrunk_shift(d, C, n_t=len(T), labels=yc, triggered_labels=yt)[0]
 
 
-def shrink_class_shift(C, yc, T, yt):
-    """Mean shift against the class means of the predicted classes, shrunk on the within-class axes."""
-    classes = np.unique(yc)
-    means = {k: C[yc == k].mean(0) for k in classes}
-    mu = C.mean(0)
-    ref = np.stack([means.get(k, mu) for k in yt])
-    d = (T - ref).mean(0)
-    W = C - np.stack([means[k] for k in yc])
-    _, sv, vt = np.linalg.svd(W, full_matrices=False)
-    var = sv ** 2 / max(len(C) - len(classes), 1)
-    counts = {k: int((yc == k).sum()) for k in classes}
-    n_ref = len(T) ** 2 / sum(1 / max(counts.get(k, len(C)), 1) for k in yt) / len(T)  # effective clean count
-    coef = vt @ d
-    noise = var * (1 / len(T) + 1 / n_ref)
-    factor = np.clip(1 - noise / np.maximum(coef ** 2, 1e-30), 0, 1)
-    return vt.T @ (coef * factor) + (d - vt.T @ coef)
+def knn_iterate(C, T, u, rounds, allowed=None):
+    """Pseudo-twins by nearest neighbours orthogonal to the direction ``u``, re-estimated ``rounds`` times."""
+    for _ in range(rounds):
+        ref = knn_ref(C, T, u, allowed=allowed)
+        d = (T - ref).mean(0)
+        u = d / np.linalg.norm(d)
+    return ref
 
 
 def knn_ref(C, T, u, k=5, allowed=None):
@@ -112,18 +107,16 @@ def run_cell(dataset, attack, args):
 
     spec, layer = ATTACKS[attack]
     data_path = Path(args.data_dir) / f"{dataset}.npz"
-    recipe = {"data": data_path.name, "size": data_path.stat().st_size, "arch": "small_cnn", "trigger": spec,
-              "target": bf.TARGET, "poison_rate": bf.POISON_RATE, "epochs": args.epochs, "seed": 0}
+    recipe = bf.make_recipe(data_path, "small_cnn", spec, args.epochs, 0)
     onnx_path, _ = bf.train_or_reuse(recipe, data_path, Path(args.cache))
     train, test = load_images(data_path, "train"), load_images(data_path, "test")
     test = test.subset(slice(0, args.limit))
     c = train.x.shape[-1]
     pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
     trig = triggers.parse(spec)
-    rng = np.random.default_rng(1000)
-    order = rng.permutation(len(train))
-    flag_src = np.array([i for i in order[: len(train) // 10] if train.y[i] != bf.TARGET][: args.n_flagged])
-    clean = train.subset(order[len(train) // 10:][: 500])
+    flag_all, pool = bf.flagged_split(train, 0)
+    flag_src = np.array(flag_all[: args.n_flagged])
+    clean = train.subset(pool[: 500])
     xf_clean = train.x[flag_src]
     xf = trig.apply(xf_clean)
     model = load_model(onnx_path)
@@ -132,11 +125,11 @@ def run_cell(dataset, attack, args):
     (ac, lc), (at, lt), (ap, _) = acts(clean.x), acts(xf), acts(xf_clean)
     C, T, Pd = ac[layer], at[layer], ap[layer]
     shape = C.shape
-    base_ca = compute_metrics(session(onnx_path), test, pre, Images(trig.apply(test.x), test.y), bf.TARGET)
+    trig_test = Images(trig.apply(test.x), test.y)
+    base_ca = compute_metrics(session(onnx_path), test, pre, trig_test, bf.TARGET)
     out = [{"dataset": dataset, "attack": attack, "method": "original", "ca": base_ca.ca, "asr": base_ca.asr,
             "ra": base_ca.ra}]
     log(f"{dataset} {attack}: original CA {base_ca.ca:.3f} ASR {base_ca.asr:.3f}")
-    trig_test = Images(trig.apply(test.x), test.y)
     Cr, Tr = rows(C), rows(T)
     true_u = (Tr - rows(Pd)).mean(0)
     true_u /= np.linalg.norm(true_u)
@@ -145,13 +138,8 @@ def run_cell(dataset, attack, args):
         tmp = Path(tmp)
 
         def repair(ref_rows, C_use=C, T_use=T, name="x"):
-            t = fit_target(C_use, T_use, layout="flat", paired=ref_rows.reshape(T_use.shape), tensor="", module=layer)
-            from fire_onnx.fit.core import OnnxSource as _  # noqa: F401
-            from fire_onnx.onnxutil import infer_shapes
-            from fire_onnx.patch import resolve_tensor
-
-            t.tensor = resolve_tensor(infer_shapes(model), module=layer)
-            t.module = layer
+            t = fit_target(C_use, T_use, layout="flat", paired=ref_rows.reshape(T_use.shape),
+                           tensor=src.tensor_of[layer], module=layer)
             d = dirs.Directions(targets=[t], preprocess=pre.as_dict(), meta={})
             dp, mp = tmp / f"{name}.npz", tmp / f"{name}.onnx"
             dirs.save(d, dp)
@@ -181,35 +169,24 @@ def run_cell(dataset, attack, args):
         evaluate("augment", np.tile(Ca.mean(0), (len(T), 1)), C_use=Ca.reshape(shape), T_use=Ta.reshape(T.shape))
         ds = shrink_shift(Cr, Tr)
         evaluate("shrink", Tr - ds)
-        u = t_un.U[0].astype(np.float64)
-        for _ in range(3):
-            ref = knn_ref(Cr, Tr, u)
-            d = (Tr - ref).mean(0)
-            u = d / np.linalg.norm(d)
-        evaluate("knn", ref)
-        sess = sess_un
-        for it in range(3):
-            yhat = predict_logits(sess, pre(xf)).argmax(1)
-            means = {k: Cr[clean.y == k].mean(0) for k in np.unique(clean.y)}
-            ref = np.stack([means.get(k, mu) for k in yhat])
-            t, sess = repair(ref, name=f"sc{it}")
-            sess = session(tmp / f"sc{it}.onnx")
+        evaluate("knn", knn_iterate(Cr, Tr, t_un.U[0].astype(np.float64), 3))
+        def self_consistent(reference, name, rounds=3):
+            """Predict the flagged images' classes with the repaired model, refit on ``reference(yhat)``,
+            repeat; returns (last reference, last target, predicted classes under the last repair)."""
+            sess, t = sess_un, None
+            for it in range(rounds):
+                ref = reference(predict_logits(sess, pre(xf)).argmax(1))
+                t, mp = repair(ref, name=f"{name}{it}")
+                sess = session(mp)
+            return ref, t, predict_logits(sess, pre(xf)).argmax(1)
+
+        means = {k: Cr[clean.y == k].mean(0) for k in np.unique(clean.y)}
+        ref, t, yhat = self_consistent(lambda yh: np.stack([means.get(k, mu) for k in yh]), "sc")
         evaluate("self-class", ref)
-        yhat = predict_logits(sess, pre(xf)).argmax(1)
         allowed = [np.flatnonzero(clean.y == k) if (clean.y == k).sum() >= 5 else np.arange(len(Cr)) for k in yhat]
-        u = t.U[0].astype(np.float64)
-        for _ in range(2):
-            ref = knn_ref(Cr, Tr, u, allowed=allowed)
-            d = (Tr - ref).mean(0)
-            u = d / np.linalg.norm(d)
-        evaluate("knn-class", ref)
-        sess = sess_un
-        for it in range(3):
-            yhat = predict_logits(sess, pre(xf)).argmax(1)
-            ds = shrink_class_shift(Cr, clean.y, Tr, yhat)
-            t, _ = repair(Tr - ds, name=f"shc{it}")
-            sess = session(tmp / f"shc{it}.onnx")
-        evaluate("shrink-class", Tr - ds)
+        evaluate("knn-class", knn_iterate(Cr, Tr, t.U[0].astype(np.float64), 2, allowed=allowed))
+        ref, _, yhat = self_consistent(lambda yh: Tr - shrink_shift(Cr, Tr, clean.y, yh), "shc")
+        evaluate("shrink-class", ref)
         acc_yhat = float((yhat == train.y[flag_src]).mean())
         log(f"  self-class predicted the flagged images' true class for {acc_yhat:.0%}")
         out[-1]["true_class_accuracy"] = acc_yhat
