@@ -84,6 +84,38 @@ def test_additive_signal_is_recovered():
     assert np.corrcoef(d, sig)[0, 1] > 0.9
 
 
+@pytest.mark.parametrize("n", [5, 20])
+def test_periodic_stripes_are_denoised(n):
+    """A sinusoid along the columns: the Fourier-denoised profile is closer to it than the plain
+    column average, which keeps the flagged images' own content."""
+    clean, src = textured(400, 0), textured(n, 6)
+    flagged = triggers.parse("sig:delta=20,freq=3").apply(src)
+    cands = {c.name: c for c in rc.additive_candidates(flagged, clean)}
+    sig = np.broadcast_to((20 * np.sin(2 * np.pi * np.arange(24) * 3 / 24))[None, :, None], (24, 24, 3))
+
+    def corr(c):
+        return np.corrcoef(c.delta.ravel(), sig.ravel())[0, 1]
+
+    assert cands["additive-columns-sine"].info["frequencies"] == [3]
+    assert 3 in cands["additive-columns-periodic"].info["frequencies"]
+    assert corr(cands["additive-columns-sine"]) > 0.9
+    assert corr(cands["additive-columns-sine"]) > corr(cands["additive-columns"])
+
+
+def test_stripes_are_not_read_as_a_blend():
+    """A few images are less spread than the whole set by chance: that is not a blend."""
+    clean = textured(400, 0)
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        few = clean[rng.choice(400, 5, replace=False)]
+        a, null = rc.blend_ratio(few, clean), rc.blend_null(5, clean)
+        assert rc.blend_candidates(few, clean) == [] or a > null
+    assert rc.blend_null(5, clean) > rc.blend_null(50, clean) > 0 or rc.blend_null(50, clean) == 0
+    flagged = triggers.parse("blended:alpha=0.2,seed=4").apply(textured(5, 5))
+    (cand,) = rc.blend_candidates(flagged, clean)  # a real blend passes the test
+    assert cand.info["blend_ratio"] > cand.info["blend_ratio_by_chance"]
+
+
 def detector(spec: str, target: int = 7):
     """A stand-in 'model' that predicts ``target`` exactly when the patch of ``spec`` is present
     (else class = image brightness bucket, never ``target``)."""
