@@ -308,6 +308,10 @@ Preprocessing (uint8 pixels -> (x * scale - mean) / std per channel, in --input-
   layout follows the model's input shape when exactly one layout fits the images.
 
 \b
+ASR floor: the share of clean images outside the target class that the model puts
+  in the target class anyway; no repair can push ASR below it (the model's own errors).
+
+\b
 CI thresholds (--fail-asr, --fail-ca, --fail-ca-drop; fractions in [0, 1]):
   checked on the patched models (written by 'fire-onnx patch'); unpatched models
   given beside them are baselines and are not checked (--fail-ca-drop compares with
@@ -412,11 +416,11 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
         click.echo(line, err=True)
     checks = ev.threshold_checks(results, infos, fail_asr, fail_ca, fail_ca_drop)
     if json_out != "-":  # with --json - stdout carries the JSON alone
-        click.echo("| model | CA | ASR | RA | clean | triggered | preprocessing |")
-        click.echo("|---|---|---|---|---|---|---|")
+        click.echo("| model | CA | ASR | RA | ASR floor | clean | triggered | preprocessing |")
+        click.echo("|---|---|---|---|---|---|---|---|")
         for m, r in results.items():
-            click.echo(f"| {m} | {_pct(r['ca'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | {r['n_clean']} | "
-                       f"{r['n_triggered']} | {r['preprocess']['from']} |")
+            click.echo(f"| {m} | {_pct(r['ca'])} | {_pct(r['asr'])} | {_pct(r['ra'])} | {_pct(r['asr_floor'])} | "
+                       f"{r['n_clean']} | {r['n_triggered']} | {r['preprocess']['from']} |")
     if json_out:
         used = {json.dumps(c.preprocess.as_dict(), sort_keys=True) for c in choices}
         payload = {"preprocess": choices[0].preprocess.as_dict() if len(used) == 1 else None, "target": target,

@@ -137,6 +137,10 @@ class Metrics:
     ra: float | None = None
     n_clean: int = 0
     n_triggered: int = 0
+    # the share of clean images not of the target class that the model itself puts in the target class:
+    # the ASR a repair that removed the trigger's effect entirely would still show (a 64 %-accurate
+    # CIFAR-10 model sends ~4 % of clean images to any one class)
+    asr_floor: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -158,6 +162,8 @@ def compute_metrics(
                         f"(0..{logits.shape[1] - 1})")
     pred = logits.argmax(axis=1)
     m = Metrics(ca=float((pred == clean.y).mean()), n_clean=len(clean))
+    if target is not None and (clean.y != target).any():
+        m.asr_floor = float((pred[clean.y != target] == target).mean())
     if triggered is not None:
         if triggered.y is None:
             raise FireError("the triggered images have no labels; ASR/RA need the true labels")
