@@ -21,8 +21,7 @@ trigger models, each estimated from the flagged images and clean images alone:
   a SIG signal lifts the black background in stripes that the flagged images agree on).
 - ``blend``:    ``x' = (1 - a) x + a p``. Blending scales the spread of every pixel by ``1 - a``, so ``a``
   comes from the ratio of the flagged to the clean pixel spread (pooled over pixels), and ``p`` from
-  the means: ``mean_flagged = (1 - a) mean_clean + a p``. A ratio that as many clean images reach by
-  chance (:func:`blend_null`) is no blend.
+  the means: ``mean_flagged = (1 - a) mean_clean + a p``.
 - ``additive``: ``x' = x + d`` with ``d`` the difference of the flagged and clean means (SIG-like
   signals); variants keep only the pixels where that difference exceeds ``ADDITIVE_Z`` standard
   errors, average it along one axis (stripes), or keep only its significant frequencies along the
@@ -34,7 +33,7 @@ onto held clean images that are not of that class, it should make the model pred
 The confirmation rate is the share that does. The winner is the candidate with the highest rate;
 among candidates within ``TIE_TOL`` (3 points) of the best rate, or within two binomial standard
 errors of it where that is more (:func:`tie_tolerance`), the most structured kind wins (patch,
-then blend, then additive) and within a kind the smallest change (mean absolute pixel change on the
+then periodic stripes, then blend, then additive) and within a kind the smallest change (mean absolute pixel change on the
 held images). The kind comes first because the additive model is the catch-all: the mean difference
 also carries the flagged images' own content, and on a Blended MNIST model it confirmed as often as
 the blend (98 %) with a slightly smaller change yet left 21.7 % ASR after the repair from 5 flagged
@@ -62,8 +61,6 @@ PATCH_AGREE_LOOSE = 0.5  # the grown variant also takes neighbouring pixels at t
 PATCH_MARGIN_LOOSE = 0.25
 PATCH_MAX_AREA = 0.25  # a "patch" whose bounding box covers more than this share of the image is not a patch
 BLEND_MIN = 0.03  # blend ratios below this are no blend
-BLEND_NULL_Q = 0.95  # ... nor those that as many clean images reach by chance this often (see blend_null)
-BLEND_NULL_DRAWS = 200
 ADDITIVE_Z = 3.0  # the sparse additive variant keeps mean differences above this many standard errors
 PERIODIC_Z = 3.0  # a stripe signal's Fourier coefficient is kept above this many standard errors
 
@@ -250,31 +247,15 @@ def blend_ratio(flagged: np.ndarray, clean: np.ndarray, exclude: np.ndarray | No
     return float(np.clip(1 - np.sqrt(sf / sc), 0.0, 1.0))
 
 
-def blend_null(n: int, clean: np.ndarray, exclude: np.ndarray | None = None, draws: int = BLEND_NULL_DRAWS,
-               seed: int = 0) -> float:
-    """The ``BLEND_NULL_Q`` quantile of the blend ratio that ``n`` *clean* images show by chance: a few
-    images can be less spread than the whole set without any blend (5 CIFAR-10 images carrying SIG's
-    additive stripes read as a 0.2 blend, and the blend then won over the stripes)."""
-    if len(clean) <= n:
-        return 0.0
-    rng = np.random.default_rng(seed)
-    ratios = [blend_ratio(clean[rng.choice(len(clean), n, replace=False)], clean, exclude) for _ in range(draws)]
-    return float(np.quantile(ratios, BLEND_NULL_Q))
-
-
 def blend_candidates(flagged: np.ndarray, clean: np.ndarray, exclude: np.ndarray | None = None) -> list[Candidate]:
     a = blend_ratio(flagged, clean, exclude)
     if a < BLEND_MIN:
-        return []
-    null = blend_null(len(flagged), clean, exclude)
-    if a <= null:
         return []
     F, X = _f(flagged), _f(clean)
     p = np.clip((F.mean(axis=0) - (1 - a) * X.mean(axis=0)) / a, 0, 255).astype(np.float32)
     h, w, _ = p.shape
     mask = np.full((h, w, 1), a, np.float32)
-    return [Candidate("blend", "blend", mask, p, np.zeros_like(p),
-                      {"blend_ratio": round(a, 4), "blend_ratio_by_chance": round(null, 4)})]
+    return [Candidate("blend", "blend", mask, p, np.zeros_like(p), {"blend_ratio": round(a, 4)})]
 
 
 def additive_candidates(flagged: np.ndarray, clean: np.ndarray) -> list[Candidate]:
@@ -356,12 +337,19 @@ def tie_tolerance(best: float, n: int) -> float:
     return max(TIE_TOL, 2 * float(np.sqrt(best * (1 - best) / max(n, 1))))
 
 
-KIND_RANK = {"patch": 0, "blend": 1, "additive": 2}  # near-ties: the more structured kind first
+KIND_RANK = {"patch": 0, "stripes": 1, "blend": 2, "additive": 3}  # near-ties: the more structured first
 PREFER_STRUCTURED = True  # False: near-ties go to the smallest change alone (benchmarks only)
 
 
+def rank(c: Candidate) -> int:
+    """Structure rank of a candidate: periodic stripes (an additive signal with significant Fourier
+    coefficients along one axis) rank above a blend: 5 CIFAR-10 images carrying SIG read as a 0.27
+    blend that confirmed as often (100 %) and, fitted unpaired, left 41 % ASR."""
+    return KIND_RANK["stripes"] if c.kind == "additive" and "frequencies" in c.info else KIND_RANK[c.kind]
+
+
 def _preference(c: Candidate):
-    return (KIND_RANK[c.kind], c.change) if PREFER_STRUCTURED else (c.change,)
+    return (rank(c), c.change) if PREFER_STRUCTURED else (c.change,)
 
 
 def reconstruct(flagged: np.ndarray, clean: np.ndarray, held: np.ndarray, predict: Predict, *,
