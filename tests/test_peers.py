@@ -240,3 +240,9 @@ def test_bench_harness_writes_records_for_every_method(demo_run, tmp_path):
     by2 = {(r["method"], r["mode"]): r for r in recs2}
     assert set(by2) == set(by) and len(recs2) == len(recs)
     assert by2[("original", None)]["n_clean_test"] == 200 and by2[("strip", None)]["n_clean_test"] == 300
+
+
+def test_peers_import_neither_torch_nor_click():
+    code = "import sys, fire_onnx.peers; print(sorted(m for m in ('torch', 'click') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
