@@ -204,8 +204,11 @@ def columns(records: list[dict]) -> list[tuple[str, str | None]]:
     return [c for c in cols if any((r["method"], r.get("mode")) == c for r in records)]
 
 
-def meets_bar(r: dict, orig: dict) -> bool:
-    return ("error" not in r and r["asr"] <= BAR["asr"] + 1e-9 and orig["ca"] - r["ca"] <= BAR["ca_drop"] + 1e-9
+def meets_bar(r: dict, orig: dict, above_floor: bool = False) -> bool:
+    """The issue-7 bar; ``above_floor``: ASR counted above the original model's ASR floor (the clean
+    non-target images it already puts in the target class, which no repair removes)."""
+    asr = r["asr"] - (orig.get("asr_floor") or 0) if above_floor else r["asr"]
+    return ("error" not in r and asr <= BAR["asr"] + 1e-9 and orig["ca"] - r["ca"] <= BAR["ca_drop"] + 1e-9
             and r["ra"] >= r["ca"] - BAR["ra_gap"] - 1e-9)
 
 
@@ -250,10 +253,20 @@ def markdown(records: list[dict]) -> str:
                for c in cols if c != ("original", None)]
         lines.append(f"| {ds} | {att} | {o['cost_batch']} | {o['cost_threads']} | {o['cost_us_per_input']:.1f} | "
                      + " | ".join(row) + " |")
+    timed = [by for by in cells.values() if by.get(("original", None), {}).get("cost_ratio") is not None]
+    if len(timed) > 1:
+        med = []
+        for c in cols:
+            if c == ("original", None):
+                continue
+            v = [by[c]["cost_ratio"] for by in timed if by.get(c, {}).get("cost_ratio") is not None]
+            med.append(f"**{float(np.median(v)):.2f}×**" if v else "")
+        lines.append(f"| median over {len(timed)} cells | | | | | " + " | ".join(med) + " |")
     # the issue's bar, per method
     lines += ["", f"Cells meeting the issue-7 bar (ASR ≤ {100 * BAR['asr']:.0f} %, CA drop ≤ {100 * BAR['ca_drop']:.0f} pt, "
-              f"RA ≥ CA − {100 * BAR['ra_gap']:.0f} pt):", "", "| method | cells meeting the bar | median ASR | median CA drop (pt) |",
-              "|---|---|---|---|"]
+              f"RA ≥ CA − {100 * BAR['ra_gap']:.0f} pt); second column: the same with ASR counted above the ASR floor:", "",
+              "| method | cells meeting the bar | ... with ASR − floor | median ASR | median CA drop (pt) | median RA |",
+              "|---|---|---|---|---|---|"]
     for c in cols:
         if c == ("original", None):
             continue
@@ -262,8 +275,11 @@ def markdown(records: list[dict]) -> str:
         if not rs:
             continue
         ok = sum(meets_bar(r, o) for r, o in rs)
-        lines.append(f"| {label[c]} | {ok} / {len(rs)} | {_pct(float(np.median([r['asr'] for r, _ in rs])))} | "
-                     f"{100 * float(np.median([o['ca'] - r['ca'] for r, o in rs])):.1f} |")
+        ok_floor = sum(meets_bar(r, o, above_floor=True) for r, o in rs)
+        lines.append(f"| {label[c]} | {ok} / {len(rs)} | {ok_floor} / {len(rs)} | "
+                     f"{_pct(float(np.median([r['asr'] for r, _ in rs])))} | "
+                     f"{100 * float(np.median([o['ca'] - r['ca'] for r, o in rs])):.1f} | "
+                     f"{_pct(float(np.median([r['ra'] for r, _ in rs])))} |")
     return "\n".join(lines)
 
 
@@ -293,7 +309,21 @@ def main(argv=None) -> int:
     ap.add_argument("--cost-threads", type=int, default=1, help="onnxruntime threads for the timing sessions")
     ap.add_argument("--fresh", action="store_true", help="drop the records of earlier runs in --out")
     ap.add_argument("--quick", action="store_true", help="one cell: mnist5k badnets, seed 0")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite <out>/results.md from <out>/results.json")
     args = ap.parse_args(argv)
+    if args.markdown_only:
+        from fire_onnx.fileio import write_text_atomic
+
+        path = Path(args.out) / "results.json"
+        if not path.is_file():
+            ap.error(f"no {path} to rewrite results.md from")
+        md = markdown(json.loads(path.read_text()))
+        old = (Path(args.out) / "results.md")
+        tail = old.read_text().rsplit("\n\nfire-onnx ", 1) if old.is_file() else []
+        meta = f"\n\nfire-onnx {tail[1]}" if len(tail) == 2 else "\n"
+        write_text_atomic(old, md + meta)
+        print(md)
+        return 0
     datasets, attacks = args.datasets.split(","), args.attacks.split(",")
     if args.quick:
         datasets, attacks = ["mnist5k"], ["badnets"]
