@@ -8,15 +8,17 @@ Both run in front of (or around) the *unmodified* model; neither needs the model
   must sit at a fixed place and scale no longer does. Default ``shrink = 4``: BackdoorBox's
   ``ShrinkPad(size_map=32, pad=4)`` for 32x32 images (12.5 % of the side; 14 % on 28x28 digits).
 - :class:`Strip` (Gao et al., 2019, arXiv 1902.06531) used as a *filter*: the input is superimposed on
-  ``n_blend`` clean images from a held bank and the softmax entropy of the model on the blends is
-  averaged. Superimposition ``blend="add"`` (default) is the paper's: the two images' pixels are added
-  and saturate at 255 (its code's ``cv2.addWeighted(background, 1, overlay, 1, 0)``, also BackdoorBench's
-  alpha = beta = 1); ``blend="average"`` takes the pixel mean (0.5 / 0.5) instead, which halves the
-  trigger's contrast and lets many triggered inputs through (on the demo's BadNets MNIST model it
-  rejects ~40 % of them at 5 % false rejections, against ~99 % with "add"). A trigger that dominates the prediction keeps the entropy low, so an
-  input whose mean entropy is below a threshold is rejected (the system abstains). The threshold is
-  chosen on held clean images at a false-rejection rate (default ``frr = 0.05``: 5 % of clean inputs
-  are turned away). Default ``n_blend = 20`` (IBM ART's STRIP default; the paper draws up to 100).
+  ``n_blend`` clean images from a held bank and the model's softmax entropy on the blends is averaged.
+  A trigger that dominates the prediction keeps the entropy low, so an input whose mean entropy is
+  below a threshold is rejected (the system abstains). The threshold is chosen on held clean images
+  at a false-rejection rate (default ``frr = 0.05``: 5 % of clean inputs are turned away). Default
+  ``n_blend = 20`` (a cost choice: 21 forward passes per input; the paper's setting reportedly uses ~100).
+  Superimposition ``blend="add"`` (default) is the paper's: the pixels of the two images are added and
+  saturate at 255 (its code's ``cv2.addWeighted(background, 1, overlay, 1, 0)``; BackdoorBench's
+  alpha = beta = 1). ``blend="average"`` takes the pixel mean (0.5 / 0.5), which halves the trigger's
+  contrast: on the demo's BadNets MNIST model it rejects ~40 % of triggered inputs at 5 % false
+  rejections against ~99 % with "add"; on CIFAR-10 patches, where added natural images saturate, it
+  does better than "add" (benchmarks/matrix/SECTION.md).
 
 Metrics with abstention (:func:`abstention_metrics`): a rejected input is never a success of the
 attack and never a correct answer. ASR = triggered non-target inputs classified as the target *and not
@@ -30,6 +32,7 @@ the original model's (preprocessing + one forward pass), all methods interleaved
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -131,7 +134,7 @@ class Strip:
         if len(bank) < n_blend:
             raise FireError(f"STRIP blends each input with {n_blend} distinct bank images; the bank has only "
                             f"{len(bank)} (give more clean images or a smaller n_blend)")
-        if not isinstance(frr, (float, int)) or isinstance(frr, bool) or not 0 < frr < 1:
+        if not isinstance(frr, numbers.Real) or isinstance(frr, bool) or not 0 < frr < 1:
             raise FireError(f"STRIP's false-rejection rate must be a fraction in (0, 1), got {frr!r} (e.g. 0.05)")
         if blend not in BLENDS:
             raise FireError(f"STRIP's blend must be one of {', '.join(BLENDS)}, got {blend!r}")

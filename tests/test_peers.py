@@ -169,7 +169,7 @@ def test_bad_inputs_raise_fire_error(demo):
         ShrinkPad().transform(test.x[:2].astype(np.float32))
     with pytest.raises(FireError, match="uint8 NHWC"):
         ShrinkPad().transform(test.x[0])  # one image without its batch axis
-    for frr in (0, 1, 1.5, -0.1):
+    for frr in (0, 1, 1.5, -0.1, "0.05"):
         with pytest.raises(FireError, match=r"false-rejection rate must be a fraction in \(0, 1\)"):
             Strip(bank, frr=frr)
     with pytest.raises(FireError, match="empty"):
@@ -195,10 +195,10 @@ def test_bad_inputs_raise_fire_error(demo):
 
 
 # ------------------------------------------------------------------ the harness, one cell
-def test_bench_harness_writes_records_for_every_method(demo_run, tmp_path):
+def test_bench_harness_writes_records_for_every_method(demo_run, tmp_path, monkeypatch):
     """tools/bench.py on one cell (mnist5k BadNets), the model taken from a cache seeded with the demo's
     model (no training), 300 test images; then a re-run of a subset keeps the other records."""
-    sys.path.insert(0, str(REPO / "tools"))
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
     import bench_flagged as bf
 
     out, _ = demo_run

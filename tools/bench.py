@@ -239,14 +239,16 @@ def markdown(records: list[dict]) -> str:
     if "strip" in methods:
         desc.append(f"STRIP: {strip_desc}; a rejected input abstains (counts as wrong for CA and RA, as no success "
                     "for ASR).")
+    rej_col = " STRIP rejects clean / triggered |" if "strip" in methods else ""
     lines = [" ".join(desc), "",
-             "| dataset | attack | ASR floor | " + " | ".join(label[c] for c in cols) + " | STRIP rejects clean / triggered |",
-             "|---|---|---|" + "---|" * len(cols) + "---|"]
+             "| dataset | attack | ASR floor | " + " | ".join(label[c] for c in cols) + " |" + rej_col,
+             "|---|---|---|" + "---|" * len(cols) + ("---|" if rej_col else "")]
     for (model, ds, att, seed), by in cells.items():
         s = by.get(("strip", None))
         rej = f"{_pct(s.get('clean_rejected'))} / {_pct(s.get('triggered_rejected'))}" if s and "error" not in s else ""
         floor = _pct(by.get(("original", None), {}).get("asr_floor"))
-        lines.append(f"| {ds} | {att} | {floor} | " + " | ".join(_triple(by.get(c)) for c in cols) + f" | {rej} |")
+        lines.append(f"| {ds} | {att} | {floor} | " + " | ".join(_triple(by.get(c)) for c in cols) + " |"
+                     + (f" {rej} |" if rej_col else ""))
     timed = [by for by in cells.values() if by.get(("original", None), {}).get("cost_ratio") is not None]
     lines += [] if not timed else ["", f"Cost per input as a ratio to the original model (uint8 pixels to decision, preprocessing included; "
               "all methods interleaved in one loop, median of repeats; onnxruntime CPU):", "",
