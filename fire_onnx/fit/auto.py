@@ -1,0 +1,428 @@
+"""``fit --layer auto``: choose the tensor to repair by what each candidate repair does on held-out samples.
+
+Candidates are the tensors ``fire-onnx inspect`` lists as likely targets (module outputs and
+post-activation / pooling / normalisation tensors), without the graph outputs (the logits), tensors that
+sit between a Conv/Gemm/MatMul and the activation a runtime fuses into it (a repair there breaks the
+fusion; the tensor after the activation holds the same information), and tensors whose shape is not
+known well enough to patch. With a PyTorch ``--model``, only candidates that are a module's output can be
+read through forward hooks; the others are skipped.
+
+The samples are split so that no candidate is judged on the samples it was fitted on:
+
+- *clean*: the candidates are fitted on the same ``--n-clean`` images a plain ``fit`` uses; the
+  held-out clean images (``--holdout``, default 1000) are other images of the ``--clean`` pool, never
+  used by any fit (nor by the trigger reconstruction);
+- *triggered*, ``--trigger``: the candidates are fitted on the same ``--n-triggered`` stamped images a
+  plain ``fit`` uses; the held-out triggered images are the held-out clean images outside the target
+  class (labels, else the original model's prediction) with the trigger stamped on: many more than the
+  fit needs, and paired with the clean ones;
+- *triggered*, ``--triggered FILE``: the images the fit would use are split in two (seeded): the
+  candidates are fitted on one half (``n - n // 2``) and judged on the other.
+
+Each candidate is fitted with the user's options (method, k, gate, repair, ...), patched into the ONNX
+model in memory and run in onnxruntime on the held-out images. Two numbers, no labels needed:
+
+- *held-out target rate* (the ASR proxy): the share of held-out triggered images the patched model
+  classifies as the attack's target (``--target``; without it, the class the original model gives most
+  of the triggered samples);
+- *clean change rate*: the share of held-out clean images whose predicted class the repair changes
+  (patched vs original model).
+
+Objective: the lowest held-out target rate among the candidates whose clean change rate is at most
+``--clean-budget`` (default 0.5 %); ties go to the lower clean change rate, then to the earlier tensor in
+the graph. When no candidate is within the budget, the one with the lowest clean change rate is chosen
+(ties: lower target rate) and a warning says so. The chosen layer is then fitted again exactly as
+``fit --layer <chosen>`` would (all the triggered samples; with ``--trigger`` that is the fit already
+judged), and the ranking is recorded in the directions file (``meta["auto"]``).
+
+The candidate list is a list of :class:`Site` (a tensor and how to name it to the activation source)
+and every result a :class:`Score`, so a later search over chains of layers (each fitted on activations
+with the earlier repairs applied) or over gate/method settings can reuse the split, the evaluator and
+the objective.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from fire_onnx import directions as dirs
+from fire_onnx.data import Images
+from fire_onnx.errors import FireError, first_line
+
+Log = Callable[[str], None]
+
+RECONSTRUCT_POOL = 300  # pool images kept away from the held-out set for the trigger reconstruction
+FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
+ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candidates are grouped under it)
+OBJECTIVE = ("lowest held-out target rate among candidates whose held-out clean change rate is within the clean "
+             "budget; ties: lower clean change, then earlier in the graph; none within the budget: lowest clean "
+             "change")
+
+
+@dataclass
+class Site:
+    """A candidate repair site: an ONNX tensor, and the name the activation source reads it by."""
+
+    tensor: str
+    module: str  # a PyTorch module path whose output the tensor is ("" if none)
+    shape: list  # per-sample shape (batch dimension dropped)
+
+    @property
+    def layer(self) -> str:
+        """What ``fit_directions`` gets in ``layers``: the module path where there is one, else the tensor."""
+        return self.module or self.tensor
+
+    @property
+    def label(self) -> str:
+        return self.module or self.tensor
+
+    def tensors(self) -> dict[str, str] | None:
+        return {self.module: self.tensor} if self.module else None
+
+
+@dataclass
+class Score:
+    """What one candidate repair did on the held-out samples."""
+
+    site: Site
+    repair: str = "project"
+    gate: str = ""
+    k: int = 0
+    target_rate: float | None = None  # held-out triggered images classified as the target
+    clean_change: float | None = None  # held-out clean images whose prediction the repair changed
+    gate_fires_clean: float | None = None  # on the fitting clean images (from the fit record)
+    error: str = ""
+    seconds: float = 0.0
+    target: dirs.Target | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.target_rate is not None
+
+    def record(self, budget: float) -> dict:
+        """The row of the ranking table recorded in the directions file (flat JSON)."""
+        row = {"layer": self.site.label, "tensor": self.site.tensor, "module": self.site.module,
+               "repair": self.repair, "gate": self.gate, "k": self.k, "target_rate": self.target_rate,
+               "clean_change": self.clean_change, "gate_fires_clean": self.gate_fires_clean,
+               "within_budget": self.ok and self.clean_change <= budget + 1e-12, "seconds": round(self.seconds, 2)}
+        if self.error:
+            row["error"] = self.error
+        return row
+
+
+def candidate_sites(onnx_model, *, torch_model=None) -> tuple[list[Site], list[tuple[str, str]]]:
+    """(candidate sites in graph order, [(tensor, why skipped)]) from ``inspect``'s likely targets."""
+    from fire_onnx.inspect import candidates
+
+    sites, skipped = [], []
+    for c in candidates(onnx_model):
+        if c.note.startswith("graph output"):
+            skipped.append((c.tensor, "graph output (the model's result)"))
+            continue
+        if c.breaks_fusion:
+            skipped.append((c.tensor, "between an op and the activation fused into it"))
+            continue
+        if not c.note.startswith("candidate"):
+            continue
+        if c.shape is None or c.dtype == "?" or any(not isinstance(d, int) for d in c.shape[1:]):
+            skipped.append((c.tensor, "shape not known (or dynamic feature dimensions)"))
+            continue
+        module = c.layers[0] if c.layers else ""
+        if torch_model is not None and not module:
+            skipped.append((c.tensor, "not the output of a PyTorch module (fit from --onnx alone to try it)"))
+            continue
+        sites.append(Site(tensor=c.tensor, module=module, shape=list(c.shape[1:])))
+    return sites, skipped
+
+
+@dataclass
+class Split:
+    """The fit part and the held-out part of the samples (see the module docstring)."""
+
+    clean: Images  # fit part: the clean samples
+    triggered: Images  # fit part: triggered samples
+    source: Images | None  # their clean twins (paired fit), or None
+    held_clean: Images  # held out: clean images
+    held_triggered: Images  # held out: triggered images
+    reconstruct_pool: Images | None  # pool images the trigger reconstruction may stamp (never held out)
+    how: str  # one line on how the triggered samples were split
+
+
+def _bytes(model) -> bytes:
+    try:
+        return model.SerializeToString()
+    except ValueError as e:  # protobuf's 2 GB limit
+        raise FireError(f"--layer auto patches the model in memory and this one is too large for that "
+                        f"({first_line(e)}); choose the layer by hand (fire-onnx inspect, --layer)") from None
+
+
+class HeldOut:
+    """Runs the original and candidate-patched ONNX models on the held-out samples in onnxruntime."""
+
+    def __init__(self, onnx_model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256):
+        from fire_onnx.evaluate import session
+
+        self.model, self.pre, self.batch_size = onnx_model, preprocess, batch_size
+        self.base = session(_bytes(onnx_model))
+        self.x_clean = preprocess(held_clean.x)
+        self.x_trig = preprocess(held_triggered.x)
+        self.base_clean = self.predict(self.base, self.x_clean)
+        self.base_trig = self.predict(self.base, self.x_trig) if len(self.x_trig) else None
+
+    def predict(self, sess, x: np.ndarray) -> np.ndarray:
+        from fire_onnx.evaluate import predict_logits
+
+        return predict_logits(sess, x, self.batch_size).argmax(axis=1)
+
+    def predict_pair(self, d: dirs.Directions) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions of the model patched with ``d`` on (held-out clean, held-out triggered)."""
+        from fire_onnx.evaluate import session
+        from fire_onnx.patch import patch_model
+
+        sess = session(_bytes(patch_model(self.model, d).model))
+        pc = self.predict(sess, self.x_clean)
+        return pc, self.predict(sess, self.x_trig) if len(self.x_trig) else pc[:0]
+
+    def score(self, d: dirs.Directions, target: int) -> tuple[float, float]:
+        """(held-out target rate, clean change rate) of the model patched with ``d``."""
+        pc, pt = self.predict_pair(d)
+        return float((pt == target).mean()) if len(pt) else 0.0, float((pc != self.base_clean).mean())
+
+
+def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
+    """(the scores best first, whether the best is within the budget); failed candidates come last."""
+    ok = [s for s in scores if s.ok]
+    order = {id(s): i for i, s in enumerate(scores)}
+    within = sorted((s for s in ok if s.clean_change <= budget + 1e-12),
+                    key=lambda s: (s.target_rate, s.clean_change, order[id(s)]))
+    over = sorted((s for s in ok if s.clean_change > budget + 1e-12),
+                  key=lambda s: (s.clean_change, s.target_rate, order[id(s)]))
+    failed = [s for s in scores if not s.ok]
+    if within:
+        return within + over + failed, True
+    return over + failed, False
+
+
+def why(ranked: list[Score], within: bool, budget: float, n_held_clean: int, original_rate: float | None) -> str:
+    """One line on why the winner won."""
+    best = ranked[0]
+    base = "" if original_rate is None else f", original model {original_rate:.1%}"
+    if not within:
+        return (f"{best.site.label}: no candidate keeps the clean change within the budget {budget:.1%}; this one "
+                f"changes the fewest held-out clean predictions ({best.clean_change:.1%} of {n_held_clean}; "
+                f"held-out target rate {best.target_rate:.1%}{base})")
+    n_within = sum(1 for s in ranked if s.ok and s.clean_change <= budget + 1e-12)
+    line = (f"{best.site.label}: lowest held-out target rate ({best.target_rate:.1%}{base}) among the {n_within} "
+            f"candidate(s) within the clean budget {budget:.1%} (it changes {best.clean_change:.1%} of "
+            f"{n_held_clean} held-out clean predictions)")
+    tied = [s for s in ranked[1:n_within] if s.target_rate == best.target_rate]
+    if tied:
+        line += f"; tied on target rate with {', '.join(s.site.label for s in tied)}, fewer or equal clean changes"
+    return line
+
+
+def split_samples(req, inputs, clean: Images, triggered: Images, source: Images | None,
+                  target: int | None, base_predict) -> Split:
+    """Hold out clean pool images (and, for triggered files, half the triggered samples); see the module
+    docstring. ``target`` is the attack's target class (given or inferred); ``base_predict(x_uint8)`` gives
+    the original model's classes (for unlabelled pools)."""
+    pool = inputs.pool
+    order = np.random.default_rng(req.seed).permutation(len(pool))
+    rest = order[req.n_clean:]
+    if inputs.trigger is not None:  # the stamped images' sources, chosen as fit_samples chooses them
+        given = req.target
+        src = rest[pool.y[rest] != given] if given is not None and pool.y is not None else rest
+        used = set(src[:req.n_triggered].tolist())
+        rest = np.array([i for i in rest if i not in used], dtype=np.int64)
+    needs_pool = inputs.trigger is None and source is None and req.reconstruct == "auto"
+    n_held = min(req.n_holdout, max(len(rest) - RECONSTRUCT_POOL, len(rest) // 2) if needs_pool else len(rest))
+    if n_held < 1:
+        raise FireError(f"--layer auto needs clean images beyond the {req.n_clean} it fits on, to judge each "
+                        f"candidate on images it was not fitted on: {req.clean_path} has {len(pool)}; lower "
+                        "--n-clean or give a larger --clean file")
+    held_idx, pool_idx = rest[len(rest) - n_held:], rest[:len(rest) - n_held]
+    held_clean = pool.subset(held_idx)
+    recon = pool.subset(pool_idx) if len(pool_idx) else None
+    if inputs.trigger is not None:
+        if held_clean.y is not None and target is not None:
+            keep = held_clean.y != target
+        else:
+            keep = base_predict(held_clean.x) != target
+        src_imgs = held_clean.subset(keep)
+        held_trig = Images(inputs.trigger.apply(src_imgs.x), src_imgs.y)
+        how = (f"fitted on the {len(triggered)} stamped images a plain fit uses; judged on {len(held_trig)} "
+               "held-out clean images (outside the target class) stamped with the trigger")
+        return Split(clean, triggered, source, held_clean, held_trig, recon, how)
+    n = len(triggered)
+    if n < 2:
+        raise FireError("--layer auto needs at least 2 triggered images (it fits on some and judges each candidate "
+                        "on the others); give more --triggered images or choose --layer by hand")
+    perm = np.random.default_rng(req.seed + 1).permutation(n)
+    fit_idx, held_t = np.sort(perm[:n - n // 2]), np.sort(perm[n - n // 2:])
+    how = f"fitted on {len(fit_idx)} of the {n} triggered images, judged on the other {len(held_t)}"
+    return Split(clean, triggered.subset(fit_idx), None if source is None else source.subset(fit_idx),
+                 held_clean, triggered.subset(held_t), recon, how)
+
+
+def _groups(sites: list[Site], n_samples: int) -> list[list[Site]]:
+    """Candidates in groups whose activations (float32, ``n_samples`` images) fit ACTIVATION_BUDGET."""
+    groups: list[list[Site]] = [[]]
+    used = 0
+    for s in sites:
+        size = 4 * n_samples * int(np.prod(s.shape))
+        if groups[-1] and used + size > ACTIVATION_BUDGET:
+            groups.append([])
+            used = 0
+        groups[-1].append(s)
+        used += size
+    return [g for g in groups if g]
+
+
+def _fit_group(req, inputs, group: list[Site], split: Split, progress) -> dict[str, dirs.Target | str]:
+    """Fit every site of ``group`` on the fit part; site tensor -> Target, or the error message."""
+    from fire_onnx.fit.pipeline import fit_inputs
+
+    tensors = {s.module: s.tensor for s in group if s.module}
+    try:
+        d = fit_inputs(req, inputs, [s.layer for s in group], split.clean, split.triggered, split.source,
+                       progress=progress, held=split.reconstruct_pool, tensors=tensors or None)
+        return {s.tensor: t for s, t in zip(group, d.targets)}
+    except FireError as e:
+        if len(group) == 1:
+            return {group[0].tensor: str(e)}
+    out: dict = {}
+    for s in group:  # one failed: fit each alone to tell which
+        out.update(_fit_group(req, inputs, [s], split, progress))
+    return out
+
+
+def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
+    """``fit --layer auto``: rank the candidate sites, refit the winner, record the ranking in its meta."""
+    from fire_onnx.fit.pipeline import fit_inputs, load_inputs, select_samples
+    from fire_onnx.patch import is_patched
+
+    say = log or (lambda msg: None)
+    inputs = load_inputs(req)
+    if inputs.onnx_model is None:
+        raise FireError("--layer auto judges each candidate by patching the ONNX model: give --onnx MODEL.onnx")
+    if is_patched(inputs.onnx_model):
+        raise FireError("--layer auto needs the original model, and this one is already patched by fire-onnx: give "
+                        "the unpatched model to --onnx")
+    sites, skipped = candidate_sites(inputs.onnx_model, torch_model=inputs.model)
+    if not sites:
+        why_not = "; ".join(f"{t}: {w}" for t, w in skipped[:4])
+        raise FireError("--layer auto found no candidate tensor to repair" + (f" ({why_not})" if why_not else "")
+                        + ": see 'fire-onnx inspect' and give --layer")
+    clean, triggered, source = select_samples(req, inputs)
+
+    from fire_onnx.evaluate import predict_logits, session
+
+    t0 = time.perf_counter()
+    pre = inputs.preprocess
+    base = session(_bytes(inputs.onnx_model))
+
+    def base_predict(x: np.ndarray) -> np.ndarray:
+        return predict_logits(base, pre(x), req.batch_size).argmax(axis=1)
+
+    target, target_from = req.target, "--target"
+    if target is None:  # the class the original model gives most of the triggered samples
+        target = int(np.bincount(base_predict(triggered.x)).argmax())
+        target_from = "the class the original model gives most triggered samples"
+    split = split_samples(req, inputs, clean, triggered, source, target, base_predict)
+    held = HeldOut(inputs.onnx_model, pre, split.held_clean, split.held_triggered, req.batch_size)
+    original_rate = float((held.base_trig == target).mean()) if held.base_trig is not None else None
+    notes = []
+    if len(split.held_clean) < FEW_HELD_CLEAN:
+        notes.append(f"--layer auto judged the clean change on only {len(split.held_clean)} held-out clean images "
+                     f"(one image is {1 / len(split.held_clean):.1%}): give a larger --clean pool for a finer measure")
+    if req.clean_budget * len(split.held_clean) < 1 and req.clean_budget > 0:
+        notes.append(f"the clean budget {req.clean_budget:.2%} is less than one of the {len(split.held_clean)} held-out "
+                     "clean images: only candidates that change no held-out prediction are within it")
+    say(f"layer auto: {len(sites)} candidate(s); {split.how}; {len(split.held_clean)} held-out clean images; "
+        f"target class {target}")
+
+    scores: list[Score] = []
+    n_fit = len(split.clean) + 2 * len(split.triggered)
+    done = 0
+    for group in _groups(sites, n_fit):
+        g0 = time.perf_counter()
+        fitted = _fit_group(req, inputs, group, split, progress)
+        fit_s = (time.perf_counter() - g0) / len(group)
+        for site in group:
+            s0 = time.perf_counter()
+            got = fitted.get(site.tensor, "not fitted")
+            sc = Score(site=site, repair=req.repair)
+            if isinstance(got, str):
+                sc.error = got
+            else:
+                sc.target, sc.gate, sc.k = got, got.gate, got.k
+                sc.gate_fires_clean = got.fit.get("gate_fires_clean")
+                try:
+                    sc.target_rate, sc.clean_change = held.score(
+                        dirs.Directions(targets=[got], preprocess=pre.as_dict()), target)
+                except FireError as e:
+                    sc.error = str(e)
+            sc.seconds = fit_s + time.perf_counter() - s0
+            scores.append(sc)
+            done += 1
+            say(f"layer auto [{done}/{len(sites)}] {site.label}: " + (
+                f"failed ({sc.error})" if sc.error else
+                f"held-out target rate {sc.target_rate:.1%}, clean change {sc.clean_change:.2%}"))
+    ranked, within = rank(scores, req.clean_budget)
+    best = ranked[0]
+    if not best.ok:
+        raise FireError(f"--layer auto could not fit any candidate (first error: {best.error})")
+    reason = why(ranked, within, req.clean_budget, len(split.held_clean), original_rate)
+
+    # the chosen layer, fitted exactly as `fit --layer <chosen>` fits it (all triggered samples)
+    d = fit_inputs(req, inputs, [best.site.layer], clean, triggered, source, progress=progress,
+                   tensors=best.site.tensors())
+    position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
+    rows = []
+    for s in scores:
+        row = s.record(req.clean_budget)
+        row["rank"] = position.get(id(s))
+        row["chosen"] = s is best
+        rows.append(row)
+    d.meta["auto"] = {
+        "objective": OBJECTIVE, "clean_budget": req.clean_budget, "within_budget": within,
+        "target": target, "target_from": target_from, "original_target_rate": original_rate,
+        "split": split.how, "n_held_clean": len(split.held_clean), "n_held_triggered": len(split.held_triggered),
+        "n_fit_triggered": len(split.triggered), "repair": req.repair,
+        "candidates": rows, "skipped": [{"tensor": t, "why": w} for t, w in skipped],
+        "chosen": best.site.label, "chosen_tensor": best.site.tensor, "why": reason,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    checks = d.meta.setdefault("checks", {})
+    warnings = checks.setdefault("warnings", [])
+    if not within:
+        warnings.append(f"layer auto: {reason}; raise --clean-budget, or check the trigger and the samples")
+    req.notes.extend(notes)
+    return d
+
+
+def table(auto: dict) -> list[str]:
+    """The ranking table of ``meta["auto"]`` as text lines (printed by ``fit``)."""
+    rows = [("rank", "layer", "tensor", "gate", "target rate", "clean change", "")]
+    for r in auto.get("candidates", []):
+        rank_ = "-" if r.get("rank") is None else str(r["rank"])
+        if r.get("error"):
+            rows.append((rank_, r["layer"], r["tensor"], "-", "-", "-", f"failed: {r['error']}"))
+            continue
+        mark = "chosen" if r.get("chosen") else ("" if r.get("within_budget") else "over budget")
+        rows.append((rank_, r["layer"], r["tensor"], r.get("gate") or "-", f"{100 * r['target_rate']:.1f}%",
+                     f"{100 * r['clean_change']:.2f}%", mark))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    orig = auto.get("original_target_rate")
+    head = (f"layer auto: held-out target rate (class {auto.get('target')}) and clean change over "
+            f"{auto.get('n_held_triggered')} triggered / {auto.get('n_held_clean')} clean held-out images, "
+            f"clean budget {100 * auto.get('clean_budget', 0):.2f}%"
+            + ("" if orig is None else f"; original model: {100 * orig:.1f}%"))
+    lines = [head]
+    lines += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"chosen {auto.get('why')}")
+    return lines
