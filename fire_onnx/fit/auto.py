@@ -29,8 +29,10 @@ model in memory and run in onnxruntime on the held-out images. Two numbers, no l
   (patched vs original model).
 
 Objective: the lowest held-out target rate among the candidates whose clean change rate is at most
-``--clean-budget`` (default 0.5 %); ties go to the lower clean change rate, then to the earlier tensor in
-the graph. When no candidate is within the budget, the one with the lowest clean change rate is chosen
+``--clean-budget`` (default 0.5 %); ties go to the lower clean change rate, then to the smaller *clean
+shift* (the mean total-variation distance between the original and the patched softmax outputs on the
+held-out clean images: how much the repair disturbs clean inputs even where their class stays), then to
+the earlier tensor in the graph. When no candidate is within the budget, the one with the lowest clean change rate is chosen
 (ties: lower target rate) and a warning says so. The chosen layer is then fitted again exactly as
 ``fit --layer <chosen>`` would (all the triggered samples; with ``--trigger`` that is the fit already
 judged), and the ranking is recorded in the directions file (``meta["auto"]``).
@@ -59,8 +61,8 @@ RECONSTRUCT_POOL = 300  # pool images kept away from the held-out set for the tr
 FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
 ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candidates are grouped under it)
 OBJECTIVE = ("lowest held-out target rate among candidates whose held-out clean change rate is within the clean "
-             "budget; ties: lower clean change, then earlier in the graph; none within the budget: lowest clean "
-             "change")
+             "budget; ties: lower clean change, then lower clean shift (mean softmax total-variation change), then "
+             "earlier in the graph; none within the budget: lowest clean change")
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Score:
     k: int = 0
     target_rate: float | None = None  # held-out triggered images classified as the target
     clean_change: float | None = None  # held-out clean images whose prediction the repair changed
+    clean_shift: float | None = None  # mean total-variation distance of the held-out clean softmax outputs
     gate_fires_clean: float | None = None  # on the fitting clean images (from the fit record)
     error: str = ""
     seconds: float = 0.0
@@ -107,7 +110,8 @@ class Score:
         """The row of the ranking table recorded in the directions file (flat JSON)."""
         row = {"layer": self.site.label, "tensor": self.site.tensor, "module": self.site.module,
                "repair": self.repair, "gate": self.gate, "k": self.k, "target_rate": self.target_rate,
-               "clean_change": self.clean_change, "gate_fires_clean": self.gate_fires_clean,
+               "clean_change": self.clean_change, "clean_shift": self.clean_shift,
+               "gate_fires_clean": self.gate_fires_clean,
                "within_budget": self.ok and self.clean_change <= budget + 1e-12, "seconds": round(self.seconds, 2)}
         if self.error:
             row["error"] = self.error
@@ -170,27 +174,30 @@ class HeldOut:
         self.base = session(_bytes(onnx_model))
         self.x_clean = preprocess(held_clean.x)
         self.x_trig = preprocess(held_triggered.x)
-        self.base_clean = self.predict(self.base, self.x_clean)
-        self.base_trig = self.predict(self.base, self.x_trig) if len(self.x_trig) else None
+        self.base_clean = self.probs(self.base, self.x_clean)
+        self.base_trig = self.probs(self.base, self.x_trig).argmax(axis=1) if len(self.x_trig) else None
 
-    def predict(self, sess, x: np.ndarray) -> np.ndarray:
+    def probs(self, sess, x: np.ndarray) -> np.ndarray:
+        """Softmax of the first output (float64)."""
         from fire_onnx.evaluate import predict_logits
 
-        return predict_logits(sess, x, self.batch_size).argmax(axis=1)
+        z = predict_logits(sess, x, self.batch_size).astype(np.float64)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
 
-    def predict_pair(self, d: dirs.Directions) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions of the model patched with ``d`` on (held-out clean, held-out triggered)."""
+    def score(self, d: dirs.Directions, target: int) -> tuple[float, float, float]:
+        """(held-out target rate, clean change rate, clean shift) of the model patched with ``d``: the share
+        of held-out triggered images it classifies as ``target``, the share of held-out clean images whose
+        class it changes, and the mean total-variation distance of their softmax outputs (the tie-breaker)."""
         from fire_onnx.evaluate import session
         from fire_onnx.patch import patch_model
 
         sess = session(_bytes(patch_model(self.model, d).model))
-        pc = self.predict(sess, self.x_clean)
-        return pc, self.predict(sess, self.x_trig) if len(self.x_trig) else pc[:0]
-
-    def score(self, d: dirs.Directions, target: int) -> tuple[float, float]:
-        """(held-out target rate, clean change rate) of the model patched with ``d``."""
-        pc, pt = self.predict_pair(d)
-        return float((pt == target).mean()) if len(pt) else 0.0, float((pc != self.base_clean).mean())
+        pc = self.probs(sess, self.x_clean)
+        rate = float((self.probs(sess, self.x_trig).argmax(axis=1) == target).mean()) if len(self.x_trig) else 0.0
+        change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
+        shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
+        return rate, change, shift
 
 
 def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
@@ -198,9 +205,9 @@ def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
     ok = [s for s in scores if s.ok]
     order = {id(s): i for i, s in enumerate(scores)}
     within = sorted((s for s in ok if s.clean_change <= budget + 1e-12),
-                    key=lambda s: (s.target_rate, s.clean_change, order[id(s)]))
+                    key=lambda s: (s.target_rate, s.clean_change, s.clean_shift, order[id(s)]))
     over = sorted((s for s in ok if s.clean_change > budget + 1e-12),
-                  key=lambda s: (s.clean_change, s.target_rate, order[id(s)]))
+                  key=lambda s: (s.clean_change, s.target_rate, s.clean_shift, order[id(s)]))
     failed = [s for s in scores if not s.ok]
     if within:
         return within + over + failed, True
@@ -221,7 +228,11 @@ def why(ranked: list[Score], within: bool, budget: float, n_held_clean: int, ori
             f"{n_held_clean} held-out clean predictions)")
     tied = [s for s in ranked[1:n_within] if s.target_rate == best.target_rate]
     if tied:
-        line += f"; tied on target rate with {', '.join(s.site.label for s in tied)}, fewer or equal clean changes"
+        same = [s for s in tied if s.clean_change == best.clean_change]
+        line += (f"; tied on target rate with {', '.join(s.site.label for s in tied)}"
+                 + (f", and on clean change with {', '.join(s.site.label for s in same)}: it moves the held-out "
+                    f"clean outputs least (mean softmax change {best.clean_shift:.4f} vs "
+                    f"{min(s.clean_shift for s in same):.4f})" if same else ": it changes fewer clean predictions"))
     return line
 
 
@@ -362,7 +373,7 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
                 sc.target, sc.gate, sc.k = got, got.gate, got.k
                 sc.gate_fires_clean = got.fit.get("gate_fires_clean")
                 try:
-                    sc.target_rate, sc.clean_change = held.score(
+                    sc.target_rate, sc.clean_change, sc.clean_shift = held.score(
                         dirs.Directions(targets=[got], preprocess=pre.as_dict()), target)
                 except FireError as e:
                     sc.error = str(e)

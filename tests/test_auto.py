@@ -1,0 +1,217 @@
+"""fit --layer auto: the choice on a model where the answer is constructed (tests/auto_synth.py), the clean
+budget on held-out images, the ranking in the directions file, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from fire_onnx import directions as dirs
+from fire_onnx.data import Images, Preprocess
+from fire_onnx.errors import FireError
+from fire_onnx.evaluate import predict_logits, session
+from fire_onnx.fit.auto import Score, Site, rank, why
+from fire_onnx.fit.pipeline import FitRequest, run_fit
+from fire_onnx.patch import patch_file
+
+SYNTH = Path(__file__).resolve().parent / "auto_synth.py"
+SCALE = str(1 / 255)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """The hand-weighted model exported to ONNX, a clean pool and 20 triggered images with their twins."""
+    import importlib.util
+
+    from fire_onnx.fit import export_onnx
+
+    spec = importlib.util.spec_from_file_location("auto_synth", SYNTH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path_factory.mktemp("auto")
+    model = mod.build()
+    x, y = mod.images(2500, seed=0)
+    pre = Preprocess(scale=1 / 255)
+    export_onnx(model, pre(x[:2]), root / "synth.onnx")
+    xt = mod.stamp(x[:20], seed=1)
+    np.savez(root / "trig.npz", x=xt, x_clean=x[:20], y=y[:20])
+    np.savez(root / "clean.npz", x=x[20:], y=y[20:])
+    fresh_x, fresh_y = mod.images(1000, seed=7)  # never seen by fit: for the budget on unseen images
+    return {"root": root, "onnx": root / "synth.onnx", "clean": root / "clean.npz", "trig": root / "trig.npz",
+            "mod": mod, "pre": pre, "fresh": Images(fresh_x, fresh_y)}
+
+
+def request(s, **kw) -> FitRequest:
+    args = dict(layers=["auto"], clean_path=str(s["clean"]), onnx_path=str(s["onnx"]), triggered_path=str(s["trig"]),
+                target=0, scale=1 / 255)
+    args.update(kw)
+    return FitRequest(**args)
+
+
+def rows(d: dirs.Directions) -> dict:
+    return {r["layer"]: r for r in d.meta["auto"]["candidates"]}
+
+
+def test_auto_chooses_the_layer_where_the_trigger_is_one_direction(synth):
+    d = run_fit(request(synth))
+    t = d.targets[0]
+    assert (t.module, t.tensor) == ("block2", "/block2/Concat_output_0")
+    r = rows(d)
+    assert set(r) == {"block1", "block2"}  # the Conv (fusion) output and the logits are not candidates
+    assert r["block2"]["chosen"] and r["block2"]["rank"] == 1 and r["block2"]["target_rate"] == 0.0
+    assert r["block1"]["target_rate"] >= 0.8 and not r["block1"]["chosen"]  # the spread shift is not removed
+    a = d.meta["auto"]
+    assert a["within_budget"] and a["chosen"] == "block2" and a["original_target_rate"] == 1.0
+    assert (a["n_fit_triggered"], a["n_held_triggered"]) == (10, 10)  # the 20 triggered images split in two
+    assert "block2" in a["why"] and "lowest held-out target rate" in a["why"]
+    # the winner is refitted on all 20 triggered images: the same directions as fit --layer block2
+    ref = run_fit(request(synth, layers=["block2"])).targets[0]
+    assert t.fit["n_triggered"] == 20
+    np.testing.assert_array_equal(t.U, ref.U)
+    np.testing.assert_array_equal(t.mu, ref.mu)
+    np.testing.assert_array_equal(t.tau, ref.tau)
+
+
+def test_the_repair_it_chose_removes_the_backdoor_on_unseen_images(synth, tmp_path):
+    d = run_fit(request(synth))
+    dirs.save(d, tmp_path / "d.npz")
+    patched = patch_file(synth["onnx"], tmp_path / "d.npz", tmp_path / "m.fire.onnx")[0]
+    fresh, pre = synth["fresh"], synth["pre"]
+    trig = synth["mod"].stamp(fresh.x, seed=9)
+    before = predict_logits(session(synth["onnx"]), pre(trig)).argmax(1)
+    after = predict_logits(session(patched), pre(trig)).argmax(1)
+    assert (before == 0).mean() == 1.0 and (after == 0).mean() == 0.0
+    assert (after == fresh.y).mean() > 0.95  # and gives the images their own class back
+
+
+@pytest.mark.parametrize("gate", ["none", "auto"])
+def test_the_clean_budget_holds_on_held_out_clean_images(synth, tmp_path, gate):
+    """With --gate none, block1's projection changes most clean predictions: over the budget, never chosen.
+    The chosen repair's clean change, measured again from the written file on the held-out images and on
+    images no fit saw, stays within the budget."""
+    from fire_onnx.fit.auto import split_samples
+    from fire_onnx.fit.pipeline import load_inputs, select_samples
+
+    budget = 0.005
+    req = request(synth, gate=gate, clean_budget=budget)
+    d = run_fit(req)
+    r = rows(d)
+    assert d.targets[0].module == "block2" and r["block2"]["clean_change"] <= budget
+    if gate == "none":
+        assert r["block1"]["clean_change"] > 0.5 and not r["block1"]["within_budget"]
+    dirs.save(d, tmp_path / "d.npz")
+    patched = patch_file(synth["onnx"], tmp_path / "d.npz", tmp_path / "m.fire.onnx")[0]
+
+    # the held-out clean images, as the documented split holds them out (not fitted on)
+    req2 = request(synth, gate=gate)
+    inputs = load_inputs(req2)
+    clean, trig, source = select_samples(req2, inputs)
+    split = split_samples(req2, inputs, clean, trig, source, 0, None)
+    assert len(split.held_clean) == d.meta["auto"]["n_held_clean"] == 1000
+    fitted = {a.tobytes() for a in clean.x}
+    assert not any(a.tobytes() in fitted for a in split.held_clean.x)
+    pre = synth["pre"]
+    for imgs in (split.held_clean, synth["fresh"]):
+        p0 = predict_logits(session(synth["onnx"]), pre(imgs.x)).argmax(1)
+        p1 = predict_logits(session(patched), pre(imgs.x)).argmax(1)
+        assert (p0 != p1).mean() <= budget
+
+
+def test_objective_prefers_a_worse_target_rate_within_budget_and_falls_back_to_least_clean_change():
+    def score(label, rate, change, shift=0.0):
+        return Score(site=Site(tensor=f"/{label}", module=label, shape=[4]), target_rate=rate, clean_change=change,
+                     clean_shift=shift)
+
+    a, b, c = score("a", 0.00, 0.020), score("b", 0.03, 0.004), score("c", 0.05, 0.000)
+    ranked, within = rank([a, b, c], 0.005)
+    assert within and [s.site.label for s in ranked] == ["b", "c", "a"]  # a: lowest rate, but over budget
+    assert "b: lowest held-out target rate" in why(ranked, within, 0.005, 1000, 1.0)
+    ranked, within = rank([a, b, c], 0.05)  # a larger budget lets a in
+    assert within and ranked[0] is a
+    ranked, within = rank([a, b], 0.001)  # nothing within: the fewest clean changes, and it says so
+    assert not within and ranked[0] is b
+    assert "no candidate keeps the clean change within the budget" in why(ranked, within, 0.001, 1000, 1.0)
+    # ties: lower clean change, then the smaller clean output shift, then graph order
+    t1, t2, t3 = score("t1", 0.0, 0.002, 0.01), score("t2", 0.0, 0.001, 0.05), score("t3", 0.0, 0.001, 0.02)
+    assert [s.site.label for s in rank([t1, t2, t3], 0.005)[0]] == ["t3", "t2", "t1"]
+    failed = Score(site=Site(tensor="/f", module="f", shape=[4]), error="boom")
+    assert rank([failed, t1], 0.005)[0][-1] is failed
+
+
+def test_auto_with_the_pytorch_model_reads_modules_and_chooses_the_same(synth):
+    d = run_fit(request(synth, model_spec=f"{SYNTH}:build", no_weights=True))
+    assert d.targets[0].module == "block2" and d.targets[0].tensor == "/block2/Concat_output_0"
+    assert set(rows(d)) == {"block1", "block2"}
+
+
+def test_auto_with_a_known_trigger_holds_out_stamped_clean_images(synth, tmp_path):
+    """--trigger: the candidates are fitted on the samples a plain fit uses and judged on held-out pool
+    images stamped with the trigger (here a 2x2 white patch at a fixed place: removable at both layers)."""
+    d = run_fit(request(synth, triggered_path=None, trigger_spec="badnets:size=2", n_clean=300))
+    a = d.meta["auto"]
+    assert a["n_fit_triggered"] == 20 and a["n_held_triggered"] == a["n_held_clean"] == 1000
+    assert a["target"] == 0 and all(r["target_rate"] is not None for r in a["candidates"])
+    assert d.targets[0].fit["n_triggered"] == 20
+
+
+def test_auto_infers_the_target_from_the_triggered_samples(synth):
+    d = run_fit(request(synth, target=None))
+    a = d.meta["auto"]
+    assert a["target"] == 0 and a["target_from"].startswith("the class the original model gives")
+    assert d.targets[0].module == "block2"
+
+
+def test_cli_fit_layer_auto_prints_the_ranking_and_patch_accepts_the_file(synth, tmp_path):
+    out = tmp_path / "auto.npz"
+    proc = run_cli("fit", "--onnx", synth["onnx"], "--layer", "auto", "--clean", synth["clean"], "--triggered",
+                   synth["trig"], "--target", 0, "--scale", SCALE, "-o", out, "--json", tmp_path / "fit.json",
+                   check=True)
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("layer auto: held-out target rate") for line in lines)
+    row = next(line for line in lines if line.split()[1:2] == ["block2"])
+    assert "chosen" in row and "0.0%" in row
+    assert any(line.startswith("chosen block2: lowest held-out target rate") for line in lines)
+    assert "layer auto [1/2] block1" in proc.stderr and "layer auto [2/2] block2" in proc.stderr
+    summ = json.loads((tmp_path / "fit.json").read_text())
+    assert summ["auto"]["chosen"] == "block2"
+    loaded = dirs.load(out)  # the ranking survives the file's JSON header
+    assert loaded.meta["auto"]["candidates"] == summ["auto"]["candidates"]
+    proc = run_cli("patch", synth["onnx"], out, "-o", tmp_path / "m.fire.onnx", check=True)
+    assert "patched /block2/Concat_output_0" in proc.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "block1"], "--layer auto chooses one layer by itself"),
+    (["--tensor", "/block2/Concat_output_0"], "--layer auto chooses it: drop --tensor"),
+    (["--update", "UPDATE"], "cannot be combined with --layer auto"),
+])
+def test_cli_bad_combinations_are_one_line_errors(synth, tmp_path, extra, message):
+    if "UPDATE" in extra:
+        d = run_fit(request(synth, layers=["block2"]))
+        dirs.save(d, tmp_path / "old.npz")
+        extra = ["--update", tmp_path / "old.npz"]
+    proc = run_cli("fit", "--onnx", synth["onnx"], "--layer", "auto", *extra, "--clean", synth["clean"],
+                   "--triggered", synth["trig"], "--scale", SCALE, "-o", tmp_path / "x.npz")
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fire-onnx: error:") and message in err[0]
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_auto_needs_the_onnx_model_and_held_out_images(synth, tmp_path):
+    with pytest.raises(FireError, match="give --onnx"):
+        run_fit(request(synth, onnx_path=None, model_spec=f"{SYNTH}:build", no_weights=True))
+    small = tmp_path / "small.npz"
+    x = np.load(synth["clean"])["x"][:100]
+    np.savez(small, x=x)
+    with pytest.raises(FireError, match="needs clean images beyond the 100"):
+        run_fit(request(synth, clean_path=str(small), n_clean=100))
+    one = tmp_path / "one.npz"
+    t = np.load(synth["trig"])
+    np.savez(one, x=t["x"][:1], x_clean=t["x_clean"][:1])
+    with pytest.raises(FireError, match="at least 2 triggered images"):
+        run_fit(request(synth, triggered_path=str(one)))
