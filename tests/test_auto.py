@@ -215,3 +215,25 @@ def test_auto_needs_the_onnx_model_and_held_out_images(synth, tmp_path):
     np.savez(one, x=t["x"][:1], x_clean=t["x_clean"][:1])
     with pytest.raises(FireError, match="at least 2 triggered images"):
         run_fit(request(synth, triggered_path=str(one)))
+
+
+def test_candidates_leave_out_the_output_head_and_fusion_splits(tmp_path):
+    """A model whose output is a Softmax of the logits: neither the Softmax nor the logits Gemm are
+    candidates, nor the Conv/Gemm outputs a runtime fuses with their activation."""
+    import torch
+
+    from fire_onnx.fit import export_onnx
+    from fire_onnx.fit.auto import candidate_sites
+    from fire_onnx.onnxutil import load_model
+    from fire_onnx_models.small_cnn import build_mnist
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(build_mnist(), torch.nn.Softmax(dim=1)).eval()
+    export_onnx(model, np.zeros((2, 1, 28, 28), np.float32), tmp_path / "m.onnx")
+    sites, skipped = candidate_sites(load_model(tmp_path / "m.onnx"))
+    assert [s.label for s in sites] == ["0.block1.1", "0.block1", "0.block2.1", "0.block2", "0.fc1_act"]
+    why = dict(skipped)
+    head = [t for t, w in why.items() if "output head" in w]
+    assert len(head) == 2  # the Softmax output and the fc2 Gemm output under it
+    assert any("Gemm" in t for t in head)
+    assert sum("fused" in w for w in why.values()) == 3  # block1.0, block2.0, fc1

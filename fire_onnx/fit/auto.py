@@ -1,7 +1,8 @@
 """``fit --layer auto``: choose the tensor to repair by what each candidate repair does on held-out samples.
 
 Candidates are the tensors ``fire-onnx inspect`` lists as likely targets (module outputs and
-post-activation / pooling / normalisation tensors), without the graph outputs (the logits), tensors that
+post-activation / pooling / normalisation tensors), without the output head (the graph outputs, the
+logits, and everything between the last Conv/Gemm/MatMul and the first output), tensors that
 sit between a Conv/Gemm/MatMul and the activation a runtime fuses into it (a repair there breaks the
 fusion; the tensor after the activation holds the same information), and tensors whose shape is not
 known well enough to patch. With a PyTorch ``--model``, only candidates that are a module's output can be
@@ -122,10 +123,11 @@ def candidate_sites(onnx_model, *, torch_model=None) -> tuple[list[Site], list[t
     """(candidate sites in graph order, [(tensor, why skipped)]) from ``inspect``'s likely targets."""
     from fire_onnx.inspect import candidates
 
+    head = head_tensors(onnx_model.graph)
     sites, skipped = [], []
     for c in candidates(onnx_model):
-        if c.note.startswith("graph output"):
-            skipped.append((c.tensor, "graph output (the model's result)"))
+        if c.note.startswith("graph output") or c.tensor in head:
+            skipped.append((c.tensor, "the model's output head (the last weighted op and what follows it)"))
             continue
         if c.breaks_fusion:
             skipped.append((c.tensor, "between an op and the activation fused into it"))
@@ -141,6 +143,30 @@ def candidate_sites(onnx_model, *, torch_model=None) -> tuple[list[Site], list[t
             continue
         sites.append(Site(tensor=c.tensor, module=module, shape=list(c.shape[1:])))
     return sites, skipped
+
+
+HEAD_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def head_tensors(graph) -> set[str]:
+    """The tensors from the last weighted op (Conv/Gemm/MatMul) before the first graph output up to that
+    output: the logits and what only rescales them (Softmax, a bias Add, a Reshape). A repair there would
+    act on the model's answer itself, not on a feature."""
+    producer = {o: n for n in graph.node for o in n.output}
+    weights = {t.name for t in graph.initializer}
+    if not graph.output:
+        return set()
+    out, stack = set(), [graph.output[0].name]
+    while stack:
+        name = stack.pop()
+        if name in out or name not in producer:
+            continue
+        out.add(name)
+        node = producer[name]
+        if node.op_type in HEAD_OPS:
+            continue
+        stack.extend(i for i in node.input if i and i not in weights)
+    return out
 
 
 @dataclass
