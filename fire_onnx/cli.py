@@ -164,11 +164,11 @@ def cli():
               help="--triggered images without x_clean (flagged inputs): auto reconstructs the trigger in pixel "
                    "space, lets the model confirm it, and fits paired on clean images stamped with it; off (or "
                    "nothing confirmed) uses the noisier unpaired shift against the clean mean.")
-@click.option("--repair", type=click.Choice(["project", "translate"]), default="project", show_default=True,
+@click.option("--repair", type=click.Choice(["project", "translate", "auto"]), default="project", show_default=True,
               help="project: remove the activation's component along the directions (gated); translate: the FIRE "
                    "paper's operator, subtract alpha x the mean triggered shift (where the gate fires; --gate none: "
                    "on every input). translate is a baseline: it moves every input the gate selects by the same "
-                   "amount and usually costs clean accuracy.")
+                   "amount and usually costs clean accuracy. auto (with --layer auto): try both at every candidate.")
 @click.option("--update", "update_path", default=None, type=click.Path(dir_okay=False), metavar="DIRECTIONS",
               help="Refine this directions file with the new --triggered images (the earlier triggered images are "
                    "not needed: the file keeps the statistics). Layers, method, gate, alpha, repair and "

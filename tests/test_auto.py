@@ -237,3 +237,15 @@ def test_candidates_leave_out_the_output_head_and_fusion_splits(tmp_path):
     assert len(head) == 2  # the Softmax output and the fc2 Gemm output under it
     assert any("Gemm" in t for t in head)
     assert sum("fused" in w for w in why.values()) == 3  # block1.0, block2.0, fc1
+
+
+def test_repair_auto_ranks_both_operators_at_every_site(synth):
+    d = run_fit(request(synth, repair="auto"))
+    a = d.meta["auto"]
+    assert a["repairs"] == ["project", "translate"]
+    assert sorted((r["layer"], r["repair"]) for r in a["candidates"]) == [
+        ("block1", "project"), ("block1", "translate"), ("block2", "project"), ("block2", "translate")]
+    best = next(r for r in a["candidates"] if r["chosen"])
+    assert best["layer"] == "block2" and d.targets[0].repair == best["repair"] == a["chosen_repair"]
+    with pytest.raises(FireError, match="--repair auto tries both operators"):
+        run_fit(request(synth, layers=["block2"], repair="auto"))

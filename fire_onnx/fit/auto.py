@@ -21,7 +21,10 @@ The samples are split so that no candidate is judged on the samples it was fitte
   candidates are fitted on one half (``n - n // 2``) and judged on the other.
 
 Each candidate is fitted with the user's options (method, k, gate, repair, ...), patched into the ONNX
-model in memory and run in onnxruntime on the held-out images. Two numbers, no labels needed:
+model in memory and run in onnxruntime on the held-out images. ``--repair auto`` makes every site two
+candidates, one per operator (``project`` and ``translate``), ranked together; the default stays the
+user's ``--repair`` (``project``), since the translation moves every input the gate selects by the
+same amount and has mostly cost clean accuracy in the benchmarks. Two numbers, no labels needed:
 
 - *held-out target rate* (the ASR proxy): the share of held-out triggered images the patched model
   classifies as the attack's target (``--target``; without it, the class the original model gives most
@@ -47,7 +50,7 @@ the objective.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -57,6 +60,9 @@ from fire_onnx.data import Images
 from fire_onnx.errors import FireError, first_line
 
 Log = Callable[[str], None]
+
+AUTO_REPAIR = "auto"  # --repair auto (with --layer auto): try both operators at every candidate
+REPAIRS = ("project", "translate")
 
 RECONSTRUCT_POOL = 300  # pool images kept away from the held-out set for the trigger reconstruction
 FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
@@ -240,23 +246,27 @@ def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
     return over + failed, False
 
 
+def _name(s: Score) -> str:
+    return s.site.label + ("" if s.repair == "project" else f" ({s.repair})")
+
+
 def why(ranked: list[Score], within: bool, budget: float, n_held_clean: int, original_rate: float | None) -> str:
     """One line on why the winner won."""
     best = ranked[0]
     base = "" if original_rate is None else f", original model {original_rate:.1%}"
     if not within:
-        return (f"{best.site.label}: no candidate keeps the clean change within the budget {budget:.1%}; this one "
+        return (f"{_name(best)}: no candidate keeps the clean change within the budget {budget:.1%}; this one "
                 f"changes the fewest held-out clean predictions ({best.clean_change:.1%} of {n_held_clean}; "
                 f"held-out target rate {best.target_rate:.1%}{base})")
     n_within = sum(1 for s in ranked if s.ok and s.clean_change <= budget + 1e-12)
-    line = (f"{best.site.label}: lowest held-out target rate ({best.target_rate:.1%}{base}) among the {n_within} "
+    line = (f"{_name(best)}: lowest held-out target rate ({best.target_rate:.1%}{base}) among the {n_within} "
             f"candidate(s) within the clean budget {budget:.1%} (it changes {best.clean_change:.1%} of "
             f"{n_held_clean} held-out clean predictions)")
     tied = [s for s in ranked[1:n_within] if s.target_rate == best.target_rate]
     if tied:
         same = [s for s in tied if s.clean_change == best.clean_change]
-        line += (f"; tied on target rate with {', '.join(s.site.label for s in tied)}"
-                 + (f", and on clean change with {', '.join(s.site.label for s in same)}: it moves the held-out "
+        line += (f"; tied on target rate with {', '.join(_name(s) for s in tied)}"
+                 + (f", and on clean change with {', '.join(_name(s) for s in same)}: it moves the held-out "
                     f"clean outputs least (mean softmax change {best.clean_shift:.4f} vs "
                     f"{min(s.clean_shift for s in same):.4f})" if same else ": it changes fewer clean predictions"))
     return line
@@ -384,15 +394,16 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
 
     scores: list[Score] = []
     n_fit = len(split.clean) + 2 * len(split.triggered)
-    done = 0
-    for group in _groups(sites, n_fit):
+    repairs = list(REPAIRS) if req.repair == AUTO_REPAIR else [req.repair]
+    total, done = len(sites) * len(repairs), 0
+    for group, repair in ((g, r) for g in _groups(sites, n_fit) for r in repairs):
         g0 = time.perf_counter()
-        fitted = _fit_group(req, inputs, group, split, progress)
+        fitted = _fit_group(replace(req, repair=repair), inputs, group, split, progress)
         fit_s = (time.perf_counter() - g0) / len(group)
         for site in group:
             s0 = time.perf_counter()
             got = fitted.get(site.tensor, "not fitted")
-            sc = Score(site=site, repair=req.repair)
+            sc = Score(site=site, repair=repair)
             if isinstance(got, str):
                 sc.error = got
             else:
@@ -406,7 +417,7 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
             sc.seconds = fit_s + time.perf_counter() - s0
             scores.append(sc)
             done += 1
-            say(f"layer auto [{done}/{len(sites)}] {site.label}: " + (
+            say(f"layer auto [{done}/{total}] {site.label}" + (f" ({repair})" if len(repairs) > 1 else "") + ": " + (
                 f"failed ({sc.error})" if sc.error else
                 f"held-out target rate {sc.target_rate:.1%}, clean change {sc.clean_change:.2%}"))
     ranked, within = rank(scores, req.clean_budget)
@@ -416,8 +427,8 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
     reason = why(ranked, within, req.clean_budget, len(split.held_clean), original_rate)
 
     # the chosen layer, fitted exactly as `fit --layer <chosen>` fits it (all triggered samples)
-    d = fit_inputs(req, inputs, [best.site.layer], clean, triggered, source, progress=progress,
-                   tensors=best.site.tensors())
+    d = fit_inputs(replace(req, repair=best.repair), inputs, [best.site.layer], clean, triggered, source,
+                   progress=progress, tensors=best.site.tensors())
     position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
     rows = []
     for s in scores:
@@ -429,7 +440,7 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
         "objective": OBJECTIVE, "clean_budget": req.clean_budget, "within_budget": within,
         "target": target, "target_from": target_from, "original_target_rate": original_rate,
         "split": split.how, "n_held_clean": len(split.held_clean), "n_held_triggered": len(split.held_triggered),
-        "n_fit_triggered": len(split.triggered), "repair": req.repair,
+        "n_fit_triggered": len(split.triggered), "repairs": repairs, "chosen_repair": best.repair,
         "candidates": rows, "skipped": [{"tensor": t, "why": w} for t, w in skipped],
         "chosen": best.site.label, "chosen_tensor": best.site.tensor, "why": reason,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -444,15 +455,17 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
 
 def table(auto: dict) -> list[str]:
     """The ranking table of ``meta["auto"]`` as text lines (printed by ``fit``)."""
-    rows = [("rank", "layer", "tensor", "gate", "target rate", "clean change", "")]
+    both = len(auto.get("repairs") or []) > 1
+    rows = [("rank", "layer", "tensor") + (("repair",) if both else ()) + ("gate", "target rate", "clean change", "")]
     for r in auto.get("candidates", []):
         rank_ = "-" if r.get("rank") is None else str(r["rank"])
+        first = (rank_, r["layer"], r["tensor"]) + ((r.get("repair", ""),) if both else ())
         if r.get("error"):
-            rows.append((rank_, r["layer"], r["tensor"], "-", "-", "-", f"failed: {r['error']}"))
+            rows.append(first + ("-", "-", "-", f"failed: {r['error']}"))
             continue
         mark = "chosen" if r.get("chosen") else ("" if r.get("within_budget") else "over budget")
-        rows.append((rank_, r["layer"], r["tensor"], r.get("gate") or "-", f"{100 * r['target_rate']:.1f}%",
-                     f"{100 * r['clean_change']:.2f}%", mark))
+        rows.append(first + (r.get("gate") or "-", f"{100 * r['target_rate']:.1f}%", f"{100 * r['clean_change']:.2f}%",
+                             mark))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     orig = auto.get("original_target_rate")
     head = (f"layer auto: held-out target rate (class {auto.get('target')}) and clean change over "

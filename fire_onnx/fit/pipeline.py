@@ -65,6 +65,9 @@ class FitRequest:
     def validate(self) -> None:
         if self.auto:
             self._validate_auto()
+        elif self.repair == AUTO:
+            raise FireError("--repair auto tries both operators at every candidate of --layer auto; with a given "
+                            "--layer, choose --repair project or translate")
         if not self.layers and not self.update_path:
             raise FireError("give --layer (the module or tensor to repair), or --update DIRECTIONS")
         if self.update_path and self.trigger_spec is None and self.triggered_path is None:
