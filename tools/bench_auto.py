@@ -86,24 +86,30 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
             return rec
 
         out.append(measure(onnx_path, dict(base, mode="original", layers=[])))
-        runs = [("auto", "auto")] + [("fixed", fixed_layer)] + [("layer", s.layer) for s in sites]
-        for mode, layer in runs:
+        wanted = args.modes.split(",")
+        budgets = [float(b) for b in args.budgets.split(",")]
+        runs = [("auto", "auto", budgets[0], "project")] if "auto" in wanted else []
+        runs += [(f"auto@{b:g}", "auto", b, "project") for b in budgets[1:]]
+        runs += [("auto-repair", "auto", budgets[0], "auto")] if "auto-repair" in wanted else []
+        runs += [("fixed", fixed_layer, budgets[0], "project")] if "fixed" in wanted else []
+        runs += [("layer", s.layer, budgets[0], "project") for s in sites] if "layers" in wanted else []
+        for mode, layer, budget, repair in runs:
             t0 = time.perf_counter()
             req = FitRequest(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path),
                              trigger_spec=spec, target=bf.TARGET, n_clean=bf.N_CLEAN, n_triggered=20, seed=0,
-                             scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, clean_budget=args.clean_budget)
+                             scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, clean_budget=budget, repair=repair)
             d = run_fit(req)
             path = tmp / f"{mode}-{layer}.npz"
             dirs.save(d, path)
             patched = tmp / f"{mode}-{layer}.fire.onnx"
             patch_file(onnx_path, path, patched)
             t = d.targets[0]
-            rec = dict(base, mode=mode, layers=[t.module or t.tensor], tensor=t.tensor, gate=t.gate,
+            rec = dict(base, mode=mode, layers=[t.module or t.tensor], tensor=t.tensor, gate=t.gate, repair=t.repair,
                        fit_seconds=round(time.perf_counter() - t0, 1))
-            if mode == "auto":
+            if layer == "auto":
                 a = d.meta["auto"]
                 rec.update(clean_budget=a["clean_budget"], within_budget=a["within_budget"], why=a["why"],
-                           ranking=[{k: r.get(k) for k in ("layer", "target_rate", "clean_change", "rank")}
+                           ranking=[{k: r.get(k) for k in ("layer", "repair", "target_rate", "clean_change", "rank")}
                                     for r in a["candidates"]])
             out.append(measure(patched, rec))
     return out
@@ -147,6 +153,13 @@ def markdown(records: list[dict]) -> str:
             tr = "-" if h.get("target_rate") is None else f"{100 * h['target_rate']:.1f}"
             cc = "-" if h.get("clean_change") is None else f"{100 * h['clean_change']:.2f}"
             lines.append(f"| {ds} | {att} | {r['layers'][0]}{mark} | {fmt(r)} | {tr} | {cc} |")
+    extra = [r for rs in cells.values() for r in rs if r["mode"].startswith("auto") and r["mode"] != "auto"]
+    if extra:
+        lines += ["", "Other settings of `--layer auto` (`auto@B`: `--clean-budget B`; `auto-repair`: `--repair auto`):",
+                  "", "| dataset | attack | mode | chosen | test CA / ASR / RA / change |", "|---|---|---|---|---|"]
+        for r in extra:
+            chosen = r["layers"][0] + ("" if r.get("repair", "project") == "project" else f" ({r['repair']})")
+            lines.append(f"| {r['dataset']} | {r['attack']} | {r['mode']} | {chosen} | {fmt(r)} |")
     return "\n".join(lines)
 
 
@@ -159,7 +172,10 @@ def main(argv=None) -> int:
     ap.add_argument("--attacks", default="badnets,blended,sig")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
-    ap.add_argument("--clean-budget", type=float, default=0.005)
+    ap.add_argument("--budgets", default="0.005",
+                    help="clean budgets: the first for mode auto, each further one adds a mode auto@BUDGET")
+    ap.add_argument("--modes", default="auto,fixed,layers",
+                    help="comma-separated: auto, auto-repair (--repair auto), fixed, layers")
     args = ap.parse_args(argv)
     from fire_onnx.fileio import write_text_atomic
 
@@ -174,7 +190,9 @@ def main(argv=None) -> int:
             new = run_cell(ds, att, args)
             if not new:
                 continue
-            records = [r for r in records if (r["dataset"], r["attack"]) != (ds, att)] + new
+            key = lambda r: (r["dataset"], r["attack"], r["mode"], tuple(r["layers"]) if r["mode"] == "layer" else ())  # noqa: E731
+            fresh = {key(r) for r in new}
+            records = [r for r in records if key(r) not in fresh] + new
             write_text_atomic(path, json.dumps(records, indent=1, default=float) + "\n")
     md = markdown(records)
     write_text_atomic(out / "results.md", md + f"\n\n{round(time.perf_counter() - t0)} s for this run.\n")
