@@ -164,7 +164,8 @@ def cli():
               help="--triggered images without x_clean (flagged inputs): auto reconstructs the trigger in pixel "
                    "space, lets the model confirm it, and fits paired on clean images stamped with it; off (or "
                    "nothing confirmed) uses the noisier unpaired shift against the clean mean.")
-@click.option("--repair", type=click.Choice(["project", "translate", "auto"]), default="project", show_default=True,
+@click.option("--repair", type=click.Choice(["project", "translate", "auto"]), default="project",
+              show_default=True,
               help="project: remove the activation's component along the directions (gated); translate: the FIRE "
                    "paper's operator, subtract alpha x the mean triggered shift (where the gate fires; --gate none: "
                    "on every input). translate is a baseline: it moves every input the gate selects by the same "

@@ -23,8 +23,9 @@ The samples are split so that no candidate is judged on the samples it was fitte
 Each candidate is fitted with the user's options (method, k, gate, repair, ...), patched into the ONNX
 model in memory and run in onnxruntime on the held-out images. ``--repair auto`` makes every site two
 candidates, one per operator (``project`` and ``translate``), ranked together; the default stays the
-user's ``--repair`` (``project``), since the translation moves every input the gate selects by the
-same amount and has mostly cost clean accuracy in the benchmarks. Two numbers, no labels needed:
+user's ``--repair`` (``project``): ``--repair auto`` doubles the fits, and the gated translation gained at most
+0.6 pt ASR over the projection at the same layer on the benchmark cells (benchmarks/auto). Two numbers, no
+labels needed:
 
 - *held-out target rate* (the ASR proxy): the share of held-out triggered images the patched model
   classifies as the attack's target (``--target``; without it, the class the original model gives most
@@ -36,8 +37,8 @@ Objective: the lowest held-out target rate among the candidates whose clean chan
 ``--clean-budget`` (default 0.5 %); ties go to the lower clean change rate, then to the smaller *clean
 shift* (the mean total-variation distance between the original and the patched softmax outputs on the
 held-out clean images: how much the repair disturbs clean inputs even where their class stays), then to
-the earlier tensor in the graph. When no candidate is within the budget, the one with the lowest clean change rate is chosen
-(ties: lower target rate) and a warning says so. The chosen layer is then fitted again exactly as
+the earlier tensor in the graph. When no candidate is within the budget, the one with the lowest clean
+change rate is chosen (ties: lower target rate) and a warning says so. The chosen layer is then fitted again exactly as
 ``fit --layer <chosen>`` would (all the triggered samples; with ``--trigger`` that is the fit already
 judged), and the ranking is recorded in the directions file (``meta["auto"]``).
 
@@ -387,8 +388,8 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
         notes.append(f"--layer auto judged the clean change on only {len(split.held_clean)} held-out clean images "
                      f"(one image is {1 / len(split.held_clean):.1%}): give a larger --clean pool for a finer measure")
     if req.clean_budget * len(split.held_clean) < 1 and req.clean_budget > 0:
-        notes.append(f"the clean budget {req.clean_budget:.2%} is less than one of the {len(split.held_clean)} held-out "
-                     "clean images: only candidates that change no held-out prediction are within it")
+        notes.append(f"the clean budget {req.clean_budget:.2%} is less than one of the {len(split.held_clean)} "
+                     "held-out clean images: only candidates that change no held-out prediction are within it")
     say(f"layer auto: {len(sites)} candidate(s); {split.how}; {len(split.held_clean)} held-out clean images; "
         f"target class {target}")
 
