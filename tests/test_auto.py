@@ -249,3 +249,12 @@ def test_repair_auto_ranks_both_operators_at_every_site(synth):
     assert best["layer"] == "block2" and d.targets[0].repair == best["repair"] == a["chosen_repair"]
     with pytest.raises(FireError, match="--repair auto tries both operators"):
         run_fit(request(synth, layers=["block2"], repair="auto"))
+
+
+def test_auto_warns_when_no_layer_removes_the_trigger(synth):
+    """--alpha 0: every candidate repair does nothing, so the best one leaves the target rate where it was."""
+    d = run_fit(request(synth, alpha=0.0))
+    assert all(r["target_rate"] == 1.0 and r["clean_change"] == 0.0 for r in d.meta["auto"]["candidates"])
+    warnings = d.meta["checks"]["warnings"]
+    assert any("still sends 100% of the held-out triggered images to class 0" in w for w in warnings)
+    assert "tied on target rate with" in d.meta["auto"]["why"]

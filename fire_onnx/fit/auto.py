@@ -67,6 +67,7 @@ REPAIRS = ("project", "translate")
 
 RECONSTRUCT_POOL = 300  # pool images kept away from the held-out set for the trigger reconstruction
 FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
+WEAK_REPAIR = 0.5  # warn when the chosen repair leaves this held-out target rate (and more than half the original)
 ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candidates are grouped under it)
 OBJECTIVE = ("lowest held-out target rate among candidates whose held-out clean change rate is within the clean "
              "budget; ties: lower clean change, then lower clean shift (mean softmax total-variation change), then "
@@ -266,11 +267,16 @@ def why(ranked: list[Score], within: bool, budget: float, n_held_clean: int, ori
     tied = [s for s in ranked[1:n_within] if s.target_rate == best.target_rate]
     if tied:
         same = [s for s in tied if s.clean_change == best.clean_change]
-        line += (f"; tied on target rate with {', '.join(_name(s) for s in tied)}"
-                 + (f", and on clean change with {', '.join(_name(s) for s in same)}: it moves the held-out "
-                    f"clean outputs least (mean softmax change {best.clean_shift:.4f} vs "
-                    f"{min(s.clean_shift for s in same):.4f})" if same else ": it changes fewer clean predictions"))
+        line += (f"; tied on target rate with {_names(tied)}"
+                 + (f", and on clean change with {_names(same)}: it moves the held-out clean outputs least (mean "
+                    f"softmax change {best.clean_shift:.3g} vs {min(s.clean_shift for s in same):.3g})" if same
+                    else ": it changes fewer clean predictions"))
     return line
+
+
+def _names(scores: list[Score], shown: int = 3) -> str:
+    names = [_name(s) for s in scores[:shown]]
+    return ", ".join(names) + (f" and {len(scores) - shown} more" if len(scores) > shown else "")
 
 
 def split_samples(req, inputs, clean: Images, triggered: Images, source: Images | None,
@@ -450,6 +456,11 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
     warnings = checks.setdefault("warnings", [])
     if not within:
         warnings.append(f"layer auto: {reason}; raise --clean-budget, or check the trigger and the samples")
+    elif original_rate and best.target_rate >= WEAK_REPAIR and best.target_rate > original_rate / 2:
+        warnings.append(f"layer auto: the best candidate ({_name(best)}) still sends {best.target_rate:.0%} of the "
+                        f"held-out triggered images to class {target} (original model {original_rate:.0%}): no single "
+                        "layer removes this trigger; check --trigger/--triggered and --target, or try --method "
+                        "subspace")
     req.notes.extend(notes)
     return d
 
