@@ -201,11 +201,12 @@ def _bytes(model) -> bytes:
 class HeldOut:
     """Runs the original and candidate-patched ONNX models on the held-out samples in onnxruntime."""
 
-    def __init__(self, onnx_model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256):
+    def __init__(self, onnx_model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256,
+                 base_session=None):
         from fire_onnx.evaluate import session
 
         self.model, self.pre, self.batch_size = onnx_model, preprocess, batch_size
-        self.base = session(_bytes(onnx_model))
+        self.base = base_session or session(_bytes(onnx_model))
         self.x_clean = preprocess(held_clean.x)
         self.x_trig = preprocess(held_triggered.x)
         self.base_clean = self.probs(self.base, self.x_clean)
@@ -387,7 +388,7 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
         target = int(np.bincount(base_predict(triggered.x)).argmax())
         target_from = "the class the original model gives most triggered samples"
     split = split_samples(req, inputs, clean, triggered, source, target, base_predict)
-    held = HeldOut(inputs.onnx_model, pre, split.held_clean, split.held_triggered, req.batch_size)
+    held = HeldOut(inputs.onnx_model, pre, split.held_clean, split.held_triggered, req.batch_size, base_session=base)
     original_rate = float((held.base_trig == target).mean()) if held.base_trig is not None else None
     notes = []
     if len(split.held_clean) < FEW_HELD_CLEAN:
