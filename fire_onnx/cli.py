@@ -181,10 +181,13 @@ def cli():
 @click.option("--holdout", "n_holdout", type=click.IntRange(min=1), default=1000, show_default=True,
               help="--layer auto: clean images of the --clean pool held out (never fitted on) to measure the "
                    "clean change.")
+@click.option("--max-layers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--layer auto: repair up to this many layers, chosen greedily, each fitted on activations with "
+                   "the earlier repairs applied, while the held-out target rate drops within --clean-budget.")
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
         n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
-        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, scale, mean, std, input_layout):
+        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, scale, mean, std, input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, describe_reconstruction, run_fit, summary
@@ -208,7 +211,8 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         split=split, n_clean=n_clean, n_triggered=n_triggered, method=method, k=k, gate=gate, quantile=quantile,
         alpha=alpha, shrink=shrink, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), input_layout=input_layout, reconstruct=reconstruct, repair=repair,
-        update_path=update_path, clean_budget=clean_budget, n_holdout=n_holdout)
+        update_path=update_path, clean_budget=clean_budget, n_holdout=n_holdout,
+        max_layers=max_layers)
     d = run_fit(req, progress=_progress("collecting activations"), log=lambda line: click.echo(line, err=True))
     dirs.save(d, output)
     summ = summary(d)

@@ -258,3 +258,66 @@ def test_auto_warns_when_no_layer_removes_the_trigger(synth):
     warnings = d.meta["checks"]["warnings"]
     assert any("still sends 100% of the held-out triggered images to class 0" in w for w in warnings)
     assert "tied on target rate with" in d.meta["auto"]["why"]
+
+
+def test_chain_fits_each_layer_on_repaired_activations_and_equals_the_pytorch_chain(synth, tmp_path):
+    """refit_chain (the final fit of --max-layers): the second target is fitted on activations with the first
+    repair applied, the patched ONNX model equals the PyTorch chain (forward hooks) within 1e-5, and the
+    fingerprints are those of the unpatched model (patch accepts the file)."""
+    import torch
+    from conftest import torch_repaired
+
+    from fire_onnx.fit.auto import Score, Site, refit_chain
+    from fire_onnx.fit.pipeline import load_inputs, select_samples
+
+    req = request(synth, layers=["auto"], gate="none", max_layers=2)  # gate none: block1's repair moves every input
+    inputs = load_inputs(req)
+    clean, trig, source = select_samples(req, inputs)
+    chain = [Score(site=Site(tensor="/block1/block1.1/Relu_output_0", module="block1", shape=[2, 7, 7])),
+             Score(site=Site(tensor="/block2/Concat_output_0", module="block2", shape=[2]))]
+    d = refit_chain(req, inputs, chain, clean, trig, source)
+    assert [t.module for t in d.targets] == ["block1", "block2"]
+    model = synth["mod"].build()
+    first = dirs.Directions(targets=d.targets[:1], preprocess=d.preprocess)
+    x = synth["pre"](clean.x)
+    acts = {}
+    handles = [model.block2.register_forward_hook(lambda m, i, o: acts.__setitem__("b2", o.detach().numpy()))]
+    try:
+        torch_repaired(model, first, x)  # block1 repaired, block2's output recorded
+    finally:
+        for h in handles:
+            h.remove()
+    np.testing.assert_allclose(d.targets[1].mu, acts["b2"].mean(axis=0), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        plain = model.block2(model.block1(torch.from_numpy(x))).numpy().mean(axis=0)
+    assert np.abs(plain - d.targets[1].mu).max() > 1e-3  # the first repair did change what the second saw
+    dirs.save(d, tmp_path / "chain.npz")
+    patched = patch_file(synth["onnx"], tmp_path / "chain.npz", tmp_path / "chain.fire.onnx")[0]
+    xs = synth["pre"](np.concatenate([synth["fresh"].x[:200], synth["mod"].stamp(synth["fresh"].x[:200], seed=3)]))
+    onnx_out = predict_logits(session(patched), xs)
+    np.testing.assert_allclose(onnx_out, torch_repaired(model, d, xs), rtol=1e-5, atol=1e-5)
+
+
+def test_max_layers_stops_when_the_target_rate_is_already_zero_and_is_refused_without_auto(synth):
+    d = run_fit(request(synth, max_layers=3))
+    a = d.meta["auto"]
+    assert len(d.targets) == 1 and a["chain"] == ["block2"] and a["stopped"] == "the held-out target rate is already 0"
+    with pytest.raises(FireError, match="--max-layers applies to --layer auto"):
+        run_fit(request(synth, layers=["block2"], max_layers=2))
+
+
+def test_max_layers_keeps_a_second_layer_only_within_the_budget(synth):
+    """Triggered images without twins (unpaired, half of them to fit): block2 leaves part of the trigger;
+    step 2 fits block1 on activations with block2's repair applied, and that chain changes more held-out
+    clean predictions than the budget allows, so the chain stops at block2 and says why."""
+    s = dict(synth)
+    flagged = s["root"] / "flagged.npz"
+    np.savez(flagged, x=np.load(s["trig"])["x"])
+    d = run_fit(request(s, triggered_path=str(flagged), reconstruct="off", max_layers=2))
+    a = d.meta["auto"]
+    assert a["chain"][0] == "block2" and len(a["steps"]) == 1 and a["steps"][0]["after"] == ["block2"]
+    step = a["steps"][0]["candidates"]
+    assert [r["layer"] for r in step] == ["block1"]
+    assert step[0]["clean_change"] > 0.005 and not step[0]["within_budget"] and not step[0]["chosen"]
+    assert a["chain"] == ["block2"] and a["stopped"] == "step 2: every candidate would exceed the clean budget"
+    assert [t.module for t in d.targets] == ["block2"] and a["chain_target_rate"] == rows(d)["block2"]["target_rate"]

@@ -88,29 +88,36 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
         out.append(measure(onnx_path, dict(base, mode="original", layers=[])))
         wanted = args.modes.split(",")
         budgets = [float(b) for b in args.budgets.split(",")]
-        runs = [("auto", "auto", budgets[0], "project")] if "auto" in wanted else []
-        runs += [(f"auto@{b:g}", "auto", b, "project") for b in budgets[1:]]
-        runs += [("auto-repair", "auto", budgets[0], "auto")] if "auto-repair" in wanted else []
-        runs += [("fixed", fixed_layer, budgets[0], "project")] if "fixed" in wanted else []
-        runs += [("layer", s.layer, budgets[0], "project") for s in sites] if "layers" in wanted else []
-        for mode, layer, budget, repair in runs:
+        runs = [("auto", "auto", budgets[0], "project", 1)] if "auto" in wanted else []
+        runs += [(f"auto@{b:g}", "auto", b, "project", 1) for b in budgets[1:]]
+        runs += [("auto-repair", "auto", budgets[0], "auto", 1)] if "auto-repair" in wanted else []
+        runs += [(f"auto-chain{n}" + (f"@{budgets[0]:g}" if budgets[0] != 0.005 else ""), "auto", budgets[0], "project",
+                  n) for n in args.max_layers]
+        runs += [("fixed", fixed_layer, budgets[0], "project", 1)] if "fixed" in wanted else []
+        runs += [("layer", s.layer, budgets[0], "project", 1) for s in sites] if "layers" in wanted else []
+        for mode, layer, budget, repair, max_layers in runs:
             t0 = time.perf_counter()
             req = FitRequest(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path),
                              trigger_spec=spec, target=bf.TARGET, n_clean=bf.N_CLEAN, n_triggered=20, seed=0,
-                             scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, clean_budget=budget, repair=repair)
+                             scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, clean_budget=budget, repair=repair,
+                             max_layers=max_layers)
             d = run_fit(req)
             path = tmp / f"{mode}-{layer}.npz"
             dirs.save(d, path)
             patched = tmp / f"{mode}-{layer}.fire.onnx"
             patch_file(onnx_path, path, patched)
             t = d.targets[0]
-            rec = dict(base, mode=mode, layers=[t.module or t.tensor], tensor=t.tensor, gate=t.gate, repair=t.repair,
+            rec = dict(base, mode=mode, layers=[x.module or x.tensor for x in d.targets], tensor=t.tensor, gate=t.gate,
+                       repair=t.repair,
                        fit_seconds=round(time.perf_counter() - t0, 1))
             if layer == "auto":
                 a = d.meta["auto"]
                 rec.update(clean_budget=a["clean_budget"], within_budget=a["within_budget"], why=a["why"],
                            ranking=[{k: r.get(k) for k in ("layer", "repair", "target_rate", "clean_change", "rank")}
                                     for r in a["candidates"]])
+                if max_layers > 1:
+                    rec.update(max_layers=max_layers, stopped=a["stopped"], chain_target_rate=a["chain_target_rate"],
+                               chain_clean_change=a["chain_clean_change"])
             out.append(measure(patched, rec))
     return out
 
@@ -155,10 +162,11 @@ def markdown(records: list[dict]) -> str:
             lines.append(f"| {ds} | {att} | {r['layers'][0]}{mark} | {fmt(r)} | {tr} | {cc} |")
     extra = [r for rs in cells.values() for r in rs if r["mode"].startswith("auto") and r["mode"] != "auto"]
     if extra:
-        lines += ["", "Other settings of `--layer auto` (`auto@B`: `--clean-budget B`; `auto-repair`: `--repair auto`):",
+        lines += ["", "Other settings of `--layer auto` (`auto@B`: `--clean-budget B`; `auto-repair`: `--repair auto`; "
+                  "`auto-chainN`: `--max-layers N`):",
                   "", "| dataset | attack | mode | chosen | test CA / ASR / RA / change |", "|---|---|---|---|---|"]
         for r in extra:
-            chosen = r["layers"][0] + ("" if r.get("repair", "project") == "project" else f" ({r['repair']})")
+            chosen = " -> ".join(r["layers"]) + ("" if r.get("repair", "project") == "project" else f" ({r['repair']})")
             lines.append(f"| {r['dataset']} | {r['attack']} | {r['mode']} | {chosen} | {fmt(r)} |")
     return "\n".join(lines)
 
@@ -174,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     ap.add_argument("--budgets", default="0.005",
                     help="clean budgets: the first for mode auto, each further one adds a mode auto@BUDGET")
+    ap.add_argument("--max-layers", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="comma-separated: for each N, a mode auto-chainN (--layer auto --max-layers N)")
     ap.add_argument("--modes", default="auto,fixed,layers",
                     help="comma-separated: auto, auto-repair (--repair auto), fixed, layers")
     args = ap.parse_args(argv)

@@ -400,43 +400,22 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
     say(f"layer auto: {len(sites)} candidate(s); {split.how}; {len(split.held_clean)} held-out clean images; "
         f"target class {target}")
 
-    scores: list[Score] = []
-    n_fit = len(split.clean) + 2 * len(split.triggered)
     repairs = list(REPAIRS) if req.repair == AUTO_REPAIR else [req.repair]
-    total, done = len(sites) * len(repairs), 0
-    for group, repair in ((g, r) for g in _groups(sites, n_fit) for r in repairs):
-        g0 = time.perf_counter()
-        fitted = _fit_group(replace(req, repair=repair), inputs, group, split, progress)
-        fit_s = (time.perf_counter() - g0) / len(group)
-        for site in group:
-            s0 = time.perf_counter()
-            got = fitted.get(site.tensor, "not fitted")
-            sc = Score(site=site, repair=repair)
-            if isinstance(got, str):
-                sc.error = got
-            else:
-                sc.target, sc.gate, sc.k = got, got.gate, got.k
-                sc.gate_fires_clean = got.fit.get("gate_fires_clean")
-                try:
-                    sc.target_rate, sc.clean_change, sc.clean_shift = held.score(
-                        dirs.Directions(targets=[got], preprocess=pre.as_dict()), target)
-                except FireError as e:
-                    sc.error = str(e)
-            sc.seconds = fit_s + time.perf_counter() - s0
-            scores.append(sc)
-            done += 1
-            say(f"layer auto [{done}/{total}] {site.label}" + (f" ({repair})" if len(repairs) > 1 else "") + ": " + (
-                f"failed ({sc.error})" if sc.error else
-                f"held-out target rate {sc.target_rate:.1%}, clean change {sc.clean_change:.2%}"))
+    scores = score_sites(req, inputs, sites, repairs, split, held, target, [], progress, say)
     ranked, within = rank(scores, req.clean_budget)
     best = ranked[0]
     if not best.ok:
         raise FireError(f"--layer auto could not fit any candidate (first error: {best.error})")
     reason = why(ranked, within, req.clean_budget, len(split.held_clean), original_rate)
+    chain, steps, stopped = [best], [], ""
+    if req.max_layers > 1:
+        if within:
+            chain, steps, stopped = grow_chain(req, inputs, sites, repairs, split, held, target, best, progress, say)
+        else:
+            stopped = "the first layer is already over the clean budget"
 
-    # the chosen layer, fitted exactly as `fit --layer <chosen>` fits it (all triggered samples)
-    d = fit_inputs(replace(req, repair=best.repair), inputs, [best.site.layer], clean, triggered, source,
-                   progress=progress, tensors=best.site.tensors())
+    # the chosen layer(s), fitted exactly as `fit --layer <chosen>` fits them (all triggered samples)
+    d = refit_chain(req, inputs, chain, clean, triggered, source, progress)
     position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
     rows = []
     for s in scores:
@@ -453,6 +432,11 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
         "chosen": best.site.label, "chosen_tensor": best.site.tensor, "why": reason,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if req.max_layers > 1:
+        last = chain[-1]
+        d.meta["auto"].update(max_layers=req.max_layers, steps=steps, stopped=stopped,
+                              chain=[s.site.label for s in chain], chain_repairs=[s.repair for s in chain],
+                              chain_target_rate=last.target_rate, chain_clean_change=last.clean_change)
     checks = d.meta.setdefault("checks", {})
     warnings = checks.setdefault("warnings", [])
     if not within:
@@ -463,6 +447,117 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
                         "layer removes this trigger; check --trigger/--triggered and --target, or try --method "
                         "subspace")
     req.notes.extend(notes)
+    return d
+
+
+def score_sites(req, inputs, sites: list[Site], repairs: list[str], split: Split, held: HeldOut, target: int,
+                prefix: list[dirs.Target], progress=None, say: Log = lambda m: None, step: int = 1) -> list[Score]:
+    """Fit every site (with every operator in ``repairs``) on the fit part, patch it into the model together
+    with the repairs of ``prefix`` (earlier steps of a chain; ``inputs.onnx_model`` must then already carry
+    them, so the sites are fitted on activations with those repairs applied), and score it on the held-out
+    samples."""
+    scores: list[Score] = []
+    n_fit = len(split.clean) + 2 * len(split.triggered)
+    total, done = len(sites) * len(repairs), 0
+    pre = dict(held.pre.as_dict())
+    for group, repair in ((g, r) for g in _groups(sites, n_fit) for r in repairs):
+        g0 = time.perf_counter()
+        fitted = _fit_group(replace(req, repair=repair), inputs, group, split, progress)
+        fit_s = (time.perf_counter() - g0) / len(group)
+        for site in group:
+            s0 = time.perf_counter()
+            got = fitted.get(site.tensor, "not fitted")
+            sc = Score(site=site, repair=repair)
+            if isinstance(got, str):
+                sc.error = got
+            else:
+                sc.target, sc.gate, sc.k = got, got.gate, got.k
+                sc.gate_fires_clean = got.fit.get("gate_fires_clean")
+                try:
+                    sc.target_rate, sc.clean_change, sc.clean_shift = held.score(
+                        dirs.Directions(targets=[*prefix, got], preprocess=pre), target)
+                except FireError as e:
+                    sc.error = str(e)
+            sc.seconds = fit_s + time.perf_counter() - s0
+            scores.append(sc)
+            done += 1
+            say(f"layer auto{f' step {step}' if step > 1 else ''} [{done}/{total}] {site.label}"
+                + (f" ({repair})" if len(repairs) > 1 else "") + ": "
+                + (f"failed ({sc.error})" if sc.error else
+                   f"held-out target rate {sc.target_rate:.1%}, clean change {sc.clean_change:.2%}"))
+    return scores
+
+
+def _chained_inputs(inputs, targets: list[dirs.Target]):
+    """``inputs`` with the ONNX model patched with ``targets`` as the activation source (ONNX, no torch)."""
+    from fire_onnx.patch import patch_model
+
+    pre = inputs.preprocess.as_dict()
+    patched = patch_model(inputs.onnx_model, dirs.Directions(targets=list(targets), preprocess=pre)).model
+    return replace(inputs, onnx_model=patched, model=None)
+
+
+def grow_chain(req, inputs, sites: list[Site], repairs: list[str], split: Split, held: HeldOut, target: int,
+               first: Score, progress=None, say: Log = lambda m: None) -> tuple[list[Score], list[dict], str]:
+    """Greedy chain (``--max-layers``): after ``first``, each step fits every remaining site on activations
+    with the chosen repairs applied, scores the chain plus that site on the held-out samples, and keeps the
+    best by the same objective, while it stays within the clean budget and lowers the held-out target rate.
+    Returns (the chain's scores in order, a record per step, why it stopped)."""
+    chain, steps = [first], []
+    while len(chain) < req.max_layers:
+        used = {s.site.tensor for s in chain}
+        rest = [s for s in sites if s.tensor not in used]
+        if not rest:
+            return chain, steps, "no candidate left"
+        if chain[-1].target_rate == 0:
+            return chain, steps, "the held-out target rate is already 0"
+        # later steps fit unpaired on flagged images without twins: the trigger reconstruction would be
+        # confirmed against a model the earlier repairs already changed
+        step_req = replace(req, reconstruct="off")
+        scores = score_sites(step_req, _chained_inputs(inputs, [s.target for s in chain]), rest, repairs, split,
+                             held, target, [s.target for s in chain], progress, say, step=len(chain) + 1)
+        ranked, within = rank(scores, req.clean_budget)
+        best = ranked[0]
+        position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
+        record = {"step": len(chain) + 1, "after": [s.site.label for s in chain],
+                  "candidates": [dict(s.record(req.clean_budget), rank=position.get(id(s)), chosen=False)
+                                 for s in scores]}
+        steps.append(record)
+        current = chain[-1].target_rate
+        if not best.ok:
+            return chain, steps, f"step {record['step']}: no candidate could be fitted"
+        if not within:
+            return chain, steps, f"step {record['step']}: every candidate would exceed the clean budget"
+        if best.target_rate >= current:
+            return chain, steps, (f"step {record['step']}: no candidate lowers the held-out target rate below "
+                                  f"{current:.1%}")
+        record["candidates"][scores.index(best)]["chosen"] = True
+        record["chosen"] = best.site.label
+        chain.append(best)
+    return chain, steps, f"--max-layers {req.max_layers} reached"
+
+
+def refit_chain(req, inputs, chain: list[Score], clean: Images, triggered: Images, source: Images | None,
+                progress=None) -> dirs.Directions:
+    """Fit the chosen site(s) on all the samples, in order, each on activations with the earlier ones'
+    repairs applied; one directions file with a target per site (fingerprints of the original model)."""
+    from fire_onnx.fit.pipeline import fit_inputs
+    from fire_onnx.probe import TensorReader, fingerprint
+
+    d, targets = None, []
+    for i, sc in enumerate(chain):
+        step_inputs = inputs if i == 0 else _chained_inputs(inputs, targets)
+        step_req = replace(req, repair=sc.repair) if i == 0 else replace(req, repair=sc.repair, reconstruct="off")
+        di = fit_inputs(step_req, step_inputs, [sc.site.layer], clean, triggered, source, progress=progress,
+                        tensors=sc.site.tensors())
+        t = di.targets[0]
+        if i:  # patch checks fingerprints on the unpatched model: record what it computes there
+            x = inputs.preprocess(di.probe)
+            acts, _ = TensorReader(inputs.onnx_model, [t.tensor], batch_size=len(x))(x)
+            t.fingerprint = fingerprint(acts[t.tensor])
+        targets.append(t)
+        d = d or di
+    d.targets = targets
     return d
 
 
@@ -488,4 +583,15 @@ def table(auto: dict) -> list[str]:
     lines = [head]
     lines += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"chosen {auto.get('why')}")
+    for st in auto.get("steps", []):
+        ok = [r for r in st["candidates"] if not r.get("error")]
+        top = sorted(ok, key=lambda r: r.get("rank") or 10**6)[:3]
+        lines.append(f"step {st['step']} (after {', '.join(st['after'])}): " + ", ".join(
+            f"{r['layer']}{'' if r.get('repair', 'project') == 'project' else ' (' + r['repair'] + ')'} "
+            f"{100 * r['target_rate']:.1f}% / {100 * r['clean_change']:.2f}%"
+            + (" chosen" if r.get("chosen") else "") for r in top))
+    if auto.get("max_layers", 1) > 1:
+        lines.append(f"chain: {' -> '.join(auto.get('chain', []))}, held-out target rate "
+                     f"{100 * auto.get('chain_target_rate', 0):.1f}%, clean change "
+                     f"{100 * auto.get('chain_clean_change', 0):.2f}% (stopped: {auto.get('stopped')})")
     return lines

@@ -56,6 +56,7 @@ class FitRequest:
     tensors: dict[str, str] | None = None  # layer -> ONNX tensor, where the scope names do not tell
     clean_budget: float = 0.005  # --layer auto: the most held-out clean predictions the repair may change
     n_holdout: int = 1000  # --layer auto: held-out clean images (pool images no fit uses)
+    max_layers: int = 1  # --layer auto: repair a chain of up to this many layers (greedy)
 
     @property
     def auto(self) -> bool:
@@ -65,6 +66,9 @@ class FitRequest:
     def validate(self) -> None:
         if self.auto:
             self._validate_auto()
+        elif self.max_layers != 1:
+            raise FireError("--max-layers applies to --layer auto (which chooses the layers); with given --layer "
+                            "values every one is repaired")
         elif self.repair == AUTO:
             raise FireError("--repair auto tries both operators at every candidate of --layer auto; with a given "
                             "--layer, choose --repair project or translate")
@@ -103,6 +107,8 @@ class FitRequest:
             raise FireError("--clean-budget is a fraction of held-out clean images in [0, 1), e.g. 0.005")
         if self.n_holdout < 1:
             raise FireError("--holdout must be at least 1")
+        if self.max_layers < 1:
+            raise FireError("--max-layers must be at least 1")
 
 
 def infer_input_layout(onnx_model, image_shape) -> str | None:
