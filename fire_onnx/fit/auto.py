@@ -42,10 +42,19 @@ change rate is chosen (ties: lower target rate) and a warning says so. The chose
 ``fit --layer <chosen>`` would (all the triggered samples; with ``--trigger`` that is the fit already
 judged), and the ranking is recorded in the directions file (``meta["auto"]``).
 
+``--max-layers N`` (:func:`grow_chain`): after the first layer, each step fits every remaining candidate
+on activations of the model with the repairs chosen so far patched in (read in onnxruntime, whatever
+the first step's source), scores the whole chain plus that candidate on the held-out samples, and keeps
+the best by the same objective while it is within the clean budget and lowers the chain's held-out
+target rate; a candidate may sit before or after the earlier ones (an earlier repair downstream does
+not change its activations). Later steps fit flagged images without twins unpaired (the trigger
+reconstruction would be confirmed against a model the earlier repairs changed). The chain is then
+refitted on all the samples in the same order (:func:`refit_chain`) into one directions file; the
+fingerprints of its later targets are taken on the unpatched model, which is what ``patch`` checks.
+
 The candidate list is a list of :class:`Site` (a tensor and how to name it to the activation source)
-and every result a :class:`Score`, so a later search over chains of layers (each fitted on activations
-with the earlier repairs applied) or over gate/method settings can reuse the split, the evaluator and
-the objective.
+and every result a :class:`Score`; a search over gate/method settings can reuse the split, the
+evaluator (:class:`HeldOut`, which patches any number of targets) and the objective (:func:`rank`).
 """
 
 from __future__ import annotations
