@@ -321,3 +321,43 @@ def test_max_layers_keeps_a_second_layer_only_within_the_budget(synth):
     assert step[0]["clean_change"] > 0.005 and not step[0]["within_budget"] and not step[0]["chosen"]
     assert a["chain"] == ["block2"] and a["stopped"] == "step 2: every candidate would exceed the clean budget"
     assert [t.module for t in d.targets] == ["block2"] and a["chain_target_rate"] == rows(d)["block2"]["target_rate"]
+
+
+@pytest.fixture(scope="module")
+def two(synth):
+    """tests/auto_synth.py's TwoTriggers model: one direction per layer removes only one of two triggers."""
+    from fire_onnx.fit import export_onnx
+
+    mod, root = synth["mod"], synth["root"]
+    x, y = mod.images(2500, seed=0)
+    export_onnx(mod.build_two(), synth["pre"](x[:2]), root / "two.onnx")
+    np.savez(root / "two_trig.npz", x=mod.stamp_two(x[:40], seed=1), x_clean=x[:40], y=y[:40])
+    np.savez(root / "two_clean.npz", x=x[40:], y=y[40:])
+    return dict(synth, onnx=root / "two.onnx", trig=root / "two_trig.npz", clean=root / "two_clean.npz")
+
+
+def test_max_layers_chains_a_second_layer_that_removes_what_the_first_left(two, tmp_path):
+    from conftest import torch_repaired
+
+    single = run_fit(request(two, n_triggered=40))
+    r = rows(single)
+    assert single.targets[0].module == "fc1_act" and 0.2 <= r["fc1_act"]["target_rate"] <= 0.8  # B survives
+    assert r["block2"]["target_rate"] == 1.0
+    d = run_fit(request(two, n_triggered=40, max_layers=3))
+    a = d.meta["auto"]
+    assert a["chain"] == ["fc1_act", "fc2_act"] and [t.module for t in d.targets] == ["fc1_act", "fc2_act"]
+    assert a["chain_target_rate"] == 0.0 and a["chain_clean_change"] <= 0.005
+    assert a["steps"][0]["chosen"] == "fc2_act" and a["stopped"] == "the held-out target rate is already 0"
+    dirs.save(d, tmp_path / "chain.npz")
+    proc = run_cli("patch", two["onnx"], tmp_path / "chain.npz", "-o", tmp_path / "two.fire.onnx", check=True)
+    assert "patched /fc1_act/Relu_output_0" in proc.stdout and "patched /fc2_act/Relu_output_0" in proc.stdout
+    mod, pre, fresh = two["mod"], two["pre"], two["fresh"]
+    xt = pre(mod.stamp_two(fresh.x, seed=5))
+    patched = session(tmp_path / "two.fire.onnx")
+    assert (predict_logits(session(two["onnx"]), xt).argmax(1) == 0).mean() == 1.0
+    assert (predict_logits(patched, xt).argmax(1) == 0).mean() == 0.0  # both triggers gone on unseen images
+    clean_x = pre(fresh.x)
+    assert (predict_logits(patched, clean_x).argmax(1) == fresh.y).mean() == 1.0
+    both = np.concatenate([clean_x[:100], xt[:100]])
+    np.testing.assert_allclose(predict_logits(patched, both), torch_repaired(mod.build_two(), d, both),
+                               rtol=1e-5, atol=1e-5)

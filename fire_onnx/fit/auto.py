@@ -76,6 +76,7 @@ REPAIRS = ("project", "translate")
 
 RECONSTRUCT_POOL = 300  # pool images kept away from the held-out set for the trigger reconstruction
 FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
+SHIFT_TIE = 1e-6  # clean shifts closer than this count as equal (then the earlier tensor wins)
 WEAK_REPAIR = 0.5  # warn when the chosen repair leaves this held-out target rate (and more than half the original)
 ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candidates are grouped under it)
 OBJECTIVE = ("lowest held-out target rate among candidates whose held-out clean change rate is within the clean "
@@ -248,10 +249,13 @@ def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
     """(the scores best first, whether the best is within the budget); failed candidates come last."""
     ok = [s for s in scores if s.ok]
     order = {id(s): i for i, s in enumerate(scores)}
+    def shift(s: Score) -> float:  # differences below SHIFT_TIE are float noise, not a preference
+        return round((s.clean_shift or 0.0) / SHIFT_TIE)
+
     within = sorted((s for s in ok if s.clean_change <= budget + 1e-12),
-                    key=lambda s: (s.target_rate, s.clean_change, s.clean_shift, order[id(s)]))
+                    key=lambda s: (s.target_rate, s.clean_change, shift(s), order[id(s)]))
     over = sorted((s for s in ok if s.clean_change > budget + 1e-12),
-                  key=lambda s: (s.clean_change, s.target_rate, s.clean_shift, order[id(s)]))
+                  key=lambda s: (s.clean_change, s.target_rate, shift(s), order[id(s)]))
     failed = [s for s in scores if not s.ok]
     if within:
         return within + over + failed, True
@@ -278,9 +282,11 @@ def why(ranked: list[Score], within: bool, budget: float, n_held_clean: int, ori
     if tied:
         same = [s for s in tied if s.clean_change == best.clean_change]
         line += (f"; tied on target rate with {_names(tied)}"
-                 + (f", and on clean change with {_names(same)}: it moves the held-out clean outputs least (mean "
-                    f"softmax change {best.clean_shift:.3g} vs {min(s.clean_shift for s in same):.3g})" if same
-                    else ": it changes fewer clean predictions"))
+                 + ((f", and on clean change with {_names(same)}: it moves the held-out clean outputs least (mean "
+                     f"softmax change {best.clean_shift:.3g} vs {min(s.clean_shift for s in same):.3g})"
+                     if min(s.clean_shift for s in same) - best.clean_shift >= SHIFT_TIE else
+                     f", and on clean change and clean output shift with {_names(same)}: it comes first in the graph")
+                    if same else ": it changes fewer clean predictions"))
     return line
 
 
