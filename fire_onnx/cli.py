@@ -187,7 +187,8 @@ def cli():
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
         n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
-        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, scale, mean, std, input_layout):
+        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, scale, mean, std,
+        input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, describe_reconstruction, run_fit, summary
