@@ -95,12 +95,14 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
                   n) for n in args.max_layers]
         runs += [("fixed", fixed_layer, budgets[0], "project", 1)] if "fixed" in wanted else []
         runs += [("layer", s.layer, budgets[0], "project", 1) for s in sites] if "layers" in wanted else []
+        suffix = "" if args.method == "mean-diff" else f"+subspace{args.k}"
+        runs = [(mode + suffix, *rest) for mode, *rest in runs]
         for mode, layer, budget, repair, max_layers in runs:
             t0 = time.perf_counter()
             req = FitRequest(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path),
                              trigger_spec=spec, target=bf.TARGET, n_clean=bf.N_CLEAN, n_triggered=20, seed=0,
                              scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, clean_budget=budget, repair=repair,
-                             max_layers=max_layers)
+                             max_layers=max_layers, method=args.method, k=args.k if args.method == "subspace" else None)
             d = run_fit(req)
             path = tmp / f"{mode}-{layer}.npz"
             dirs.save(d, path)
@@ -184,6 +186,9 @@ def main(argv=None) -> int:
                     help="clean budgets: the first for mode auto, each further one adds a mode auto@BUDGET")
     ap.add_argument("--max-layers", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="comma-separated: for each N, a mode auto-chainN (--layer auto --max-layers N)")
+    ap.add_argument("--method", choices=["mean-diff", "subspace"], default="mean-diff",
+                    help="estimation method for every fit (subspace: modes get a +subspaceK suffix)")
+    ap.add_argument("--k", type=int, default=3, help="directions for --method subspace")
     ap.add_argument("--modes", default="auto,fixed,layers",
                     help="comma-separated: auto, auto-repair (--repair auto), fixed, layers")
     args = ap.parse_args(argv)
