@@ -118,7 +118,9 @@ def cli():
                    "--weights is refused: a freshly built model has random weights).")
 @click.option("--layer", "layers", multiple=True, metavar="MODULE",
               help="Module path whose output to repair, or an ONNX tensor name when fitting from --onnx "
-                   "(repeat for several layers). Required unless --update.")
+                   "(repeat for several layers). Required unless --update. 'auto': try every candidate tensor "
+                   "('fire-onnx inspect'), judge each repair on held-out images and keep the best within "
+                   "--clean-budget (needs --onnx).")
 @click.option("--tensor", default=None, metavar="NAME",
               help="The ONNX tensor that the (single) --layer exports to, where the export's scope names do "
                    "not tell (see 'fire-onnx inspect'); needs --onnx.")
@@ -162,20 +164,31 @@ def cli():
               help="--triggered images without x_clean (flagged inputs): auto reconstructs the trigger in pixel "
                    "space, lets the model confirm it, and fits paired on clean images stamped with it; off (or "
                    "nothing confirmed) uses the noisier unpaired shift against the clean mean.")
-@click.option("--repair", type=click.Choice(["project", "translate"]), default="project", show_default=True,
+@click.option("--repair", type=click.Choice(["project", "translate", "auto"]), default="project",
+              show_default=True,
               help="project: remove the activation's component along the directions (gated); translate: the FIRE "
                    "paper's operator, subtract alpha x the mean triggered shift (where the gate fires; --gate none: "
                    "on every input). translate is a baseline: it moves every input the gate selects by the same "
-                   "amount and usually costs clean accuracy.")
+                   "amount and usually costs clean accuracy. auto (with --layer auto): try both at every candidate.")
 @click.option("--update", "update_path", default=None, type=click.Path(dir_okay=False), metavar="DIRECTIONS",
               help="Refine this directions file with the new --triggered images (the earlier triggered images are "
                    "not needed: the file keeps the statistics). Layers, method, gate, alpha, repair and "
                    "preprocessing come from the file; give the model and --clean again. Writes -o (default: see "
                    "there), never DIRECTIONS itself.")
+@click.option("--clean-budget", type=click.FloatRange(0, 1, max_open=True), default=0.005, show_default=True,
+              help="--layer auto: the largest share of held-out clean images whose prediction the chosen repair "
+                   "may change (0.005 = 0.5 %).")
+@click.option("--holdout", "n_holdout", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="--layer auto: clean images of the --clean pool held out (never fitted on) to measure the "
+                   "clean change.")
+@click.option("--max-layers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--layer auto: repair up to this many layers, chosen greedily, each fitted on activations with "
+                   "the earlier repairs applied, while the held-out target rate drops within --clean-budget.")
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
         n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
-        json_out, reconstruct, repair, update_path, scale, mean, std, input_layout):
+        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, scale, mean, std,
+        input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, describe_reconstruction, run_fit, summary
@@ -199,8 +212,9 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         split=split, n_clean=n_clean, n_triggered=n_triggered, method=method, k=k, gate=gate, quantile=quantile,
         alpha=alpha, shrink=shrink, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), input_layout=input_layout, reconstruct=reconstruct, repair=repair,
-        update_path=update_path)
-    d = run_fit(req, progress=_progress("collecting activations"))
+        update_path=update_path, clean_budget=clean_budget, n_holdout=n_holdout,
+        max_layers=max_layers)
+    d = run_fit(req, progress=_progress("collecting activations"), log=lambda line: click.echo(line, err=True))
     dirs.save(d, output)
     summ = summary(d)
     summ["output"] = str(output)
@@ -214,6 +228,11 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         click.echo(f"model: {checks['clean_accuracy']:.1%} accuracy on the clean fitting images{reach}")
     if not quiet and summ.get("reconstruction"):
         click.echo(describe_reconstruction(summ["reconstruction"]))
+    if not quiet and summ.get("auto"):
+        from fire_onnx.fit.auto import table
+
+        for line in table(summ["auto"]):
+            click.echo(line)
     for t in summ["targets"] if not quiet else []:
         click.echo(
             f"{t['module'] or t['tensor']}: {t['layout']} D={t['dim']} k={t['k']} gate={t['gate']}"

@@ -14,10 +14,11 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx import triggers
-from fire_onnx.data import Preprocess, fit_samples, load_images, load_triggered
+from fire_onnx.data import Images, Preprocess, fit_samples, load_images, load_triggered
 from fire_onnx.errors import FireError
 
 Progress = Callable[[int, int], None]
+AUTO = "auto"  # --layer auto: fire_onnx.fit.auto chooses the layer
 
 
 @dataclass
@@ -53,8 +54,24 @@ class FitRequest:
     repair: str = "project"  # the operator: project (gated projection) or translate (the FIRE paper's x - alpha beta)
     update_path: str | None = None  # fit --update: refine this directions file with the new triggered inputs
     tensors: dict[str, str] | None = None  # layer -> ONNX tensor, where the scope names do not tell
+    clean_budget: float = 0.005  # --layer auto: the most held-out clean predictions the repair may change
+    n_holdout: int = 1000  # --layer auto: held-out clean images (pool images no fit uses)
+    max_layers: int = 1  # --layer auto: repair a chain of up to this many layers (greedy)
+
+    @property
+    def auto(self) -> bool:
+        """``--layer auto``: choose the layer (:mod:`fire_onnx.fit.auto`)."""
+        return AUTO in self.layers
 
     def validate(self) -> None:
+        if self.auto:
+            self._validate_auto()
+        elif self.max_layers != 1:
+            raise FireError("--max-layers applies to --layer auto (which chooses the layers); with given --layer "
+                            "values every one is repaired")
+        elif self.repair == AUTO:
+            raise FireError("--repair auto tries both operators at every candidate of --layer auto; with a given "
+                            "--layer, choose --repair project or translate")
         if not self.layers and not self.update_path:
             raise FireError("give --layer (the module or tensor to repair), or --update DIRECTIONS")
         if self.update_path and self.trigger_spec is None and self.triggered_path is None:
@@ -76,6 +93,23 @@ class FitRequest:
         if self.reconstruct not in ("auto", "off"):
             raise FireError("--reconstruct must be auto or off")
 
+    def _validate_auto(self) -> None:
+        if len(self.layers) != 1:
+            raise FireError("--layer auto chooses one layer by itself: give it alone, without other --layer values")
+        if self.tensor:
+            raise FireError("--tensor names the tensor of a chosen layer; --layer auto chooses it: drop --tensor")
+        if self.update_path:
+            raise FireError("--update refines the layers of the file being updated; it cannot be combined with "
+                            "--layer auto")
+        if self.onnx_path is None and not (self.model_spec and Path(self.model_spec).is_file()):
+            raise FireError("--layer auto judges each candidate by patching the ONNX model: give --onnx MODEL.onnx")
+        if not 0 <= self.clean_budget < 1:
+            raise FireError("--clean-budget is a fraction of held-out clean images in [0, 1), e.g. 0.005")
+        if self.n_holdout < 1:
+            raise FireError("--holdout must be at least 1")
+        if self.max_layers < 1:
+            raise FireError("--max-layers must be at least 1")
+
 
 def infer_input_layout(onnx_model, image_shape) -> str | None:
     """NCHW or NHWC when the ONNX model's single input shape tells unambiguously for images of
@@ -89,11 +123,41 @@ def infer_input_layout(onnx_model, image_shape) -> str | None:
     return infer_layout(dims, image_shape)
 
 
-def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Directions:
-    """Load everything ``req`` names, fit, and return the directions (not yet saved)."""
-    from fire_onnx.fit.core import fit_directions
+@dataclass
+class FitInputs:
+    """What ``fit`` loads from a request before choosing samples: the image pool, the trigger (or the
+    triggered images), the preprocessing and the model(s). :func:`run_fit` and ``--layer auto``
+    (:mod:`fire_onnx.fit.auto`) share it."""
 
+    pool: Images
+    trigger: object | None  # a fire_onnx.triggers trigger (--trigger), or None
+    triggered: Images | None  # --triggered images (None with --trigger)
+    triggered_clean: np.ndarray | None  # their clean twins (x_clean), when the file has them
+    preprocess: Preprocess
+    model: object | None  # a torch.nn.Module, or None (activations from onnx_model)
+    onnx_model: object | None
+    onnx_name: str
+    meta: dict
+    k: int
+    previous: dirs.Directions | None = None
+
+
+def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[str], None] | None = None
+            ) -> dirs.Directions:
+    """Load everything ``req`` names, fit, and return the directions (not yet saved). ``log`` gets
+    progress lines of ``--layer auto`` (one per candidate)."""
     req.validate()
+    if req.auto:
+        from fire_onnx.fit.auto import run_auto
+
+        return run_auto(req, progress=progress, log=log)
+    inputs = load_inputs(req)
+    clean, triggered, source = select_samples(req, inputs)
+    return fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+
+
+def load_inputs(req: FitRequest) -> FitInputs:
+    """Read the images, the trigger and the model(s) ``req`` names (``--update``: the file it refines too)."""
     previous = None
     if req.update_path:
         from fire_onnx.fit.update import apply_previous, load_for_update
@@ -104,11 +168,6 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
     trig = triggers.parse(req.trigger_spec) if req.trigger_spec else None
     triggered_imgs, triggered_clean = load_triggered(req.triggered_path, req.split) if req.triggered_path else (None, None)
     pool = load_images(req.clean_path, req.split)
-    clean, triggered, source = fit_samples(
-        pool, n_clean=req.n_clean, n_triggered=req.n_triggered, seed=req.seed, target=req.target,
-        trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean)
-    if len(clean) < req.n_clean:
-        req.notes.append(f"{req.clean_path} has only {len(clean)} clean images")
 
     onnx_model = None
     if req.onnx_path:
@@ -117,7 +176,7 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
         onnx_model = load_onnx(req.onnx_path)
     layout = req.input_layout
     if layout is None and onnx_model is not None:
-        layout = infer_input_layout(onnx_model, clean.x.shape[1:])
+        layout = infer_input_layout(onnx_model, pool.x.shape[1:])
         if layout == "NHWC":
             req.notes.append(f"input layout NHWC, read from the input shape of {Path(req.onnx_path).name}")
     pre = Preprocess(
@@ -137,7 +196,7 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
         if req.weights or req.no_weights:
             raise FireError("--weights/--no-weights do not apply to a TorchScript file (its weights are inside)")
         if onnx_model is None:
-            onnx_model = torchscript_to_onnx(req.model_spec, pre(clean.x[:2]))
+            onnx_model = torchscript_to_onnx(req.model_spec, pre(pool.x[:2]))
         else:
             req.notes.append("fitting from the --onnx model; the TorchScript file is not needed")
         meta["model"] = Path(req.model_spec).name
@@ -145,22 +204,52 @@ def run_fit(req: FitRequest, progress: Progress | None = None) -> dirs.Direction
         from fire_onnx.fit.torch_model import load_model
 
         model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
-    tensors = {req.layers[0]: req.tensor} if req.tensor else req.tensors
-    reconstruct, held = "off", None
-    if req.reconstruct == "auto" and source is None:  # flagged images without their clean twins
-        # the pool images fit_samples did not pick as clean samples (same seeded order)
-        rest = np.random.default_rng(req.seed).permutation(len(pool))[req.n_clean:]
-        reconstruct, held = "auto", pool.subset(rest) if len(rest) else None
     onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
-    d = fit_directions(model, list(req.layers), clean, triggered, pre, method=req.method, k=k, gate=req.gate,
-                       quantile=req.quantile, alpha=req.alpha, layout=req.layout, batch_size=req.batch_size,
-                       onnx_model=onnx_model, meta=meta, triggered_source=source, progress=progress,
-                       tensors=tensors, target=req.target, onnx_name=onnx_name, reconstruct=reconstruct,
-                       held=held, shrink=req.shrink, repair=req.repair, previous=previous)
-    if previous is not None:
+    return FitInputs(pool=pool, trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean,
+                     preprocess=pre, model=model, onnx_model=onnx_model, onnx_name=onnx_name, meta=meta, k=k,
+                     previous=previous)
+
+
+def select_samples(req: FitRequest, inputs: FitInputs):
+    """(clean, triggered, triggered without trigger or None): the samples ``fit`` uses (seeded)."""
+    clean, triggered, source = fit_samples(
+        inputs.pool, n_clean=req.n_clean, n_triggered=req.n_triggered, seed=req.seed, target=req.target,
+        trigger=inputs.trigger, triggered=inputs.triggered, triggered_clean=inputs.triggered_clean)
+    if len(clean) < req.n_clean:
+        req.notes.append(f"{req.clean_path} has only {len(clean)} clean images")
+    return clean, triggered, source
+
+
+def fit_inputs(req: FitRequest, inputs: FitInputs, layers: list[str], clean: Images, triggered: Images,
+               source: Images | None, *, progress: Progress | None = None, held: Images | None = None,
+               tensors: dict[str, str] | None = None) -> dirs.Directions:
+    """Fit ``layers`` on these samples with the options of ``req``.
+
+    ``held``: clean pool images the trigger reconstruction may stamp (flagged images without twins);
+    default: the pool images outside the seeded clean selection. ``tensors``: layer -> ONNX tensor
+    (default: from ``req``).
+    """
+    from fire_onnx.fit.core import fit_directions
+
+    if tensors is None:
+        tensors = {req.layers[0]: req.tensor} if req.tensor else req.tensors
+    reconstruct = "off"
+    if req.reconstruct == "auto" and source is None:  # flagged images without their clean twins
+        reconstruct = "auto"
+        if held is None:
+            # the pool images fit_samples did not pick as clean samples (same seeded order)
+            rest = np.random.default_rng(req.seed).permutation(len(inputs.pool))[req.n_clean:]
+            held = inputs.pool.subset(rest) if len(rest) else None
+    d = fit_directions(inputs.model, list(layers), clean, triggered, inputs.preprocess, method=req.method, k=inputs.k,
+                       gate=req.gate, quantile=req.quantile, alpha=req.alpha, layout=req.layout,
+                       batch_size=req.batch_size, onnx_model=inputs.onnx_model, meta=dict(inputs.meta),
+                       triggered_source=source, progress=progress, tensors=tensors, target=req.target,
+                       onnx_name=inputs.onnx_name, reconstruct=reconstruct, held=held, shrink=req.shrink,
+                       repair=req.repair, previous=inputs.previous)
+    if inputs.previous is not None:
         from fire_onnx.fit.update import stamp_update
 
-        stamp_update(d, previous, req.update_path)
+        stamp_update(d, inputs.previous, req.update_path)
     return d
 
 
@@ -184,6 +273,8 @@ def summary(d: dirs.Directions) -> dict:
             "warnings": list(checks.get("warnings", [])) + [w for t in targets for w in t["warnings"]]}
     if d.meta.get("reconstruction"):
         out["reconstruction"] = d.meta["reconstruction"]
+    if d.meta.get("auto"):
+        out["auto"] = d.meta["auto"]
     return out
 
 

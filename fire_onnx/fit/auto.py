@@ -1,0 +1,612 @@
+"""``fit --layer auto``: choose the tensor to repair by what each candidate repair does on held-out samples.
+
+Candidates are the tensors ``fire-onnx inspect`` lists as likely targets (module outputs and
+post-activation / pooling / normalisation tensors), without the output head (the graph outputs, the
+logits, and everything between the last Conv/Gemm/MatMul and the first output), tensors that
+sit between a Conv/Gemm/MatMul and the activation a runtime fuses into it (a repair there breaks the
+fusion; the tensor after the activation holds the same information), and tensors whose shape is not
+known well enough to patch. With a PyTorch ``--model``, only candidates that are a module's output can be
+read through forward hooks; the others are skipped.
+
+The samples are split so that no candidate is judged on the samples it was fitted on:
+
+- *clean*: the candidates are fitted on the same ``--n-clean`` images a plain ``fit`` uses; the
+  held-out clean images (``--holdout``, default 1000) are other images of the ``--clean`` pool, never
+  used by any fit (nor by the trigger reconstruction);
+- *triggered*, ``--trigger``: the candidates are fitted on the same ``--n-triggered`` stamped images a
+  plain ``fit`` uses; the held-out triggered images are the held-out clean images outside the target
+  class (labels, else the original model's prediction) with the trigger stamped on: many more than the
+  fit needs, and paired with the clean ones;
+- *triggered*, ``--triggered FILE``: the images the fit would use are split in two (seeded): the
+  candidates are fitted on one half (``n - n // 2``) and judged on the other.
+
+Each candidate is fitted with the user's options (method, k, gate, repair, ...), patched into the ONNX
+model in memory and run in onnxruntime on the held-out images. ``--repair auto`` makes every site two
+candidates, one per operator (``project`` and ``translate``), ranked together; the default stays the
+user's ``--repair`` (``project``): ``--repair auto`` doubles the fits, and the gated translation gained at most
+0.6 pt ASR over the projection at the same layer on the benchmark cells (benchmarks/auto). Two numbers, no
+labels needed:
+
+- *held-out target rate* (the ASR proxy): the share of held-out triggered images the patched model
+  classifies as the attack's target (``--target``; without it, the class the original model gives most
+  of the triggered samples);
+- *clean change rate*: the share of held-out clean images whose predicted class the repair changes
+  (patched vs original model).
+
+Objective: the lowest held-out target rate among the candidates whose clean change rate is at most
+``--clean-budget`` (default 0.5 %); ties go to the lower clean change rate, then to the smaller *clean
+shift* (the mean total-variation distance between the original and the patched softmax outputs on the
+held-out clean images: how much the repair disturbs clean inputs even where their class stays), then to
+the earlier tensor in the graph. When no candidate is within the budget, the one with the lowest clean
+change rate is chosen (ties: lower target rate) and a warning says so. The chosen layer is then fitted again exactly as
+``fit --layer <chosen>`` would (all the triggered samples; with ``--trigger`` that is the fit already
+judged), and the ranking is recorded in the directions file (``meta["auto"]``).
+
+``--max-layers N`` (:func:`grow_chain`): after the first layer, each step fits every remaining candidate
+on activations of the model with the repairs chosen so far patched in (read in onnxruntime, whatever
+the first step's source), scores the whole chain plus that candidate on the held-out samples, and keeps
+the best by the same objective while it is within the clean budget and lowers the chain's held-out
+target rate; a candidate may sit before or after the earlier ones (an earlier repair downstream does
+not change its activations). Later steps fit flagged images without twins unpaired (the trigger
+reconstruction would be confirmed against a model the earlier repairs changed). The chain is then
+refitted on all the samples in the same order (:func:`refit_chain`) into one directions file; the
+fingerprints of its later targets are taken on the unpatched model, which is what ``patch`` checks.
+
+The candidate list is a list of :class:`Site` (a tensor and how to name it to the activation source)
+and every result a :class:`Score`; a search over gate/method settings can reuse the split, the
+evaluator (:class:`HeldOut`, which patches any number of targets) and the objective (:func:`rank`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+from fire_onnx import directions as dirs
+from fire_onnx.data import Images
+from fire_onnx.errors import FireError, first_line
+
+Log = Callable[[str], None]
+
+AUTO_REPAIR = "auto"  # --repair auto (with --layer auto): try both operators at every candidate
+REPAIRS = ("project", "translate")
+
+RECONSTRUCT_POOL = 300  # pool images kept away from the held-out set for the trigger reconstruction
+FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
+SHIFT_TIE = 1e-6  # clean shifts closer than this count as equal (then the earlier tensor wins)
+WEAK_REPAIR = 0.5  # warn when the chosen repair leaves this held-out target rate (and more than half the original)
+ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candidates are grouped under it)
+OBJECTIVE = ("lowest held-out target rate among candidates whose held-out clean change rate is within the clean "
+             "budget; ties: lower clean change, then lower clean shift (mean softmax total-variation change), then "
+             "earlier in the graph; none within the budget: lowest clean change")
+
+
+@dataclass
+class Site:
+    """A candidate repair site: an ONNX tensor, and the name the activation source reads it by."""
+
+    tensor: str
+    module: str  # a PyTorch module path whose output the tensor is ("" if none)
+    shape: list  # per-sample shape (batch dimension dropped)
+
+    @property
+    def layer(self) -> str:
+        """What ``fit_directions`` gets in ``layers``: the module path where there is one, else the tensor."""
+        return self.module or self.tensor
+
+    @property
+    def label(self) -> str:
+        return self.module or self.tensor
+
+    def tensors(self) -> dict[str, str] | None:
+        return {self.module: self.tensor} if self.module else None
+
+
+@dataclass
+class Score:
+    """What one candidate repair did on the held-out samples."""
+
+    site: Site
+    repair: str = "project"
+    gate: str = ""
+    k: int = 0
+    target_rate: float | None = None  # held-out triggered images classified as the target
+    clean_change: float | None = None  # held-out clean images whose prediction the repair changed
+    clean_shift: float | None = None  # mean total-variation distance of the held-out clean softmax outputs
+    gate_fires_clean: float | None = None  # on the fitting clean images (from the fit record)
+    error: str = ""
+    seconds: float = 0.0
+    target: dirs.Target | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.target_rate is not None
+
+    def record(self, budget: float) -> dict:
+        """The row of the ranking table recorded in the directions file (flat JSON)."""
+        row = {"layer": self.site.label, "tensor": self.site.tensor, "module": self.site.module,
+               "repair": self.repair, "gate": self.gate, "k": self.k, "target_rate": self.target_rate,
+               "clean_change": self.clean_change, "clean_shift": self.clean_shift,
+               "gate_fires_clean": self.gate_fires_clean,
+               "within_budget": self.ok and self.clean_change <= budget + 1e-12, "seconds": round(self.seconds, 2)}
+        if self.error:
+            row["error"] = self.error
+        return row
+
+
+def candidate_sites(onnx_model, *, torch_model=None) -> tuple[list[Site], list[tuple[str, str]]]:
+    """(candidate sites in graph order, [(tensor, why skipped)]) from ``inspect``'s likely targets."""
+    from fire_onnx.inspect import candidates
+
+    head = head_tensors(onnx_model.graph)
+    sites, skipped = [], []
+    for c in candidates(onnx_model):
+        if c.note.startswith("graph output") or c.tensor in head:
+            skipped.append((c.tensor, "the model's output head (the last weighted op and what follows it)"))
+            continue
+        if c.breaks_fusion:
+            skipped.append((c.tensor, "between an op and the activation fused into it"))
+            continue
+        if not c.note.startswith("candidate"):
+            continue
+        if c.shape is None or c.dtype == "?" or any(not isinstance(d, int) for d in c.shape[1:]):
+            skipped.append((c.tensor, "shape not known (or dynamic feature dimensions)"))
+            continue
+        module = c.layers[0] if c.layers else ""
+        if torch_model is not None and not module:
+            skipped.append((c.tensor, "not the output of a PyTorch module (fit from --onnx alone to try it)"))
+            continue
+        sites.append(Site(tensor=c.tensor, module=module, shape=list(c.shape[1:])))
+    return sites, skipped
+
+
+HEAD_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def head_tensors(graph) -> set[str]:
+    """The tensors from the last weighted op (Conv/Gemm/MatMul) before the first graph output up to that
+    output: the logits and what only rescales them (Softmax, a bias Add, a Reshape). A repair there would
+    act on the model's answer itself, not on a feature."""
+    producer = {o: n for n in graph.node for o in n.output}
+    weights = {t.name for t in graph.initializer}
+    if not graph.output:
+        return set()
+    out, stack = set(), [graph.output[0].name]
+    while stack:
+        name = stack.pop()
+        if name in out or name not in producer:
+            continue
+        out.add(name)
+        node = producer[name]
+        if node.op_type in HEAD_OPS:
+            continue
+        stack.extend(i for i in node.input if i and i not in weights)
+    return out
+
+
+@dataclass
+class Split:
+    """The fit part and the held-out part of the samples (see the module docstring)."""
+
+    clean: Images  # fit part: the clean samples
+    triggered: Images  # fit part: triggered samples
+    source: Images | None  # their clean twins (paired fit), or None
+    held_clean: Images  # held out: clean images
+    held_triggered: Images  # held out: triggered images
+    reconstruct_pool: Images | None  # pool images the trigger reconstruction may stamp (never held out)
+    how: str  # one line on how the triggered samples were split
+
+
+def _bytes(model) -> bytes:
+    try:
+        return model.SerializeToString()
+    except ValueError as e:  # protobuf's 2 GB limit
+        raise FireError(f"--layer auto patches the model in memory and this one is too large for that "
+                        f"({first_line(e)}); choose the layer by hand (fire-onnx inspect, --layer)") from None
+
+
+class HeldOut:
+    """Runs the original and candidate-patched ONNX models on the held-out samples in onnxruntime."""
+
+    def __init__(self, onnx_model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256,
+                 base_session=None):
+        from fire_onnx.evaluate import session
+
+        self.model, self.pre, self.batch_size = onnx_model, preprocess, batch_size
+        self.base = base_session or session(_bytes(onnx_model))
+        self.x_clean = preprocess(held_clean.x)
+        self.x_trig = preprocess(held_triggered.x)
+        self.base_clean = self.probs(self.base, self.x_clean)
+        self.base_trig = self.probs(self.base, self.x_trig).argmax(axis=1) if len(self.x_trig) else None
+
+    def probs(self, sess, x: np.ndarray) -> np.ndarray:
+        """Softmax of the first output (float64)."""
+        from fire_onnx.evaluate import predict_logits
+
+        z = predict_logits(sess, x, self.batch_size).astype(np.float64)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def score(self, d: dirs.Directions, target: int) -> tuple[float, float, float]:
+        """(held-out target rate, clean change rate, clean shift) of the model patched with ``d``: the share
+        of held-out triggered images it classifies as ``target``, the share of held-out clean images whose
+        class it changes, and the mean total-variation distance of their softmax outputs (the tie-breaker)."""
+        from fire_onnx.evaluate import session
+        from fire_onnx.patch import patch_model
+
+        sess = session(_bytes(patch_model(self.model, d).model))
+        pc = self.probs(sess, self.x_clean)
+        rate = float((self.probs(sess, self.x_trig).argmax(axis=1) == target).mean()) if len(self.x_trig) else 0.0
+        change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
+        shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
+        return rate, change, shift
+
+
+def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
+    """(the scores best first, whether the best is within the budget); failed candidates come last."""
+    ok = [s for s in scores if s.ok]
+    order = {id(s): i for i, s in enumerate(scores)}
+    def shift(s: Score) -> float:  # differences below SHIFT_TIE are float noise, not a preference
+        return round((s.clean_shift or 0.0) / SHIFT_TIE)
+
+    within = sorted((s for s in ok if s.clean_change <= budget + 1e-12),
+                    key=lambda s: (s.target_rate, s.clean_change, shift(s), order[id(s)]))
+    over = sorted((s for s in ok if s.clean_change > budget + 1e-12),
+                  key=lambda s: (s.clean_change, s.target_rate, shift(s), order[id(s)]))
+    failed = [s for s in scores if not s.ok]
+    if within:
+        return within + over + failed, True
+    return over + failed, False
+
+
+def _name(s: Score) -> str:
+    return s.site.label + ("" if s.repair == "project" else f" ({s.repair})")
+
+
+def why(ranked: list[Score], within: bool, budget: float, n_held_clean: int, original_rate: float | None) -> str:
+    """One line on why the winner won."""
+    best = ranked[0]
+    base = "" if original_rate is None else f", original model {original_rate:.1%}"
+    if not within:
+        return (f"{_name(best)}: no candidate keeps the clean change within the budget {budget:.1%}; this one "
+                f"changes the fewest held-out clean predictions ({best.clean_change:.1%} of {n_held_clean}; "
+                f"held-out target rate {best.target_rate:.1%}{base})")
+    n_within = sum(1 for s in ranked if s.ok and s.clean_change <= budget + 1e-12)
+    line = (f"{_name(best)}: lowest held-out target rate ({best.target_rate:.1%}{base}) among the {n_within} "
+            f"candidate(s) within the clean budget {budget:.1%} (it changes {best.clean_change:.1%} of "
+            f"{n_held_clean} held-out clean predictions)")
+    tied = [s for s in ranked[1:n_within] if s.target_rate == best.target_rate]
+    if tied:
+        same = [s for s in tied if s.clean_change == best.clean_change]
+        line += (f"; tied on target rate with {_names(tied)}"
+                 + ((f", and on clean change with {_names(same)}: it moves the held-out clean outputs least (mean "
+                     f"softmax change {best.clean_shift:.3g} vs {min(s.clean_shift for s in same):.3g})"
+                     if min(s.clean_shift for s in same) - best.clean_shift >= SHIFT_TIE else
+                     f", and on clean change and clean output shift with {_names(same)}: it comes first in the graph")
+                    if same else ": it changes fewer clean predictions"))
+    return line
+
+
+def _names(scores: list[Score], shown: int = 3) -> str:
+    names = [_name(s) for s in scores[:shown]]
+    return ", ".join(names) + (f" and {len(scores) - shown} more" if len(scores) > shown else "")
+
+
+def split_samples(req, inputs, clean: Images, triggered: Images, source: Images | None,
+                  target: int | None, base_predict) -> Split:
+    """Hold out clean pool images (and, for triggered files, half the triggered samples); see the module
+    docstring. ``target`` is the attack's target class (given or inferred); ``base_predict(x_uint8)`` gives
+    the original model's classes (for unlabelled pools)."""
+    pool = inputs.pool
+    order = np.random.default_rng(req.seed).permutation(len(pool))
+    rest = order[req.n_clean:]
+    if inputs.trigger is not None:  # the stamped images' sources, chosen as fit_samples chooses them
+        given = req.target
+        src = rest[pool.y[rest] != given] if given is not None and pool.y is not None else rest
+        used = set(src[:req.n_triggered].tolist())
+        rest = np.array([i for i in rest if i not in used], dtype=np.int64)
+    needs_pool = inputs.trigger is None and source is None and req.reconstruct == "auto"
+    n_held = min(req.n_holdout, max(len(rest) - RECONSTRUCT_POOL, len(rest) // 2) if needs_pool else len(rest))
+    if n_held < 1:
+        raise FireError(f"--layer auto needs clean images beyond the {req.n_clean} it fits on, to judge each "
+                        f"candidate on images it was not fitted on: {req.clean_path} has {len(pool)}; lower "
+                        "--n-clean or give a larger --clean file")
+    held_idx, pool_idx = rest[len(rest) - n_held:], rest[:len(rest) - n_held]
+    held_clean = pool.subset(held_idx)
+    recon = pool.subset(pool_idx) if len(pool_idx) else None
+    if inputs.trigger is not None:
+        if held_clean.y is not None and target is not None:
+            keep = held_clean.y != target
+        else:
+            keep = base_predict(held_clean.x) != target
+        src_imgs = held_clean.subset(keep)
+        held_trig = Images(inputs.trigger.apply(src_imgs.x), src_imgs.y)
+        how = (f"fitted on the {len(triggered)} stamped images a plain fit uses; judged on {len(held_trig)} "
+               "held-out clean images (outside the target class) stamped with the trigger")
+        return Split(clean, triggered, source, held_clean, held_trig, recon, how)
+    n = len(triggered)
+    if n < 2:
+        raise FireError("--layer auto needs at least 2 triggered images (it fits on some and judges each candidate "
+                        "on the others); give more --triggered images or choose --layer by hand")
+    perm = np.random.default_rng(req.seed + 1).permutation(n)
+    fit_idx, held_t = np.sort(perm[:n - n // 2]), np.sort(perm[n - n // 2:])
+    how = f"fitted on {len(fit_idx)} of the {n} triggered images, judged on the other {len(held_t)}"
+    return Split(clean, triggered.subset(fit_idx), None if source is None else source.subset(fit_idx),
+                 held_clean, triggered.subset(held_t), recon, how)
+
+
+def _groups(sites: list[Site], n_samples: int) -> list[list[Site]]:
+    """Candidates in groups whose activations (float32, ``n_samples`` images) fit ACTIVATION_BUDGET."""
+    groups: list[list[Site]] = [[]]
+    used = 0
+    for s in sites:
+        size = 4 * n_samples * int(np.prod(s.shape))
+        if groups[-1] and used + size > ACTIVATION_BUDGET:
+            groups.append([])
+            used = 0
+        groups[-1].append(s)
+        used += size
+    return [g for g in groups if g]
+
+
+def _fit_group(req, inputs, group: list[Site], split: Split, progress) -> dict[str, dirs.Target | str]:
+    """Fit every site of ``group`` on the fit part; site tensor -> Target, or the error message."""
+    from fire_onnx.fit.pipeline import fit_inputs
+
+    tensors = {s.module: s.tensor for s in group if s.module}
+    try:
+        d = fit_inputs(req, inputs, [s.layer for s in group], split.clean, split.triggered, split.source,
+                       progress=progress, held=split.reconstruct_pool, tensors=tensors or None)
+        return {s.tensor: t for s, t in zip(group, d.targets)}
+    except FireError as e:
+        if len(group) == 1:
+            return {group[0].tensor: str(e)}
+    out: dict = {}
+    for s in group:  # one failed: fit each alone to tell which
+        out.update(_fit_group(req, inputs, [s], split, progress))
+    return out
+
+
+def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
+    """``fit --layer auto``: rank the candidate sites, refit the winner, record the ranking in its meta."""
+    from fire_onnx.fit.pipeline import fit_inputs, load_inputs, select_samples
+    from fire_onnx.patch import is_patched
+
+    say = log or (lambda msg: None)
+    inputs = load_inputs(req)
+    if inputs.onnx_model is None:
+        raise FireError("--layer auto judges each candidate by patching the ONNX model: give --onnx MODEL.onnx")
+    if is_patched(inputs.onnx_model):
+        raise FireError("--layer auto needs the original model, and this one is already patched by fire-onnx: give "
+                        "the unpatched model to --onnx")
+    sites, skipped = candidate_sites(inputs.onnx_model, torch_model=inputs.model)
+    if not sites:
+        why_not = "; ".join(f"{t}: {w}" for t, w in skipped[:4])
+        raise FireError("--layer auto found no candidate tensor to repair" + (f" ({why_not})" if why_not else "")
+                        + ": see 'fire-onnx inspect' and give --layer")
+    clean, triggered, source = select_samples(req, inputs)
+
+    from fire_onnx.evaluate import predict_logits, session
+
+    t0 = time.perf_counter()
+    pre = inputs.preprocess
+    base = session(_bytes(inputs.onnx_model))
+
+    def base_predict(x: np.ndarray) -> np.ndarray:
+        return predict_logits(base, pre(x), req.batch_size).argmax(axis=1)
+
+    target, target_from = req.target, "--target"
+    if target is None:  # the class the original model gives most of the triggered samples
+        target = int(np.bincount(base_predict(triggered.x)).argmax())
+        target_from = "the class the original model gives most triggered samples"
+    split = split_samples(req, inputs, clean, triggered, source, target, base_predict)
+    held = HeldOut(inputs.onnx_model, pre, split.held_clean, split.held_triggered, req.batch_size, base_session=base)
+    original_rate = float((held.base_trig == target).mean()) if held.base_trig is not None else None
+    notes = []
+    if len(split.held_clean) < FEW_HELD_CLEAN:
+        notes.append(f"--layer auto judged the clean change on only {len(split.held_clean)} held-out clean images "
+                     f"(one image is {1 / len(split.held_clean):.1%}): give a larger --clean pool for a finer measure")
+    if req.clean_budget * len(split.held_clean) < 1 and req.clean_budget > 0:
+        notes.append(f"the clean budget {req.clean_budget:.2%} is less than one of the {len(split.held_clean)} "
+                     "held-out clean images: only candidates that change no held-out prediction are within it")
+    say(f"layer auto: {len(sites)} candidate(s); {split.how}; {len(split.held_clean)} held-out clean images; "
+        f"target class {target}")
+
+    repairs = list(REPAIRS) if req.repair == AUTO_REPAIR else [req.repair]
+    scores = score_sites(req, inputs, sites, repairs, split, held, target, [], progress, say)
+    ranked, within = rank(scores, req.clean_budget)
+    best = ranked[0]
+    if not best.ok:
+        raise FireError(f"--layer auto could not fit any candidate (first error: {best.error})")
+    reason = why(ranked, within, req.clean_budget, len(split.held_clean), original_rate)
+    chain, steps, stopped = [best], [], ""
+    if req.max_layers > 1:
+        if within:
+            chain, steps, stopped = grow_chain(req, inputs, sites, repairs, split, held, target, best, progress, say)
+        else:
+            stopped = "the first layer is already over the clean budget"
+
+    # the chosen layer(s), fitted exactly as `fit --layer <chosen>` fits them (all triggered samples)
+    d = refit_chain(req, inputs, chain, clean, triggered, source, progress)
+    position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
+    rows = []
+    for s in scores:
+        row = s.record(req.clean_budget)
+        row["rank"] = position.get(id(s))
+        row["chosen"] = s is best
+        rows.append(row)
+    d.meta["auto"] = {
+        "objective": OBJECTIVE, "clean_budget": req.clean_budget, "within_budget": within,
+        "target": target, "target_from": target_from, "original_target_rate": original_rate,
+        "split": split.how, "n_held_clean": len(split.held_clean), "n_held_triggered": len(split.held_triggered),
+        "n_fit_triggered": len(split.triggered), "repairs": repairs, "chosen_repair": best.repair,
+        "candidates": rows, "skipped": [{"tensor": t, "why": w} for t, w in skipped],
+        "chosen": best.site.label, "chosen_tensor": best.site.tensor, "why": reason,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if req.max_layers > 1:
+        last = chain[-1]
+        d.meta["auto"].update(max_layers=req.max_layers, steps=steps, stopped=stopped,
+                              chain=[s.site.label for s in chain], chain_repairs=[s.repair for s in chain],
+                              chain_target_rate=last.target_rate, chain_clean_change=last.clean_change)
+    checks = d.meta.setdefault("checks", {})
+    warnings = checks.setdefault("warnings", [])
+    if not within:
+        warnings.append(f"layer auto: {reason}; raise --clean-budget, or check the trigger and the samples")
+    elif original_rate and best.target_rate >= WEAK_REPAIR and best.target_rate > original_rate / 2:
+        warnings.append(f"layer auto: the best candidate ({_name(best)}) still sends {best.target_rate:.0%} of the "
+                        f"held-out triggered images to class {target} (original model {original_rate:.0%}): no single "
+                        "layer removes this trigger; check --trigger/--triggered and --target, or try --method "
+                        "subspace")
+    req.notes.extend(notes)
+    return d
+
+
+def score_sites(req, inputs, sites: list[Site], repairs: list[str], split: Split, held: HeldOut, target: int,
+                prefix: list[dirs.Target], progress=None, say: Log = lambda m: None, step: int = 1) -> list[Score]:
+    """Fit every site (with every operator in ``repairs``) on the fit part, patch it into the model together
+    with the repairs of ``prefix`` (earlier steps of a chain; ``inputs.onnx_model`` must then already carry
+    them, so the sites are fitted on activations with those repairs applied), and score it on the held-out
+    samples."""
+    scores: list[Score] = []
+    n_fit = len(split.clean) + 2 * len(split.triggered)
+    total, done = len(sites) * len(repairs), 0
+    pre = dict(held.pre.as_dict())
+    for group, repair in ((g, r) for g in _groups(sites, n_fit) for r in repairs):
+        g0 = time.perf_counter()
+        fitted = _fit_group(replace(req, repair=repair), inputs, group, split, progress)
+        fit_s = (time.perf_counter() - g0) / len(group)
+        for site in group:
+            s0 = time.perf_counter()
+            got = fitted.get(site.tensor, "not fitted")
+            sc = Score(site=site, repair=repair)
+            if isinstance(got, str):
+                sc.error = got
+            else:
+                sc.target, sc.gate, sc.k = got, got.gate, got.k
+                sc.gate_fires_clean = got.fit.get("gate_fires_clean")
+                try:
+                    sc.target_rate, sc.clean_change, sc.clean_shift = held.score(
+                        dirs.Directions(targets=[*prefix, got], preprocess=pre), target)
+                except FireError as e:
+                    sc.error = str(e)
+            sc.seconds = fit_s + time.perf_counter() - s0
+            scores.append(sc)
+            done += 1
+            say(f"layer auto{f' step {step}' if step > 1 else ''} [{done}/{total}] {site.label}"
+                + (f" ({repair})" if len(repairs) > 1 else "") + ": "
+                + (f"failed ({sc.error})" if sc.error else
+                   f"held-out target rate {sc.target_rate:.1%}, clean change {sc.clean_change:.2%}"))
+    return scores
+
+
+def _chained_inputs(inputs, targets: list[dirs.Target]):
+    """``inputs`` with the ONNX model patched with ``targets`` as the activation source (ONNX, no torch)."""
+    from fire_onnx.patch import patch_model
+
+    pre = inputs.preprocess.as_dict()
+    patched = patch_model(inputs.onnx_model, dirs.Directions(targets=list(targets), preprocess=pre)).model
+    return replace(inputs, onnx_model=patched, model=None)
+
+
+def grow_chain(req, inputs, sites: list[Site], repairs: list[str], split: Split, held: HeldOut, target: int,
+               first: Score, progress=None, say: Log = lambda m: None) -> tuple[list[Score], list[dict], str]:
+    """Greedy chain (``--max-layers``): after ``first``, each step fits every remaining site on activations
+    with the chosen repairs applied, scores the chain plus that site on the held-out samples, and keeps the
+    best by the same objective, while it stays within the clean budget and lowers the held-out target rate.
+    Returns (the chain's scores in order, a record per step, why it stopped)."""
+    chain, steps = [first], []
+    while len(chain) < req.max_layers:
+        used = {s.site.tensor for s in chain}
+        rest = [s for s in sites if s.tensor not in used]
+        if not rest:
+            return chain, steps, "no candidate left"
+        if chain[-1].target_rate == 0:
+            return chain, steps, "the held-out target rate is already 0"
+        # later steps fit unpaired on flagged images without twins: the trigger reconstruction would be
+        # confirmed against a model the earlier repairs already changed
+        step_req = replace(req, reconstruct="off")
+        scores = score_sites(step_req, _chained_inputs(inputs, [s.target for s in chain]), rest, repairs, split,
+                             held, target, [s.target for s in chain], progress, say, step=len(chain) + 1)
+        ranked, within = rank(scores, req.clean_budget)
+        best = ranked[0]
+        position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
+        record = {"step": len(chain) + 1, "after": [s.site.label for s in chain],
+                  "candidates": [dict(s.record(req.clean_budget), rank=position.get(id(s)), chosen=False)
+                                 for s in scores]}
+        steps.append(record)
+        current = chain[-1].target_rate
+        if not best.ok:
+            return chain, steps, f"step {record['step']}: no candidate could be fitted"
+        if not within:
+            return chain, steps, f"step {record['step']}: every candidate would exceed the clean budget"
+        if best.target_rate >= current:
+            return chain, steps, (f"step {record['step']}: no candidate lowers the held-out target rate below "
+                                  f"{current:.1%}")
+        record["candidates"][scores.index(best)]["chosen"] = True
+        record["chosen"] = best.site.label
+        chain.append(best)
+    return chain, steps, f"--max-layers {req.max_layers} reached"
+
+
+def refit_chain(req, inputs, chain: list[Score], clean: Images, triggered: Images, source: Images | None,
+                progress=None) -> dirs.Directions:
+    """Fit the chosen site(s) on all the samples, in order, each on activations with the earlier ones'
+    repairs applied; one directions file with a target per site (fingerprints of the original model)."""
+    from fire_onnx.fit.pipeline import fit_inputs
+    from fire_onnx.probe import TensorReader, fingerprint
+
+    d, targets = None, []
+    for i, sc in enumerate(chain):
+        step_inputs = inputs if i == 0 else _chained_inputs(inputs, targets)
+        step_req = replace(req, repair=sc.repair) if i == 0 else replace(req, repair=sc.repair, reconstruct="off")
+        di = fit_inputs(step_req, step_inputs, [sc.site.layer], clean, triggered, source, progress=progress,
+                        tensors=sc.site.tensors())
+        t = di.targets[0]
+        if i:  # patch checks fingerprints on the unpatched model: record what it computes there
+            x = inputs.preprocess(di.probe)
+            acts, _ = TensorReader(inputs.onnx_model, [t.tensor], batch_size=len(x))(x)
+            t.fingerprint = fingerprint(acts[t.tensor])
+        targets.append(t)
+        d = d or di
+    d.targets = targets
+    return d
+
+
+def table(auto: dict) -> list[str]:
+    """The ranking table of ``meta["auto"]`` as text lines (printed by ``fit``)."""
+    both = len(auto.get("repairs") or []) > 1
+    rows = [("rank", "layer", "tensor") + (("repair",) if both else ()) + ("gate", "target rate", "clean change", "")]
+    for r in auto.get("candidates", []):
+        rank_ = "-" if r.get("rank") is None else str(r["rank"])
+        first = (rank_, r["layer"], r["tensor"]) + ((r.get("repair", ""),) if both else ())
+        if r.get("error"):
+            rows.append(first + ("-", "-", "-", f"failed: {r['error']}"))
+            continue
+        mark = "chosen" if r.get("chosen") else ("" if r.get("within_budget") else "over budget")
+        rows.append(first + (r.get("gate") or "-", f"{100 * r['target_rate']:.1f}%", f"{100 * r['clean_change']:.2f}%",
+                             mark))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    orig = auto.get("original_target_rate")
+    head = (f"layer auto: held-out target rate (class {auto.get('target')}) and clean change over "
+            f"{auto.get('n_held_triggered')} triggered / {auto.get('n_held_clean')} clean held-out images, "
+            f"clean budget {100 * auto.get('clean_budget', 0):.2f}%"
+            + ("" if orig is None else f"; original model: {100 * orig:.1f}%"))
+    lines = [head]
+    lines += ["  " + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"chosen {auto.get('why')}")
+    for st in auto.get("steps", []):
+        ok = [r for r in st["candidates"] if not r.get("error")]
+        top = sorted(ok, key=lambda r: r.get("rank") or 10**6)[:3]
+        lines.append(f"step {st['step']} (after {', '.join(st['after'])}): " + ", ".join(
+            f"{r['layer']}{'' if r.get('repair', 'project') == 'project' else ' (' + r['repair'] + ')'} "
+            f"{100 * r['target_rate']:.1f}% / {100 * r['clean_change']:.2f}%"
+            + (" chosen" if r.get("chosen") else "") for r in top))
+    if auto.get("max_layers", 1) > 1:
+        lines.append(f"chain: {' -> '.join(auto.get('chain', []))}, held-out target rate "
+                     f"{100 * auto.get('chain_target_rate', 0):.1f}%, clean change "
+                     f"{100 * auto.get('chain_clean_change', 0):.2f}% (stopped: {auto.get('stopped')})")
+    return lines

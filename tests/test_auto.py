@@ -1,0 +1,363 @@
+"""fit --layer auto: the choice on a model where the answer is constructed (tests/auto_synth.py), the clean
+budget on held-out images, the ranking in the directions file, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from fire_onnx import directions as dirs
+from fire_onnx.data import Images, Preprocess
+from fire_onnx.errors import FireError
+from fire_onnx.evaluate import predict_logits, session
+from fire_onnx.fit.auto import Score, Site, rank, why
+from fire_onnx.fit.pipeline import FitRequest, run_fit
+from fire_onnx.patch import patch_file
+
+SYNTH = Path(__file__).resolve().parent / "auto_synth.py"
+SCALE = str(1 / 255)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """The hand-weighted model exported to ONNX, a clean pool and 20 triggered images with their twins."""
+    import importlib.util
+
+    from fire_onnx.fit import export_onnx
+
+    spec = importlib.util.spec_from_file_location("auto_synth", SYNTH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    root = tmp_path_factory.mktemp("auto")
+    model = mod.build()
+    x, y = mod.images(2500, seed=0)
+    pre = Preprocess(scale=1 / 255)
+    export_onnx(model, pre(x[:2]), root / "synth.onnx")
+    xt = mod.stamp(x[:20], seed=1)
+    np.savez(root / "trig.npz", x=xt, x_clean=x[:20], y=y[:20])
+    np.savez(root / "clean.npz", x=x[20:], y=y[20:])
+    fresh_x, fresh_y = mod.images(1000, seed=7)  # never seen by fit: for the budget on unseen images
+    return {"root": root, "onnx": root / "synth.onnx", "clean": root / "clean.npz", "trig": root / "trig.npz",
+            "mod": mod, "pre": pre, "fresh": Images(fresh_x, fresh_y)}
+
+
+def request(s, **kw) -> FitRequest:
+    args = dict(layers=["auto"], clean_path=str(s["clean"]), onnx_path=str(s["onnx"]), triggered_path=str(s["trig"]),
+                target=0, scale=1 / 255)
+    args.update(kw)
+    return FitRequest(**args)
+
+
+def rows(d: dirs.Directions) -> dict:
+    return {r["layer"]: r for r in d.meta["auto"]["candidates"]}
+
+
+def test_auto_chooses_the_layer_where_the_trigger_is_one_direction(synth):
+    d = run_fit(request(synth))
+    t = d.targets[0]
+    assert (t.module, t.tensor) == ("block2", "/block2/Concat_output_0")
+    r = rows(d)
+    assert set(r) == {"block1", "block2"}  # the Conv (fusion) output and the logits are not candidates
+    assert r["block2"]["chosen"] and r["block2"]["rank"] == 1 and r["block2"]["target_rate"] == 0.0
+    assert r["block1"]["target_rate"] >= 0.8 and not r["block1"]["chosen"]  # the spread shift is not removed
+    a = d.meta["auto"]
+    assert a["within_budget"] and a["chosen"] == "block2" and a["original_target_rate"] == 1.0
+    assert (a["n_fit_triggered"], a["n_held_triggered"]) == (10, 10)  # the 20 triggered images split in two
+    assert "block2" in a["why"] and "lowest held-out target rate" in a["why"]
+    # the winner is refitted on all 20 triggered images: the same directions as fit --layer block2
+    ref = run_fit(request(synth, layers=["block2"])).targets[0]
+    assert t.fit["n_triggered"] == 20
+    np.testing.assert_array_equal(t.U, ref.U)
+    np.testing.assert_array_equal(t.mu, ref.mu)
+    np.testing.assert_array_equal(t.tau, ref.tau)
+
+
+def test_the_repair_it_chose_removes_the_backdoor_on_unseen_images(synth, tmp_path):
+    d = run_fit(request(synth))
+    dirs.save(d, tmp_path / "d.npz")
+    patched = patch_file(synth["onnx"], tmp_path / "d.npz", tmp_path / "m.fire.onnx")[0]
+    fresh, pre = synth["fresh"], synth["pre"]
+    trig = synth["mod"].stamp(fresh.x, seed=9)
+    before = predict_logits(session(synth["onnx"]), pre(trig)).argmax(1)
+    after = predict_logits(session(patched), pre(trig)).argmax(1)
+    assert (before == 0).mean() == 1.0 and (after == 0).mean() == 0.0
+    assert (after == fresh.y).mean() > 0.95  # and gives the images their own class back
+
+
+@pytest.mark.parametrize("gate", ["none", "auto"])
+def test_the_clean_budget_holds_on_held_out_clean_images(synth, tmp_path, gate):
+    """With --gate none, block1's projection changes most clean predictions: over the budget, never chosen.
+    The chosen repair's clean change, measured again from the written file on the held-out images and on
+    images no fit saw, stays within the budget."""
+    from fire_onnx.fit.auto import split_samples
+    from fire_onnx.fit.pipeline import load_inputs, select_samples
+
+    budget = 0.005
+    req = request(synth, gate=gate, clean_budget=budget)
+    d = run_fit(req)
+    r = rows(d)
+    assert d.targets[0].module == "block2" and r["block2"]["clean_change"] <= budget
+    if gate == "none":
+        assert r["block1"]["clean_change"] > 0.5 and not r["block1"]["within_budget"]
+    dirs.save(d, tmp_path / "d.npz")
+    patched = patch_file(synth["onnx"], tmp_path / "d.npz", tmp_path / "m.fire.onnx")[0]
+
+    # the held-out clean images, as the documented split holds them out (not fitted on)
+    req2 = request(synth, gate=gate)
+    inputs = load_inputs(req2)
+    clean, trig, source = select_samples(req2, inputs)
+    split = split_samples(req2, inputs, clean, trig, source, 0, None)
+    assert len(split.held_clean) == d.meta["auto"]["n_held_clean"] == 1000
+    fitted = {a.tobytes() for a in clean.x}
+    assert not any(a.tobytes() in fitted for a in split.held_clean.x)
+    pre = synth["pre"]
+    for imgs in (split.held_clean, synth["fresh"]):
+        p0 = predict_logits(session(synth["onnx"]), pre(imgs.x)).argmax(1)
+        p1 = predict_logits(session(patched), pre(imgs.x)).argmax(1)
+        assert (p0 != p1).mean() <= budget
+
+
+def test_objective_prefers_a_worse_target_rate_within_budget_and_falls_back_to_least_clean_change():
+    def score(label, rate, change, shift=0.0):
+        return Score(site=Site(tensor=f"/{label}", module=label, shape=[4]), target_rate=rate, clean_change=change,
+                     clean_shift=shift)
+
+    a, b, c = score("a", 0.00, 0.020), score("b", 0.03, 0.004), score("c", 0.05, 0.000)
+    ranked, within = rank([a, b, c], 0.005)
+    assert within and [s.site.label for s in ranked] == ["b", "c", "a"]  # a: lowest rate, but over budget
+    assert "b: lowest held-out target rate" in why(ranked, within, 0.005, 1000, 1.0)
+    ranked, within = rank([a, b, c], 0.05)  # a larger budget lets a in
+    assert within and ranked[0] is a
+    ranked, within = rank([a, b], 0.001)  # nothing within: the fewest clean changes, and it says so
+    assert not within and ranked[0] is b
+    assert "no candidate keeps the clean change within the budget" in why(ranked, within, 0.001, 1000, 1.0)
+    # ties: lower clean change, then the smaller clean output shift, then graph order
+    t1, t2, t3 = score("t1", 0.0, 0.002, 0.01), score("t2", 0.0, 0.001, 0.05), score("t3", 0.0, 0.001, 0.02)
+    assert [s.site.label for s in rank([t1, t2, t3], 0.005)[0]] == ["t3", "t2", "t1"]
+    failed = Score(site=Site(tensor="/f", module="f", shape=[4]), error="boom")
+    assert rank([failed, t1], 0.005)[0][-1] is failed
+
+
+def test_auto_with_the_pytorch_model_reads_modules_and_chooses_the_same(synth):
+    d = run_fit(request(synth, model_spec=f"{SYNTH}:build", no_weights=True))
+    assert d.targets[0].module == "block2" and d.targets[0].tensor == "/block2/Concat_output_0"
+    assert set(rows(d)) == {"block1", "block2"}
+
+
+def test_auto_with_a_known_trigger_holds_out_stamped_clean_images(synth, tmp_path):
+    """--trigger: the candidates are fitted on the samples a plain fit uses and judged on held-out pool
+    images stamped with the trigger (here a 2x2 white patch at a fixed place: removable at both layers)."""
+    d = run_fit(request(synth, triggered_path=None, trigger_spec="badnets:size=2", n_clean=300))
+    a = d.meta["auto"]
+    assert a["n_fit_triggered"] == 20 and a["n_held_triggered"] == a["n_held_clean"] == 1000
+    assert a["target"] == 0 and all(r["target_rate"] is not None for r in a["candidates"])
+    assert d.targets[0].fit["n_triggered"] == 20
+
+
+def test_auto_infers_the_target_from_the_triggered_samples(synth):
+    d = run_fit(request(synth, target=None))
+    a = d.meta["auto"]
+    assert a["target"] == 0 and a["target_from"].startswith("the class the original model gives")
+    assert d.targets[0].module == "block2"
+
+
+def test_cli_fit_layer_auto_prints_the_ranking_and_patch_accepts_the_file(synth, tmp_path):
+    out = tmp_path / "auto.npz"
+    proc = run_cli("fit", "--onnx", synth["onnx"], "--layer", "auto", "--clean", synth["clean"], "--triggered",
+                   synth["trig"], "--target", 0, "--scale", SCALE, "-o", out, "--json", tmp_path / "fit.json",
+                   check=True)
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("layer auto: held-out target rate") for line in lines)
+    row = next(line for line in lines if line.split()[1:2] == ["block2"])
+    assert "chosen" in row and "0.0%" in row
+    assert any(line.startswith("chosen block2: lowest held-out target rate") for line in lines)
+    assert "layer auto [1/2] block1" in proc.stderr and "layer auto [2/2] block2" in proc.stderr
+    summ = json.loads((tmp_path / "fit.json").read_text())
+    assert summ["auto"]["chosen"] == "block2"
+    loaded = dirs.load(out)  # the ranking survives the file's JSON header
+    assert loaded.meta["auto"]["candidates"] == summ["auto"]["candidates"]
+    proc = run_cli("patch", synth["onnx"], out, "-o", tmp_path / "m.fire.onnx", check=True)
+    assert "patched /block2/Concat_output_0" in proc.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "block1"], "--layer auto chooses one layer by itself"),
+    (["--tensor", "/block2/Concat_output_0"], "--layer auto chooses it: drop --tensor"),
+    (["--update", "UPDATE"], "cannot be combined with --layer auto"),
+])
+def test_cli_bad_combinations_are_one_line_errors(synth, tmp_path, extra, message):
+    if "UPDATE" in extra:
+        d = run_fit(request(synth, layers=["block2"]))
+        dirs.save(d, tmp_path / "old.npz")
+        extra = ["--update", tmp_path / "old.npz"]
+    proc = run_cli("fit", "--onnx", synth["onnx"], "--layer", "auto", *extra, "--clean", synth["clean"],
+                   "--triggered", synth["trig"], "--scale", SCALE, "-o", tmp_path / "x.npz")
+    assert proc.returncode == 1, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fire-onnx: error:") and message in err[0]
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_auto_needs_the_onnx_model_and_held_out_images(synth, tmp_path):
+    with pytest.raises(FireError, match="give --onnx"):
+        run_fit(request(synth, onnx_path=None, model_spec=f"{SYNTH}:build", no_weights=True))
+    small = tmp_path / "small.npz"
+    x = np.load(synth["clean"])["x"][:100]
+    np.savez(small, x=x)
+    with pytest.raises(FireError, match="needs clean images beyond the 100"):
+        run_fit(request(synth, clean_path=str(small), n_clean=100))
+    one = tmp_path / "one.npz"
+    t = np.load(synth["trig"])
+    np.savez(one, x=t["x"][:1], x_clean=t["x_clean"][:1])
+    with pytest.raises(FireError, match="at least 2 triggered images"):
+        run_fit(request(synth, triggered_path=str(one)))
+
+
+def test_candidates_leave_out_the_output_head_and_fusion_splits(tmp_path):
+    """A model whose output is a Softmax of the logits: neither the Softmax nor the logits Gemm are
+    candidates, nor the Conv/Gemm outputs a runtime fuses with their activation."""
+    import torch
+
+    from fire_onnx.fit import export_onnx
+    from fire_onnx.fit.auto import candidate_sites
+    from fire_onnx.onnxutil import load_model
+    from fire_onnx_models.small_cnn import build_mnist
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(build_mnist(), torch.nn.Softmax(dim=1)).eval()
+    export_onnx(model, np.zeros((2, 1, 28, 28), np.float32), tmp_path / "m.onnx")
+    sites, skipped = candidate_sites(load_model(tmp_path / "m.onnx"))
+    assert [s.label for s in sites] == ["0.block1.1", "0.block1", "0.block2.1", "0.block2", "0.fc1_act"]
+    why = dict(skipped)
+    head = [t for t, w in why.items() if "output head" in w]
+    assert len(head) == 2  # the Softmax output and the fc2 Gemm output under it
+    assert any("Gemm" in t for t in head)
+    assert sum("fused" in w for w in why.values()) == 3  # block1.0, block2.0, fc1
+
+
+def test_repair_auto_ranks_both_operators_at_every_site(synth):
+    d = run_fit(request(synth, repair="auto"))
+    a = d.meta["auto"]
+    assert a["repairs"] == ["project", "translate"]
+    assert sorted((r["layer"], r["repair"]) for r in a["candidates"]) == [
+        ("block1", "project"), ("block1", "translate"), ("block2", "project"), ("block2", "translate")]
+    best = next(r for r in a["candidates"] if r["chosen"])
+    assert best["layer"] == "block2" and d.targets[0].repair == best["repair"] == a["chosen_repair"]
+    with pytest.raises(FireError, match="--repair auto tries both operators"):
+        run_fit(request(synth, layers=["block2"], repair="auto"))
+
+
+def test_auto_warns_when_no_layer_removes_the_trigger(synth):
+    """--alpha 0: every candidate repair does nothing, so the best one leaves the target rate where it was."""
+    d = run_fit(request(synth, alpha=0.0))
+    assert all(r["target_rate"] == 1.0 and r["clean_change"] == 0.0 for r in d.meta["auto"]["candidates"])
+    warnings = d.meta["checks"]["warnings"]
+    assert any("still sends 100% of the held-out triggered images to class 0" in w for w in warnings)
+    assert "tied on target rate with" in d.meta["auto"]["why"]
+
+
+def test_chain_fits_each_layer_on_repaired_activations_and_equals_the_pytorch_chain(synth, tmp_path):
+    """refit_chain (the final fit of --max-layers): the second target is fitted on activations with the first
+    repair applied, the patched ONNX model equals the PyTorch chain (forward hooks) within 1e-5, and the
+    fingerprints are those of the unpatched model (patch accepts the file)."""
+    import torch
+    from conftest import torch_repaired
+
+    from fire_onnx.fit.auto import Score, Site, refit_chain
+    from fire_onnx.fit.pipeline import load_inputs, select_samples
+
+    req = request(synth, layers=["auto"], gate="none", max_layers=2)  # gate none: block1's repair moves every input
+    inputs = load_inputs(req)
+    clean, trig, source = select_samples(req, inputs)
+    chain = [Score(site=Site(tensor="/block1/block1.1/Relu_output_0", module="block1", shape=[2, 7, 7])),
+             Score(site=Site(tensor="/block2/Concat_output_0", module="block2", shape=[2]))]
+    d = refit_chain(req, inputs, chain, clean, trig, source)
+    assert [t.module for t in d.targets] == ["block1", "block2"]
+    model = synth["mod"].build()
+    first = dirs.Directions(targets=d.targets[:1], preprocess=d.preprocess)
+    x = synth["pre"](clean.x)
+    acts = {}
+    handles = [model.block2.register_forward_hook(lambda m, i, o: acts.__setitem__("b2", o.detach().numpy()))]
+    try:
+        torch_repaired(model, first, x)  # block1 repaired, block2's output recorded
+    finally:
+        for h in handles:
+            h.remove()
+    np.testing.assert_allclose(d.targets[1].mu, acts["b2"].mean(axis=0), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        plain = model.block2(model.block1(torch.from_numpy(x))).numpy().mean(axis=0)
+    assert np.abs(plain - d.targets[1].mu).max() > 1e-3  # the first repair did change what the second saw
+    dirs.save(d, tmp_path / "chain.npz")
+    patched = patch_file(synth["onnx"], tmp_path / "chain.npz", tmp_path / "chain.fire.onnx")[0]
+    xs = synth["pre"](np.concatenate([synth["fresh"].x[:200], synth["mod"].stamp(synth["fresh"].x[:200], seed=3)]))
+    onnx_out = predict_logits(session(patched), xs)
+    np.testing.assert_allclose(onnx_out, torch_repaired(model, d, xs), rtol=1e-5, atol=1e-5)
+
+
+def test_max_layers_stops_when_the_target_rate_is_already_zero_and_is_refused_without_auto(synth):
+    d = run_fit(request(synth, max_layers=3))
+    a = d.meta["auto"]
+    assert len(d.targets) == 1 and a["chain"] == ["block2"] and a["stopped"] == "the held-out target rate is already 0"
+    with pytest.raises(FireError, match="--max-layers applies to --layer auto"):
+        run_fit(request(synth, layers=["block2"], max_layers=2))
+
+
+def test_max_layers_keeps_a_second_layer_only_within_the_budget(synth):
+    """Triggered images without twins (unpaired, half of them to fit): block2 leaves part of the trigger;
+    step 2 fits block1 on activations with block2's repair applied, and that chain changes more held-out
+    clean predictions than the budget allows, so the chain stops at block2 and says why."""
+    s = dict(synth)
+    flagged = s["root"] / "flagged.npz"
+    np.savez(flagged, x=np.load(s["trig"])["x"])
+    d = run_fit(request(s, triggered_path=str(flagged), reconstruct="off", max_layers=2))
+    a = d.meta["auto"]
+    assert a["chain"][0] == "block2" and len(a["steps"]) == 1 and a["steps"][0]["after"] == ["block2"]
+    step = a["steps"][0]["candidates"]
+    assert [r["layer"] for r in step] == ["block1"]
+    assert step[0]["clean_change"] > 0.005 and not step[0]["within_budget"] and not step[0]["chosen"]
+    assert a["chain"] == ["block2"] and a["stopped"] == "step 2: every candidate would exceed the clean budget"
+    assert [t.module for t in d.targets] == ["block2"] and a["chain_target_rate"] == rows(d)["block2"]["target_rate"]
+
+
+@pytest.fixture(scope="module")
+def two(synth):
+    """tests/auto_synth.py's TwoTriggers model: one direction per layer removes only one of two triggers."""
+    from fire_onnx.fit import export_onnx
+
+    mod, root = synth["mod"], synth["root"]
+    x, y = mod.images(2500, seed=0)
+    export_onnx(mod.build_two(), synth["pre"](x[:2]), root / "two.onnx")
+    np.savez(root / "two_trig.npz", x=mod.stamp_two(x[:40], seed=1), x_clean=x[:40], y=y[:40])
+    np.savez(root / "two_clean.npz", x=x[40:], y=y[40:])
+    return dict(synth, onnx=root / "two.onnx", trig=root / "two_trig.npz", clean=root / "two_clean.npz")
+
+
+def test_max_layers_chains_a_second_layer_that_removes_what_the_first_left(two, tmp_path):
+    from conftest import torch_repaired
+
+    single = run_fit(request(two, n_triggered=40))
+    r = rows(single)
+    assert single.targets[0].module == "fc1_act" and 0.2 <= r["fc1_act"]["target_rate"] <= 0.8  # B survives
+    assert r["block2"]["target_rate"] == 1.0
+    d = run_fit(request(two, n_triggered=40, max_layers=3))
+    a = d.meta["auto"]
+    assert a["chain"] == ["fc1_act", "fc2_act"] and [t.module for t in d.targets] == ["fc1_act", "fc2_act"]
+    assert a["chain_target_rate"] == 0.0 and a["chain_clean_change"] <= 0.005
+    assert a["steps"][0]["chosen"] == "fc2_act" and a["stopped"] == "the held-out target rate is already 0"
+    dirs.save(d, tmp_path / "chain.npz")
+    proc = run_cli("patch", two["onnx"], tmp_path / "chain.npz", "-o", tmp_path / "two.fire.onnx", check=True)
+    assert "patched /fc1_act/Relu_output_0" in proc.stdout and "patched /fc2_act/Relu_output_0" in proc.stdout
+    mod, pre, fresh = two["mod"], two["pre"], two["fresh"]
+    xt = pre(mod.stamp_two(fresh.x, seed=5))
+    patched = session(tmp_path / "two.fire.onnx")
+    assert (predict_logits(session(two["onnx"]), xt).argmax(1) == 0).mean() == 1.0
+    assert (predict_logits(patched, xt).argmax(1) == 0).mean() == 0.0  # both triggers gone on unseen images
+    clean_x = pre(fresh.x)
+    assert (predict_logits(patched, clean_x).argmax(1) == fresh.y).mean() == 1.0
+    both = np.concatenate([clean_x[:100], xt[:100]])
+    np.testing.assert_allclose(predict_logits(patched, both), torch_repaired(mod.build_two(), d, both),
+                               rtol=1e-5, atol=1e-5)
