@@ -18,7 +18,7 @@ Both run in front of (or around) the *unmodified* model; neither needs the model
   alpha = beta = 1). ``blend="average"`` takes the pixel mean (0.5 / 0.5), which halves the trigger's
   contrast: on the demo's BadNets MNIST model it rejects ~40 % of triggered inputs at 5 % false
   rejections against ~99 % with "add"; on CIFAR-10 patches, where added natural images saturate, it
-  does better than "add" (benchmarks/matrix/SECTION.md).
+  does better than "add" (BENCHMARKS.md, runtime peers).
 
 Metrics with abstention (:func:`abstention_metrics`): a rejected input is never a success of the
 attack and never a correct answer. ASR = triggered non-target inputs classified as the target *and not
