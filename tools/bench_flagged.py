@@ -15,7 +15,9 @@ ONNX model alone (activations read in onnxruntime; no model code), in several mo
 - ``translate``: the FIRE paper's operator (subtract the unnormalized mean shift from every input,
   ``--repair translate --gate none``), paired, when ``fit`` has ``--repair translate``;
 - ``translate-gated``: the same translation applied only where fire-onnx's gate fires (``--gate auto``);
-- ``flagged-translate``: 20 flagged images (as ``flagged``), gated translation (``--repair translate``).
+- ``flagged-translate``: 20 flagged images (as ``flagged``), gated translation (``--repair translate``);
+- ``flagged-auto``: 20 flagged images, ``fit --layer auto`` (the layer is chosen on held-out halves of
+  the flagged images and held-out clean images; ``layer`` in the record is the chosen one).
 
 Each repair is patched into the ONNX model and evaluated on the test split: CA, ASR (triggered
 non-target images classified as the target), RA (triggered images classified as their true label).
@@ -50,7 +52,7 @@ ATTACKS = {  # name -> (trigger spec, layer of the SmallCNN to repair)
 }
 DATASETS = ["mnist5k", "fashion_mnist", "cifar10", "gtsrb32"]
 MODES = ["original", "paired", "flagged", "flagged-5", "flagged-unpaired", "translate", "translate-gated",
-         "flagged-translate"]
+         "flagged-translate", "flagged-auto"]
 # PreAct-ResNet18 (BackdoorBench's network) at a quarter of its width, trained on CIFAR-10 only: 2 CPU cores
 PREACT = {"arch": "preact18", "width": 16, "epochs": 12, "datasets": ["cifar10"], "attacks": ["badnets", "blended"],
           "layers": {"badnets": "layer3", "blended": "layer2"}}
@@ -227,6 +229,10 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
                     if "repair" not in have:
                         continue
                     req["repair"] = "translate"
+                if mode == "flagged-auto":  # flagged inputs and fit --layer auto: no layer given
+                    if "clean_budget" not in have:
+                        continue
+                    req["layers"] = ["auto"]
                 if mode == "flagged-unpaired":
                     if "reconstruct" not in have:
                         log(f"  {mode}: skipped (fit has no trigger reconstruction to turn off)")
@@ -244,6 +250,8 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
                 model = tmp / f"{mode}.fire.onnx"
                 patch_file(onnx_path, dpath, model)
                 t = d.targets[0]
+                if mode == "flagged-auto":
+                    rec["layer"] = t.module or t.tensor
                 rec.update(n_triggered=n, gate=t.gate, separation_sigma=t.fit.get("separation_sigma", [None])[0],
                            reference=t.fit.get("reference"), warnings=list(t.fit.get("warnings", [])) +
                            list(d.meta.get("checks", {}).get("warnings", [])))
@@ -319,25 +327,28 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     t0 = time.perf_counter()
-    records = []
     archs = ["small_cnn"] if args.quick else args.archs.split(",")
     cells = [("small_cnn", ds, att) for ds in datasets for att in attacks] if "small_cnn" in archs else []
     if "preact18" in archs:
         cells += [("preact18", ds, att) for ds in PREACT["datasets"] for att in PREACT["attacks"]
                   if ds in datasets and att in attacks]
-    # cells measured by earlier runs stay (a cell re-measured here replaces its old records)
-    kept = json.loads(results_path.read_text()) if results_path.is_file() and not args.fresh else []
+    # cells measured by earlier runs stay (a cell re-measured here replaces its old records); the file is
+    # re-read before every write, so runs of other cells at the same time do not drop each other's records
+    if args.fresh and results_path.is_file():
+        _write(results_path, [])
+
+    def on_disk() -> list[dict]:
+        return json.loads(results_path.read_text()) if results_path.is_file() else []
+
+    key = lambda r: (r["model"], r["dataset"], r["attack"], r["seed"], r["mode"])  # noqa: E731
     for arch, ds, att in cells:
         for seed in (int(s) for s in args.seeds.split(",")):
             log(f"[{arch} / {ds} / {att} / seed {seed}]")
             new = run_cell(ds, att, seed, args, modes, arch=arch)
-            key = lambda r: (r["model"], r["dataset"], r["attack"], r["seed"], r["mode"])  # noqa: E731
             fresh = {key(r) for r in new}
-            kept = [r for r in kept if key(r) not in fresh]
-            records += new
             # written after every cell, so an interrupted run keeps what it measured
-            _write(results_path, kept + records)
-    records = kept + records
+            _write(results_path, [r for r in on_disk() if key(r) not in fresh] + new)
+    records = on_disk()
     from fire_onnx import __version__
     from fire_onnx.fileio import write_text_atomic
 
