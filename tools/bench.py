@@ -87,8 +87,6 @@ def fit_and_patch(mode: str, onnx_path: Path, layer: str, spec: str, trig, train
 
 
 def run_cell(dataset: str, attack: str, seed: int, args, step: str) -> list[dict]:
-    from fire_onnx import triggers
-    from fire_onnx.data import Images, Preprocess, load_images
     from fire_onnx.evaluate import compute_metrics, session
     from fire_onnx.peers import ShrinkPad, Strip, evaluate_shrinkpad, evaluate_strip, measure_costs, plain_runner
 
@@ -98,13 +96,8 @@ def run_cell(dataset: str, attack: str, seed: int, args, step: str) -> list[dict
     log(f"{step} model: {'reusing' if (Path(args.cache) / bf.recipe_key(recipe) / 'model.onnx').is_file() else 'training'} "
         f"{bf.recipe_key(recipe)}")
     onnx_path, train_s = bf.train_or_reuse(recipe, data_path, Path(args.cache))
-    train, test = load_images(data_path, "train"), load_images(data_path, "test")
-    if args.limit:
-        test = test.subset(slice(0, args.limit))
+    train, test, pre, trig, trig_test = bf.load_cell(data_path, spec, args.limit)
     c = train.x.shape[-1]
-    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
-    trig = triggers.parse(spec)
-    trig_test = Images(trig.apply(test.x), test.y)
     flag_src, pool = bf.flagged_split(train, seed)
     # STRIP's clean images come from the same pool FIRE's clean samples do (the defender's clean data)
     order = np.random.default_rng(2000 + seed).permutation(pool)
@@ -250,7 +243,7 @@ def markdown(records: list[dict]) -> str:
         lines.append(f"| {ds} | {att} | {floor} | " + " | ".join(_triple(by.get(c)) for c in cols) + " |"
                      + (f" {rej} |" if rej_col else ""))
     timed = [by for by in cells.values() if by.get(("original", None), {}).get("cost_ratio") is not None]
-    lines += [] if not timed else ["", f"Cost per input as a ratio to the original model (uint8 pixels to decision, preprocessing included; "
+    lines += [] if not timed else ["", "Cost per input as a ratio to the original model (uint8 pixels to decision, preprocessing included; "
               "all methods interleaved in one loop, median of repeats; onnxruntime CPU):", "",
               "| dataset | attack | batch | threads | original (µs/input) | " +
               " | ".join(label[c] for c in cols if c != ("original", None)) + " |",

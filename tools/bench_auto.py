@@ -40,8 +40,6 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
     import bench_flagged as bf
 
     from fire_onnx import directions as dirs
-    from fire_onnx import triggers
-    from fire_onnx.data import Images, Preprocess, load_images
     from fire_onnx.evaluate import compute_metrics, predict_logits, session
     from fire_onnx.fit.auto import candidate_sites
     from fire_onnx.fit.pipeline import FitRequest, run_fit
@@ -55,13 +53,8 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
     if not onnx_path.is_file():
         log(f"  {dataset} {attack}: no cached model ({onnx_path.parent.name}); skipped (this tool does not train)")
         return []
-    train, test = load_images(data_path, "train"), load_images(data_path, "test")
-    if args.limit:
-        test = test.subset(slice(0, args.limit))
+    train, test, pre, trig, trig_test = bf.load_cell(data_path, spec, args.limit)
     c = train.x.shape[-1]
-    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
-    trig = triggers.parse(spec)
-    trig_test = Images(trig.apply(test.x), test.y)
     _, pool = bf.flagged_split(train, 0)
     base = {"dataset": dataset, "model": "small_cnn", "attack": attack, "trigger": spec, "seed": 0,
             "epochs": recipe["epochs"], "n_triggered": 20, "n_clean_test": len(test)}

@@ -79,6 +79,21 @@ def flagged_split(train, seed: int) -> tuple[list, np.ndarray]:
     return flag_src, order[len(train) // 10:]
 
 
+def load_cell(data_path: Path, spec: str, limit: int | None = None):
+    """(train, test, preprocess, trigger, triggered test images) of one benchmark cell: the test split
+    cut to its first ``limit`` images, the preprocessing the benchmark models are trained with."""
+    from fire_onnx import triggers
+    from fire_onnx.data import Images, Preprocess, load_images
+
+    train, test = load_images(data_path, "train"), load_images(data_path, "test")
+    if limit:
+        test = test.subset(slice(0, limit))
+    c = train.x.shape[-1]
+    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
+    trig = triggers.parse(spec)
+    return train, test, pre, trig, Images(trig.apply(test.x), test.y)
+
+
 def recipe_key(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -165,8 +180,6 @@ def fit_fields() -> set[str]:
 
 def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch: str = "small_cnn") -> list[dict]:
     from fire_onnx import directions as dirs
-    from fire_onnx import triggers
-    from fire_onnx.data import Images, Preprocess, load_images
     from fire_onnx.evaluate import compute_metrics, session
     from fire_onnx.fit.pipeline import FitRequest, run_fit
     from fire_onnx.patch import patch_file
@@ -178,13 +191,8 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
         recipe.update(width=PREACT["width"], epochs=PREACT["epochs"], train="sgd-onecycle-crop-flip")
         layer = PREACT["layers"][attack]
     onnx_path, train_s = train_or_reuse(recipe, data_path, Path(args.cache))
-    train, test = load_images(data_path, "train"), load_images(data_path, "test")
-    if args.limit:
-        test = test.subset(slice(0, args.limit))
+    train, test, pre, trig, trig_test = load_cell(data_path, spec, args.limit)
     c = train.x.shape[-1]
-    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
-    trig = triggers.parse(spec)
-    trig_test = Images(trig.apply(test.x), test.y)
     have = fit_fields()
     flag_src, pool = flagged_split(train, seed)
     model_name = f"preact18-w{PREACT['width']}" if arch == "preact18" else arch

@@ -52,8 +52,6 @@ def log(msg: str) -> None:
 
 def run_curve(args) -> list[dict]:
     from fire_onnx import directions as dirs
-    from fire_onnx import triggers
-    from fire_onnx.data import Images, Preprocess, load_images
     from fire_onnx.evaluate import compute_metrics, session
     from fire_onnx.fit.pipeline import FitRequest, run_fit
     from fire_onnx.patch import patch_file
@@ -62,13 +60,8 @@ def run_curve(args) -> list[dict]:
     data_path = Path(args.data_dir) / f"{args.dataset}.npz"
     recipe = bf.make_recipe(data_path, "small_cnn", spec, args.epochs, args.seed)
     onnx_path, train_s = bf.train_or_reuse(recipe, data_path, Path(args.cache))
-    train, test = load_images(data_path, "train"), load_images(data_path, "test")
-    if args.limit:
-        test = test.subset(slice(0, args.limit))
+    train, test, pre, trig, trig_test = bf.load_cell(data_path, spec, args.limit)
     c = train.x.shape[-1]
-    pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
-    trig = triggers.parse(spec)
-    trig_test = Images(trig.apply(test.x), test.y)
     flag_src, pool = bf.flagged_split(train, args.seed)  # the same split as bench_flagged
     counts = sorted(int(n) for n in args.counts.split(","))
     if counts[-1] > len(flag_src):

@@ -372,7 +372,7 @@ def _fit_group(req, inputs, group: list[Site], split: Split, progress) -> dict[s
 
 def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
     """``fit --layer auto``: rank the candidate sites, refit the winner, record the ranking in its meta."""
-    from fire_onnx.fit.pipeline import fit_inputs, load_inputs, select_samples
+    from fire_onnx.fit.pipeline import load_inputs, select_samples
     from fire_onnx.patch import is_patched
 
     say = log or (lambda msg: None)
