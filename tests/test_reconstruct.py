@@ -213,3 +213,14 @@ def test_patch_survives_a_fifth_of_flagged_images_without_the_trigger():
     flagged[:4] = textured(4, 9)
     cands = rc.patch_candidates(flagged, textured(300, 0))
     assert cands and iou(cands[0].mask[:, :, 0] > 0, true_mask("badnets:size=4,pos=bl")) >= 0.8
+
+
+def test_fit_names_the_periods_of_a_stripe_reconstruction():
+    from fire_onnx.fit.pipeline import describe_reconstruction
+
+    rc_meta = {"confirmed": True, "kind": "additive", "name": "additive-columns-periodic", "delta_l2": 120.3,
+               "frequencies": [0, 6, 12], "rate": 0.96, "n_confirm": 200, "majority_class": 0,
+               "candidates": [{"name": "additive", "rate": 0.9}], "pseudo_pairs": 100, "fit": "pseudo-pairs"}
+    line = describe_reconstruction(rc_meta)
+    assert "additive-columns-periodic" in line and "periods per image 6, 12" in line
+    assert "fitted paired on 100 pseudo-pairs" in line

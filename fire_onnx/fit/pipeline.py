@@ -290,7 +290,9 @@ def describe_reconstruction(rc: dict) -> str:
     elif "blend_ratio" in rc:
         what += f" (ratio {rc['blend_ratio']:.2f})"
     elif rc["kind"] == "additive":
-        what += f" ({rc['name']}, L2 {rc.get('delta_l2', 0):.0f})"
+        periods = [f for f in rc.get("frequencies", []) if f]  # 0 is the constant term
+        freqs = f", periods per image {', '.join(map(str, periods))}" if periods else ""
+        what += f" ({rc['name']}, L2 {rc.get('delta_l2', 0):.0f}{freqs})"
     tried = ", ".join(f"{c['name']} {c.get('rate', 0):.0%}" for c in rc.get("candidates", []))
     how = (f"fitted paired on {rc.get('pseudo_pairs', 0)} pseudo-pairs" if rc.get("fit") != "unpaired" else
            f"fitted unpaired on the flagged images (a {rc['kind']} reconstruction is too noisy to pair on)")
