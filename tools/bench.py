@@ -351,36 +351,28 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     t0 = time.perf_counter()
-    kept = json.loads(results_path.read_text()) if results_path.is_file() and not args.fresh else []
-    records: list[dict] = []
+    if args.fresh and results_path.is_file():
+        from fire_onnx.fileio import write_text_atomic
+
+        write_text_atomic(results_path, "[]\n")
     seeds = [int(s) for s in args.seeds.split(",")]
     cells = [(ds, att, seed) for ds in datasets for att in attacks for seed in seeds]
     for i, (ds, att, seed) in enumerate(cells, 1):
         step = f"[{i}/{len(cells)} {ds} {att} seed {seed}]"
-        new = run_cell(ds, att, seed, args, step)
-        fresh = {record_key(r) for r in new}
-        kept = [r for r in kept if record_key(r) not in fresh]  # a re-measured record replaces its old one
-        records += new
-        _write(results_path, kept + records)  # after every cell: an interrupted run keeps what it measured
-    records = kept + records
+        # a re-measured record replaces its old one; after every cell, so an interrupted run keeps what it measured
+        bf.save_records(results_path, run_cell(ds, att, seed, args, step), record_key)
+    records = bf.load_records(results_path)
     from fire_onnx import __version__
     from fire_onnx.fileio import write_text_atomic
 
     import onnxruntime as ort
 
-    _write(results_path, records)
     md = markdown(records)
     meta = (f"\n\nfire-onnx {__version__}, onnxruntime {ort.__version__}, python {platform.python_version()}, "
             f"{round(time.perf_counter() - t0)} s for the last run ({len(cells)} cell(s)).")
     write_text_atomic(out / "results.md", md + meta + "\n")
     print(md)
     return 0
-
-
-def _write(path: Path, records: list[dict]) -> None:
-    from fire_onnx.fileio import write_text_atomic
-
-    write_text_atomic(path, json.dumps(records, indent=1, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ the clean change (test images whose predicted class the repair changes). Writes 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -185,12 +184,13 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="auto,fixed,layers",
                     help="comma-separated: auto, auto-repair (--repair auto), fixed, layers")
     args = ap.parse_args(argv)
+    import bench_flagged as bf
     from fire_onnx.fileio import write_text_atomic
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    records = json.loads(path.read_text()) if path.is_file() else []
+    records = bf.load_records(path)
     t0 = time.perf_counter()
     for ds in args.datasets.split(","):
         for att in args.attacks.split(","):
@@ -199,9 +199,7 @@ def main(argv=None) -> int:
             if not new:
                 continue
             key = lambda r: (r["dataset"], r["attack"], r["mode"], tuple(r["layers"]) if r["mode"] == "layer" else ())  # noqa: E731
-            fresh = {key(r) for r in new}
-            records = [r for r in records if key(r) not in fresh] + new
-            write_text_atomic(path, json.dumps(records, indent=1, default=float) + "\n")
+            records = bf.save_records(path, new, key)
     md = markdown(records)
     write_text_atomic(out / "results.md", md + f"\n\n{round(time.perf_counter() - t0)} s for this run.\n")
     print(md)

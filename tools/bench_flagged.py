@@ -340,27 +340,21 @@ def main(argv=None) -> int:
     if "preact18" in archs:
         cells += [("preact18", ds, att) for ds in PREACT["datasets"] for att in PREACT["attacks"]
                   if ds in datasets and att in attacks]
-    # cells measured by earlier runs stay (a cell re-measured here replaces its old records); the file is
-    # re-read before every write, so runs of other cells at the same time do not drop each other's records
+    # cells measured by earlier runs stay (a cell re-measured here replaces its old records)
     if args.fresh and results_path.is_file():
-        _write(results_path, [])
+        from fire_onnx.fileio import write_text_atomic
 
-    def on_disk() -> list[dict]:
-        return json.loads(results_path.read_text()) if results_path.is_file() else []
-
+        write_text_atomic(results_path, "[]\n")
     key = lambda r: (r["model"], r["dataset"], r["attack"], r["seed"], r["mode"])  # noqa: E731
     for arch, ds, att in cells:
         for seed in (int(s) for s in args.seeds.split(",")):
             log(f"[{arch} / {ds} / {att} / seed {seed}]")
-            new = run_cell(ds, att, seed, args, modes, arch=arch)
-            fresh = {key(r) for r in new}
             # written after every cell, so an interrupted run keeps what it measured
-            _write(results_path, [r for r in on_disk() if key(r) not in fresh] + new)
-    records = on_disk()
+            save_records(results_path, run_cell(ds, att, seed, args, modes, arch=arch), key)
+    records = load_records(results_path)
     from fire_onnx import __version__
     from fire_onnx.fileio import write_text_atomic
 
-    _write(results_path, records)
     md = markdown(records)
     meta = (f"\n\nfire-onnx {__version__}, python {platform.python_version()}, "
             f"{round(time.perf_counter() - t0)} s for this run (training included unless cached).")
@@ -369,10 +363,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write(path: Path, records: list[dict]) -> None:
+def load_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def save_records(path: Path, new: list[dict], key) -> list[dict]:
+    """Merge ``new`` into the records file ``path`` and return all its records: a record whose ``key``
+    one of ``new`` has is replaced, the others stay. The file is re-read before every write, so runs of
+    other cells at the same time do not drop each other's records; written atomically."""
     from fire_onnx.fileio import write_text_atomic
 
+    fresh = {key(r) for r in new}
+    records = [r for r in load_records(path) if key(r) not in fresh] + new
     write_text_atomic(path, json.dumps(records, indent=1, default=float) + "\n")
+    return records
 
 
 if __name__ == "__main__":

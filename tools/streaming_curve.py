@@ -234,11 +234,8 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     new = run_curve(args)
-    path = out / "results.json"
-    old = json.loads(path.read_text()) if path.is_file() else []
-    key = (args.dataset, args.attack, args.seed)
-    records = [r for r in old if (r["dataset"], r["attack"], r["seed"]) != key] + new
-    write_text_atomic(path, json.dumps(records, indent=1, default=float) + "\n")
+    # every record of this cell is replaced (the counts may differ from the earlier run's)
+    records = bf.save_records(out / "results.json", new, lambda r: (r["dataset"], r["attack"], r["seed"]))
     plot(new, out / f"{args.dataset}_{args.attack}.png", title)
     md = markdown(records)
     write_text_atomic(out / "results.md", md + f"\nfire-onnx {__version__}, python {platform.python_version()}; last run "
