@@ -33,8 +33,8 @@ onto held clean images that are not of that class, it should make the model pred
 The confirmation rate is the share that does. The winner is the candidate with the highest rate;
 among candidates within ``TIE_TOL`` (3 points) of the best rate, or within two binomial standard
 errors of it where that is more (:func:`tie_tolerance`), the most structured kind wins (patch,
-then periodic stripes, then blend, then additive) and within a kind the smallest change (mean absolute pixel change on the
-held images). The kind comes first because the additive model is the catch-all: the mean difference
+then periodic stripes, then blend, then additive) and within a kind the smallest change (mean
+absolute pixel change on the held images). The kind comes first because the additive model is the catch-all: the mean difference
 also carries the flagged images' own content, and on a Blended MNIST model it confirmed as often as
 the blend (98 %) with a slightly smaller change yet left 21.7 % ASR after the repair from 5 flagged
 images, against 2.1 % with the blend. Below ``CONFIRM_THRESHOLD`` (50 %) nothing is confirmed: the
@@ -297,7 +297,6 @@ def periodic_candidates(F: np.ndarray, X: np.ndarray) -> list[Candidate]:
         pf, px = F.mean(axis=axis), X.mean(axis=axis)  # (N, L, C): each image's profile along the other axis
         cf, cx = np.fft.rfft(pf, axis=1), np.fft.rfft(px, axis=1)  # (N, L // 2 + 1, C) per image
         coef = cf.mean(axis=0) - cx.mean(axis=0)
-        d = np.fft.irfft(coef, n=pf.shape[1], axis=0)
 
         def var(c):  # spread of complex coefficients over images (neighbouring points correlate: no formula)
             return (c.real.var(axis=0, ddof=1) + c.imag.var(axis=0, ddof=1)) / len(c) if len(c) > 1 else 0.0
@@ -311,7 +310,7 @@ def periodic_candidates(F: np.ndarray, X: np.ndarray) -> list[Candidate]:
         one = np.zeros_like(coef)
         one[k] = coef[k]
         for suffix, c in (("-periodic", np.where(keep, coef, 0)), ("-sine", one)):
-            prof = np.fft.irfft(c, n=d.shape[0], axis=0).astype(np.float32)
+            prof = np.fft.irfft(c, n=pf.shape[1], axis=0).astype(np.float32)
             dp = prof[None, :, :] if axis == 1 else prof[:, None, :]
             dp = np.ascontiguousarray(np.broadcast_to(dp, F.shape[1:]))
             freqs = [int(f) for f in np.nonzero(np.abs(c).any(axis=-1))[0]]
