@@ -257,6 +257,7 @@ def test_auto_warns_when_no_layer_removes_the_trigger(synth):
     assert all(r["target_rate"] == 1.0 and r["clean_change"] == 0.0 for r in d.meta["auto"]["candidates"])
     warnings = d.meta["checks"]["warnings"]
     assert any("still sends 100% of the held-out triggered images to class 0" in w for w in warnings)
+    assert any("no candidate lowers the share of held-out triggered images sent to class 0" in w for w in warnings)
     assert "tied on target rate with" in d.meta["auto"]["why"]
 
 

@@ -461,6 +461,10 @@ def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
                         f"held-out triggered images to class {target} (original model {original_rate:.0%}): no single "
                         "layer removes this trigger; check --trigger/--triggered and --target, or try --method "
                         "subspace")
+    if original_rate and best.target_rate >= original_rate:
+        warnings.append(f"layer auto: no candidate lowers the share of held-out triggered images sent to class "
+                        f"{target} ({best.target_rate:.0%}, original model {original_rate:.0%}): this repair removes "
+                        "nothing; check that the --triggered images carry the trigger (and --target)")
     req.notes.extend(notes)
     return d
 
