@@ -184,11 +184,22 @@ def cli():
 @click.option("--max-layers", type=click.IntRange(min=1), default=1, show_default=True,
               help="--layer auto: repair up to this many layers, chosen greedily, each fitted on activations with "
                    "the earlier repairs applied, while the held-out target rate drops within --clean-budget.")
+@click.option("--trigger-free", is_flag=True,
+              help="No triggered images: search, for every class, the smallest shared patch or blend that sends the "
+                   "clean images to it (needs --model); a class reached anomalously easily is the backdoor's "
+                   "target, and its recovered trigger stamps the pairs to fit on. No anomalous class: 'no backdoor "
+                   "found', exit 0, nothing written.")
+@click.option("--force", is_flag=True, help="--trigger-free: repair the most anomalous class even when none is anomalous.")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
+              help="--trigger-free: seconds the search may take (the scan's steps adapt to it).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="--trigger-free: gradient steps per class and search (default: as many as --budget allows, at "
+                   "most 80); fixing it makes the search independent of the machine's speed.")
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
         n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
-        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, scale, mean, std,
-        input_layout):
+        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, trigger_free, force, budget,
+        steps, scale, mean, std, input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, describe_reconstruction, run_fit, summary
@@ -213,17 +224,40 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         alpha=alpha, shrink=shrink, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), input_layout=input_layout, reconstruct=reconstruct, repair=repair,
         update_path=update_path, clean_budget=clean_budget, n_holdout=n_holdout,
-        max_layers=max_layers)
-    d = run_fit(req, progress=_progress("collecting activations"), log=lambda line: click.echo(line, err=True))
+        max_layers=max_layers, trigger_free=trigger_free, force=force, budget=budget,
+        steps=steps)
+    quiet = json_out == "-"
+    if trigger_free:
+        from fire_onnx.fit.trigger_free import describe_scan, run_trigger_free
+
+        req.validate()
+        res = run_trigger_free(req, progress=_progress("searching"), log=lambda line: click.echo(line, err=True))
+        if not quiet:
+            for line in describe_scan(res.evidence):
+                click.echo(line)
+        if res.directions is None:
+            for note in req.notes:
+                click.echo(f"note: {note}", err=True)
+            if json_out:
+                _write_json(json_out, {"backdoor_found": False, "output": None, "trigger_free": res.evidence})
+            if not quiet:
+                click.echo("no backdoor found: no class is reached anomalously easily; nothing written "
+                           "(--force repairs the most anomalous class anyway)")
+            return
+        d = res.directions
+    else:
+        d = run_fit(req, progress=_progress("collecting activations"), log=lambda line: click.echo(line, err=True))
     dirs.save(d, output)
     summ = summary(d)
     summ["output"] = str(output)
+    if trigger_free:
+        summ["backdoor_found"] = bool(res.evidence.get("backdoor_found"))
+        summ["trigger_free"] = res.evidence
     for note in req.notes:
         click.echo(f"note: {note}", err=True)
-    quiet = json_out == "-"
     checks = summ["checks"]
     if not quiet and "clean_accuracy" in checks:
-        reach = (f", {checks['triggered_to_target']:.0%} of triggered ones reach target {target}"
+        reach = (f", {checks['triggered_to_target']:.0%} of triggered ones reach target {req.target}"
                  if "triggered_to_target" in checks else "")
         click.echo(f"model: {checks['clean_accuracy']:.1%} accuracy on the clean fitting images{reach}")
     if not quiet and summ.get("reconstruction"):

@@ -44,3 +44,8 @@ def build_mnist() -> SmallCNN:
 def build_cifar() -> SmallCNN:
     """Factory with no arguments for ``--model``: 3x32x32 inputs, 10 classes."""
     return SmallCNN(10, 3, 32)
+
+
+def build_gtsrb() -> SmallCNN:
+    """Factory with no arguments for ``--model``: 3x32x32 inputs, the 43 GTSRB classes."""
+    return SmallCNN(43, 3, 32)

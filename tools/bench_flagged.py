@@ -118,8 +118,10 @@ def train_or_reuse(recipe: dict, data_path: Path, cache: Path):
     n_classes = int(max(train.y.max(), test.y.max()) + 1)
     h, _, c = train.x.shape[1:]
     pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
-    poisoned, _ = poison(train, triggers.parse(recipe["trigger"]), TARGET, POISON_RATE,
-                         np.random.default_rng(recipe["seed"]))
+    poisoned = train  # a clean model (tools/bench_trigger_free.py): no trigger, nothing poisoned
+    if recipe["trigger"]:
+        poisoned, _ = poison(train, triggers.parse(recipe["trigger"]), TARGET, recipe["poison_rate"],
+                             np.random.default_rng(recipe["seed"]))
     torch.manual_seed(recipe["seed"])
     torch.set_num_threads(2)
     if recipe["arch"] == "preact18":

@@ -370,13 +370,15 @@ def _fit_group(req, inputs, group: list[Site], split: Split, progress) -> dict[s
     return out
 
 
-def run_auto(req, *, progress=None, log: Log | None = None) -> dirs.Directions:
-    """``fit --layer auto``: rank the candidate sites, refit the winner, record the ranking in its meta."""
+def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs.Directions:
+    """``fit --layer auto``: rank the candidate sites, refit the winner, record the ranking in its meta.
+    ``inputs``: what :func:`fire_onnx.fit.pipeline.load_inputs` loaded (default: load them from ``req``)."""
     from fire_onnx.fit.pipeline import load_inputs, select_samples
     from fire_onnx.patch import is_patched
 
     say = log or (lambda msg: None)
-    inputs = load_inputs(req)
+    if inputs is None:
+        inputs = load_inputs(req)
     if inputs.onnx_model is None:
         raise FireError("--layer auto judges each candidate by patching the ONNX model: give --onnx MODEL.onnx")
     if is_patched(inputs.onnx_model):

@@ -57,6 +57,10 @@ class FitRequest:
     clean_budget: float = 0.005  # --layer auto: the most held-out clean predictions the repair may change
     n_holdout: int = 1000  # --layer auto: held-out clean images (pool images no fit uses)
     max_layers: int = 1  # --layer auto: repair a chain of up to this many layers (greedy)
+    trigger_free: bool = False  # --trigger-free: search the trigger from the clean images (fire_onnx.fit.trigger_free)
+    force: bool = False  # --trigger-free: repair the most anomalous class even when none is anomalous
+    budget: float = 180.0  # --trigger-free: seconds the search may take (the scan's steps adapt to it)
+    steps: int | None = None  # --trigger-free: gradient steps per class and search (default: from --budget)
 
     @property
     def auto(self) -> bool:
@@ -74,10 +78,14 @@ class FitRequest:
                             "--layer, choose --repair project or translate")
         if not self.layers and not self.update_path:
             raise FireError("give --layer (the module or tensor to repair), or --update DIRECTIONS")
-        if self.update_path and self.trigger_spec is None and self.triggered_path is None:
+        if self.trigger_free:
+            self._validate_trigger_free()
+        elif self.force:
+            raise FireError("--force applies to --trigger-free (repair the most anomalous class anyway)")
+        elif self.update_path and self.trigger_spec is None and self.triggered_path is None:
             raise FireError("--update needs the new triggered images: --triggered FILE (or --trigger SPEC)")
-        if (self.triggered_path is None) == (self.trigger_spec is None):
-            raise FireError("give exactly one of --triggered FILE or --trigger SPEC")
+        elif (self.triggered_path is None) == (self.trigger_spec is None):
+            raise FireError("give exactly one of --triggered FILE or --trigger SPEC (or --trigger-free)")
         if self.model_spec is None and self.onnx_path is None:
             raise FireError("give --model (PyTorch) or --onnx (fit from the ONNX model in onnxruntime)")
         if self.weights and not self.model_spec:
@@ -92,6 +100,22 @@ class FitRequest:
             raise FireError("--tensor needs --onnx (it names a tensor of that model)")
         if self.reconstruct not in ("auto", "off"):
             raise FireError("--reconstruct must be auto or off")
+
+    def _validate_trigger_free(self) -> None:
+        if self.triggered_path or self.trigger_spec:
+            raise FireError("--trigger-free searches the trigger itself: drop --triggered/--trigger (or drop "
+                            "--trigger-free to fit on them)")
+        if self.update_path:
+            raise FireError("--trigger-free fits from scratch; it cannot be combined with --update")
+        if self.target is not None:
+            raise FireError("--trigger-free finds the target class itself: drop --target")
+        if not self.model_spec or Path(self.model_spec).is_file():
+            raise FireError("--trigger-free searches the trigger by gradient descent: give --model (a PyTorch "
+                            "factory, with --weights), not only an ONNX or TorchScript file")
+        if self.budget <= 0:
+            raise FireError("--budget is a number of seconds, more than 0")
+        if self.steps is not None and self.steps < 1:
+            raise FireError("--steps must be at least 1")
 
     def _validate_auto(self) -> None:
         if len(self.layers) != 1:

@@ -1,0 +1,209 @@
+"""``fit --trigger-free``: find the backdoor from clean images alone, or say that there is none.
+
+1. Scan (:mod:`fire_onnx.invert`): every class, two parametrisations (patch, blend), one shared change per
+   class within a fixed size; the anomaly index of the classes' losses names the suspected target.
+2. No class above the threshold: "no backdoor found", and no directions unless ``--force`` (which repairs
+   the most anomalous class anyway).
+3. The suspect's patch is refined (shrunk to the pixels that still flip the images), and the recovered
+   trigger stamps pseudo-pairs on clean pool images: the same paired fit as ``--trigger`` or as flagged
+   inputs with a confirmed reconstruction (``--layer X`` or ``--layer auto``).
+4. Iterate: search the suspect class again on the repaired model (PyTorch hooks). While it is still
+   anomalous against the other classes' losses of the first scan, its trigger joins the earlier ones and
+   the repair is refitted on all of them (a subspace of one direction per trigger), up to ``MAX_ROUNDS``
+   or ``--budget``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fire_onnx import directions as dirs
+from fire_onnx import invert
+from fire_onnx.data import Images, fit_samples
+from fire_onnx.errors import FireError
+
+MAX_ROUNDS = 3
+MIN_STEPS = 20  # the scan's steps per class never go below this, whatever --budget says
+SCAN_SHARE = 0.6  # share of --budget the first scan may take (the rest: refinement, fits, later rounds)
+PSEUDO_PAIRS = 200  # clean pool images stamped with the recovered trigger(s) for the paired fit
+
+
+@dataclass
+class Stamps:
+    """The recovered trigger(s) as a trigger ``fit_samples`` can apply: image i gets trigger i mod n."""
+
+    candidates: list
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        out = x.copy()
+        n = len(self.candidates)
+        for i, c in enumerate(self.candidates):
+            out[i::n] = c.apply(x[i::n])
+        return out
+
+
+@dataclass
+class TriggerFreeResult:
+    directions: dirs.Directions | None  # None: no backdoor found (and no --force)
+    evidence: dict = field(default_factory=dict)
+
+
+def _steps(net, x: np.ndarray, n_classes: int, budget: float, notes: list) -> int:
+    """Steps per class and parametrisation that let the scan fit in ``SCAN_SHARE`` of ``budget``."""
+    invert.search_class(net, x[: invert.BATCH], 0, "patch", steps=1)  # warm-up (first-call costs)
+    t0 = time.perf_counter()
+    invert.search_class(net, x[: invert.BATCH], 0, "patch", steps=4)
+    per_step = (time.perf_counter() - t0) / 4
+    steps = int(SCAN_SHARE * budget / max(per_step * n_classes * len(invert.KINDS), 1e-9))
+    if steps < MIN_STEPS:
+        notes.append(f"the scan needs about {per_step * n_classes * len(invert.KINDS) * MIN_STEPS / SCAN_SHARE:.0f} s "
+                     f"at its minimum of {MIN_STEPS} steps per class; --budget is exceeded")
+    return int(np.clip(steps, MIN_STEPS, invert.STEPS))
+
+
+def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
+    """Scan, decide, repair and iterate (see the module doc). ``req`` is a :class:`FitRequest` with
+    ``trigger_free`` set; ``log`` gets one line per stage."""
+    from fire_onnx.fit.pipeline import fit_inputs, load_inputs
+    from fire_onnx.fit.torch_model import apply_in_torch
+
+    say = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    inputs = load_inputs(req)
+    if inputs.model is None:
+        raise FireError("--trigger-free searches the trigger by gradient descent: give --model (a PyTorch factory, "
+                        "with --weights), not only an ONNX or TorchScript file")
+    model = inputs.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    pool = inputs.pool
+    order = np.random.default_rng(req.seed).permutation(len(pool))
+    search_idx = order[req.n_clean: req.n_clean + invert.N_SEARCH]
+    if len(search_idx) < invert.N_SEARCH // 4:
+        search_idx = order[: invert.N_SEARCH]  # a small pool: search on the clean fitting images too
+        req.notes.append(f"{req.clean_path} has only {len(pool)} images: the trigger search shares them with the fit")
+    x_search = pool.x[search_idx]
+    y_search = None if pool.y is None else pool.y[search_idx]
+    net = invert.Model(model, inputs.preprocess)
+    n_classes = int(net.logits(x_search[:2]).shape[1])
+    if n_classes < 3:
+        raise FireError(f"--trigger-free compares the classes with each other; the model has {n_classes} outputs")
+    steps = req.steps or _steps(net, x_search, n_classes, req.budget, req.notes)
+    say(f"trigger-free: scanning {n_classes} classes x {len(invert.KINDS)} searches ({steps} steps each) on "
+        f"{len(x_search)} clean images")
+    scan = invert.scan(net, x_search, y_search, steps=steps, seed=req.seed, progress=progress)
+    cls, kind, index = scan.suspect
+    evidence = {"scan": scan.describe(), "rounds": [], "backdoor_found": bool(scan.found),
+                "target": cls if scan.found or req.force else None, "forced": bool(req.force and not scan.found)}
+    say(f"trigger-free: most anomalous class {cls} ({kind}, anomaly index {index:.2f}, threshold "
+        f"{scan.threshold}); scan took {scan.seconds:.0f} s")
+    if not scan.found and not req.force:
+        evidence["seconds"] = round(time.perf_counter() - t_start, 1)
+        return TriggerFreeResult(None, evidence)
+    if not scan.found:
+        req.notes.append(f"no class is anomalous (highest index {index:.2f} <= {scan.threshold}); --force repairs "
+                         f"the most anomalous one, class {cls}, anyway")
+
+    pred = net.logits(x_search).argmax(1)
+    x_cls = invert.class_images(x_search, pred, y_search, cls)
+    others = scan.losses(kind).copy()
+    found = scan.best()
+    cands = []
+    d = None
+    req.target = cls
+    for r in range(MAX_ROUNDS):
+        trig = invert.refine_patch(net, x_cls, found, seed=req.seed) if found.kind == "patch" else found
+        cand = trig.candidate(f"trigger-free {trig.kind}, round {r + 1}")
+        cands.append(cand)
+        evidence["rounds"].append({"round": r + 1, "kind": trig.kind, "loss": round(found.loss, 4),
+                                   "flip_rate": round(trig.rate, 4), **cand.info})
+        d = _fit(req, inputs, Stamps(cands), fit_inputs, progress)
+        if r + 1 == MAX_ROUNDS:
+            evidence["stopped"] = f"reached {MAX_ROUNDS} rounds"
+            break
+        if time.perf_counter() - t_start > req.budget:
+            evidence["stopped"] = f"--budget {req.budget:.0f} s spent"
+            break
+        if any(not t.module for t in d.targets):
+            evidence["stopped"] = "a repaired target has no module path, so it cannot be searched again in PyTorch"
+            break
+        handles = apply_in_torch(model, d)
+        try:
+            again = invert.search_class(net, x_cls, cls, kind, steps=steps, seed=req.seed + r + 1)
+        finally:
+            for h in handles:
+                h.remove()
+        others[cls] = again.loss
+        idx = float(invert.anomaly_index(others)[cls])
+        evidence["rounds"][-1]["after"] = {"loss": round(again.loss, 4), "flip_rate": round(again.rate, 4),
+                                           "anomaly_index": round(idx, 3)}
+        say(f"trigger-free: round {r + 1}: after the repair class {cls} has anomaly index {idx:.2f} "
+            f"(flip rate {again.rate:.0%})")
+        if idx <= scan.threshold:
+            evidence["stopped"] = f"class {cls} is no longer anomalous after round {r + 1}"
+            break
+        found = again
+    evidence["seconds"] = round(time.perf_counter() - t_start, 1)
+    d.meta["trigger_free"] = evidence
+    d.meta["trigger"] = {"kind": "trigger-free", "rounds": len(cands)}
+    return TriggerFreeResult(d, evidence)
+
+
+def _fit(req, inputs, stamps: Stamps, fit_inputs, progress) -> dirs.Directions:
+    """The paired fit on pseudo-pairs of ``stamps`` (``--layer auto`` or the given layers)."""
+    n = len(stamps.candidates)
+    method, k = req.method, inputs.k
+    if n > 1 and method == "mean-diff":
+        method, k = "subspace", n
+    saved = (req.method, inputs.k, req.n_triggered, inputs.trigger)
+    req.method, inputs.k, inputs.trigger = method, k, stamps
+    req.n_triggered = max(req.n_triggered, PSEUDO_PAIRS)
+    try:
+        if req.auto:
+            from fire_onnx.fit.auto import run_auto
+
+            return run_auto(req, progress=progress, inputs=inputs)
+        order = np.random.default_rng(req.seed).permutation(len(inputs.pool))
+        available = int(np.sum(inputs.pool.y[order[req.n_clean:]] != req.target)) if inputs.pool.y is not None \
+            else len(order) - req.n_clean
+        n_pairs = min(req.n_triggered, available)
+        if n_pairs < 1:
+            raise FireError(f"{req.clean_path} leaves no images beside the {req.n_clean} clean samples to stamp the "
+                            "recovered trigger on: give a larger --clean pool or a smaller --n-clean")
+        clean, triggered, source = fit_samples(inputs.pool, n_clean=req.n_clean, n_triggered=n_pairs, seed=req.seed,
+                                               target=req.target, trigger=stamps)
+        return fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+    finally:
+        req.method, inputs.k, req.n_triggered, inputs.trigger = saved
+
+
+def describe_scan(evidence: dict) -> list[str]:
+    """What ``fit --trigger-free`` prints: the per-class table and each round."""
+    scan = evidence.get("scan") or {}
+    lines = []
+    kinds = [k for k in invert.KINDS if k in scan]
+    if kinds:
+        lines.append("class  " + "  ".join(f"{k + ' loss':>10} {'index':>6} {'flips':>5}" for k in kinds))
+        n = len(scan[kinds[0]]["loss"])
+        for c in range(n):
+            cells = []
+            for k in kinds:
+                loss, idx, rate = scan[k]["loss"][c], scan[k]["anomaly_index"][c], scan[k]["flip_rate"][c]
+                cells.append("       n/a    n/a   n/a" if loss is None else f"{loss:>10.3f} {idx:>6.2f} {rate:>5.0%}")
+            mark = "  <- anomalous" if scan.get("found") and c == scan.get("suspect") else ""
+            lines.append(f"{c:>5}  " + "  ".join(cells) + mark)
+    for r in evidence.get("rounds", []):
+        size = (f"{r['mask_pixels']:.0f}-pixel patch" if "mask_pixels" in r else f"blend ratio {r['blend_ratio']:.3f}")
+        after = r.get("after")
+        lines.append(f"round {r['round']}: {size} sends {r['flip_rate']:.0%} of clean images to class {evidence['target']}"
+                     + (f"; after the repair: index {after['anomaly_index']:.2f}, {after['flip_rate']:.0%} flips"
+                        if after else ""))
+    if evidence.get("stopped"):
+        lines.append(f"stopped: {evidence['stopped']}")
+    if "seconds" in evidence:
+        lines.append(f"trigger-free search and fit: {evidence['seconds']:.0f} s")
+    return lines

@@ -1,0 +1,142 @@
+"""fit --trigger-free: the backdoor found from clean images alone, and clean models left alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+STEPS = "40"  # fixed, so the search does not depend on the machine's speed
+
+
+def test_anomaly_index_marks_the_low_outlier():
+    from fire_onnx.invert import anomaly_index
+
+    idx = anomaly_index([3.0, 3.2, 2.9, 3.1, 0.2, 3.05, np.nan])
+    assert np.nanargmax(idx) == 4 and idx[4] > 5
+    assert np.isnan(idx[6])
+    assert (idx[[0, 1, 2, 3, 5]] < 2).all()
+    assert np.isnan(anomaly_index([1.0, np.nan, np.nan])).all()  # too few classes to compare
+
+
+def test_stamps_alternate_triggers():
+    from fire_onnx.fit.trigger_free import Stamps
+    from fire_onnx.reconstruct import Candidate
+
+    h = w = 4
+    zero = np.zeros((h, w, 1), np.float32)
+    a = Candidate("patch", "a", np.ones((h, w, 1), np.float32), np.full((h, w, 1), 10, np.float32), zero)
+    b = Candidate("patch", "b", np.ones((h, w, 1), np.float32), np.full((h, w, 1), 20, np.float32), zero)
+    out = Stamps([a, b]).apply(np.zeros((5, h, w, 1), np.uint8))
+    assert out[[0, 2, 4]].max() == out[[0, 2, 4]].min() == 10
+    assert out[[1, 3]].max() == out[[1, 3]].min() == 20
+
+
+def _fit_args(weights, clean, *extra):
+    return ("fit", "--trigger-free", "--model", "fire_onnx_models.small_cnn:build_mnist", "--weights", weights,
+            "--clean", clean, "--layer", "block2", "--mean", "0.5", "--std", "0.5", "--steps", STEPS, *extra)
+
+
+def test_finds_and_repairs_the_demo_backdoor(demo_run, mnist_path, tmp_path):
+    """The demo's BadNets MNIST model: class 0 is found and the repair removes the real trigger."""
+    out, report = demo_run
+    d, js = tmp_path / "tf.npz", tmp_path / "tf.json"
+    proc = run_cli(*_fit_args(out / "model.pt", mnist_path, "-o", d, "--json", js), check=True)
+    assert "anomalous" in proc.stdout and "wrote" in proc.stdout
+    summ = json.loads(js.read_text())
+    assert summ["backdoor_found"] is True
+    assert summ["trigger_free"]["target"] == 0
+    assert summ["trigger_free"]["scan"]["anomaly_index"] > 2
+    assert summ["trigger_free"]["rounds"][0]["kind"] == "patch"
+
+    from fire_onnx import directions as dirs
+
+    meta = dirs.load(d).meta
+    assert meta["trigger_free"]["scan"]["patch"]["loss"][0] < min(meta["trigger_free"]["scan"]["patch"]["loss"][1:])
+    patched = tmp_path / "m.fire.onnx"
+    run_cli("patch", out / "model.onnx", d, "-o", patched, check=True)
+    ev = tmp_path / "ev.json"
+    run_cli("eval", patched, "--data", mnist_path, "--trigger", "badnets", "--target", "0", "--json", ev, check=True)
+    m = next(iter(json.loads(ev.read_text())["models"].values()))
+    assert report["original"]["asr"] > 0.9
+    assert m["asr"] <= 0.05, m
+    assert m["ca"] >= report["original"]["ca"] - 0.01, m
+
+
+@pytest.fixture(scope="module")
+def clean_mnist_model(tmp_path_factory, mnist_path):
+    """A SmallCNN trained on the bundled MNIST without any poisoning (2 epochs, seeded)."""
+    import torch
+
+    from fire_onnx.data import Preprocess, load_images
+    from fire_onnx.demo import train_model
+    from fire_onnx.fit import export_onnx
+    from fire_onnx_models.small_cnn import build_mnist
+
+    train = load_images(mnist_path, "train")
+    pre = Preprocess(scale=1 / 255, mean=[0.5], std=[0.5])
+    torch.manual_seed(0)
+    model = build_mnist()
+    train_model(model, pre(train.x), train.y, epochs=2, seed=0, log=lambda *_: None)
+    folder = tmp_path_factory.mktemp("clean")
+    torch.save(model.eval().state_dict(), folder / "model.pt")
+    export_onnx(model, pre(train.x[:2]), folder / "model.onnx")
+    return folder
+
+
+def test_clean_model_guard(clean_mnist_model, mnist_path, tmp_path):
+    """No anomalous class: 'no backdoor found', exit 0, nothing written; --force repairs anyway and the
+    repair costs at most 0.5 pt of clean accuracy."""
+    d, js = tmp_path / "tf.npz", tmp_path / "tf.json"
+    proc = run_cli(*_fit_args(clean_mnist_model / "model.pt", mnist_path, "-o", d, "--json", js))
+    assert proc.returncode == 0, proc.stderr
+    assert "no backdoor found" in proc.stdout
+    assert not d.exists()
+    summ = json.loads(js.read_text())
+    assert summ["backdoor_found"] is False and summ["output"] is None
+    assert summ["trigger_free"]["scan"]["anomaly_index"] <= 2
+
+    proc = run_cli(*_fit_args(clean_mnist_model / "model.pt", mnist_path, "-o", d, "--force"), check=True)
+    assert d.is_file() and "--force repairs the most anomalous one" in proc.stderr
+    patched = tmp_path / "m.fire.onnx"
+    run_cli("patch", clean_mnist_model / "model.onnx", d, "-o", patched, check=True)
+    evs = []
+    for model, pre in ((clean_mnist_model / "model.onnx", ("--mean", "0.5", "--std", "0.5")), (patched, ())):
+        ev = tmp_path / f"{model.stem}.json"
+        run_cli("eval", model, "--data", mnist_path, *pre, "--json", ev, check=True)
+        evs.append(next(iter(json.loads(ev.read_text())["models"].values()))["ca"])
+    assert evs[0] > 0.9
+    assert evs[1] >= evs[0] - 0.005, evs
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--trigger", "badnets"), "drop --triggered/--trigger"),
+    (("--target", "0"), "drop --target"),
+    (("--budget", "0"), "--budget"),
+])
+def test_trigger_free_bad_options(demo_run, mnist_path, tmp_path, extra, message):
+    out, _ = demo_run
+    proc = run_cli(*_fit_args(out / "model.pt", mnist_path, "-o", tmp_path / "d.npz", *extra))
+    assert proc.returncode != 0
+    assert message in proc.stderr or message in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "d.npz").exists()
+
+
+def test_trigger_free_needs_a_pytorch_model(demo_run, mnist_path, tmp_path):
+    out, _ = demo_run
+    proc = run_cli("fit", "--trigger-free", "--onnx", out / "model.onnx", "--clean", mnist_path, "--layer", "block2",
+                   "-o", tmp_path / "d.npz")
+    assert proc.returncode == 1 and "give --model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_force_needs_trigger_free(demo_run, mnist_path, tmp_path):
+    out, _ = demo_run
+    proc = run_cli("fit", "--onnx", out / "model.onnx", "--clean", mnist_path, "--layer", "block2", "--trigger",
+                   "badnets", "--force", "-o", tmp_path / "d.npz")
+    assert proc.returncode == 1 and "--force applies to --trigger-free" in proc.stderr
