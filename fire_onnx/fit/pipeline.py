@@ -57,6 +57,9 @@ class FitRequest:
     clean_budget: float = 0.005  # --layer auto: the most held-out clean predictions the repair may change
     n_holdout: int = 1000  # --layer auto: held-out clean images (pool images no fit uses)
     max_layers: int = 1  # --layer auto: repair a chain of up to this many layers (greedy)
+    # --unlabeled (fire_onnx.fit.unlabeled): find the triggered inputs in unlabeled traffic
+    unlabeled_path: str | None = None
+    force: bool = False  # --unlabeled found nothing: fit on the closest candidate anyway
 
     @property
     def auto(self) -> bool:
@@ -76,8 +79,12 @@ class FitRequest:
             raise FireError("give --layer (the module or tensor to repair), or --update DIRECTIONS")
         if self.update_path and self.trigger_spec is None and self.triggered_path is None:
             raise FireError("--update needs the new triggered images: --triggered FILE (or --trigger SPEC)")
-        if (self.triggered_path is None) == (self.trigger_spec is None):
-            raise FireError("give exactly one of --triggered FILE or --trigger SPEC")
+        given = [p for p in (self.triggered_path, self.trigger_spec, self.unlabeled_path) if p is not None]
+        if len(given) != 1:
+            raise FireError("give exactly one of --triggered FILE, --trigger SPEC or --unlabeled TRAFFIC")
+        if self.unlabeled_path and self.update_path:
+            raise FireError("--update refines a repair with new triggered images; --unlabeled finds them itself: "
+                            "fit from scratch with --unlabeled, or give --triggered")
         if self.model_spec is None and self.onnx_path is None:
             raise FireError("give --model (PyTorch) or --onnx (fit from the ONNX model in onnxruntime)")
         if self.weights and not self.model_spec:
@@ -205,9 +212,14 @@ def load_inputs(req: FitRequest) -> FitInputs:
 
         model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
     onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
-    return FitInputs(pool=pool, trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean,
-                     preprocess=pre, model=model, onnx_model=onnx_model, onnx_name=onnx_name, meta=meta, k=k,
-                     previous=previous)
+    inputs = FitInputs(pool=pool, trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean,
+                       preprocess=pre, model=model, onnx_model=onnx_model, onnx_name=onnx_name, meta=meta, k=k,
+                       previous=previous)
+    if req.unlabeled_path:  # find the triggered inputs in the traffic: they become inputs.triggered
+        from fire_onnx.fit.unlabeled import attach
+
+        attach(req, inputs)
+    return inputs
 
 
 def select_samples(req: FitRequest, inputs: FitInputs):
@@ -275,6 +287,8 @@ def summary(d: dirs.Directions) -> dict:
         out["reconstruction"] = d.meta["reconstruction"]
     if d.meta.get("auto"):
         out["auto"] = d.meta["auto"]
+    if d.meta.get("unlabeled"):
+        out["unlabeled"] = d.meta["unlabeled"]
     return out
 
 
