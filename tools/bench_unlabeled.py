@@ -42,8 +42,9 @@ def log(msg: str) -> None:
 
 
 def make_traffic(test, trig, n: int, rate: float, seed: int):
-    """(traffic images, is-triggered mask, test indices in the traffic): ``n`` test images in a seeded
-    random order, ``round(rate * n)`` of them (non-target classes) stamped with the trigger."""
+    """(traffic images, is-triggered mask, test indices in the traffic): ``n`` test images (at most half
+    the split) in a seeded random order, ``round(rate * n)`` of them (non-target classes) stamped with the trigger."""
+    n = min(n, len(test) // 2)  # keep half the test split for the evaluation (MNIST-5k has 1,000 test images)
     order = np.random.default_rng(3000 + seed).permutation(len(test))[:n]
     n_trig = int(round(rate * n))
     non_target = np.nonzero(test.y[order] != TARGET)[0]
@@ -137,7 +138,8 @@ def markdown(records: list[dict]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
-    lines = ["Traffic: 1,000 test images, 5 % (50, non-target classes) triggered, no labels; repair fitted on the "
+    lines = ["Traffic: 1,000 test images (MNIST-5k: 500, half its test split), 5 % of them (non-target classes) "
+             "triggered, no labels; repair fitted on the "
              "inputs `fit --unlabeled` found and confirmed (500 clean training images as reference), evaluated on "
              "the rest of the test split. CA / ASR / RA in %.", "",
              "| dataset | attack | layer | target found | found | precision | recall | reconstruction | original CA / ASR "
