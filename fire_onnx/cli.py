@@ -239,7 +239,7 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
     quiet = json_out == "-"
     checks = summ["checks"]
     if not quiet and "clean_accuracy" in checks:
-        reach = (f", {checks['triggered_to_target']:.0%} of triggered ones reach target {target}"
+        reach = (f", {checks['triggered_to_target']:.0%} of triggered ones reach target {req.target}"
                  if "triggered_to_target" in checks else "")
         click.echo(f"model: {checks['clean_accuracy']:.1%} accuracy on the clean fitting images{reach}")
     if not quiet and summ.get("unlabeled"):
