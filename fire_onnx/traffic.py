@@ -32,6 +32,14 @@ cluster and lets the model confirm it:
    ``reconstruct.CONFIRM_THRESHOLD`` of the stamped images go to it) is the attack's target, and its
    flagged inputs are the triggered ones found. No confirmed class: nothing was found.
 
+All the flagged inputs of the confirmed class are then fitted on (:mod:`fire_onnx.fit.unlabeled`), not
+only the highest scorers: the top 20 of 48 found on a CIFAR-10 Blended model are the most extreme
+triggered inputs, and the unpaired repair fitted on them left 44.7 % ASR against 6.2 % with all 48 (GTSRB
+Blended: 56.8 % against 25.5 %). The two-cluster cut was also compared with a cut at the clean scores'
+median + 3.5 robust standard deviations: the stricter of the two found 12 of GTSRB Blended's 50 triggered
+inputs (the target class has only 28 clean references, whose spread is small); the looser one let 3 clean
+inputs into CIFAR-10 Blended's 52 and doubled its residual ASR (11.6 %).
+
 Labels in the traffic file, if any, are never read. The caller supplies the model as two functions
 (:func:`find_triggered`), so this module needs no torch and no onnxruntime.
 """
@@ -170,6 +178,12 @@ def two_means_cut(values: np.ndarray) -> float:
     return float((v[j] + v[j + 1]) / 2)
 
 
+def class_cut(traffic_scores: np.ndarray, reference_scores: np.ndarray) -> float:
+    """The score above which a class's traffic inputs are flagged: the two-cluster split of its traffic
+    and clean reference scores together."""
+    return two_means_cut(np.concatenate([traffic_scores, reference_scores]))
+
+
 def whitener(ref: np.ndarray, ref_pred: np.ndarray, shrink: float = SHRINK, max_dim: int = MAX_DIM) -> np.ndarray:
     """(D, d) matrix ``W`` such that ``x @ W`` whitens the clean references' pooled within-class
     covariance (shrunk towards ``trace / D`` times the identity); ``d = min(D, max_dim)``."""
@@ -236,7 +250,7 @@ def detect(reps: np.ndarray, pred: np.ndarray, ref: np.ndarray, ref_pred: np.nda
         st, sr = xt @ v, xr @ v
         if st.mean() < sr.mean():
             st, sr = -st, -sr
-        cut = two_means_cut(np.concatenate([st, sr]))
+        cut = class_cut(st, sr)
         above = st > cut
         ev.cut, ev.n_flagged = cut, int(above.sum())
         ev.reference_above = float((sr > cut).mean())

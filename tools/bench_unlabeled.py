@@ -35,6 +35,7 @@ from bench_flagged import (ATTACKS, N_CLEAN, TARGET, flagged_split, load_cell, l
 CELLS = [("cifar10", "badnets"), ("cifar10", "blended"), ("gtsrb32", "badnets"), ("gtsrb32", "blended"),
          ("mnist5k", "badnets"), ("mnist5k", "blended")]
 MODE = "unlabeled"
+CLEAN_MODE = "unlabeled-clean-traffic"  # the control: the same traffic without triggered inputs
 
 
 def log(msg: str) -> None:
@@ -48,15 +49,19 @@ def make_traffic(test, trig, n: int, rate: float, seed: int):
     order = np.random.default_rng(3000 + seed).permutation(len(test))[:n]
     n_trig = int(round(rate * n))
     non_target = np.nonzero(test.y[order] != TARGET)[0]
-    pick = np.random.default_rng(4000 + seed).choice(non_target, size=n_trig, replace=False)
+    pick = np.random.default_rng(4000 + seed).choice(non_target, size=n_trig, replace=False) if n_trig else []
     is_trig = np.zeros(n, bool)
     is_trig[pick] = True
     x = test.x[order].copy()
-    x[is_trig] = trig.apply(x[is_trig])
+    if n_trig:
+        x[is_trig] = trig.apply(x[is_trig])
     return x, is_trig, order
 
 
-def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0) -> list[dict]:
+def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0, rate: float | None = None,
+             mode: str = MODE) -> list[dict]:
+    """The records of one cell: one per layer. ``rate`` (default ``args.rate``) is the triggered share of
+    the traffic; ``rate=0`` with ``mode=CLEAN_MODE`` is the clean-traffic control (should find nothing)."""
     from fire_onnx import directions as dirs
     from fire_onnx.data import Images
     from fire_onnx.evaluate import compute_metrics, session
@@ -71,12 +76,13 @@ def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0) 
     train, test, pre, trig, _ = load_cell(data_path, spec)
     c = train.x.shape[-1]
     _, pool = flagged_split(train, seed)
-    x_traffic, is_trig, in_traffic = make_traffic(test, trig, args.traffic, args.rate, seed)
+    rate = args.rate if rate is None else rate
+    x_traffic, is_trig, in_traffic = make_traffic(test, trig, args.traffic, rate, seed)
     rest = np.setdiff1d(np.arange(len(test)), in_traffic)
     eval_clean = test.subset(rest)
     eval_trig = Images(trig.apply(eval_clean.x), eval_clean.y)
     orig = compute_metrics(session(str(onnx_path)), eval_clean, pre, eval_trig, TARGET)
-    base = {"dataset": dataset, "model": "small_cnn", "attack": attack, "trigger": spec, "mode": MODE, "seed": seed,
+    base = {"dataset": dataset, "model": "small_cnn", "attack": attack, "trigger": spec, "mode": mode, "seed": seed,
             "n_traffic": int(len(x_traffic)), "n_triggered_traffic": int(is_trig.sum()),
             "n_eval": int(len(rest)), "ca_original": orig.ca, "asr_original": orig.asr, "ra_original": orig.ra,
             "asr_floor": orig.asr_floor}
@@ -97,7 +103,8 @@ def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0) 
                 d = run_fit(req)
             except NothingFound as e:
                 ev = e.result.record()
-                rec.update(target_found=False, n_found=0, precision=None, recall=0.0, ca=orig.ca, asr=orig.asr,
+                rec.update(target_found=False, n_found=0, precision=None, recall=0.0 if is_trig.any() else None,
+                           ca=orig.ca, asr=orig.asr,
                            ra=orig.ra, evidence=ev, seconds=round(time.perf_counter() - t0, 1),
                            note="nothing confirmed: no repair")
                 out.append(rec)
@@ -114,9 +121,10 @@ def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0) 
             m = compute_metrics(session(str(model)), eval_clean, pre, eval_trig, TARGET)
             t = d.targets[0]
             rc = d.meta.get("reconstruction") or {}
-            rec.update(chosen_layer=t.module or t.tensor, target_found=ev["target"] == TARGET,
+            rec.update(chosen_layer=t.module or t.tensor, target_found=bool(ev["found"] and ev["target"] == TARGET),
                        found_class=ev["target"], n_found=int(found.sum()),
-                       precision=tp / max(int(found.sum()), 1), recall=tp / max(int(is_trig.sum()), 1),
+                       precision=tp / max(int(found.sum()), 1),
+                       recall=tp / int(is_trig.sum()) if is_trig.any() else None,
                        ca=m.ca, asr=m.asr, ra=m.ra, reconstruction=rc.get("kind"),
                        reconstruction_rate=rc.get("rate"), fit=rc.get("fit"),
                        evidence={k: v for k, v in ev.items() if k != "classes"},
@@ -139,19 +147,27 @@ def markdown(records: list[dict]) -> str:
         return "-" if v is None else f"{100 * v:.1f}"
 
     lines = ["Traffic: 1,000 test images (MNIST-5k: 500, half its test split), 5 % of them (non-target classes) "
-             "triggered, no labels; repair fitted on the "
-             "inputs `fit --unlabeled` found and confirmed (500 clean training images as reference), evaluated on "
-             "the rest of the test split. CA / ASR / RA in %.", "",
-             "| dataset | attack | layer | target found | found | precision | recall | reconstruction | original CA / ASR "
-             "| repaired CA / ASR / RA |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["dataset"], r["attack"], r["layer"])):
-        if r.get("mode") != MODE:
-            continue
+             "triggered, no labels; the repair is fitted on the inputs `fit --unlabeled` found and confirmed (500 "
+             "clean training images; the clean pool is the reference), evaluated on the rest of the test split. "
+             "CA / ASR / RA in %. ASR floor: clean non-target images of the evaluation split the original model "
+             "puts in the target class.", "",
+             "| dataset | attack | layer | target found | found | precision | recall | reconstruction | "
+             "original CA / ASR | ASR floor | repaired CA / ASR / RA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = sorted((r for r in records if r.get("mode") == MODE), key=lambda r: (r["dataset"], r["attack"], r["layer"]))
+    for r in rows:
         layer = r["layer"] + (f" ({r['chosen_layer']})" if r["layer"] == "auto" and r.get("chosen_layer") else "")
         lines.append(f"| {r['dataset']} | {r['attack']} | {layer} | {'yes' if r['target_found'] else 'no'} | "
                      f"{r['n_found']} | {pct(r['precision'])} | {pct(r['recall'])} | {r.get('reconstruction') or '-'} "
                      f"{pct(r.get('reconstruction_rate'))} | {pct(r['ca_original'])} / {pct(r['asr_original'])} | "
-                     f"{pct(r['ca'])} / {pct(r['asr'])} / {pct(r['ra'])} |")
+                     f"{pct(r.get('asr_floor'))} | {pct(r['ca'])} / {pct(r['asr'])} / {pct(r['ra'])} |")
+    clean = sorted((r for r in records if r.get("mode") == CLEAN_MODE), key=lambda r: (r["dataset"], r["attack"]))
+    if clean:
+        lines += ["", "Control: the same traffic with no triggered input (the backdoored models):", "",
+                  "| dataset | attack | outcome | CA / ASR after |", "|---|---|---|---|"]
+        for r in clean:
+            what = ("nothing found (no repair)" if not r["n_found"] else
+                    f"found {r['n_found']} inputs of class {r.get('found_class')} (a false find)")
+            lines.append(f"| {r['dataset']} | {r['attack']} | {what} | {pct(r['ca'])} / {pct(r['asr'])} |")
     return "\n".join(lines)
 
 
@@ -165,16 +181,20 @@ def main(argv=None) -> int:
     ap.add_argument("--traffic", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=0.05)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--clean-traffic", action="store_true",
+                    help="also the control: the same traffic without triggered inputs, at the benchmark's layer")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
-    key = lambda r: (r["dataset"], r["model"], r["attack"], r["mode"], r["layer"])  # noqa: E731
+    key = lambda r: (r["dataset"], r["model"], r["attack"], r["mode"], r.get("layer"))  # noqa: E731
     t0 = time.perf_counter()
     for cell in args.cells.split(","):
         ds, att = cell.split(":")
         log(f"[{ds} / {att}]")
         save_records(results, run_cell(ds, att, args, args.layers.split(",")), key)
+        if args.clean_traffic:
+            save_records(results, run_cell(ds, att, args, ["bench"], rate=0.0, mode=CLEAN_MODE), key)
     from fire_onnx import __version__
     from fire_onnx.fileio import write_text_atomic
 
