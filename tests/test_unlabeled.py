@@ -186,3 +186,23 @@ def test_cli_bad_traffic_is_a_one_line_error(demo_run, mnist, mnist_path, tmp_pa
                    "--trigger", "badnets", *PRE)
     assert proc.returncode == 1 and "exactly one of --triggered FILE, --trigger SPEC or --unlabeled" in proc.stderr
 
+
+
+def test_unlabeled_with_layer_auto(demo_run, mnist, mnist_path, tmp_path):
+    """--layer auto takes the inputs found in the traffic like flagged inputs (half fitted on, half judged
+    on) and records both the ranking and the traffic evidence."""
+    from fire_onnx.fit.pipeline import FitRequest, run_fit, summary
+
+    out, _ = demo_run
+    _, test = mnist
+    x, _ = make_traffic(test.x, test.y, 400, 20, seed=4)
+    traffic = tmp_path / "traffic.npz"
+    np.savez(traffic, x=x)
+    req = FitRequest(layers=["auto"], clean_path=str(mnist_path), onnx_path=str(out / "model.onnx"),
+                     unlabeled_path=str(traffic), mean=[0.5], std=[0.5], n_holdout=300)
+    d = run_fit(req)
+    summ = summary(d)
+    assert summ["unlabeled"]["found"] and summ["unlabeled"]["target"] == 0
+    assert summ["auto"]["target"] == 0 and summ["auto"]["chosen"]
+    assert summ["auto"]["n_fit_triggered"] + summ["auto"]["n_held_triggered"] == summ["unlabeled"]["n_found"]
+    assert summ["reconstruction"]["confirmed"]

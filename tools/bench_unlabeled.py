@@ -130,10 +130,38 @@ def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0, 
                        evidence={k: v for k, v in ev.items() if k != "classes"},
                        candidate_classes=[cl for cl in ev["classes"] if cl.get("candidate")],
                        seconds=round(time.perf_counter() - t0, 1))
+            if layer == "bench" and is_trig.any() and args.references:
+                rec.update(references(args, onnx_path, clean_file, tmp, x_traffic[is_trig], name, spec, c, seed,
+                                      eval_clean, eval_trig, pre))
             out.append(rec)
             log(f"  {dataset} {attack} {name} ({rec['chosen_layer']}): class {ev['target']} found {rec['n_found']} "
                 f"(precision {rec['precision']:.2f}, recall {rec['recall']:.2f}); CA {orig.ca:.3f}->{m.ca:.3f} "
                 f"ASR {orig.asr:.3f}->{m.asr:.3f} RA {m.ra:.3f} ({rec['seconds']} s)")
+    return out
+
+
+def references(args, onnx_path, clean_file, tmp: Path, x_true, layer: str, spec: str, c: int, seed: int,
+               eval_clean, eval_trig, pre) -> dict:
+    """What the same layer reaches on the same evaluation split when the detection is perfect (``oracle``:
+    the traffic's truly triggered inputs given as flagged inputs, ``--triggered``) and when the trigger
+    is known (``paired``: ``--trigger``, 20 stamped clean images with their twins)."""
+    from fire_onnx import directions as dirs
+    from fire_onnx.evaluate import compute_metrics, session
+    from fire_onnx.fit.pipeline import FitRequest, run_fit
+    from fire_onnx.patch import patch_file
+
+    true_file = tmp / "true_triggered.npz"
+    np.savez(true_file, x=x_true)
+    out = {}
+    for name, extra in (("oracle", {"triggered_path": str(true_file), "n_triggered": len(x_true)}),
+                        ("paired", {"trigger_spec": spec, "target": TARGET, "n_triggered": 20})):
+        req = FitRequest(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path), n_clean=N_CLEAN,
+                         seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, **extra)
+        dpath, model = tmp / f"{name}.npz", tmp / f"{name}.fire.onnx"
+        dirs.save(run_fit(req), dpath)
+        patch_file(onnx_path, dpath, model)
+        m = compute_metrics(session(str(model)), eval_clean, pre, eval_trig, TARGET)
+        out.update({f"ca_{name}": m.ca, f"asr_{name}": m.asr})
     return out
 
 
@@ -150,16 +178,20 @@ def markdown(records: list[dict]) -> str:
              "triggered, no labels; the repair is fitted on the inputs `fit --unlabeled` found and confirmed (500 "
              "clean training images; the clean pool is the reference), evaluated on the rest of the test split. "
              "CA / ASR / RA in %. ASR floor: clean non-target images of the evaluation split the original model "
-             "puts in the target class.", "",
+             "puts in the target class. At the benchmark's layer, on the same evaluation split: oracle = fitted on "
+             "the traffic's truly triggered inputs as flagged inputs (perfect detection); paired = the trigger "
+             "known (`--trigger`, 20 stamped clean images).", "",
              "| dataset | attack | layer | target found | found | precision | recall | reconstruction | "
-             "original CA / ASR | ASR floor | repaired CA / ASR / RA |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "original CA / ASR | ASR floor | repaired CA / ASR / RA | oracle ASR | paired ASR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted((r for r in records if r.get("mode") == MODE), key=lambda r: (r["dataset"], r["attack"], r["layer"]))
     for r in rows:
         layer = r["layer"] + (f" ({r['chosen_layer']})" if r["layer"] == "auto" and r.get("chosen_layer") else "")
         lines.append(f"| {r['dataset']} | {r['attack']} | {layer} | {'yes' if r['target_found'] else 'no'} | "
                      f"{r['n_found']} | {pct(r['precision'])} | {pct(r['recall'])} | {r.get('reconstruction') or '-'} "
                      f"{pct(r.get('reconstruction_rate'))} | {pct(r['ca_original'])} / {pct(r['asr_original'])} | "
-                     f"{pct(r.get('asr_floor'))} | {pct(r['ca'])} / {pct(r['asr'])} / {pct(r['ra'])} |")
+                     f"{pct(r.get('asr_floor'))} | {pct(r['ca'])} / {pct(r['asr'])} / {pct(r['ra'])} | "
+                     f"{pct(r.get('asr_oracle'))} | {pct(r.get('asr_paired'))} |")
     clean = sorted((r for r in records if r.get("mode") == CLEAN_MODE), key=lambda r: (r["dataset"], r["attack"]))
     if clean:
         lines += ["", "Control: the same traffic with no triggered input (the backdoored models):", "",
@@ -181,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--traffic", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=0.05)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--no-references", dest="references", action="store_false",
+                    help="skip the oracle (true triggered inputs) and paired (known trigger) fits at the bench layer")
     ap.add_argument("--clean-traffic", action="store_true",
                     help="also the control: the same traffic without triggered inputs, at the benchmark's layer")
     args = ap.parse_args(argv)
