@@ -331,8 +331,6 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
             new = np.setdiff1d(extra, result.indices)
             if len(new):
                 result.indices = np.concatenate([result.indices, new])
-                result.notes.append(f"{len(new)} more inputs of class {best.cls} carry the reconstructed patch and "
-                                    "were added to the outlying ones")
             result.n_patch_added = int(len(new))
     return result
 
@@ -389,5 +387,7 @@ def describe(rec: dict) -> str:
     if rec.get("forced"):
         return (f"{head}; {NOTHING_FOUND}; --force: fitting on the {rec['n_found']} outlying inputs of class "
                 f"{rec['target']} anyway" + (f" (tried: {tries})" if tries else ""))
-    return (f"{head}; found {rec['n_found']} triggered inputs predicted as class {rec['target']} (reconstruction "
+    added = rec.get("n_patch_added", 0)
+    how = f" ({rec['n_found'] - added} outlying, {added} more carrying the patch)" if added else ""
+    return (f"{head}; found {rec['n_found']} triggered inputs{how} predicted as class {rec['target']} (reconstruction "
             f"{rec.get('chosen_kind')} confirmed by {rec['chosen_confirmation']:.0%}; tried: {tries})")

@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/trigger_free")
     ap.add_argument("--cache", default="benchmarks/.cache/models", help="trained models, keyed by recipe hash")
     ap.add_argument("--cells", default=",".join(f"{d}:{a}" for d, a in CELLS), help="dataset:attack,...")
-    ap.add_argument("--layers", default="bench,auto", help="bench (the benchmark's layer for the attack), auto, or names")
+    ap.add_argument("--layers", default="bench,auto",
+                    help="bench (the benchmark's layer for the attack), auto, or layer names")
     ap.add_argument("--traffic", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=0.05)
     ap.add_argument("--epochs", type=int, default=6)
