@@ -234,6 +234,9 @@ def main(argv=None) -> int:
     from fire_onnx.fileio import write_text_atomic
 
     md = markdown(load_records(results))
+    notes = out / "unlabeled_notes.md"  # the reading, kept by hand beside the generated table
+    if notes.is_file():
+        md += "\n\n" + notes.read_text().strip()
     write_text_atomic(out / "unlabeled.md", md + f"\n\nfire-onnx {__version__}, python {platform.python_version()}, "
                       f"{round(time.perf_counter() - t0)} s for the last run.\n")
     print(md)
