@@ -104,8 +104,9 @@ def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0, 
             except NothingFound as e:
                 ev = e.result.record()
                 rec.update(target_found=False, n_found=0, precision=None, recall=0.0 if is_trig.any() else None,
-                           ca=orig.ca, asr=orig.asr,
-                           ra=orig.ra, evidence=ev, seconds=round(time.perf_counter() - t0, 1),
+                           ca=orig.ca, asr=orig.asr, ra=orig.ra, evidence=_short(ev),
+                           candidate_classes=[cl for cl in ev["classes"] if cl.get("candidate")],
+                           seconds=round(time.perf_counter() - t0, 1),
                            note="nothing confirmed: no repair")
                 out.append(rec)
                 log(f"  {dataset} {attack} {name}: nothing found")
@@ -127,7 +128,7 @@ def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0, 
                        recall=tp / int(is_trig.sum()) if is_trig.any() else None,
                        ca=m.ca, asr=m.asr, ra=m.ra, reconstruction=rc.get("kind"),
                        reconstruction_rate=rc.get("rate"), fit=rc.get("fit"),
-                       evidence={k: v for k, v in ev.items() if k != "classes"},
+                       evidence=_short(ev),
                        candidate_classes=[cl for cl in ev["classes"] if cl.get("candidate")],
                        seconds=round(time.perf_counter() - t0, 1))
             if layer == "bench" and is_trig.any() and args.references:
@@ -163,6 +164,11 @@ def references(args, onnx_path, clean_file, tmp: Path, x_true, layer: str, spec:
         m = compute_metrics(session(str(model)), eval_clean, pre, eval_trig, TARGET)
         out.update({f"ca_{name}": m.ca, f"asr_{name}": m.asr})
     return out
+
+
+def _short(ev: dict) -> dict:
+    """The evidence recorded with a benchmark record: without the per-class table and the indices."""
+    return {k: v for k, v in ev.items() if k not in ("classes", "indices")}
 
 
 def _found_indices(d, x_traffic: np.ndarray) -> np.ndarray:
