@@ -184,12 +184,20 @@ def cli():
 @click.option("--max-layers", type=click.IntRange(min=1), default=1, show_default=True,
               help="--layer auto: repair up to this many layers, chosen greedily, each fitted on activations with "
                    "the earlier repairs applied, while the held-out target rate drops within --clean-budget.")
+@click.option("--unlabeled", "unlabeled_path", type=click.Path(dir_okay=False), default=None, metavar="TRAFFIC",
+              help="Unlabeled deployment inputs (npz with x, uint8 NHWC), some possibly triggered, instead of "
+                   "--triggered/--trigger: fit finds the triggered ones (spectral outliers of each predicted class, "
+                   "confirmed by trigger reconstruction) and fits on them as flagged inputs. Nothing confirmed: "
+                   "says so, exit 0, no directions file (unless --force). Labels in the file are not used.")
 @click.option("--trigger-free", is_flag=True,
               help="No triggered images: search, for every class, the smallest shared patch or blend that sends the "
                    "clean images to it (needs --model); a class reached anomalously easily is the backdoor's "
                    "target, and its recovered trigger stamps the pairs to fit on. No anomalous class: 'no backdoor "
                    "found', exit 0, nothing written.")
-@click.option("--force", is_flag=True, help="--trigger-free: repair the most anomalous class even when none is anomalous.")
+@click.option("--force", is_flag=True,
+              help="--trigger-free: repair the most anomalous class even when none is anomalous; --unlabeled: write "
+                   "directions even when no triggered inputs are confirmed (fitted on the closest candidate class's "
+                   "outliers).")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
               help="--trigger-free: seconds the search may take (the scan's steps adapt to it).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -198,8 +206,8 @@ def cli():
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
         n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
-        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, trigger_free, force, budget,
-        steps, scale, mean, std, input_layout):
+        json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, unlabeled_path, trigger_free,
+        force, budget, steps, scale, mean, std, input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, describe_reconstruction, run_fit, summary
@@ -216,7 +224,8 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         from fire_onnx.fit.update import default_update_output
 
         output = str(default_update_output(update_path)) if update_path else "directions.npz"
-    check_outputs([output, json_out], [clean_path, triggered_path, weights, onnx_path, model_spec, update_path])
+    check_outputs([output, json_out], [clean_path, triggered_path, weights, onnx_path, model_spec, update_path,
+                                       unlabeled_path])
     req = FitRequest(
         layers=list(layers), clean_path=clean_path, model_spec=model_spec, weights=weights, no_weights=no_weights,
         onnx_path=onnx_path, tensor=tensor, triggered_path=triggered_path, trigger_spec=trigger_spec, target=target,
@@ -225,7 +234,7 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         std=_floats(std, "--std"), input_layout=input_layout, reconstruct=reconstruct, repair=repair,
         update_path=update_path, clean_budget=clean_budget, n_holdout=n_holdout,
         max_layers=max_layers, trigger_free=trigger_free, force=force, budget=budget,
-        steps=steps)
+        steps=steps, unlabeled_path=unlabeled_path)
     quiet = json_out == "-"
     if trigger_free:
         from fire_onnx.fit.trigger_free import describe_scan, run_trigger_free
@@ -246,7 +255,13 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
             return
         d = res.directions
     else:
-        d = run_fit(req, progress=_progress("collecting activations"), log=lambda line: click.echo(line, err=True))
+        from fire_onnx.traffic import NothingFound
+
+        try:
+            d = run_fit(req, progress=_progress("collecting activations"), log=lambda line: click.echo(line, err=True))
+        except NothingFound as e:  # --unlabeled: nothing to repair is an answer, not an error (exit 0)
+            _nothing_found(e.result.record(), req.notes, json_out)
+            return
     dirs.save(d, output)
     summ = summary(d)
     summ["output"] = str(output)
@@ -260,6 +275,10 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         reach = (f", {checks['triggered_to_target']:.0%} of triggered ones reach target {req.target}"
                  if "triggered_to_target" in checks else "")
         click.echo(f"model: {checks['clean_accuracy']:.1%} accuracy on the clean fitting images{reach}")
+    if not quiet and summ.get("unlabeled"):
+        from fire_onnx.traffic import describe as describe_traffic
+
+        click.echo(describe_traffic(summ["unlabeled"]))
     if not quiet and summ.get("reconstruction"):
         click.echo(describe_reconstruction(summ["reconstruction"]))
     if not quiet and summ.get("auto"):
@@ -281,6 +300,19 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         _write_json(json_out, summ)
     if not quiet:
         click.echo(f"wrote {output}")
+
+
+def _nothing_found(record: dict, notes: list[str], json_out: str | None) -> None:
+    """``fit --unlabeled`` confirmed no triggered input: say so; no directions file."""
+    from fire_onnx.traffic import describe as describe_traffic
+
+    for note in notes + record.get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    if json_out != "-":
+        click.echo(describe_traffic(record))
+        click.echo("no directions file written: there is nothing to repair (--force fits anyway)")
+    if json_out:
+        _write_json(json_out, {"unlabeled": record, "output": None, "warnings": []})
 
 
 # --------------------------------------------------------------------------------------- patch

@@ -115,7 +115,7 @@ def test_clean_model_guard(clean_mnist_model, mnist_path, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--trigger", "badnets"), "drop --triggered/--trigger"),
+    (("--trigger", "badnets"), "drop --triggered/--trigger/--unlabeled"),
     (("--target", "0"), "drop --target"),
     (("--budget", "0"), "--budget"),
 ])

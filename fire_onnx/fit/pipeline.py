@@ -58,9 +58,13 @@ class FitRequest:
     n_holdout: int = 1000  # --layer auto: held-out clean images (pool images no fit uses)
     max_layers: int = 1  # --layer auto: repair a chain of up to this many layers (greedy)
     trigger_free: bool = False  # --trigger-free: search the trigger from the clean images (fire_onnx.fit.trigger_free)
-    force: bool = False  # --trigger-free: repair the most anomalous class even when none is anomalous
     budget: float = 180.0  # --trigger-free: seconds the search may take (the scan's steps adapt to it)
     steps: int | None = None  # --trigger-free: gradient steps per class and search (default: from --budget)
+    # --unlabeled (fire_onnx.fit.unlabeled): find the triggered inputs in unlabeled traffic
+    unlabeled_path: str | None = None
+    # --trigger-free: repair the most anomalous class even when none is anomalous;
+    # --unlabeled found nothing: fit on the closest candidate anyway
+    force: bool = False
 
     @property
     def auto(self) -> bool:
@@ -80,12 +84,19 @@ class FitRequest:
             raise FireError("give --layer (the module or tensor to repair), or --update DIRECTIONS")
         if self.trigger_free:
             self._validate_trigger_free()
-        elif self.force:
-            raise FireError("--force applies to --trigger-free (repair the most anomalous class anyway)")
-        elif self.update_path and self.trigger_spec is None and self.triggered_path is None:
-            raise FireError("--update needs the new triggered images: --triggered FILE (or --trigger SPEC)")
-        elif (self.triggered_path is None) == (self.trigger_spec is None):
-            raise FireError("give exactly one of --triggered FILE or --trigger SPEC (or --trigger-free)")
+        else:
+            if self.force and not self.unlabeled_path:
+                raise FireError("--force applies to --trigger-free (repair the most anomalous class anyway) and "
+                                "--unlabeled (fit even when no triggered inputs are confirmed)")
+            if self.update_path and self.trigger_spec is None and self.triggered_path is None and not self.unlabeled_path:
+                raise FireError("--update needs the new triggered images: --triggered FILE (or --trigger SPEC)")
+            given = [p for p in (self.triggered_path, self.trigger_spec, self.unlabeled_path) if p is not None]
+            if len(given) != 1:
+                raise FireError("give exactly one of --triggered FILE, --trigger SPEC or --unlabeled TRAFFIC (or "
+                                "--trigger-free)")
+            if self.unlabeled_path and self.update_path:
+                raise FireError("--update refines a repair with new triggered images; --unlabeled finds them itself: "
+                                "fit from scratch with --unlabeled, or give --triggered")
         if self.model_spec is None and self.onnx_path is None:
             raise FireError("give --model (PyTorch) or --onnx (fit from the ONNX model in onnxruntime)")
         if self.weights and not self.model_spec:
@@ -102,9 +113,9 @@ class FitRequest:
             raise FireError("--reconstruct must be auto or off")
 
     def _validate_trigger_free(self) -> None:
-        if self.triggered_path or self.trigger_spec:
-            raise FireError("--trigger-free searches the trigger itself: drop --triggered/--trigger (or drop "
-                            "--trigger-free to fit on them)")
+        if self.triggered_path or self.trigger_spec or self.unlabeled_path:
+            raise FireError("--trigger-free searches the trigger itself: drop --triggered/--trigger/--unlabeled (or "
+                            "drop --trigger-free to fit on them)")
         if self.update_path:
             raise FireError("--trigger-free fits from scratch; it cannot be combined with --update")
         if self.target is not None:
@@ -229,9 +240,14 @@ def load_inputs(req: FitRequest) -> FitInputs:
 
         model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
     onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
-    return FitInputs(pool=pool, trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean,
-                     preprocess=pre, model=model, onnx_model=onnx_model, onnx_name=onnx_name, meta=meta, k=k,
-                     previous=previous)
+    inputs = FitInputs(pool=pool, trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean,
+                       preprocess=pre, model=model, onnx_model=onnx_model, onnx_name=onnx_name, meta=meta, k=k,
+                       previous=previous)
+    if req.unlabeled_path:  # find the triggered inputs in the traffic: they become inputs.triggered
+        from fire_onnx.fit.unlabeled import attach
+
+        attach(req, inputs)
+    return inputs
 
 
 def select_samples(req: FitRequest, inputs: FitInputs):
@@ -299,6 +315,8 @@ def summary(d: dirs.Directions) -> dict:
         out["reconstruction"] = d.meta["reconstruction"]
     if d.meta.get("auto"):
         out["auto"] = d.meta["auto"]
+    if d.meta.get("unlabeled"):
+        out["unlabeled"] = d.meta["unlabeled"]
     return out
 
 

@@ -1,0 +1,209 @@
+"""fit --unlabeled: find the triggered inputs in unlabeled traffic (fire_onnx.traffic), confirm them with
+the model, and repair from them; nothing found on clean traffic; bad traffic files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from fire_onnx import directions as dirs
+from fire_onnx import traffic as tr
+from fire_onnx import triggers
+
+PRE = ["--mean", "0.5", "--std", "0.5"]
+
+
+def make_traffic(x, y, n: int, n_trig: int, seed: int = 0):
+    """``n`` images in a seeded order, ``n_trig`` of them (non-target classes) stamped with BadNets."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))[:n]
+    pick = rng.choice(np.flatnonzero(y[order] != 0), size=n_trig, replace=False)
+    is_trig = np.zeros(n, bool)
+    is_trig[pick] = True
+    out = x[order].copy()
+    out[is_trig] = triggers.parse("badnets").apply(out[is_trig])
+    return out, is_trig
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_path):
+    from fire_onnx.data import load_images
+
+    return load_images(mnist_path, "train"), load_images(mnist_path, "test")
+
+
+# --------------------------------------------------------------------------------------- numpy parts
+def test_two_means_cut_separates_two_groups():
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.normal(0, 1, 200), rng.normal(10, 1, 20)])
+    cut = tr.two_means_cut(v)
+    assert 3 < cut < 7
+    assert tr.two_means_cut(np.array([1.0])) == 1.0
+
+
+def test_detect_finds_a_majority_cluster_against_the_clean_reference():
+    """A class whose traffic is mostly triggered (a rare target class): the outliers are the *majority*
+    of the class, which the traffic-centred spectral signature misses; centred on the clean reference,
+    they are the ones flagged. Other classes flag nothing as candidates."""
+    rng = np.random.default_rng(1)
+    d, shift = 32, np.zeros(32)
+    shift[:4] = 4.0
+    means = rng.normal(0, 3, (3, d))
+    ref = np.concatenate([means[c] + rng.normal(0, 1, (60, d)) for c in range(3)])
+    ref_pred = np.repeat(np.arange(3), 60)
+    clean_t = np.concatenate([means[c] + rng.normal(0, 1, (40, d)) for c in range(3)])
+    trig_t = means[0] + shift + rng.normal(0, 1, (30, d))  # 30 triggered among 40 + 30 inputs of class 0
+    reps = np.concatenate([clean_t, trig_t])
+    pred = np.concatenate([np.repeat(np.arange(3), 40), np.zeros(30, int)])
+    det = tr.detect(reps, pred, ref, ref_pred, 3)
+    flagged = set(det.flagged[0].tolist())
+    triggered = set(range(120, 150))
+    assert len(flagged & triggered) >= 28 and len(flagged - triggered) <= 2
+    assert [c.cls for c in det.candidates()] == [0]
+    assert np.isfinite(det.scores).all()
+
+
+def test_detect_skips_small_classes():
+    rng = np.random.default_rng(2)
+    ref, ref_pred = rng.normal(0, 1, (40, 8)), np.repeat([0, 1], 20)
+    det = tr.detect(rng.normal(0, 1, (12, 8)), np.array([0] * 9 + [1] * 3), ref, ref_pred, 2)
+    assert all(c.skipped.startswith("fewer than") and not c.candidate for c in det.classes)
+
+
+# ------------------------------------------------------------------------------- with the demo model
+def test_finds_the_triggered_inputs(demo_run, mnist):
+    """20 BadNets images among 400 test images: the detection finds them (high precision and recall) and
+    the model confirms class 0; the PyTorch pre-hook reads the same representation as the ONNX model."""
+    import onnx
+
+    from fire_onnx.data import Preprocess
+    from fire_onnx.fit.torch_model import load_model
+    from fire_onnx.fit.unlabeled import _onnx_represent, _torch_represent
+
+    out, _ = demo_run
+    train, test = mnist
+    x, is_trig = make_traffic(test.x, test.y, 400, 20)
+    pre = Preprocess(mean=[0.5], std=[0.5])
+    rep, tensor = _onnx_represent(onnx.load(str(out / "model.onnx")), 256)
+    torch_rep, name = _torch_represent(load_model("fire_onnx_models.small_cnn:build_mnist", str(out / "model.pt")), 256)
+    a, b = rep(pre(x[:16]))[0], torch_rep(pre(x[:16]))[0]
+    assert a.shape == b.shape and np.allclose(a, b, atol=1e-4) and name == "input of module fc2"
+
+    def represent(z):
+        return rep(pre(z))
+
+    r = tr.find_triggered(x, represent, lambda z: represent(z)[1].argmax(axis=1), train.x[:500], train.x[:2000],
+                          train.x[500:], clean_y=train.y[:500], held_y=train.y[500:], tensor=tensor)
+    assert r.found and r.target == 0
+    found = np.zeros(len(x), bool)
+    found[r.indices] = True
+    precision, recall = (found & is_trig).sum() / found.sum(), (found & is_trig).sum() / is_trig.sum()
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall)
+    rec = r.record()
+    chosen = [c for c in rec["classes"] if c["class"] == 0][0]
+    assert chosen["confirmed"] and chosen["confirmation"] >= 0.5
+    assert chosen["n_flagged"] + rec["n_patch_added"] == found.sum() == rec["n_found"]
+    assert rec["representation"] == tensor and rec["n_found"] == found.sum()
+
+
+def test_cli_unlabeled_repairs_and_ignores_labels(demo_run, mnist, mnist_path, tmp_path):
+    """End to end through the console script: fit --unlabeled finds the triggered inputs, prints a
+    summary line, records the evidence, and the patched model loses the backdoor. Labels in the traffic
+    file (here deliberately wrong) change nothing."""
+    out, _ = demo_run
+    _, test = mnist
+    x, is_trig = make_traffic(test.x, test.y, 400, 20, seed=3)
+    traffic, labelled = tmp_path / "traffic.npz", tmp_path / "traffic_y.npz"
+    np.savez(traffic, x=x)
+    np.savez(labelled, x=x, y=np.full(len(x), 7))
+    d = tmp_path / "d.npz"
+    proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--unlabeled",
+                   traffic, *PRE, "-o", d, "--json", tmp_path / "fit.json", check=True)
+    assert "unlabeled traffic: 400 inputs" in proc.stdout and "predicted as class 0" in proc.stdout, proc.stdout
+    assert "trigger reconstruction: patch" in proc.stdout
+    summ = json.loads((tmp_path / "fit.json").read_text())
+    ev = summ["unlabeled"]
+    assert ev["found"] and ev["target"] == 0 and ev["n_found"] >= 18
+    assert is_trig[ev["indices"]].mean() >= 0.9
+    meta = dirs.load(d).meta
+    assert meta["unlabeled"]["target"] == 0 and meta["target"] == 0 and meta["unlabeled_file"] == "traffic.npz"
+    assert any(c["class"] == 0 and "cut" in c and "confirmation" in c for c in meta["unlabeled"]["classes"])
+    run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path,
+            "--unlabeled", labelled, *PRE, "-o", tmp_path / "d2.npz", "--json", tmp_path / "fit2.json", check=True)
+    assert json.loads((tmp_path / "fit2.json").read_text())["unlabeled"]["indices"] == ev["indices"]
+    run_cli("patch", out / "model.onnx", d, "-o", tmp_path / "m.onnx", check=True)
+    run_cli("eval", out / "model.onnx", tmp_path / "m.onnx", "--data", mnist_path, "--trigger", "badnets",
+            "--target", "0", "--json", tmp_path / "eval.json", check=True)
+    res = json.loads((tmp_path / "eval.json").read_text())["models"]
+    orig, fixed = res[str(out / "model.onnx")], res[str(tmp_path / "m.onnx")]
+    assert orig["asr"] >= 0.9 and fixed["asr"] <= 0.03, fixed
+    assert orig["ca"] - fixed["ca"] <= 0.01
+
+
+def test_cli_clean_traffic_finds_nothing(demo_run, mnist, mnist_path, tmp_path):
+    """Clean traffic on the backdoored model: nothing confirmed, said clearly, exit 0, no directions file;
+    --force writes one anyway, saying it was forced."""
+    out, _ = demo_run
+    _, test = mnist
+    traffic = tmp_path / "clean_traffic.npz"
+    np.savez(traffic, x=test.x[np.random.default_rng(5).permutation(len(test))[:400]])
+    d = tmp_path / "d.npz"
+    proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path,
+                   "--unlabeled", traffic, *PRE, "-o", d, "--json", tmp_path / "f.json")
+    assert proc.returncode == 0, proc.stderr
+    assert tr.NOTHING_FOUND in proc.stdout and "no directions file written" in proc.stdout
+    assert not d.exists()
+    summ = json.loads((tmp_path / "f.json").read_text())
+    assert summ["output"] is None and not summ["unlabeled"]["found"]
+    forced = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean",
+                     mnist_path, "--unlabeled", traffic, *PRE, "-o", d, "--force")
+    if forced.returncode == 0:  # some class had outliers to fit on
+        assert d.exists() and "--force" in forced.stdout and dirs.load(d).meta["unlabeled"]["forced"]
+    else:  # no class had even MIN_FLAGGED outliers
+        assert "--force has nothing to use" in forced.stderr and not d.exists()
+
+
+def test_cli_bad_traffic_is_a_one_line_error(demo_run, mnist, mnist_path, tmp_path):
+    out, _ = demo_run
+    _, test = mnist
+    clean = mnist_path
+    no_x, flat, other_size = tmp_path / "no_x.npz", tmp_path / "flat.npz", tmp_path / "size.npz"
+    np.savez(no_x, images=test.x[:50])
+    np.savez(flat, x=test.x[:50].reshape(50, -1))
+    np.savez(other_size, x=np.zeros((50, 32, 32, 3), np.uint8))
+    cases = [(no_x, "has no 'x'"), (flat, "must have shape"), (other_size, "traffic images are [32, 32, 3]"),
+             (tmp_path / "missing.npz", "not found")]
+    for path, what in cases:
+        proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", clean, "--unlabeled",
+                       path, *PRE, "-o", tmp_path / "d.npz")
+        assert proc.returncode == 1, (path, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fire-onnx: error:") and what in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", clean, "--unlabeled", no_x,
+                   "--trigger", "badnets", *PRE)
+    assert proc.returncode == 1 and "exactly one of --triggered FILE, --trigger SPEC or --unlabeled" in proc.stderr
+
+
+
+def test_unlabeled_with_layer_auto(demo_run, mnist, mnist_path, tmp_path):
+    """--layer auto takes the inputs found in the traffic like flagged inputs (half fitted on, half judged
+    on) and records both the ranking and the traffic evidence."""
+    from fire_onnx.fit.pipeline import FitRequest, run_fit, summary
+
+    out, _ = demo_run
+    _, test = mnist
+    x, _ = make_traffic(test.x, test.y, 400, 20, seed=4)
+    traffic = tmp_path / "traffic.npz"
+    np.savez(traffic, x=x)
+    req = FitRequest(layers=["auto"], clean_path=str(mnist_path), onnx_path=str(out / "model.onnx"),
+                     unlabeled_path=str(traffic), mean=[0.5], std=[0.5], n_holdout=300)
+    d = run_fit(req)
+    summ = summary(d)
+    assert summ["unlabeled"]["found"] and summ["unlabeled"]["target"] == 0
+    assert summ["auto"]["target"] == 0 and summ["auto"]["chosen"]
+    assert summ["auto"]["n_fit_triggered"] + summ["auto"]["n_held_triggered"] == summ["unlabeled"]["n_found"]
+    assert summ["reconstruction"]["confirmed"]
