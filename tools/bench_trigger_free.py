@@ -81,6 +81,7 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
         rec.update(backdoor_found=ev["backdoor_found"], suspect=scan["suspect"], kind=scan["kind"],
                    anomaly_index=scan["anomaly_index"], steps=scan["steps"], rounds=len(ev["rounds"]),
                    stopped=ev.get("stopped"), round_info=ev["rounds"],
+                   scan_loss={k: scan[k]["loss"] for k in ("patch", "blend") if k in scan},
                    target_found=(ev["backdoor_found"] and scan["suspect"] == TARGET) if attack else None)
         d = res.directions
         dpath = tmp / "d.npz"
