@@ -17,8 +17,8 @@ STEPS = "40"  # fixed, so the search does not depend on the machine's speed
 def test_anomaly_index_marks_the_low_outlier():
     from fire_onnx.invert import anomaly_index
 
-    idx = anomaly_index([3.0, 3.2, 2.9, 3.1, 0.2, 3.05, np.nan])
-    assert np.nanargmax(idx) == 4 and idx[4] > 5
+    idx = anomaly_index([3.0, 3.2, 2.9, 3.1, 0.02, 3.05, np.nan])
+    assert np.nanargmax(idx) == 4 and idx[4] > 10
     assert np.isnan(idx[6])
     assert (idx[[0, 1, 2, 3, 5]] < 2).all()
     assert np.isnan(anomaly_index([1.0, np.nan, np.nan])).all()  # too few classes to compare
@@ -51,7 +51,7 @@ def test_finds_and_repairs_the_demo_backdoor(demo_run, mnist_path, tmp_path):
     summ = json.loads(js.read_text())
     assert summ["backdoor_found"] is True
     assert summ["trigger_free"]["target"] == 0
-    assert summ["trigger_free"]["scan"]["anomaly_index"] > 2
+    assert summ["trigger_free"]["scan"]["anomaly_index"] > 5
     assert summ["trigger_free"]["rounds"][0]["kind"] == "patch"
 
     from fire_onnx import directions as dirs
@@ -99,7 +99,7 @@ def test_clean_model_guard(clean_mnist_model, mnist_path, tmp_path):
     assert not d.exists()
     summ = json.loads(js.read_text())
     assert summ["backdoor_found"] is False and summ["output"] is None
-    assert summ["trigger_free"]["scan"]["anomaly_index"] <= 2
+    assert summ["trigger_free"]["scan"]["anomaly_index"] <= 5
 
     proc = run_cli(*_fit_args(clean_mnist_model / "model.pt", mnist_path, "-o", d, "--force"), check=True)
     assert d.is_file() and "--force repairs the most anomalous one" in proc.stderr

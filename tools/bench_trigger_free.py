@@ -98,6 +98,18 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
     return rec
 
 
+def _decision(scan_loss: dict) -> dict:
+    from fire_onnx import invert
+
+    best = (-np.inf, None, None)
+    for kind, losses in scan_loss.items():
+        idx = invert.anomaly_index([np.nan if v is None else v for v in losses])
+        if np.isfinite(idx).any() and np.nanmax(idx) > best[0]:
+            best = (float(np.nanmax(idx)), int(np.nanargmax(idx)), kind)
+    return {"anomaly_index": best[0], "suspect": best[1], "kind": best[2],
+            "backdoor_found": best[0] > invert.ANOMALY_THRESHOLD}
+
+
 def _pct(v) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
@@ -108,6 +120,8 @@ def markdown(records: list[dict]) -> str:
     for r in sorted(records, key=lambda r: (r["attack"] == "none", r["dataset"], r["attack"], r["seed"])):
         if r.get("mode") != "trigger-free":
             continue
+        if r.get("scan_loss"):  # the index as fire_onnx.invert computes it now, from the recorded losses
+            r = dict(r, **_decision(r["scan_loss"]))
         found = f"{'yes' if r['backdoor_found'] else 'no'} ({r['suspect']}, {r['anomaly_index']:.2f} {r['kind']})"
         tf = "—" if r["target_found"] is None else ("yes" if r["target_found"] else "no")
         rows.append(f"| {r['dataset']} | {r['attack']} | {r['seed']} | {found} | {tf} | {_pct(r['ca_original'])} → "
