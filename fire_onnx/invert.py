@@ -220,13 +220,18 @@ class Scan:
 
     @property
     def suspect(self) -> tuple[int | None, str | None, float]:
-        """(class, parametrisation, anomaly index) of the most anomalous class."""
+        """(class, parametrisation, anomaly index) of the most anomalous class. A class anomalous in the
+        blend form wins over the patch form: a patch on a blended backdoor is a fragment of it (CIFAR-10
+        Blended SmallCNN, anomalous in both, ASR after the repair 42.1 % from the patch and 10.5 % from
+        the blend), while BadNets targets were not anomalous as blends."""
         best = (None, None, -np.inf)
         for kind in self.results:
             idx = self.index(kind)
             if np.isfinite(idx).any():
                 c = int(np.nanargmax(idx))
-                if idx[c] > best[2]:
+                if idx[c] > best[2] and not (best[1] == "blend" and best[2] > self.threshold):
+                    best = (c, kind, float(idx[c]))
+                elif kind == "blend" and idx[c] > self.threshold:
                     best = (c, kind, float(idx[c]))
         return best
 

@@ -101,13 +101,11 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
 def _decision(scan_loss: dict) -> dict:
     from fire_onnx import invert
 
-    best = (-np.inf, None, None)
-    for kind, losses in scan_loss.items():
-        idx = invert.anomaly_index([np.nan if v is None else v for v in losses])
-        if np.isfinite(idx).any() and np.nanmax(idx) > best[0]:
-            best = (float(np.nanmax(idx)), int(np.nanargmax(idx)), kind)
-    return {"anomaly_index": best[0], "suspect": best[1], "kind": best[2],
-            "backdoor_found": best[0] > invert.ANOMALY_THRESHOLD}
+    scan = invert.Scan(n_classes=len(next(iter(scan_loss.values()))))
+    scan.results = {kind: [None if v is None else invert.ClassSearch(c, kind, v, 0.0, None, None, 0.0)
+                           for c, v in enumerate(losses)] for kind, losses in scan_loss.items()}
+    cls, kind, index = scan.suspect
+    return {"anomaly_index": index, "suspect": cls, "kind": kind, "backdoor_found": scan.found}
 
 
 def _pct(v) -> str:

@@ -137,16 +137,6 @@ def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
         for e in range(1, ENSEMBLE[found.kind]):  # more searches of the suspect, averaged by the fit
             more = invert.search_class(net, x_cls, cls, found.kind, steps=steps, seed=req.seed + 101 * (r + 1) + e)
             group.append(more.candidate(f"trigger-free {more.kind}, round {r + 1}, search {e + 1}"))
-        if r == 0:  # the class is anomalous in the other form too: its trigger(s) join (a blend is also a patch)
-            for other in scan.results:
-                if other != found.kind and scan.index(other)[cls] > scan.threshold:
-                    o = scan.results[other][cls]
-                    o = invert.refine_patch(net, x_cls, o, seed=req.seed) if other == "patch" else o
-                    group.append(o.candidate(f"trigger-free {other}, round 1"))
-                    for e in range(1, ENSEMBLE[other]):
-                        more = invert.search_class(net, x_cls, cls, other, steps=steps, seed=req.seed + 101 + e)
-                        group.append(more.candidate(f"trigger-free {other}, round 1, search {e + 1}"))
-                    evidence["also"] = {"kind": other, "anomaly_index": round(float(scan.index(other)[cls]), 3)}
         cands.append(group)
         evidence["rounds"].append({"round": r + 1, "kind": trig.kind, "loss": round(found.loss, 4),
                                    "flip_rate": round(trig.rate, 4), "searches": len(group), **cand.info})
