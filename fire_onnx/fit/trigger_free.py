@@ -26,7 +26,7 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx import invert
-from fire_onnx.data import Images, fit_samples
+from fire_onnx.data import fit_samples
 from fire_onnx.errors import FireError
 
 MAX_ROUNDS = 3
