@@ -239,7 +239,6 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
     if trigger_free:
         from fire_onnx.fit.trigger_free import describe_scan, run_trigger_free
 
-        req.validate()
         res = run_trigger_free(req, progress=_progress("searching"), log=lambda line: click.echo(line, err=True))
         if not quiet:
             for line in describe_scan(res.evidence):

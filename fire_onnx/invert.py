@@ -269,8 +269,8 @@ def scan(net: Model, x: np.ndarray, labels: np.ndarray | None = None, *, kinds=K
          classes: list[int] | None = None) -> Scan:
     """Search every class (or ``classes``) of the model in every parametrisation of ``kinds``."""
     t0 = time.perf_counter()
-    pred = net.logits(x).argmax(1)
-    n_classes = int(net.logits(x[:1]).shape[1])
+    logits = net.logits(x)
+    pred, n_classes = logits.argmax(1), int(logits.shape[1])
     todo = list(range(n_classes)) if classes is None else list(classes)
     out = Scan(n_classes=n_classes, steps=steps, n_images=len(x))
     total, done = len(todo) * len(kinds), 0

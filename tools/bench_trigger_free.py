@@ -74,7 +74,6 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
                          weights=str(Path(onnx_path).parent / "model.pt"), n_clean=N_CLEAN, seed=seed,
                          scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, trigger_free=True, force=True,
                          budget=args.budget)
-        req.validate()
         res = run_trigger_free(req)
         ev = res.evidence
         scan = ev["scan"]

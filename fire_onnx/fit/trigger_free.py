@@ -82,6 +82,7 @@ def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
 
     say = log or (lambda msg: None)
     t_start = time.perf_counter()
+    req.validate()
     inputs = load_inputs(req)
     if inputs.model is None:
         raise FireError("--trigger-free searches the trigger by gradient descent: give --model (a PyTorch factory, "
