@@ -11,6 +11,13 @@ is exactly the one it is evaluated with. A trigger is written as a spec string::
     wanet:k=4,s=0.5,seed=0          smooth warp (Nguyen & Tran, 2021): a seeded k x k field of random
                                     displacements, upsampled to the image and scaled by s (BackdoorBench's
                                     s = 0.5 moves pixels by at most ~0.25 px; larger s is easier to learn)
+    inputaware:seed=0,density=0.06  sample-specific pattern (a simplified input-aware attack, Nguyen & Tran,
+                                    2020): the pixels of a seeded mask (blobs covering ``density`` of the
+                                    image) take a pattern that a fixed, seeded two-layer convolution
+                                    computes from the image itself, so every image carries its own trigger
+
+Only the test-time trigger lives here; how a model is poisoned with it (WaNet's noise mode, Adap-Blend's
+partial pieces, cross samples) is a training recipe in ``tools/attacks.py``.
 """
 
 from __future__ import annotations
@@ -127,20 +134,77 @@ class WaNet:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = _as_nhwc(x)
-        n, h, w, c = x.shape
-        d = self.flow(h, w)
-        rr = np.clip(np.arange(h)[:, None] + d[0], 0, h - 1)
-        cc = np.clip(np.arange(w)[None, :] + d[1], 0, w - 1)
-        r0, c0 = np.floor(rr).astype(int), np.floor(cc).astype(int)
-        r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
-        fr, fc = (rr - r0)[None, :, :, None], (cc - c0)[None, :, :, None]
-        xf = x.astype(np.float32)
-        out = ((1 - fr) * (1 - fc) * xf[:, r0, c0] + (1 - fr) * fc * xf[:, r0, c1]
-               + fr * (1 - fc) * xf[:, r1, c0] + fr * fc * xf[:, r1, c1])
+        return warp(x, self.flow(*x.shape[1:3]))
+
+
+def warp(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``x`` (uint8 NHWC) resampled bilinearly at each pixel plus its displacement ``d`` in pixels:
+    (2, H, W) for all images, or (N, 2, H, W) per image (WaNet's noise mode)."""
+    x = _as_nhwc(x)
+    n, h, w, c = x.shape
+    d = np.broadcast_to(d, (n, 2, h, w)) if d.ndim == 4 else np.broadcast_to(d[None], (n, 2, h, w))
+    rr = np.clip(np.arange(h)[None, :, None] + d[:, 0], 0, h - 1)
+    cc = np.clip(np.arange(w)[None, None, :] + d[:, 1], 0, w - 1)
+    r0, c0 = np.floor(rr).astype(int), np.floor(cc).astype(int)
+    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+    fr, fc = (rr - r0)[..., None], (cc - c0)[..., None]
+    i = np.arange(n)[:, None, None]
+    xf = x.astype(np.float32)
+    out = ((1 - fr) * (1 - fc) * xf[i, r0, c0] + (1 - fr) * fc * xf[i, r0, c1]
+           + fr * (1 - fc) * xf[i, r1, c0] + fr * fc * xf[i, r1, c1])
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _conv3x3(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Same-padded 3x3 convolution of (N, H, W, Cin) floats with (3, 3, Cin, Cout) weights."""
+    n, h, wd, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    out = np.zeros((n, h, wd, w.shape[3]), np.float32)
+    for dy in range(3):
+        for dx in range(3):
+            out += xp[:, dy:dy + h, dx:dx + wd] @ w[dy, dx]
+    return out
+
+
+@dataclass(frozen=True)
+class InputAware:
+    """A sample-specific trigger: ``x' = (1 - m) x + m g(x)``. ``g`` is a fixed two-layer convolution
+    (3x3, 8 hidden channels, tanh) with seeded random weights, squashed to high-contrast pixel values, so
+    the pattern follows each image's own edges; ``m`` is a seeded mask of smooth random blobs covering
+    ``density`` of the pixels. The original attack trains the generator and a per-image mask with the
+    model; here both are fixed (the mask's location does not depend on the image), which keeps the
+    trigger reproducible from its spec alone."""
+
+    seed: int = 0
+    density: float = 0.06
+
+    def mask(self, h: int, w: int) -> np.ndarray:
+        rng = np.random.default_rng(self.seed + 7)
+        field = _upsample(rng.normal(size=(2, 6, 6)), h, w)[0]
+        return (field >= np.quantile(field, 1 - self.density)).astype(np.float32)[:, :, None]
+
+    def pattern(self, x: np.ndarray) -> np.ndarray:
+        c = x.shape[3]
+        rng = np.random.default_rng(self.seed)
+        w1 = rng.normal(size=(3, 3, c, 8)).astype(np.float32) / np.sqrt(9 * c)
+        w2 = rng.normal(size=(3, 3, 8, c)).astype(np.float32) / np.sqrt(9 * 8)
+        z = (x.astype(np.float32) - 127.5) / 64
+        hdn = np.tanh(_conv3x3(z, w1) * 2)
+        out = _conv3x3(hdn, w2)
+        out = out / (out.std(axis=(1, 2, 3), keepdims=True) + 1e-6)
+        return 255 / (1 + np.exp(-3 * out))
+
+    def apply(self, x: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
+        """Stamp each image with its own pattern, or with the pattern of ``source`` (same shape: the
+        attack's cross samples, which keep their label)."""
+        x = _as_nhwc(x)
+        m = self.mask(*x.shape[1:3])
+        p = self.pattern(x if source is None else _as_nhwc(source))
+        out = (1 - m) * x.astype(np.float32) + m * p
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-KINDS = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet}
+KINDS = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet, "inputaware": InputAware}
 
 
 def parse(spec: str):
@@ -169,6 +233,8 @@ def parse(spec: str):
             raise FireError("badnets needs size >= 1, value in 0..255, pattern solid|checker")
     if isinstance(trig, WaNet) and not (2 <= trig.k <= 64 and 0 < trig.s <= 16):
         raise FireError("wanet needs k in 2..64 and s in (0, 16]")
+    if isinstance(trig, InputAware) and not 0 < trig.density <= 0.5:
+        raise FireError("inputaware density must be in (0, 0.5]")
     if isinstance(trig, Blended) and not 0 < trig.alpha <= 1:
         raise FireError("blended alpha must be in (0, 1]")
     return trig

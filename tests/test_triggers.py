@@ -85,3 +85,28 @@ def test_wanet_warps_smoothly_and_is_seeded():
     assert 0 < np.abs(flow).max() <= 2 * 2  # s=2: at most s * max|noise| / 2 px with max|noise| <= 2 after scaling
     with pytest.raises(FireError):
         triggers.parse("wanet:k=1")
+
+
+def test_warp_takes_one_field_per_image():
+    x = imgs(1, n=3, s=32)
+    t = triggers.parse("wanet:k=4,s=2,seed=1")
+    flow = t.flow(32, 32)
+    assert (triggers.warp(x, np.stack([flow] * 3)) == t.apply(x)).all()
+    zero = np.zeros((3, 2, 32, 32))
+    assert (triggers.warp(x, zero) == x).all()  # no displacement, no change
+
+
+def test_inputaware_is_sample_specific_and_seeded():
+    x = imgs(3, n=4, s=32)
+    t = triggers.parse("inputaware:seed=2,density=0.06")
+    y = t.apply(x)
+    m = t.mask(32, 32)[:, :, 0] > 0
+    assert abs(m.mean() - 0.06) < 0.01
+    assert (y[:, ~m] == x[:, ~m]).all()  # only the mask's pixels change
+    assert not (y[0][m] == y[1][m]).all()  # each image carries its own pattern
+    assert (y == triggers.parse("inputaware:seed=2").apply(x)).all()
+    assert not (y == triggers.parse("inputaware:seed=3").apply(x)).all()
+    # another image's pattern (the attack's cross samples) differs from the image's own
+    assert not (t.apply(x[:1], source=x[1:2]) == y[:1]).all()
+    with pytest.raises(FireError, match="density"):
+        triggers.parse("inputaware:density=0.9")

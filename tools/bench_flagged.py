@@ -49,6 +49,16 @@ ATTACKS = {  # name -> (trigger spec, layer of the SmallCNN to repair)
     "badnets-center": ("badnets:pos=center", "block2"),
     "blended": ("blended:alpha=0.2", "block1"),
     "sig": ("sig", "block1"),
+    "wanet": ("wanet:k=4,s=2", "block2"),
+    "adap-blend": ("blended:alpha=0.2,seed=5", "block1"),
+    "inputaware": ("inputaware", "block2"),
+}
+# attacks whose training recipe is not "stamp 10 % and relabel" (tools/attacks.py), keyed by trigger spec
+POISON = {
+    "wanet:k=4,s=2": {"kind": "wanet-noise", "rate": 0.1, "cross": 2, "noise": 0.5},
+    "blended:alpha=0.2,seed=5": {"kind": "adap-blend", "rate": 0.03, "cover": 0.03, "pieces": 16, "keep": 0.5,
+                                 "alpha_train": 0.15},
+    "inputaware": {"kind": "inputaware-cross", "rate": 0.1, "cross": 1},
 }
 DATASETS = ["mnist5k", "fashion_mnist", "cifar10", "gtsrb32"]
 MODES = ["original", "paired", "flagged", "flagged-5", "flagged-unpaired", "translate", "translate-gated",
@@ -67,8 +77,11 @@ def log(msg: str) -> None:
 
 def make_recipe(data_path: Path, arch: str, spec: str, epochs: int, seed: int) -> dict:
     """The training recipe of a backdoored model (its hash keys the model cache; keep the keys stable)."""
-    return {"data": data_path.name, "size": data_path.stat().st_size, "arch": arch, "trigger": spec,
-            "target": TARGET, "poison_rate": POISON_RATE, "epochs": epochs, "seed": seed}
+    recipe = {"data": data_path.name, "size": data_path.stat().st_size, "arch": arch, "trigger": spec,
+              "target": TARGET, "poison_rate": POISON_RATE, "epochs": epochs, "seed": seed}
+    if spec in POISON:  # only then, so the hashes (cache keys) of the plain recipes stay as they were
+        recipe.update(poison=POISON[spec], poison_rate=POISON[spec]["rate"])
+    return recipe
 
 
 def flagged_split(train, seed: int) -> tuple[list, np.ndarray]:
@@ -119,7 +132,15 @@ def train_or_reuse(recipe: dict, data_path: Path, cache: Path):
     h, _, c = train.x.shape[1:]
     pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
     poisoned = train  # a clean model (tools/bench_trigger_free.py): no trigger, nothing poisoned
-    if recipe["trigger"]:
+    if recipe.get("poison"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import attacks
+        from fire_onnx.data import Images
+
+        px, py, _ = attacks.poison(train.x, train.y, triggers.parse(recipe["trigger"]), TARGET, recipe["poison"],
+                                   np.random.default_rng(recipe["seed"]))
+        poisoned = Images(px, py, train.classes)
+    elif recipe["trigger"]:
         poisoned, _ = poison(train, triggers.parse(recipe["trigger"]), TARGET, recipe["poison_rate"],
                              np.random.default_rng(recipe["seed"]))
     torch.manual_seed(recipe["seed"])
