@@ -56,7 +56,7 @@ ATTACKS = {  # name -> (trigger spec, layer of the SmallCNN to repair)
 # attacks whose training recipe is not "stamp 10 % and relabel" (tools/attacks.py), keyed by trigger spec
 POISON = {
     "wanet:k=4,s=2": {"kind": "wanet-noise", "rate": 0.1, "cross": 2, "noise": 0.5},
-    "blended:alpha=0.2,seed=5": {"kind": "adap-blend", "rate": 0.03, "cover": 0.03, "pieces": 16, "keep": 0.5,
+    "blended:alpha=0.2,seed=5": {"kind": "adap-blend", "rate": 0.1, "cover": 0.05, "pieces": 16, "keep": 0.5,
                                  "alpha_train": 0.15},
     "inputaware": {"kind": "inputaware-cross", "rate": 0.1, "cross": 1},
 }
