@@ -92,41 +92,49 @@ def direction_scores(patched: Path, directions, x: np.ndarray, batch_size: int =
 
 
 def summarize(s_clean: dict, s_trig: dict) -> dict:
-    """What the histogram shows, as numbers: medians, the share above the gate threshold, before/after."""
+    """What the histogram shows, as numbers: where the gate fires (before repair) and the medians before
+    and after repair."""
     tau = s_clean["tau"]
     out = {"tau": tau, "alpha": s_clean["alpha"], "gate": s_clean["gate"], "tensor": s_clean["tensor"]}
     for name, s in (("clean", s_clean), ("triggered", s_trig)):
+        out[f"{name}_gated"] = float((s["before"] > tau).mean()) if s["gate"] == "hard" else 1.0
         for when in ("before", "after"):
-            v = s[when]
-            out[f"{name}_{when}_median"] = float(np.median(v))
-            out[f"{name}_{when}_above_tau"] = float((v > tau).mean())
-    # the separation the gate works with: how far the clean scores' tail is from the triggered bulk
-    out["triggered_before_min_over_clean_max"] = float(s_trig["before"].min() - s_clean["before"].max())
+            out[f"{name}_{when}_median"] = float(np.median(s[when]))
+    # how far the triggered bulk sits from the clean tail: (median triggered - median clean) / clean spread
+    q = np.percentile(s_clean["before"], [25, 75])
+    out["separation_iqr"] = float((out["triggered_before_median"] - out["clean_before_median"]) / max(q[1] - q[0], 1e-12))
     return out
 
 
 def plot_histograms(rows: list[tuple[str, dict, dict]], path: Path, title: str) -> None:
     """One row per (label, clean scores, triggered scores) as returned by :func:`direction_scores`:
-    before repair on the left, after on the right, the gate threshold as a dashed line."""
+    before repair on the left, after on the right (log counts: the repaired scores pile up at
+    (1 - alpha) s), the gate threshold as a dashed line."""
     plt = pyplot()
     fig, axes = plt.subplots(len(rows), 2, figsize=(9, 2.6 * len(rows) + 0.5), dpi=DPI, squeeze=False)
     for (label, sc, st), ax_row in zip(rows, axes):
+        s = summarize(sc, st)
         both = np.concatenate([sc["before"], st["before"], sc["after"], st["after"]])
         lo, hi = np.percentile(both, [0.1, 99.9])
         pad = 0.05 * (hi - lo + 1e-9)
         bins = np.linspace(lo - pad, hi + pad, 61)
         for ax, when in zip(ax_row, ("before", "after")):
-            for s, color, name in ((sc, "tab:blue", "clean"), (st, "tab:red", "triggered")):
-                v = np.clip(s[when], bins[0], bins[-1])
+            for sv, color, name in ((sc, "tab:blue", "clean"), (st, "tab:red", "triggered")):
+                v = np.clip(sv[when], bins[0], bins[-1])
                 ax.hist(v, bins=bins, color=color, alpha=0.55, label=f"{name} (n={len(v)})")
             if sc["gate"] == "hard":
                 ax.axvline(sc["tau"], color="k", ls="--", lw=1, label=f"gate τ = {sc['tau']:.3g}")
-            above = float((st[when] > sc["tau"]).mean())
-            ax.set_title(f"{label}, {when} repair: triggered above τ {100 * above:.1f} %", fontsize=9)
             ax.set_xlabel("score ⟨h − μ, u⟩", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=7)
+        ax_row[0].set_title(f"{label}, before repair: gate fires on {100 * s['triggered_gated']:.1f} % triggered, "
+                            f"{100 * s['clean_gated']:.1f} % clean", fontsize=8.5)
+        ax_row[1].set_title(f"after repair: median triggered {s['triggered_before_median']:.2f} → "
+                            f"{s['triggered_after_median']:.2f}, clean {s['clean_before_median']:.2f} → "
+                            f"{s['clean_after_median']:.2f}", fontsize=8.5)
+        ax_row[1].set_yscale("log")
         ax_row[0].set_ylabel("images", fontsize=8)
+        ax_row[1].set_ylabel("images (log)", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_png(fig, path)
@@ -208,10 +216,13 @@ def histogram_cell(dataset: str, attack: str, args, matrix: list[dict]) -> dict 
                         == (dataset, attack, args.seed, "fire", mode) and "asr" in r), None)
             s["asr_results_json"] = None if ref is None else ref["asr"]
             summary["modes"][mode] = s
-            log(f"  score tau {s['tau']:.3g}; triggered median {s['triggered_before_median']:.3g} -> "
-                f"{s['triggered_after_median']:.3g}, above tau {100 * s['triggered_before_above_tau']:.1f} % -> "
-                f"{100 * s['triggered_after_above_tau']:.1f} %; clean above tau {100 * s['clean_before_above_tau']:.2f} %; "
-                f"ASR {100 * s['asr_patched']:.1f} % (results.json {'' if ref is None else f'{100 * ref['asr']:.1f} %'})")
+            t = d.targets[0]
+            s.update(tau_rule=t.fit.get("tau_rule"), fit_gate_fires_clean=t.fit.get("gate_fires_clean"),
+                     fit_separation_sigma=t.fit.get("separation_sigma", [None])[0])
+            log(f"  tau {s['tau']:.3g} ({s['tau_rule']}); gate fires on {100 * s['triggered_gated']:.1f} % triggered, "
+                f"{100 * s['clean_gated']:.2f} % clean; median triggered {s['triggered_before_median']:.3g} -> "
+                f"{s['triggered_after_median']:.3g}; "
+                f"ASR {100 * s['asr_patched']:.1f} % (results.json: {'-' if ref is None else round(100 * ref['asr'], 1)} %)")
             rows.append((f"FIRE {mode}", sc, st))
     name = f"hist_{dataset}_{attack}.png"
     plot_histograms(rows, Path(args.out) / name,
@@ -358,6 +369,7 @@ def main(argv=None) -> int:
     matrix_path = Path(args.matrix) / "results.json"
     matrix = json.loads(matrix_path.read_text()) if matrix_path.is_file() else []
     args.out = Path(args.out or Path(args.matrix) / "plots")
+    args.out.mkdir(parents=True, exist_ok=True)
     args.modes = args.modes.split(",")
     for m in args.modes:
         if m not in bench.MODES:
