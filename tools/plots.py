@@ -129,9 +129,10 @@ def plot_histograms(rows: list[tuple[str, dict, dict]], path: Path, title: str) 
             ax.legend(fontsize=7)
         ax_row[0].set_title(f"{label}, before repair: gate fires on {100 * s['triggered_gated']:.1f} % triggered, "
                             f"{100 * s['clean_gated']:.1f} % clean", fontsize=8.5)
-        ax_row[1].set_title(f"after repair: median triggered {s['triggered_before_median']:.2f} → "
-                            f"{s['triggered_after_median']:.2f}, clean {s['clean_before_median']:.2f} → "
-                            f"{s['clean_after_median']:.2f}", fontsize=8.5)
+        med = {k: round(v, 2) + 0.0 for k, v in s.items() if k.endswith("_median")}  # + 0.0: no "-0.00"
+        ax_row[1].set_title(f"after repair: median triggered {med['triggered_before_median']:.2f} → "
+                            f"{med['triggered_after_median']:.2f}, clean {med['clean_before_median']:.2f} → "
+                            f"{med['clean_after_median']:.2f}", fontsize=8.5)
         ax_row[1].set_yscale("log")
         ax_row[0].set_ylabel("images", fontsize=8)
         ax_row[1].set_ylabel("images (log)", fontsize=8)
