@@ -57,19 +57,20 @@ def record_key(r: dict) -> tuple:
 
 
 def fit_and_patch(mode: str, onnx_path: Path, layer: str, spec: str, trig, train, flag_src, clean_file: Path,
-                  c: int, seed: int, tmp: Path) -> tuple[Path, dict]:
-    """(patched model, record fields) for FIRE in sample ``mode``, fitted as bench_flagged fits it."""
+                  c: int, seed: int, tmp: Path, n_triggered: int = N_TRIGGERED) -> tuple[Path, dict]:
+    """(patched model, record fields) for FIRE in sample ``mode`` from ``n_triggered`` triggered samples,
+    fitted as bench_flagged fits it (tools/plots.py varies the count for its sample-efficiency curve)."""
     from fire_onnx import directions as dirs
     from fire_onnx.fit.pipeline import FitRequest, run_fit
     from fire_onnx.patch import patch_file
 
     req = dict(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path), target=bf.TARGET,
-               n_clean=bf.N_CLEAN, seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, n_triggered=N_TRIGGERED)
+               n_clean=bf.N_CLEAN, seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, n_triggered=n_triggered)
     if mode == "paired":
         req["trigger_spec"] = spec
     elif mode == "flagged":
         flagged = tmp / "flagged.npz"
-        np.savez(flagged, x=trig.apply(train.x[flag_src[:N_TRIGGERED]]))  # no labels, no clean twins
+        np.savez(flagged, x=trig.apply(train.x[flag_src[:n_triggered]]))  # no labels, no clean twins
         req["triggered_path"] = str(flagged)
     else:
         raise ValueError(mode)
