@@ -46,6 +46,7 @@ N_TRIGGERED = 20
 N_BANK, N_HELD = 100, 500  # STRIP's clean images: the blend bank and the held images its threshold is set on
 # the "Done when" bar of issue 7 for a repair (fractions)
 BAR = {"asr": 0.02, "ca_drop": 0.01, "ra_gap": 0.05}
+MIN_ASR = 0.85  # issue 7: a backdoored model must reach this ASR before repair, or the table says why
 
 
 def log(msg: str) -> None:
@@ -243,6 +244,13 @@ def markdown(records: list[dict]) -> str:
         floor = _pct(by.get(("original", None), {}).get("asr_floor"))
         lines.append(f"| {ds} | {att} | {floor} | " + " | ".join(_triple(by.get(c)) for c in cols) + " |"
                      + (f" {rej} |" if rej_col else ""))
+    weak = [(ds, att, by[("original", None)]["asr"]) for (model, ds, att, seed), by in cells.items()
+            if ("original", None) in by and by[("original", None)]["asr"] < MIN_ASR]
+    if weak:
+        lines += ["", f"Backdoors below {100 * MIN_ASR:.0f} % ASR before any defense (the cells stay in the table; "
+                  "a repair there is judged on the ASR that is left):", ""]
+        lines += [f"- {ds} {att}: {_pct(asr)} % ({bf.WEAK.get(att, 'the 6-epoch SmallCNN did not learn it fully')})"
+                  for ds, att, asr in weak]
     timed = [by for by in cells.values() if by.get(("original", None), {}).get("cost_ratio") is not None]
     lines += [] if not timed else ["", "Cost per input as a ratio to the original model (uint8 pixels to decision, preprocessing included; "
               "all methods interleaved in one loop, median of repeats; onnxruntime CPU):", "",
