@@ -11,6 +11,8 @@ is exactly the one it is evaluated with. A trigger is written as a spec string::
     wanet:k=4,s=0.5,seed=0          smooth warp (Nguyen & Tran, 2021): a seeded k x k field of random
                                     displacements, upsampled to the image and scaled by s (BackdoorBench's
                                     s = 0.5 moves pixels by at most ~0.25 px; larger s is easier to learn)
+    wanet:grid=warp.npy             the warp your own attack used: a (2, H, W) displacement field in pixels,
+                                    or the (H, W, 2) grid_sample grid WaNet's code builds (WaNet.flow)
     inputaware:seed=0,density=0.06  sample-specific pattern (a simplified input-aware attack, Nguyen & Tran,
                                     2020): the pixels of a seeded mask (blobs covering ``density`` of the
                                     image) take a pattern that a fixed, seeded two-layer convolution
@@ -124,9 +126,17 @@ class WaNet:
     k: int = 4
     s: float = 0.5
     seed: int = 0
+    grid: str = ""  # path to a .npy warp of your own model's attack (see flow); empty: seeded from k, s, seed
 
     def flow(self, h: int, w: int) -> np.ndarray:
-        """The displacement field in pixels, (2, h, w): rows then columns."""
+        """The displacement field in pixels, (2, h, w): rows then columns.
+
+        From ``grid`` when given: a ``(2, H, W)`` array of displacements in pixels (rows, columns), or the
+        ``(H, W, 2)`` / ``(1, H, W, 2)`` sampling grid WaNet's own code feeds ``grid_sample`` (normalized
+        coordinates in [-1, 1], x then y, ``align_corners=True``: ``clamp(identity_grid + s * noise_grid /
+        H, -1, 1)``)."""
+        if self.grid:
+            return _grid_flow(self.grid, h, w)
         noise = np.random.default_rng(self.seed).uniform(-1, 1, size=(2, self.k, self.k))
         noise /= np.abs(noise).mean()
         # grid_sample coordinates span [-1, 1]; a displacement of s * noise / h there is s * noise / 2 px
@@ -135,6 +145,29 @@ class WaNet:
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = _as_nhwc(x)
         return warp(x, self.flow(*x.shape[1:3]))
+
+
+def _grid_flow(path: str, h: int, w: int) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise FireError(f"wanet grid file not found: {p}")
+    try:
+        g = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        raise FireError(f"wanet grid {p} is not a plain .npy array ({e})") from None
+    g = np.asarray(g, dtype=np.float64)
+    if g.ndim == 4 and g.shape[0] == 1:
+        g = g[0]
+    if g.shape == (2, h, w):
+        return g
+    if g.shape == (h, w, 2):  # grid_sample's normalized sampling grid, x then y, corners aligned
+        if np.abs(g).max() > 1 + 1e-6:
+            raise FireError(f"wanet grid {p} is (H, W, 2) but not in grid_sample's [-1, 1] coordinates")
+        rows = (g[..., 1] + 1) / 2 * (h - 1) - np.arange(h)[:, None]
+        cols = (g[..., 0] + 1) / 2 * (w - 1) - np.arange(w)[None, :]
+        return np.stack([rows, cols])
+    raise FireError(f"wanet grid {p} has shape {g.shape}; images are {h}x{w}: give a (2, {h}, {w}) displacement "
+                    f"field in pixels or a ({h}, {w}, 2) grid_sample grid")
 
 
 def warp(x: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -231,7 +264,7 @@ def parse(spec: str):
             raise FireError(f"badnets pos must be one of {', '.join(POSITIONS)}")
         if trig.pattern not in ("solid", "checker") or not 0 <= trig.value <= 255 or trig.size < 1:
             raise FireError("badnets needs size >= 1, value in 0..255, pattern solid|checker")
-    if isinstance(trig, WaNet) and not (2 <= trig.k <= 64 and 0 < trig.s <= 16):
+    if isinstance(trig, WaNet) and not trig.grid and not (2 <= trig.k <= 64 and 0 < trig.s <= 16):
         raise FireError("wanet needs k in 2..64 and s in (0, 16]")
     if isinstance(trig, InputAware) and not 0 < trig.density <= 0.5:
         raise FireError("inputaware density must be in (0, 0.5]")

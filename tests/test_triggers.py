@@ -110,3 +110,33 @@ def test_inputaware_is_sample_specific_and_seeded():
     assert not (t.apply(x[:1], source=x[1:2]) == y[:1]).all()
     with pytest.raises(FireError, match="density"):
         triggers.parse("inputaware:density=0.9")
+
+
+def test_wanet_grid_file_matches_torch_grid_sample(tmp_path):
+    """A user's own WaNet warp, saved as the grid its training code feeds grid_sample, warps exactly as
+    grid_sample does (up to uint8 rounding)."""
+    torch = pytest.importorskip("torch")
+    x = imgs(3, n=2, s=32)
+    rng = np.random.default_rng(4)
+    k, s, h = 4, 0.5, 32
+    noise = torch.from_numpy(rng.uniform(-1, 1, size=(1, 2, k, k)).astype(np.float32))
+    noise = noise / noise.abs().mean()
+    noise = torch.nn.functional.interpolate(noise, size=h, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    lin = torch.linspace(-1, 1, h)
+    xx, yy = torch.meshgrid(lin, lin, indexing="ij")
+    identity = torch.stack((yy, xx), 2)[None]
+    grid = torch.clamp(identity + 4 * s * noise / h, -1, 1)  # WaNet's code (4x the strength, to see it)
+    np.save(tmp_path / "grid.npy", grid.numpy())
+    ref = torch.nn.functional.grid_sample(torch.from_numpy(x).permute(0, 3, 1, 2).float(), grid.repeat(2, 1, 1, 1),
+                                          align_corners=True).permute(0, 2, 3, 1).numpy()
+    got = triggers.parse(f"wanet:grid={tmp_path / 'grid.npy'}").apply(x).astype(float)
+    assert np.abs(got - ref).max() <= 0.51 + 1e-3
+    assert np.abs(got - x).mean() > 1  # it did warp
+    flow = triggers.parse(f"wanet:grid={tmp_path / 'grid.npy'}").flow(32, 32)
+    np.save(tmp_path / "flow.npy", flow)  # the same warp as a displacement field in pixels
+    assert (triggers.parse(f"wanet:grid={tmp_path / 'flow.npy'}").apply(x) == got).all()
+    np.save(tmp_path / "bad.npy", np.zeros((5, 5)))
+    with pytest.raises(FireError, match="has shape"):
+        triggers.parse(f"wanet:grid={tmp_path / 'bad.npy'}").apply(x)
+    with pytest.raises(FireError, match="not found"):
+        triggers.parse("wanet:grid=/nonexistent.npy").apply(x)
