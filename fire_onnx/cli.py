@@ -486,6 +486,9 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
     results = {}
     for info, choice in zip(infos, choices):
         sess = ev.session(info.path, provider)
+        note = ev.outputs_note(sess, info.path)
+        if note:
+            lines.append(note)
         fixed = sess.get_inputs()[0].shape[0] if len(sess.get_inputs()) == 1 else None
         sample = choice.preprocess(clean.x[: fixed if isinstance(fixed, int) and fixed > 0 else 1])
         classes = info.classes or ev.num_classes(sess, sample)  # dynamic: from one batch, before the full run

@@ -122,11 +122,23 @@ def run_batches(sess, x: np.ndarray, outputs, batch_size: int, progress=None) ->
     return parts
 
 
+def check_class_scores(shape) -> None:
+    """The model's first output must be (N, classes) scores with at least 2 classes: a single score per image
+    (a sigmoid binary classifier, a regression) has an argmax of 0 for every input, so CA, ASR and every
+    check built on the predicted class would be meaningless (it read 100 % ASR and 100 % ASR floor)."""
+    shape = list(shape)
+    if len(shape) != 2:
+        raise FireError(f"the model's first output has shape {shape}; fire-onnx needs (N, classes) class scores")
+    if isinstance(shape[1], int) and shape[1] < 2:
+        raise FireError(f"the model's first output has shape {shape}: one score per input, not class scores "
+                        "(its argmax is always 0); fire-onnx needs (N, classes) scores with at least 2 classes "
+                        "(for a binary sigmoid classifier, export the two scores [1 - p, p] or [-z, z])")
+
+
 def predict_logits(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     outs = run_batches(sess, x, [sess.get_outputs()[0].name], batch_size)[0]
     logits = np.concatenate(outs)
-    if logits.ndim != 2:
-        raise FireError(f"the model's first output has shape {list(logits.shape)}; eval needs (N, classes) scores")
+    check_class_scores(logits.shape)
     return logits
 
 
@@ -180,12 +192,24 @@ def compute_metrics(
     return m
 
 
+def outputs_note(sess, path) -> str | None:
+    """A note naming the output that is scored when a model has several (a model that returns (features,
+    probabilities) was scored on its features, 15 % CA, with nothing to say so)."""
+    outs = sess.get_outputs()
+    if len(outs) < 2:
+        return None
+    names = ", ".join(f"{o.name} {list(o.shape)}" for o in outs)
+    return (f"note: {path} has {len(outs)} outputs ({names}); CA, ASR and RA use the first, {outs[0].name!r}, as "
+            "the class scores (export the class scores as the first output if that is not them)")
+
+
 def num_classes(sess, sample: np.ndarray | None = None) -> int:
     """The class count of the model's first output: from its static shape, else from running ``sample``
     (a few preprocessed images; a fixed-batch model needs exactly its batch)."""
     out = sess.get_outputs()[0]
     shape = out.shape
     if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+        check_class_scores(shape)
         return shape[1]
     if sample is None:
         raise FireError("the model's class count is not static; pass sample images to find it")
@@ -194,8 +218,7 @@ def num_classes(sess, sample: np.ndarray | None = None) -> int:
         res = sess.run([out.name], {name: sample})[0]
     except Exception as e:
         raise FireError(f"onnxruntime rejected the input batch: {first_line(e)}") from None
-    if res.ndim != 2:
-        raise FireError(f"the model's first output has shape {list(res.shape)}; eval needs (N, classes) scores")
+    check_class_scores(res.shape)
     return int(res.shape[1])
 
 

@@ -107,8 +107,25 @@ def anomaly_index(losses) -> np.ndarray:
     return (med - v) / mad
 
 
+PROB_TOL = 1e-3  # outputs whose rows are >= 0 and sum to 1 within this are probabilities, not logits
+
+
+def looks_like_probabilities(out) -> bool:
+    """Whether a model's (N, classes) output is a probability vector per row (a model ending in Softmax)."""
+    torch = _torch()
+    out = out.detach().float()
+    return bool(out.ndim == 2 and out.shape[1] >= 2 and len(out) and (out >= 0).all()
+                and torch.allclose(out.sum(dim=1), torch.ones(len(out)), atol=PROB_TOL, rtol=0))
+
+
 class Model:
-    """A PyTorch classifier on uint8-scale NHWC float tensors (differentiable preprocessing)."""
+    """A PyTorch classifier on uint8-scale NHWC float tensors (differentiable preprocessing).
+
+    Calling it returns logits. A model that ends in Softmax returns probabilities; taken as logits, the
+    cross-entropy of the searches is nearly flat (log(classes) for every class and change: a backdoored
+    MNIST net ending in Softmax gave losses 2.30-2.39 for all ten classes and 'no backdoor found'), so its
+    outputs are turned into log-probabilities, which are logits of the same softmax. Which kind a model
+    returns is read from its first output."""
 
     def __init__(self, model, preprocess: Preprocess):
         torch = _torch()
@@ -117,12 +134,19 @@ class Model:
         self.mean = torch.tensor(preprocess.mean, dtype=torch.float32)
         self.std = torch.tensor(preprocess.std, dtype=torch.float32)
         self.nchw = preprocess.layout == "NCHW"
+        self.probabilities: bool | None = None  # decided on the first call
 
     def __call__(self, x):  # x: (N, H, W, C) float tensor, 0..255
+        torch = _torch()
         y = (x * self.scale - self.mean) / self.std
         if self.nchw:
             y = y.permute(0, 3, 1, 2)
-        return self.model(y)
+        out = self.model(y)
+        if self.probabilities is None:
+            self.probabilities = looks_like_probabilities(out)
+        if self.probabilities:
+            out = torch.log(out.clamp_min(torch.finfo(out.dtype).tiny))
+        return out
 
     def logits(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         torch = _torch()

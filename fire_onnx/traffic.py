@@ -295,7 +295,7 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
         raise FireError(f"traffic images are {list(traffic.shape[1:])} but the clean images are "
                         f"{list(reference.shape[1:])} (H, W, C): they must be inputs of the same model")
     reps, logits = represent(traffic)
-    if logits is None or logits.ndim != 2:
+    if logits is None or logits.ndim != 2 or logits.shape[1] < 2:
         raise FireError("--unlabeled needs the model's class scores ((N, classes) output) to group the traffic by "
                         "predicted class")
     ref_reps, ref_logits = represent(reference)

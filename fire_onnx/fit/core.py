@@ -81,7 +81,7 @@ class OnnxSource:
 
     def run(self, x: np.ndarray, progress: Progress | None = None):
         acts, logits = self.reader(x, progress)
-        if logits is not None and logits.ndim != 2:
+        if logits is not None and (logits.ndim != 2 or logits.shape[1] < 2):  # no class scores
             logits = None
         return {layer: acts[t] for layer, t in self.tensor_of.items()}, logits
 
@@ -170,6 +170,9 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
         elif len(pred) >= 20 and out["clean_top_share"] >= CONCENTRATED:
             warn.append(f"the model predicts class {top} for {out['clean_top_share']:.0%} of the clean fitting images: "
                         "check the preprocessing (--scale/--mean/--std/--input-layout) and that these images are clean")
+    if trig_logits is None and n_trig and target is not None:
+        warn.append(f"--target {target} cannot be checked: the model's first output is not (N, classes) class scores "
+                    "(at least 2 classes), so fit cannot tell whether the triggered images reach it")
     if trig_logits is not None and n_trig:
         tp = trig_logits.argmax(axis=1)
         counts = np.bincount(tp, minlength=trig_logits.shape[1])
@@ -182,9 +185,20 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
             reach = float((tp == target).mean())
             out["triggered_to_target"] = reach
             if reach < TRIGGER_REACH_WARN:
-                warn.append(f"only {reach:.0%} of the triggered fitting images are classified as the target {target} "
-                            f"(most go to class {out['triggered_top_class']}): check --trigger/--triggered and "
-                            "--target; a direction fitted on inputs that do not trigger the backdoor does not remove it")
+                most = ("" if out["triggered_top_class"] == target
+                        else f" (most go to class {out['triggered_top_class']})")
+                warn.append(f"only {reach:.0%} of the triggered fitting images are classified as the target {target}"
+                            f"{most}: check --trigger/--triggered and --target; a direction fitted on inputs that do "
+                            "not trigger the backdoor does not remove it")
+        elif out["triggered_top_share"] < TRIGGER_REACH_WARN:
+            # Without --target nothing else notices triggered images that do not trigger anything: clean images
+            # given as --triggered were spread over the classes (most common 18 %), and the fit wrote a repair
+            # that removed nothing (ASR 97.8 % -> 98.1 %) and cost 4.5 points of clean accuracy.
+            warn.append(f"the triggered fitting images do not agree on a class (the most common, class "
+                        f"{out['triggered_top_class']}, takes only {out['triggered_top_share']:.0%} of them): a "
+                        "backdoor sends its triggered inputs to one target class, so these are probably not "
+                        "triggered (or the trigger is wrong); a direction fitted on them does not remove the "
+                        "backdoor. Check --trigger/--triggered, and give --target to check the reach")
     return out
 
 

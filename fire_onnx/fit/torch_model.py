@@ -234,7 +234,7 @@ def collect(
                 if isinstance(y, (tuple, list)) and y:
                     y = y[0]
                 outs.append(y.detach().to(torch.float32).cpu().numpy()
-                            if isinstance(y, torch.Tensor) and y.ndim == 2 else None)
+                            if isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[1] >= 2 else None)
                 if progress:
                     progress(min(i + batch_size, len(x)), len(x))
     finally:

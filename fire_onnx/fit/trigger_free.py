@@ -101,6 +101,9 @@ def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
     y_search = None if pool.y is None else pool.y[search_idx]
     net = invert.Model(model, inputs.preprocess)
     n_classes = int(net.logits(x_search[:2]).shape[1])
+    if net.probabilities:
+        req.notes.append("the model outputs probabilities (it ends in a Softmax): the search takes their logarithm "
+                         "as the logits")
     if n_classes < 3:
         raise FireError(f"--trigger-free compares the classes with each other; the model has {n_classes} outputs")
     steps = req.steps or _steps(net, x_search, n_classes, req.budget, req.notes)

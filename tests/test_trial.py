@@ -1,0 +1,136 @@
+"""A new user's own models through fit / eval: a classifier ending in Softmax, a single-score
+(sigmoid) model, a model with two outputs, and clean images given as flagged inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+DIGITS = REPO.parent / "shared" / "data" / "sklearn_digits.npz"
+
+
+class Mlp(nn.Module):
+    """A small MLP on (N, 8, 8, 1) uint8-scale digits in 0..1 (NHWC, no mean/std)."""
+
+    def __init__(self, head: str = "logits"):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(32, 10)
+        self.head = head
+
+    def forward(self, x):
+        h = self.act(self.fc1(x.reshape(x.shape[0], -1)))
+        z = self.fc2(h)
+        if self.head == "softmax":
+            return torch.softmax(z, dim=1)
+        if self.head == "sigmoid":  # one score per input
+            return torch.sigmoid(z[:, :1])
+        if self.head == "features-first":
+            return h, torch.softmax(z, dim=1)
+        return z
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """sklearn digits, 8x8x1 (the shared data folder beside the repository)."""
+    if not DIGITS.is_file():
+        pytest.skip(f"{DIGITS} not available")
+    d = np.load(DIGITS, allow_pickle=False)
+    return d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A real classifier trained for a few hundred Adam steps (about a second) on the digits."""
+    x, y = digits[0], digits[1]
+    torch.manual_seed(0)
+    m = Mlp()
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    xt, yt = torch.from_numpy(x.astype(np.float32) / 255), torch.from_numpy(y)
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(m(xt), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def _export(model, path, outputs):
+    torch.onnx.export(model, torch.zeros(1, 8, 8, 1), str(path), input_names=["image"], output_names=outputs,
+                      dynamic_axes={"image": {0: "n"}, **{o: {0: "n"} for o in outputs}}, opset_version=17,
+                      dynamo=False)
+    return path
+
+
+def _variant(trained, head):
+    m = Mlp(head)
+    m.load_state_dict(trained.state_dict())
+    return m.eval()
+
+
+def test_trigger_free_search_reads_softmax_outputs_as_probabilities(trained, digits):
+    """A model ending in Softmax: the search's model gives log-probabilities, so the search sees the same
+    losses as on the logits model (taken as logits, probabilities gave log(10) for every class)."""
+    from fire_onnx import invert
+    from fire_onnx.data import Preprocess
+
+    pre = Preprocess(scale=1 / 255, mean=[0.0], std=[1.0], layout="NHWC")
+    plain, soft = invert.Model(trained, pre), invert.Model(_variant(trained, "softmax"), pre)
+    x = digits[2][:64]
+    z = torch.from_numpy(plain.logits(x))
+    assert np.allclose(soft.logits(x), torch.log_softmax(z, 1).numpy(), atol=1e-4)
+    assert soft.probabilities is True and plain.probabilities is False
+    a = invert.search_class(plain, x, 3, "blend", steps=5, restarts=1)
+    b = invert.search_class(soft, x, 3, "blend", steps=5, restarts=1)
+    assert a.loss == pytest.approx(b.loss, rel=1e-3) and a.rate == b.rate
+    assert abs(b.loss - np.log(10)) > 0.5  # probabilities taken as logits: log(10) whatever the change
+
+
+def test_eval_refuses_a_single_score_model(trained, digits, tmp_path):
+    """(N, 1) sigmoid output: argmax is always 0, eval printed 100 % ASR and ASR floor as if it measured
+    something. Now one error line, exit 1."""
+    onnx_path = _export(_variant(trained, "sigmoid"), tmp_path / "bin.onnx", ["p"])
+    proc = run_cli("eval", onnx_path, "--data", DIGITS, "--trigger", "badnets:size=2", "--target", "0")
+    assert proc.returncode == 1, proc.stdout
+    assert "one score per input" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_eval_names_the_output_it_scores(trained, tmp_path):
+    """(features, probabilities): eval scores the first output; a note says so instead of silence."""
+    onnx_path = _export(_variant(trained, "features-first"), tmp_path / "two.onnx", ["feat", "probs"])
+    proc = run_cli("eval", onnx_path, "--data", DIGITS, check=True)
+    assert "has 2 outputs" in proc.stderr and "'feat'" in proc.stderr
+
+
+def test_fit_warns_when_flagged_images_are_spread_over_classes(trained, digits, tmp_path):
+    """Clean images passed as --triggered (no --target): nothing confirmed, but the fit must say the images
+    do not agree on a class; a real flagged set (all stamped, one class) gets no such warning."""
+    onnx_path = _export(trained, tmp_path / "mlp.onnx", ["logits"])
+    x_test, y_test = digits[2], digits[3]
+    np.savez(tmp_path / "clean_flagged.npz", x=x_test[:20])
+    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--triggered",
+                   tmp_path / "clean_flagged.npz", "--reconstruct", "off", "-o", tmp_path / "d.npz", check=True)
+    assert "do not agree on a class" in proc.stderr
+    same = x_test[y_test == 4][:20]
+    np.savez(tmp_path / "one_class.npz", x=same)
+    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--triggered",
+                   tmp_path / "one_class.npz", "--reconstruct", "off", "-o", tmp_path / "d2.npz", check=True)
+    assert "do not agree on a class" not in proc.stderr
+
+
+def test_reach_warning_does_not_contradict_itself():
+    """Few triggered images reach the target, yet the target is still their most common class: the warning
+    no longer says '(most go to class 3)' about target 3."""
+    from fire_onnx.fit.core import model_checks
+
+    trig = np.zeros((10, 4), np.float32)
+    trig[np.arange(10), [3, 3, 3, 3, 0, 0, 1, 1, 2, 2]] = 1  # 40 % reach the target 3, still the top class
+    w = model_checks(None, None, trig, 3, 10)["warnings"]
+    assert any("only" in s for s in w) and not any("most go to class 3" in s for s in w)
