@@ -134,3 +134,15 @@ def test_reach_warning_does_not_contradict_itself():
     trig[np.arange(10), [3, 3, 3, 3, 0, 0, 1, 1, 2, 2]] = 1  # 40 % reach the target 3, still the top class
     w = model_checks(None, None, trig, 3, 10)["warnings"]
     assert any("only" in s for s in w) and not any("most go to class 3" in s for s in w)
+
+
+def test_fit_names_a_flagged_file_in_another_layout(trained, digits, tmp_path):
+    """Flagged images saved NCHW beside NHWC clean images: the error names the file, not the model's input
+    layout (which is right for the clean images)."""
+    onnx_path = _export(trained, tmp_path / "mlp.onnx", ["logits"])
+    np.savez(tmp_path / "nchw.npz", x=digits[2][:20].transpose(0, 3, 1, 2))
+    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--triggered",
+                   tmp_path / "nchw.npz", "-o", tmp_path / "d.npz")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "nchw.npz: the triggered images are [1, 8, 8]" in proc.stderr and "transpose" in proc.stderr
+    assert not (tmp_path / "d.npz").exists()

@@ -203,6 +203,12 @@ def load_inputs(req: FitRequest) -> FitInputs:
     trig = triggers.parse(req.trigger_spec) if req.trigger_spec else None
     triggered_imgs, triggered_clean = load_triggered(req.triggered_path, req.split) if req.triggered_path else (None, None)
     pool = load_images(req.clean_path, req.split)
+    if triggered_imgs is not None and triggered_imgs.x.shape[1:] != pool.x.shape[1:]:
+        # else the error came from the model ("expects shape ..., check --input-layout"), about a layout
+        # that is right for the clean images
+        raise FireError(f"{req.triggered_path}: the triggered images are {list(triggered_imgs.x.shape[1:])} but the "
+                        f"clean images in {req.clean_path} are {list(pool.x.shape[1:])} (H, W, C): both must be uint8 "
+                        "NHWC images of the same size (an NCHW array needs x.transpose(0, 2, 3, 1))")
 
     onnx_model = None
     if req.onnx_path:
