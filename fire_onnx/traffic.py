@@ -136,6 +136,8 @@ class TrafficResult:
     n_reference: int = 0
     reconstruction: dict | None = None  # the chosen class's reconstruction record
     notes: list[str] = field(default_factory=list)
+    # the model on the clean reference: near-chance accuracy or one class for nearly all (wrong preprocessing)
+    warnings: list[str] = field(default_factory=list)
     forced: bool = False  # --force: target and indices picked although nothing was confirmed
     n_patch_added: int = 0  # inputs of the target class added because they carry the confirmed patch
 
@@ -159,7 +161,7 @@ class TrafficResult:
                 "thresholds": {"min_inputs": MIN_INPUTS, "min_reference": MIN_REFERENCE, "min_flagged": MIN_FLAGGED,
                                "reference_above_max": REFERENCE_ABOVE_MAX},
                 "classes": [c.record() for c in self.detection.classes],
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "warnings": list(self.warnings)}
 
 
 class NothingFound(Exception):
@@ -277,16 +279,18 @@ def detect(reps: np.ndarray, pred: np.ndarray, ref: np.ndarray, ref_pred: np.nda
 def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, clean: np.ndarray,
                    reference: np.ndarray, held: np.ndarray, *, clean_y: np.ndarray | None = None,
                    held_y: np.ndarray | None = None, target: int | None = None, tensor: str = "",
-                   log: Callable[[str], None] | None = None) -> TrafficResult:
+                   log: Callable[[str], None] | None = None, reference_y: np.ndarray | None = None) -> TrafficResult:
     """Find the triggered inputs of ``traffic`` (uint8 NHWC): score (:func:`detect`), then confirm.
 
     ``represent(x)`` -> (representations, logits) and ``predict(x)`` -> classes take uint8 NHWC images.
     ``reference``: clean images whose representations model clean inputs; ``clean``/``held``: clean images
     the trigger reconstruction takes as its clean reference and stamps its candidates on (with labels
     ``clean_y``/``held_y`` when known, used only to leave out images of the candidate class). ``target``:
-    consider only that predicted class. Returns the result; nothing confirmed -> ``target`` None.
+    consider only that predicted class. ``reference_y``: the reference's labels, when known, to check the
+    model's accuracy on it. Returns the result; nothing confirmed -> ``target`` None.
     """
     from fire_onnx import reconstruct as rc
+    from fire_onnx.fit.core import model_checks
 
     say = log or (lambda msg: None)
     if traffic.dtype != np.uint8 or traffic.ndim != 4:
@@ -302,6 +306,17 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
     n_classes = logits.shape[1]
     det = detect(reps, logits.argmax(axis=1), ref_reps, ref_logits.argmax(axis=1), n_classes)
     result = TrafficResult(np.zeros(0, np.int64), None, det, len(traffic), tensor, len(reference))
+    # a model that misreads its inputs (wrong --scale/--mean/--std/--input-layout) puts the traffic in one
+    # class or at random: "no triggered inputs found" would then be a wrong all-clear (it was, exit 0, with
+    # every input of a 98 %-ASR model's traffic in one class)
+    chk = model_checks(ref_logits, reference_y, None, None, 0)
+    if chk["warnings"]:
+        how = (f"classifies only {chk['clean_accuracy']:.1%} of the clean reference images correctly (chance is "
+               f"{chk['chance']:.1%})" if "clean_accuracy" in chk
+               else f"predicts class {chk['clean_top_class']} for {chk['clean_top_share']:.0%} of the clean reference "
+                    "images")
+        result.warnings.append(f"the model {how}: the preprocessing (--scale/--mean/--std/--input-layout) or the "
+                               "model is probably wrong, and the traffic cannot be read with it")
     cands = det.candidates()
     if target is not None:
         if not 0 <= target < n_classes:

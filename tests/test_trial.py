@@ -146,3 +146,16 @@ def test_fit_names_a_flagged_file_in_another_layout(trained, digits, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "nchw.npz: the triggered images are [1, 8, 8]" in proc.stderr and "transpose" in proc.stderr
     assert not (tmp_path / "d.npz").exists()
+
+
+def test_unlabeled_all_clear_warns_about_a_model_that_misreads_its_inputs(trained, digits, tmp_path):
+    """Mean/std given in pixel units (127.5, as for 0..255 inputs) with --unlabeled: the model puts the traffic in
+    one class, no class has an outlying cluster, and 'no triggered inputs found' (exit 0) must come with the
+    warning that the model misreads its inputs (it came alone)."""
+    onnx_path = _export(trained, tmp_path / "mlp.onnx", ["logits"])
+    np.savez(tmp_path / "traffic.npz", x=digits[2])
+    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--unlabeled",
+                   tmp_path / "traffic.npz", "--mean", "127.5", "--std", "127.5", "-o", tmp_path / "d.npz")
+    assert proc.returncode == 0, proc.stderr
+    assert "no directions file written" in proc.stdout
+    assert "warning: the model" in proc.stderr and "--scale/--mean/--std/--input-layout" in proc.stderr

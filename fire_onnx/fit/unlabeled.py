@@ -103,7 +103,7 @@ def attach(req, inputs, log=None) -> None:
         rest = clean
     reference = pool.subset(order[:tr.N_REFERENCE])
     result = tr.find_triggered(traffic, represent, predict, clean.x, reference.x, rest.x, clean_y=clean.y,
-                               held_y=rest.y, target=req.target, tensor=tensor, log=log)
+                               held_y=rest.y, target=req.target, tensor=tensor, log=log, reference_y=reference.y)
     if not result.found:
         if not req.force:
             raise tr.NothingFound(result)
