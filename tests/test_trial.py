@@ -159,3 +159,18 @@ def test_unlabeled_all_clear_warns_about_a_model_that_misreads_its_inputs(traine
     assert proc.returncode == 0, proc.stderr
     assert "no directions file written" in proc.stdout
     assert "warning: the model" in proc.stderr and "--scale/--mean/--std/--input-layout" in proc.stderr
+
+
+def test_eval_does_not_call_the_real_trigger_a_mismatch_for_a_trigger_free_repair():
+    """A trigger-free repair records {"kind": "trigger-free", ...}; eval --trigger with the real trigger warned
+    'fitted with another trigger than --trigger (badnets given, trigger-free recorded)'. A recorded attack
+    spec that differs still warns."""
+    from fire_onnx import triggers
+    from fire_onnx.evaluate import ModelInfo, attack_warnings
+
+    given = triggers.describe(triggers.parse("badnets"))
+    free = ModelInfo("m.fire.onnx", patched=True, attack={"target": 3, "trigger": {"kind": "trigger-free", "rounds": 1}})
+    assert attack_warnings([free], 3, given) == []
+    other = ModelInfo("b.fire.onnx", patched=True,
+                      attack={"target": 3, "trigger": triggers.describe(triggers.parse("blended"))})
+    assert len(attack_warnings([other], 3, given)) == 1
