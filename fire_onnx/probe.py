@@ -178,9 +178,19 @@ def check_fingerprints(model, directions, tensors: Sequence[str]) -> tuple[list[
         return [f"the directions' probe images do not run through this model ({e}); they were fitted on a model "
                 "with another input"], notes
     bad = []
+    folded = None
     for t, name in recorded:
         diff = difference(t.fingerprint, acts[name])
         if diff > FINGERPRINT_TOL:
-            bad.append(f"tensor {name!r} does not hold the activations the directions for {t.label} were fitted on "
-                       f"(relative difference {diff:.3g} on the probe images, tolerance {FINGERPRINT_TOL:g})")
+            msg = (f"tensor {name!r} does not hold the activations the directions for {t.label} were fitted on "
+                   f"(relative difference {diff:.3g} on the probe images, tolerance {FINGERPRINT_TOL:g})")
+            if folded is None:
+                from fire_onnx.inspect import folded_weights
+
+                folded = folded_weights(model.graph)
+            if t.module and name in folded:  # fit --model without --onnx cannot see this; it was blamed on the model
+                msg += (f"; the exporter folded a BatchNorm (or a scale) into the node that computes it, so it is not "
+                        f"the output of module {t.module!r}: fit from the ONNX model (--onnx without --model, --layer "
+                        f"{name}), or at the module after the BatchNorm")
+            bad.append(msg)
     return bad, notes

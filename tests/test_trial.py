@@ -174,3 +174,49 @@ def test_eval_does_not_call_the_real_trigger_a_mismatch_for_a_trigger_free_repai
     other = ModelInfo("b.fire.onnx", patched=True,
                       attack={"target": 3, "trigger": triggers.describe(triggers.parse("blended"))})
     assert len(attack_warnings([other], 3, given)) == 1
+
+
+BN_NET = '''
+import torch.nn as nn
+
+
+class BnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):  # NHWC
+        return self.fc(self.act(self.bn(self.conv(x.permute(0, 3, 1, 2)))).flatten(1))
+
+
+def build():
+    return BnNet()
+'''
+
+
+def test_patch_names_a_batchnorm_folded_into_the_fitted_conv(tmp_path):
+    """fit --model without --onnx at a Conv module whose BatchNorm the exporter folded into it: patch refuses
+    (fingerprint) and now says why, instead of only 'fitted on another model'."""
+    import importlib.util
+
+    (tmp_path / "bnnet.py").write_text(BN_NET)
+    spec = importlib.util.spec_from_file_location("bnnet_trial", tmp_path / "bnnet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    net = mod.build()
+    with torch.no_grad():  # running statistics far from (0, 1), so folding changes the Conv's output
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(2, 4)
+    net.eval()
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    _export(net, tmp_path / "bn.onnx", ["logits"])
+    run_cli("fit", "--model", f"{tmp_path / 'bnnet.py'}:build", "--weights", tmp_path / "w.pt", "--layer", "conv",
+            "--clean", DIGITS, "--trigger", "badnets:size=2", "--input-layout", "NHWC", "-o", tmp_path / "d.npz",
+            check=True)
+    proc = run_cli("patch", tmp_path / "bn.onnx", tmp_path / "d.npz", "-o", tmp_path / "p.onnx")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "folded a BatchNorm" in proc.stderr and "not the output of module 'conv'" in proc.stderr
