@@ -169,7 +169,8 @@ def test_eval_does_not_call_the_real_trigger_a_mismatch_for_a_trigger_free_repai
     from fire_onnx.evaluate import ModelInfo, attack_warnings
 
     given = triggers.describe(triggers.parse("badnets"))
-    free = ModelInfo("m.fire.onnx", patched=True, attack={"target": 3, "trigger": {"kind": "trigger-free", "rounds": 1}})
+    free = ModelInfo("m.fire.onnx", patched=True,
+                     attack={"target": 3, "trigger": {"kind": "trigger-free", "rounds": 1}})
     assert attack_warnings([free], 3, given) == []
     other = ModelInfo("b.fire.onnx", patched=True,
                       attack={"target": 3, "trigger": triggers.describe(triggers.parse("blended"))})
