@@ -195,9 +195,10 @@ def cli():
                    "target, and its recovered trigger stamps the pairs to fit on. No anomalous class: 'no backdoor "
                    "found', exit 0, nothing written.")
 @click.option("--force", is_flag=True,
-              help="--trigger-free: repair the most anomalous class even when none is anomalous; --unlabeled: write "
-                   "directions even when no triggered inputs are confirmed (fitted on the closest candidate class's "
-                   "outliers).")
+              help="Write the repair even when its held-out check refuses it (it changes more than 5 % of held-out "
+                   "clean predictions); --trigger-free: repair the most anomalous class even when none is anomalous; "
+                   "--unlabeled: write directions even when no triggered inputs are confirmed (fitted on the closest "
+                   "candidate class's outliers).")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
               help="--trigger-free: seconds the search may take (the scan's steps adapt to it).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -280,6 +281,10 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         click.echo(describe_traffic(summ["unlabeled"]))
     if not quiet and summ.get("reconstruction"):
         click.echo(describe_reconstruction(summ["reconstruction"]))
+    if not quiet and summ.get("check"):
+        from fire_onnx.fit.verify import describe as describe_check
+
+        click.echo(describe_check(summ["check"]))
     if not quiet and summ.get("auto"):
         from fire_onnx.fit.auto import table
 

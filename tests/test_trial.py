@@ -121,8 +121,15 @@ def test_fit_warns_when_flagged_images_are_spread_over_classes(trained, digits, 
     same = x_test[y_test == 4][:20]
     np.savez(tmp_path / "one_class.npz", x=same)
     proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--triggered",
-                   tmp_path / "one_class.npz", "--reconstruct", "off", "-o", tmp_path / "d2.npz", check=True)
+                   tmp_path / "one_class.npz", "--reconstruct", "off", "-o", tmp_path / "d2.npz")
     assert "do not agree on a class" not in proc.stderr
+    # clean images of one class agree on it, yet removing "their trigger" removes the class: the held-out
+    # check refuses to write that repair (fire_onnx.fit.verify), and --force writes it anyway
+    assert proc.returncode == 1 and "not written: the repair changes the predicted class of" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "d2.npz").exists()
+    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--triggered",
+                   tmp_path / "one_class.npz", "--reconstruct", "off", "-o", tmp_path / "d2.npz", "--force", check=True)
+    assert (tmp_path / "d2.npz").exists() and "written with --force although" in proc.stderr
 
 
 def test_reach_warning_does_not_contradict_itself():

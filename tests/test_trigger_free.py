@@ -135,8 +135,13 @@ def test_trigger_free_needs_a_pytorch_model(demo_run, mnist_path, tmp_path):
     assert proc.returncode == 1 and "give --model" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_force_needs_trigger_free(demo_run, mnist_path, tmp_path):
+def test_paired_fit_reports_its_held_out_check(demo_run, mnist_path, tmp_path):
+    """A fit at a given layer is judged on held-out images before it is written (fire_onnx.fit.verify):
+    the demo's BadNets repair changes almost no held-out clean prediction and clears the stamped ones."""
     out, _ = demo_run
     proc = run_cli("fit", "--onnx", out / "model.onnx", "--clean", mnist_path, "--layer", "block2", "--trigger",
-                   "badnets", "--force", "-o", tmp_path / "d.npz")
-    assert proc.returncode == 1 and "--force applies to --trigger-free" in proc.stderr
+                   "badnets", "--target", "0", "-o", tmp_path / "d.npz", "--json", tmp_path / "fit.json", check=True)
+    assert "held-out check: the repair changes" in proc.stdout
+    check = json.loads((tmp_path / "fit.json").read_text())["check"]
+    assert check["n_clean"] >= 200 and check["clean_change"] <= 0.02 and not check["in_sample"]
+    assert check["target_rate_before"] > 0.9 and check["target_rate_after"] < 0.1 and "refuse" not in check

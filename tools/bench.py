@@ -66,7 +66,8 @@ def fit_and_patch(mode: str, onnx_path: Path, layer: str, spec: str, trig, train
     from fire_onnx.patch import patch_file
 
     req = dict(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path), target=bf.TARGET,
-               n_clean=bf.N_CLEAN, seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, n_triggered=n_triggered)
+               n_clean=bf.N_CLEAN, seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, n_triggered=n_triggered,
+               force=True)  # measure also what fit's held-out check refuses (fields["check"] says)
     if mode == "paired":
         req["trigger_spec"] = spec
     elif mode == "flagged":
@@ -85,6 +86,8 @@ def fit_and_patch(mode: str, onnx_path: Path, layer: str, spec: str, trig, train
               "warnings": list(t.fit.get("warnings", [])) + list(d.meta.get("checks", {}).get("warnings", []))}
     if d.meta.get("reconstruction"):
         fields["reconstruction"] = d.meta["reconstruction"]
+    if d.meta.get("check"):
+        fields["check"] = d.meta["check"]
     return model, fields
 
 

@@ -248,7 +248,8 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
                 rec["n_triggered"] = 0
             else:
                 req = dict(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path), target=TARGET,
-                           n_clean=N_CLEAN, seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c)
+                           n_clean=N_CLEAN, seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c,
+                           force=True)  # measure also what fit's held-out check refuses (rec["check"] says)
                 n = 5 if mode == "flagged-5" else 20
                 if mode in ("paired", "translate", "translate-gated"):
                     req.update(trigger_spec=spec, n_triggered=n)
@@ -296,6 +297,8 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
                            list(d.meta.get("checks", {}).get("warnings", [])))
                 if d.meta.get("reconstruction"):
                     rec["reconstruction"] = d.meta["reconstruction"]
+                if d.meta.get("check"):
+                    rec["check"] = d.meta["check"]
             m = compute_metrics(session(model), test, pre, trig_test, TARGET)
             rec.update(ca=m.ca, asr=m.asr, ra=m.ra, asr_floor=m.asr_floor, n_clean_test=m.n_clean,
                        n_triggered_test=m.n_triggered,

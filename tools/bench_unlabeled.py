@@ -157,7 +157,7 @@ def references(args, onnx_path, clean_file, tmp: Path, x_true, layer: str, spec:
     for name, extra in (("oracle", {"triggered_path": str(true_file), "n_triggered": len(x_true)}),
                         ("paired", {"trigger_spec": spec, "target": TARGET, "n_triggered": 20})):
         req = FitRequest(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path), n_clean=N_CLEAN,
-                         seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, **extra)
+                         seed=seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, force=True, **extra)
         dpath, model = tmp / f"{name}.npz", tmp / f"{name}.fire.onnx"
         dirs.save(run_fit(req), dpath)
         patch_file(onnx_path, dpath, model)

@@ -119,7 +119,7 @@ def run_cell(ds: str, attack: str, args) -> list[dict]:
             n = len(np.load(path)["x"])
             d = run_fit(FitRequest(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx), target=bf.TARGET,
                                    n_clean=bf.N_CLEAN, seed=0, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c,
-                                   triggered_path=str(path), n_triggered=n))
+                                   triggered_path=str(path), n_triggered=n, force=True))
             dirs.save(d, tmp / "d.npz")
             patch_file(onnx, tmp / "d.npz", tmp / "m.onnx")
             m = compute_metrics(session(tmp / "m.onnx"), test, pre, trig_test, bf.TARGET)

@@ -69,7 +69,7 @@ def run_curve(args) -> list[dict]:
     base = {"dataset": args.dataset, "model": "small_cnn", "attack": args.attack, "trigger": spec, "layer": layer,
             "seed": args.seed, "epochs": args.epochs, "train_seconds": round(train_s, 1)}
     common = dict(layers=[layer], clean_path="", onnx_path=str(onnx_path), target=bf.TARGET, n_clean=bf.N_CLEAN,
-                  seed=args.seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c)
+                  seed=args.seed, scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, force=True)
 
     def evaluate(model) -> dict:
         m = compute_metrics(session(str(model)), test, pre, trig_test, bf.TARGET)

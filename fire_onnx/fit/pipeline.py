@@ -85,9 +85,6 @@ class FitRequest:
         if self.trigger_free:
             self._validate_trigger_free()
         else:
-            if self.force and not self.unlabeled_path:
-                raise FireError("--force applies to --trigger-free (repair the most anomalous class anyway) and "
-                                "--unlabeled (fit even when no triggered inputs are confirmed)")
             if self.update_path and self.trigger_spec is None and self.triggered_path is None and not self.unlabeled_path:
                 raise FireError("--update needs the new triggered images: --triggered FILE (or --trigger SPEC)")
             given = [p for p in (self.triggered_path, self.trigger_spec, self.unlabeled_path) if p is not None]
@@ -188,7 +185,15 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         return run_auto(req, progress=progress, log=log)
     inputs = load_inputs(req)
     clean, triggered, source = select_samples(req, inputs)
-    return fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+    d = fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+    from fire_onnx.fit.verify import refuse_or_record, verify
+
+    check = verify(req, inputs, d, triggered)  # the repair judged on held-out images
+    if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
+        for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
+            log(f"warning: {w}")
+    refuse_or_record(req, d, check)
+    return d
 
 
 def load_inputs(req: FitRequest) -> FitInputs:
@@ -319,6 +324,8 @@ def summary(d: dirs.Directions) -> dict:
             "warnings": list(checks.get("warnings", [])) + [w for t in targets for w in t["warnings"]]}
     if d.meta.get("reconstruction"):
         out["reconstruction"] = d.meta["reconstruction"]
+    if d.meta.get("check"):
+        out["check"] = d.meta["check"]
     if d.meta.get("auto"):
         out["auto"] = d.meta["auto"]
     if d.meta.get("unlabeled"):

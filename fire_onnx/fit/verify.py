@@ -1,0 +1,142 @@
+"""Judge a fitted repair on images the fit did not use, before it is written.
+
+``fit --layer auto`` chooses among candidates by what each repair does on held-out images; a repair at a
+given ``--layer`` was written on the strength of its fitting statistics alone (separation, where the
+gate fires), which can look excellent while the repair does nothing useful or harms. Seen on models no
+one here trained: a blended backdoor repaired at a layer with 24.8 sigma separation still left 51 %
+ASR; 20 clean images given as "flagged" wrote a repair that left ASR at 98 % and cost 8.4 points of
+clean accuracy; a "confirmed" reconstruction on a clean model cost 9 points.
+
+So, when an ONNX model is at hand, the repaired model is run in onnxruntime beside the original on
+
+- **held-out clean images**: pool images the fit did not use (up to ``N_CHECK``). The share whose
+  predicted class the repair changes needs no labels: a repair meant to act only on triggered inputs
+  should change almost none. Above ``CHANGE_WARN`` fit warns; above ``CHANGE_REFUSE`` (with at least
+  ``MIN_REFUSE_CLEAN`` images, so a handful of flips cannot decide it) it refuses to write the repair
+  unless ``--force`` (an ungated repair, ``--gate none``, moves every input by design: warning only);
+- **triggered images**: with ``--trigger``, held-out pool images stamped with it (never the target
+  class when labels are known); with a triggered file, its images beyond those fitted on, or else the
+  fitted ones themselves (in-sample, and said so). The share sent to the target class (``--target``,
+  or the class the original model gives most of them) before and after: when the repair leaves more
+  than ``WEAK`` of them there and more than half of what the original model did, fit warns that this
+  layer does not remove the trigger.
+
+The outcome goes to ``meta["check"]`` and the fit output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fire_onnx import directions as dirs
+from fire_onnx.data import Images
+from fire_onnx.errors import FireError
+
+N_CHECK = 500  # held-out clean (and stamped) images the check runs at most
+CHANGE_WARN = 0.02  # warn when the repair changes more than this share of held-out clean predictions
+CHANGE_REFUSE = 0.05  # ... and refuse to write it (without --force) above this share
+MIN_REFUSE_CLEAN = 200  # refuse only on at least this many held-out clean images
+WEAK = 0.5  # warn when the repair leaves more than this share of the triggered images at the target
+MIN_TRIGGERED = 10  # held-out triggered images a file must have beyond the fitted ones to use them
+
+
+def _held_indices(req, inputs) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out clean indices, held-out indices to stamp) into the pool: the seeded order fit_samples
+    uses, past the clean samples and (with --trigger) past the images it stamped."""
+    pool = inputs.pool
+    order = np.random.default_rng(req.seed).permutation(len(pool))
+    rest = order[req.n_clean:]
+    if inputs.trigger is None:
+        return rest[:N_CHECK], rest[:0]
+    stampable = rest
+    if req.target is not None and pool.y is not None:
+        stampable = rest[pool.y[rest] != req.target]
+    used = set(stampable[:req.n_triggered].tolist())
+    rest = np.array([i for i in rest if i not in used], dtype=int)
+    stampable = stampable[req.n_triggered:]
+    return rest[:N_CHECK], stampable[:N_CHECK]
+
+
+def verify(req, inputs, d: dirs.Directions, triggered: Images) -> dict:
+    """Run the repaired model beside the original on held-out images (module docstring); the record
+    for ``meta["check"]``, with ``warnings`` and, when the repair must not be written, ``refuse``."""
+    from fire_onnx.fit.auto import HeldOut
+
+    if inputs.onnx_model is None:
+        return {"skipped": "no ONNX model to run the repair in (pass --onnx to have it checked on held-out images)"}
+    clean_idx, stamp_idx = _held_indices(req, inputs)
+    if len(clean_idx) == 0:
+        return {"skipped": f"no clean images left over for a held-out check (the clean file has {len(inputs.pool)}; "
+                           f"--n-clean takes {req.n_clean})"}
+    held_clean = inputs.pool.subset(clean_idx)
+    in_sample = False
+    if inputs.trigger is not None:
+        src = inputs.pool.subset(stamp_idx)
+        held_trig = Images(inputs.trigger.apply(src.x), src.y)
+        trig_from = f"{len(held_trig)} held-out images stamped with the trigger"
+    else:
+        extra = inputs.triggered.x[len(triggered):] if inputs.triggered is not None else np.zeros((0,))
+        if len(extra) >= MIN_TRIGGERED and not _same_prefix(inputs.triggered, triggered):
+            extra = np.zeros((0,))
+        if len(extra) >= MIN_TRIGGERED:
+            held_trig = Images(extra[:N_CHECK])
+            trig_from = f"{len(held_trig)} triggered images of the file not fitted on"
+        else:
+            held_trig, in_sample = Images(triggered.x), True
+            trig_from = f"the {len(held_trig)} triggered images fitted on (in-sample: the file has no others)"
+    held = HeldOut(inputs.onnx_model, inputs.preprocess, held_clean, held_trig, batch_size=req.batch_size)
+    target = req.target
+    if target is None and held.base_trig is not None and len(held.base_trig):
+        target = int(np.bincount(held.base_trig).argmax())
+    rate, change, _ = held.score(d, -1 if target is None else target)
+    before = float((held.base_trig == target).mean()) if target is not None and len(held_trig) else None
+    out = {"n_clean": int(len(held_clean)), "clean_change": change, "n_triggered": int(len(held_trig)),
+           "triggered_from": trig_from, "in_sample": in_sample, "target": target,
+           "target_rate_before": before, "target_rate_after": rate if target is not None else None,
+           "thresholds": {"change_warn": CHANGE_WARN, "change_refuse": CHANGE_REFUSE, "weak": WEAK}}
+    warnings = []
+    if change > CHANGE_WARN:
+        warnings.append(f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
+                        "images (a repair that acts on triggered inputs only changes almost none): it will cost clean "
+                        "accuracy; check the triggered images, --target and the layer (--layer auto judges every "
+                        "candidate on held-out images)")
+    if (change > CHANGE_REFUSE and len(held_clean) >= MIN_REFUSE_CLEAN and req.gate != "none"):
+        out["refuse"] = (f"not written: the repair changes the predicted class of {change:.1%} of {len(held_clean)} "
+                         f"held-out clean images (more than {CHANGE_REFUSE:.0%})"
+                         + (f" while leaving {rate:.0%} of the triggered images at class {target}"
+                            if target is not None else "")
+                         + ". Check that the triggered images carry the trigger (and --target), or try --layer auto; "
+                           "--force writes it anyway")
+    if before is not None and rate > WEAK and rate > 0.5 * before:
+        warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
+                        "this layer does not remove the trigger; try --layer auto, --method subspace, or another layer")
+    out["warnings"] = warnings
+    return out
+
+
+def _same_prefix(all_triggered: Images, fitted: Images) -> bool:
+    """Whether the fitted triggered images are the file's first ones (fit_samples keeps the file's order)."""
+    n = len(fitted)
+    return n <= len(all_triggered) and np.array_equal(all_triggered.x[:n], fitted.x)
+
+
+def describe(check: dict) -> str:
+    """One line for the fit output."""
+    if "skipped" in check:
+        return f"held-out check: skipped ({check['skipped']})"
+    line = (f"held-out check: the repair changes {check['clean_change']:.1%} of {check['n_clean']} clean predictions")
+    if check.get("target") is not None:
+        line += (f"; {check['triggered_from']}: {check['target_rate_before']:.0%} -> "
+                 f"{check['target_rate_after']:.0%} at class {check['target']}")
+    return line
+
+
+def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
+    """Record ``check`` in the directions; raise when it refuses the repair and ``--force`` was not given."""
+    d.meta["check"] = {k: v for k, v in check.items() if k != "warnings"}
+    if check.get("refuse") and not req.force:
+        raise FireError(check["refuse"])
+    d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(check.get("warnings", []))
+    if check.get("refuse"):
+        d.meta["checks"]["warnings"].append(check["refuse"].replace("not written: ", "written with --force although ")
+                                            .split(". Check")[0])
