@@ -247,6 +247,8 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         if res.directions is None:
             for note in req.notes:
                 click.echo(f"note: {note}", err=True)
+            for w in res.evidence.get("warnings", []):
+                click.echo(f"warning: {w}", err=True)
             if json_out:
                 _write_json(json_out, {"backdoor_found": False, "output": None, "trigger_free": res.evidence})
             if not quiet:

@@ -228,3 +228,17 @@ def test_patch_names_a_batchnorm_folded_into_the_fitted_conv(tmp_path):
     proc = run_cli("patch", tmp_path / "bn.onnx", tmp_path / "d.npz", "-o", tmp_path / "p.onnx")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "folded a BatchNorm" in proc.stderr and "not the output of module 'conv'" in proc.stderr
+
+
+def test_a_reconstruction_confirmed_on_a_clean_model_is_not_written(trained, digits, tmp_path):
+    """Twenty clean images of one class given as flagged inputs to a clean model: a 45 % blend of the class's
+    mean image sends other images there by content alone, so the reconstruction 'confirms' it; written, that
+    repair cost 9 points of clean accuracy. The held-out check refuses it."""
+    onnx_path = _export(trained, tmp_path / "mlp.onnx", ["logits"])
+    x_test, y_test = digits[2], digits[3]
+    np.savez(tmp_path / "class0.npz", x=x_test[y_test == 0][:20])
+    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--triggered",
+                   tmp_path / "class0.npz", "-o", tmp_path / "d.npz")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "not written: the repair changes the predicted class of" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "d.npz").exists()

@@ -100,6 +100,9 @@ def test_clean_model_guard(clean_mnist_model, mnist_path, tmp_path):
     summ = json.loads(js.read_text())
     assert summ["backdoor_found"] is False and summ["output"] is None
     assert summ["trigger_free"]["scan"]["anomaly_index"] <= 5
+    # the test scans at 40 steps, half the full search: the all-clear says it is not to be trusted yet
+    assert "before trusting 'no backdoor found'" in proc.stderr
+    assert summ["trigger_free"]["warnings"] and "--steps 80" in summ["trigger_free"]["warnings"][0]
 
     proc = run_cli(*_fit_args(clean_mnist_model / "model.pt", mnist_path, "-o", d, "--force"), check=True)
     assert d.is_file() and "--force repairs the most anomalous one" in proc.stderr
