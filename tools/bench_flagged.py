@@ -60,6 +60,8 @@ WEAK = {
              "partly; BackdoorBench trains 100 epochs at s = 0.5",
     "adap-blend": "by design: poisoned and cover images carry the same partial triggers, so the full trigger "
                   "reaches the target only by extrapolation (Qi et al. report 60-80 % on ResNet-18)",
+    "inputaware": "cross samples (the mask filled with another image's pattern, label kept) make the model check "
+                  "that the pattern belongs to the image; 6 epochs learn that only partly on some datasets",
 }
 # attacks whose training recipe is not "stamp 10 % and relabel" (tools/attacks.py), keyed by trigger spec
 POISON = {
