@@ -94,7 +94,8 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
             req = FitRequest(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path),
                              trigger_spec=spec, target=bf.TARGET, n_clean=bf.N_CLEAN, n_triggered=20, seed=0,
                              scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, clean_budget=budget, repair=repair,
-                             max_layers=max_layers, method=args.method, k=args.k if args.method == "subspace" else None)
+                             max_layers=max_layers, method=args.method, k=args.k if args.method == "subspace" else None,
+                             force=True)  # a fixed layer is measured even where fit's held-out check refuses it
             d = run_fit(req)
             path = tmp / f"{mode}-{layer}.npz"
             dirs.save(d, path)
