@@ -180,18 +180,24 @@ def test_fit_from_flagged_images_only_removes_the_backdoor(demo_run, mnist_path,
 
 
 def test_flagged_clean_images_warn_nothing_confirmed(demo_run, mnist_path, tmp_path):
-    """A 'flagged' file of plain clean images shares no trigger: fit says nothing was confirmed and
-    falls back to the unpaired estimate with a warning instead of a silent bad repair."""
+    """A 'flagged' file of plain clean images shares no trigger: fit says nothing was confirmed, and the
+    unpaired fallback, which would remove class 3 itself, is refused by the held-out check (8 % of the
+    held-out clean predictions changed); --force writes it with the warnings."""
     from fire_onnx.data import load_images
 
     out, _ = demo_run
     test = load_images(mnist_path, "test")
     flagged = tmp_path / "flagged.npz"
     np.savez(flagged, x=test.x[test.y == 3][:20])
-    proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered",
-                   flagged, "--mean", "0.5", "--std", "0.5", "-o", tmp_path / "d.npz", "--json", tmp_path / "f.json")
+    args = ("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered",
+            flagged, "--mean", "0.5", "--std", "0.5", "-o", tmp_path / "d.npz", "--json", tmp_path / "f.json")
+    proc = run_cli(*args)
+    assert proc.returncode == 1 and "no trigger reconstruction confirmed" in proc.stderr
+    assert "not written: the repair changes the predicted class of" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "d.npz").exists() and not (tmp_path / "f.json").exists()
+    proc = run_cli(*args, "--force")
     assert proc.returncode == 0, proc.stderr
-    assert "no trigger reconstruction confirmed" in proc.stderr
+    assert "no trigger reconstruction confirmed" in proc.stderr and "written with --force although" in proc.stderr
     assert "nothing confirmed" in proc.stdout
     summ = json.loads((tmp_path / "f.json").read_text())
     assert summ["reconstruction"]["kind"] == "none" and summ["targets"][0]["reference"] == "unpaired"
