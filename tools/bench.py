@@ -252,8 +252,11 @@ def markdown(records: list[dict]) -> str:
     if weak:
         lines += ["", f"Backdoors below {100 * MIN_ASR:.0f} % ASR before any defense (the cells stay in the table; "
                   "a repair there is judged on the ASR that is left):", ""]
-        lines += [f"- {ds} {att}: {_pct(asr)} % ({bf.WEAK.get(att, 'the 6-epoch SmallCNN did not learn it fully')})"
-                  for ds, att, asr in weak]
+        by_attack: dict = {}
+        for ds, att, asr in weak:
+            by_attack.setdefault(att, []).append(f"{ds} {_pct(asr)} %")
+        lines += [f"- {att}: {', '.join(cells)}. Why: {bf.WEAK.get(att, 'the 6-epoch SmallCNN did not learn it fully')}."
+                  for att, cells in by_attack.items()]
     timed = [by for by in cells.values() if by.get(("original", None), {}).get("cost_ratio") is not None]
     lines += [] if not timed else ["", "Cost per input as a ratio to the original model (uint8 pixels to decision, preprocessing included; "
               "all methods interleaved in one loop, median of repeats; onnxruntime CPU):", "",
