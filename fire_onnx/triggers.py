@@ -66,6 +66,16 @@ class BadNets:
         return x
 
 
+def _load_npy(p: Path, what: str) -> np.ndarray:
+    """A plain .npy array (never unpickled) a trigger spec names."""
+    if not p.is_file():
+        raise FireError(f"{what} file not found: {p}")
+    try:
+        return np.load(p, allow_pickle=False)
+    except ValueError as e:
+        raise FireError(f"{what} {p} is not a plain .npy array ({e})") from None
+
+
 @dataclass(frozen=True)
 class Blended:
     alpha: float = 0.2
@@ -76,12 +86,7 @@ class Blended:
         if not self.pattern:
             return np.random.default_rng(self.seed).integers(0, 256, size=(h, w, c)).astype(np.float32)
         p = Path(self.pattern)
-        if not p.is_file():
-            raise FireError(f"blended pattern file not found: {p}")
-        try:
-            pat = np.load(p, allow_pickle=False)
-        except ValueError as e:
-            raise FireError(f"blended pattern {p} is not a plain .npy array ({e})") from None
+        pat = _load_npy(p, "blended pattern")
         if pat.ndim == 2:
             pat = pat[:, :, None]
         if pat.shape[:2] != (h, w):
@@ -149,13 +154,7 @@ class WaNet:
 
 def _grid_flow(path: str, h: int, w: int) -> np.ndarray:
     p = Path(path)
-    if not p.is_file():
-        raise FireError(f"wanet grid file not found: {p}")
-    try:
-        g = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        raise FireError(f"wanet grid {p} is not a plain .npy array ({e})") from None
-    g = np.asarray(g, dtype=np.float64)
+    g = np.asarray(_load_npy(p, "wanet grid"), dtype=np.float64)
     if g.ndim == 4 and g.shape[0] == 1:
         g = g[0]
     if g.shape == (2, h, w):

@@ -202,7 +202,7 @@ def histogram_cell(dataset: str, attack: str, args, matrix: list[dict]) -> dict 
         return None
     test, trig_test, pre = cell["test"], cell["trig_test"], cell["pre"]
     keep = trig_test.y != bf.TARGET  # triggered non-target images: the ones ASR counts
-    x_clean, x_trig, y_trig = pre(test.x), pre(trig_test.x[keep]), trig_test.y[keep]
+    x_clean, x_trig = pre(test.x), pre(trig_test.x[keep])
     rows, summary = [], {"dataset": dataset, "attack": attack, "seed": args.seed, "layer": cell["layer"],
                          "n_clean": int(len(x_clean)), "n_triggered": int(len(x_trig)), "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,10 +259,9 @@ def efficiency_cell(dataset: str, attack: str, args) -> list[dict]:
     return recs
 
 
-def plot_efficiency(recs: list[dict], path: Path, title: str) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=DPI)
-    styles = {"paired": ("tab:blue", "paired (trigger known)"), "flagged": ("tab:red", "flagged (no twins, no labels)")}
+def draw_curves(ax, recs: list[dict], styles: dict) -> None:
+    """ASR (solid), RA (dashed) and CA (dotted) in % against the number of triggered samples, one colour
+    per mode; ``styles``: mode -> (colour, label). Shared with tools/streaming_curve.py."""
     for mode, (color, label) in styles.items():
         rs = sorted((r for r in recs if r["mode"] == mode), key=lambda r: r["n_triggered"])
         if not rs:
@@ -271,6 +270,13 @@ def plot_efficiency(recs: list[dict], path: Path, title: str) -> None:
         ax.plot(n, [100 * r["asr"] for r in rs], "o-", color=color, label=f"ASR, {label}")
         ax.plot(n, [100 * r["ra"] for r in rs], "s--", color=color, alpha=0.7, label=f"RA, {label}")
         ax.plot(n, [100 * r["ca"] for r in rs], ":", color=color, alpha=0.6, label=f"CA, {label}")
+
+
+def plot_efficiency(recs: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=DPI)
+    styles = {"paired": ("tab:blue", "paired (trigger known)"), "flagged": ("tab:red", "flagged (no twins, no labels)")}
+    draw_curves(ax, recs, styles)
     orig = next((r for r in recs if r["mode"] == "original"), None)
     if orig:
         ax.axhline(100 * orig["ca"], color="gray", lw=0.8, ls="-.", label="CA, original")

@@ -183,14 +183,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     styles = {"flagged-stream": ("tab:red", "flagged, streamed (--update)"),
               "flagged-stream-unpaired": ("tab:orange", "flagged, streamed, --reconstruct off"),
               "paired": ("tab:blue", "paired (trigger known)")}
-    for mode, (color, label) in styles.items():
-        rs = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["n_triggered"])
-        if not rs:
-            continue
-        n = [r["n_triggered"] for r in rs]
-        ax.plot(n, [100 * r["asr"] for r in rs], "o-", color=color, label=f"ASR, {label}")
-        ax.plot(n, [100 * r["ra"] for r in rs], "s--", color=color, alpha=0.7, label=f"RA, {label}")
-        ax.plot(n, [100 * r["ca"] for r in rs], ":", color=color, alpha=0.6, label=f"CA, {label}")
+    from plots import draw_curves
+
+    draw_curves(ax, records, styles)
     if orig:
         ax.axhline(100 * orig["ca"], color="gray", lw=0.8, ls="-.", label="CA, original")
     ax.set_xscale("log")
