@@ -242,3 +242,25 @@ def test_a_reconstruction_confirmed_on_a_clean_model_is_not_written(trained, dig
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "not written: the repair changes the predicted class of" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "d.npz").exists()
+
+
+def test_held_out_check_skips_a_model_without_class_scores(digits, tmp_path):
+    """A model whose first output is not (N, classes) scores (here an image-to-image net) still gets its
+    repair; the held-out check says it was skipped instead of failing the fit."""
+
+    class Ae(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.act, self.dec = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.dec(self.act(self.enc(x)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "ae.onnx"
+    torch.onnx.export(Ae().eval(), torch.zeros(1, 1, 8, 8), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    proc = run_cli("fit", "--onnx", path, "--layer", "act", "--clean", DIGITS, "--trigger", "badnets:size=2",
+                   "-o", tmp_path / "d.npz", check=True)
+    assert "held-out check: skipped (the model's predictions cannot be compared" in proc.stdout
+    assert (tmp_path / "d.npz").is_file()

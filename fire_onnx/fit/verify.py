@@ -84,7 +84,10 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images) -> dict:
         else:
             held_trig, in_sample = Images(triggered.x), True
             trig_from = f"the {len(held_trig)} triggered images fitted on (in-sample: the file has no others)"
-    held = HeldOut(inputs.onnx_model, inputs.preprocess, held_clean, held_trig, batch_size=req.batch_size)
+    try:
+        held = HeldOut(inputs.onnx_model, inputs.preprocess, held_clean, held_trig, batch_size=req.batch_size)
+    except FireError as e:  # not a classifier (no (N, classes) first output): nothing to count predictions on
+        return {"skipped": f"the model's predictions cannot be compared ({e})"}
     target = req.target
     if target is None and held.base_trig is not None and len(held.base_trig):
         target = int(np.bincount(held.base_trig).argmax())
