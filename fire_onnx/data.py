@@ -64,6 +64,17 @@ def load_triggered(path: str | Path, split: str = "test") -> tuple[Images, np.nd
     return images, xc
 
 
+def pool_order(pool: Images, *, n_clean: int, seed: int = 0, target: int | None = None):
+    """The seeded split of ``pool`` that ``fit`` samples from: (the clean samples' indices, the rest in the
+    same order, the part of the rest that may be stamped with a trigger: not labelled ``target``). One
+    place for it, so the fit, the trigger reconstruction's held images, the trigger-free pseudo-pairs
+    and the held-out check (``fire_onnx.fit.verify``) agree on which images were used."""
+    order = np.random.default_rng(seed).permutation(len(pool))
+    rest = order[n_clean:]
+    stampable = rest[pool.y[rest] != target] if target is not None and pool.y is not None else rest
+    return order[:n_clean], rest, stampable
+
+
 def fit_samples(
     pool: Images,
     *,
@@ -83,16 +94,13 @@ def fit_samples(
     """
     if (trigger is None) == (triggered is None):
         raise FireError("give exactly one of a trigger or triggered images")
-    order = np.random.default_rng(seed).permutation(len(pool))
-    clean = pool.subset(order[:n_clean])
+    clean_idx, _, stampable = pool_order(pool, n_clean=n_clean, seed=seed, target=target)
+    clean = pool.subset(clean_idx)
     if trigger is not None:
-        rest = order[n_clean:]
-        if target is not None and pool.y is not None:
-            rest = rest[pool.y[rest] != target]
-        if len(rest) < n_triggered:
+        if len(stampable) < n_triggered:
             raise FireError(f"too few images for {n_clean} clean + {n_triggered} triggered samples "
                             f"({len(pool)} in the clean file)")
-        source = pool.subset(rest[:n_triggered])
+        source = pool.subset(stampable[:n_triggered])
         return clean, Images(trigger.apply(source.x), source.y), source
     keep = np.arange(len(triggered))
     if target is not None and triggered.y is not None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx import triggers
-from fire_onnx.data import Images, Preprocess, fit_samples, load_images, load_triggered
+from fire_onnx.data import Images, Preprocess, fit_samples, load_images, load_triggered, pool_order
 from fire_onnx.errors import FireError
 
 Progress = Callable[[int, int], None]
@@ -289,7 +289,7 @@ def fit_inputs(req: FitRequest, inputs: FitInputs, layers: list[str], clean: Ima
         reconstruct = "auto"
         if held is None:
             # the pool images fit_samples did not pick as clean samples (same seeded order)
-            rest = np.random.default_rng(req.seed).permutation(len(inputs.pool))[req.n_clean:]
+            rest = pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed)[1]
             held = inputs.pool.subset(rest) if len(rest) else None
     d = fit_directions(inputs.model, list(layers), clean, triggered, inputs.preprocess, method=req.method, k=inputs.k,
                        gate=req.gate, quantile=req.quantile, alpha=req.alpha, layout=req.layout,

@@ -26,7 +26,7 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx import invert
-from fire_onnx.data import fit_samples
+from fire_onnx.data import fit_samples, pool_order
 from fire_onnx.errors import FireError
 
 MAX_ROUNDS = 3
@@ -202,9 +202,7 @@ def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> dirs.Directio
             from fire_onnx.fit.auto import run_auto
 
             return run_auto(req, progress=progress, inputs=inputs)
-        order = np.random.default_rng(req.seed).permutation(len(inputs.pool))
-        available = int(np.sum(inputs.pool.y[order[req.n_clean:]] != req.target)) if inputs.pool.y is not None \
-            else len(order) - req.n_clean
+        available = len(pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed, target=req.target)[2])
         n_pairs = min(req.n_triggered, available)
         if n_pairs < 1:
             raise FireError(f"{req.clean_path} leaves no images beside the {req.n_clean} clean samples to stamp the "

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from fire_onnx import directions as dirs
-from fire_onnx.data import Images
+from fire_onnx.data import Images, pool_order
 from fire_onnx.errors import FireError
 
 N_CHECK = 500  # held-out clean (and stamped) images the check runs at most
@@ -43,18 +43,11 @@ MIN_TRIGGERED = 10  # held-out triggered images a file must have beyond the fitt
 def _held_indices(req, inputs) -> tuple[np.ndarray, np.ndarray]:
     """(held-out clean indices, held-out indices to stamp) into the pool: the seeded order fit_samples
     uses, past the clean samples and (with --trigger) past the images it stamped."""
-    pool = inputs.pool
-    order = np.random.default_rng(req.seed).permutation(len(pool))
-    rest = order[req.n_clean:]
+    _, rest, stampable = pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed, target=req.target)
     if inputs.trigger is None:
         return rest[:N_CHECK], rest[:0]
-    stampable = rest
-    if req.target is not None and pool.y is not None:
-        stampable = rest[pool.y[rest] != req.target]
-    used = set(stampable[:req.n_triggered].tolist())
-    rest = np.array([i for i in rest if i not in used], dtype=int)
-    stampable = stampable[req.n_triggered:]
-    return rest[:N_CHECK], stampable[:N_CHECK]
+    unused = rest[~np.isin(rest, stampable[:req.n_triggered])]
+    return unused[:N_CHECK], stampable[req.n_triggered:][:N_CHECK]
 
 
 def verify(req, inputs, d: dirs.Directions, triggered: Images) -> dict:
@@ -104,12 +97,10 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images) -> dict:
                         "accuracy; check the triggered images, --target and the layer (--layer auto judges every "
                         "candidate on held-out images)")
     if (change > CHANGE_REFUSE and len(held_clean) >= MIN_REFUSE_CLEAN and req.gate != "none"):
-        out["refuse"] = (f"not written: the repair changes the predicted class of {change:.1%} of {len(held_clean)} "
-                         f"held-out clean images (more than {CHANGE_REFUSE:.0%})"
+        out["refuse"] = (f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
+                         f"images (more than {CHANGE_REFUSE:.0%})"
                          + (f" while leaving {rate:.0%} of the triggered images at class {target}"
-                            if target is not None else "")
-                         + ". Check that the triggered images carry the trigger (and --target), or try --layer auto; "
-                           "--force writes it anyway")
+                            if target is not None else ""))
     if before is not None and rate > WEAK and rate > 0.5 * before:
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         "this layer does not remove the trigger; try --layer auto, --method subspace, or another layer")
@@ -138,8 +129,8 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
     """Record ``check`` in the directions; raise when it refuses the repair and ``--force`` was not given."""
     d.meta["check"] = {k: v for k, v in check.items() if k != "warnings"}
     if check.get("refuse") and not req.force:
-        raise FireError(check["refuse"])
+        raise FireError(f"not written: {check['refuse']}. Check that the triggered images carry the trigger (and "
+                        "--target), or try --layer auto; --force writes it anyway")
     d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(check.get("warnings", []))
     if check.get("refuse"):
-        d.meta["checks"]["warnings"].append(check["refuse"].replace("not written: ", "written with --force although ")
-                                            .split(". Check")[0])
+        d.meta["checks"]["warnings"].append(f"written with --force although {check['refuse']}")
