@@ -259,9 +259,11 @@ def efficiency_cell(dataset: str, attack: str, args) -> list[dict]:
     return recs
 
 
-def draw_curves(ax, recs: list[dict], styles: dict) -> None:
+def draw_curves(ax, recs: list[dict], styles: dict, *, xlabel: str, title: str, title_size: int = 9,
+                floor: bool = False) -> None:
     """ASR (solid), RA (dashed) and CA (dotted) in % against the number of triggered samples, one colour
-    per mode; ``styles``: mode -> (colour, label). Shared with tools/streaming_curve.py."""
+    per mode (``styles``: mode -> (colour, label)), the original model's CA (and, with ``floor``, its ASR
+    floor) as gray lines, on a log axis ticked at the sample counts. Shared with tools/streaming_curve.py."""
     for mode, (color, label) in styles.items():
         rs = sorted((r for r in recs if r["mode"] == mode), key=lambda r: r["n_triggered"])
         if not rs:
@@ -270,29 +272,29 @@ def draw_curves(ax, recs: list[dict], styles: dict) -> None:
         ax.plot(n, [100 * r["asr"] for r in rs], "o-", color=color, label=f"ASR, {label}")
         ax.plot(n, [100 * r["ra"] for r in rs], "s--", color=color, alpha=0.7, label=f"RA, {label}")
         ax.plot(n, [100 * r["ca"] for r in rs], ":", color=color, alpha=0.6, label=f"CA, {label}")
-
-
-def plot_efficiency(recs: list[dict], path: Path, title: str) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=DPI)
-    styles = {"paired": ("tab:blue", "paired (trigger known)"), "flagged": ("tab:red", "flagged (no twins, no labels)")}
-    draw_curves(ax, recs, styles)
     orig = next((r for r in recs if r["mode"] == "original"), None)
     if orig:
         ax.axhline(100 * orig["ca"], color="gray", lw=0.8, ls="-.", label="CA, original")
-        if orig.get("asr_floor") is not None:
+        if floor and orig.get("asr_floor") is not None:
             ax.axhline(100 * orig["asr_floor"], color="gray", lw=0.8, ls=":", label="ASR floor (original)")
     ticks = sorted({r["n_triggered"] for r in recs if r["mode"] != "original"})
     ax.set_xscale("log")
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(t) for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("triggered samples the fit sees")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=title_size)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+
+
+def plot_efficiency(recs: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=DPI)
+    styles = {"paired": ("tab:blue", "paired (trigger known)"), "flagged": ("tab:red", "flagged (no twins, no labels)")}
+    draw_curves(ax, recs, styles, xlabel="triggered samples the fit sees", title=title, floor=True)
     fig.tight_layout()
     save_png(fig, path)
 

@@ -179,25 +179,12 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=120)
-    orig = next((r for r in records if r["mode"] == "original"), None)
     styles = {"flagged-stream": ("tab:red", "flagged, streamed (--update)"),
               "flagged-stream-unpaired": ("tab:orange", "flagged, streamed, --reconstruct off"),
               "paired": ("tab:blue", "paired (trigger known)")}
     from plots import draw_curves
 
-    draw_curves(ax, records, styles)
-    if orig:
-        ax.axhline(100 * orig["ca"], color="gray", lw=0.8, ls="-.", label="CA, original")
-    ax.set_xscale("log")
-    ticks = sorted({r["n_triggered"] for r in records if r["mode"] != "original"})
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([str(t) for t in ticks])
-    ax.set_xlabel("flagged (triggered) images seen")
-    ax.set_ylabel("%")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    draw_curves(ax, records, styles, xlabel="flagged (triggered) images seen", title=title, title_size=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
