@@ -354,11 +354,12 @@ def _preference(c: Candidate):
 def reconstruct(flagged: np.ndarray, clean: np.ndarray, held: np.ndarray, predict: Predict, *,
                 flagged_pred: np.ndarray | None = None, clean_excluded: np.ndarray | None = None,
                 held_excluded: np.ndarray | None = None, threshold: float = CONFIRM_THRESHOLD,
-                n_confirm: int = N_CONFIRM) -> Reconstruction:
+                n_confirm: int = N_CONFIRM, target: int | None = None) -> Reconstruction:
     """Estimate trigger candidates from ``flagged`` and ``clean`` images and confirm them with the model.
 
     ``predict`` maps uint8 NHWC images to predicted classes. ``flagged_pred`` are the predictions on the
-    flagged images (computed when not given); their majority is the class a trigger must reach.
+    flagged images (computed when not given); their majority is the class a trigger must reach, unless
+    ``target`` names it (the attack's known target: a small or mixed batch's majority can be another class).
     ``clean``/``held`` images whose label or prediction is that class are left out of the clean
     reference and of the confirmation; ``clean_excluded``/``held_excluded`` (boolean, optional) mark
     images to leave out as well (e.g. labelled with that class). Up to ``n_confirm`` held images
@@ -368,8 +369,8 @@ def reconstruct(flagged: np.ndarray, clean: np.ndarray, held: np.ndarray, predic
         raise FireError("no flagged images to reconstruct a trigger from")
     fp = predict(flagged) if flagged_pred is None else np.asarray(flagged_pred)
     counts = np.bincount(fp)
-    maj = int(counts.argmax())
-    share = float(counts[maj] / len(fp))
+    maj = int(counts.argmax()) if target is None else int(target)
+    share = float(counts[maj] / len(fp)) if maj < len(counts) else 0.0
     ref = clean[~clean_excluded] if clean_excluded is not None else clean
     hold = held[~held_excluded] if held_excluded is not None else held
     hold = hold[:3 * n_confirm]  # enough to find n_confirm the model does not already put in that class

@@ -133,6 +133,18 @@ def test_reconstruct_confirms_the_patch_with_the_model():
     json.dumps(d)  # recorded in the directions file's JSON header
 
 
+def test_reconstruct_aims_at_the_given_target():
+    """With ``target`` the trigger must reach that class, whatever the flagged images' majority is."""
+    spec = "badnets:size=3,pos=center"
+    predict = detector(spec)
+    flagged = triggers.parse(spec).apply(textured(20, 1))
+    hit = rc.reconstruct(flagged, textured(300, 0), textured(150, 2), predict, target=7)
+    assert hit.confirmed and hit.majority_class == 7 and hit.majority_share == 1.0
+    miss = rc.reconstruct(flagged, textured(300, 0), textured(150, 2), predict, target=3)
+    assert not miss.confirmed and miss.majority_class == 3 and miss.majority_share == 0.0
+    assert "to class 3" in miss.reason
+
+
 def test_nothing_confirmed_when_the_model_ignores_the_candidates():
     flagged = triggers.parse("badnets:size=3").apply(textured(20, 1))
     # a 'model' whose class is one pixel's value mod 4: no trigger model moves images to one class

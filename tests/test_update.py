@@ -88,6 +88,25 @@ def test_update_with_trigger_reconstruction(ws):
     assert t.fit["gate_recall_triggered"] == 1.0
 
 
+def test_update_reconstructs_for_the_confirmed_class_not_the_batch_majority(ws, mnist_path):
+    """A later batch where most images are clean 3s (mis-flagged) and a few carry the trigger: the update's
+    reconstruction and held-out check aim at class 0, the class the first fit's reconstruction confirmed,
+    and the low reach is reported, instead of hunting a trigger for class 3."""
+    test = load_images(mnist_path, "test")
+    keep, threes = np.flatnonzero(test.y != 0), np.flatnonzero(test.y == 3)[:12]
+    np.savez(ws / "mixed.npz", x=np.concatenate([triggers.parse("badnets").apply(test.x[keep[40:45]]),
+                                                  test.x[threes]]))
+    d = run_fit(request(ws, "flag_abc.npz", reconstruct="auto"))
+    assert d.meta["reconstruction"]["confirmed"] and d.meta["reconstruction"]["majority_class"] == 0
+    dirs.save(d, ws / "r0.npz")
+    req = request(ws, "mixed.npz", layers=[], update_path=str(ws / "r0.npz"), reconstruct="auto", force=True)
+    up = run_fit(req)
+    assert req.target == 0 and any("class the trigger reconstruction of r0.npz confirmed" in n for n in req.notes)
+    assert up.meta["reconstruction"]["majority_class"] == 0
+    assert up.meta["check"]["target"] == 0
+    assert any("classified as the target 0 (most go to class 3)" in w for w in up.meta["checks"]["warnings"])
+
+
 def test_translate_update_equals_fit(ws):
     """The translation (beta, the unnormalised mean shift) too: --repair is kept by the update."""
     dirs.save(run_fit(request(ws, "pair_a.npz", repair="translate")), ws / "t0.npz")

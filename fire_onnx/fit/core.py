@@ -214,8 +214,11 @@ GATE_FLAGGED = True  # gate auto must also reach the real flagged images (not on
 
 
 def reconstruct_pairs(source, preprocess: Preprocess, clean: Images, flagged: Images, logits_f, held: Images | None,
-                      checks: dict) -> dict:
+                      checks: dict, target: int | None = None) -> dict:
     """Reconstruct the trigger behind ``flagged`` and build pseudo-pairs from it.
+
+    The trigger must send held clean images to ``target`` when it is known (``--target``, or the class the
+    earlier fit of ``--update`` reconstructed for), else to the flagged images' majority class.
 
     Returns ``{"meta": what meta["reconstruction"] records, "pairs": (stamped, originals) or None}``;
     when nothing is confirmed (or the model has no class outputs to confirm with), a warning goes to
@@ -230,14 +233,14 @@ def reconstruct_pairs(source, preprocess: Preprocess, clean: Images, flagged: Im
         return {"meta": {"kind": "none", "rate": 0.0, "confirmed": False, "reason": reason, "candidates": []},
                 "pairs": None}
     pool = held if held is not None and len(held) else clean
-    maj = int(np.bincount(logits_f.argmax(axis=1)).argmax())
+    maj = int(np.bincount(logits_f.argmax(axis=1)).argmax()) if target is None else int(target)
 
     def predict(x: np.ndarray) -> np.ndarray:
         return source.run(preprocess(x))[1].argmax(axis=1)
 
     r = rc.reconstruct(flagged.x, clean.x, pool.x, predict, flagged_pred=logits_f.argmax(axis=1),
                        clean_excluded=None if clean.y is None else clean.y == maj,
-                       held_excluded=None if pool.y is None else pool.y == maj)
+                       held_excluded=None if pool.y is None else pool.y == maj, target=maj)
     meta = r.describe()
     if not r.confirmed:
         checks["warnings"].append(f"no trigger reconstruction confirmed: {r.reason}; {fallback}. Give --trigger SPEC "
@@ -362,7 +365,7 @@ def fit_directions(
     if reconstruct not in RECONSTRUCT_CHOICES:
         raise FireError(f"reconstruct must be one of {', '.join(RECONSTRUCT_CHOICES)}")
     if reconstruct == "auto" and triggered_source is None:
-        pseudo = reconstruct_pairs(source, preprocess, clean, triggered, logits_t, held, checks)
+        pseudo = reconstruct_pairs(source, preprocess, clean, triggered, logits_t, held, checks, target)
         meta["reconstruction"] = pseudo["meta"]
         if pseudo["pairs"] is not None:
             stamped, originals = pseudo["pairs"]

@@ -54,6 +54,13 @@ def apply_previous(req, previous: dirs.Directions) -> None:
         req.input_layout = req.input_layout or pre.get("layout")
     if req.target is None:
         req.target = previous.meta.get("target")
+    rc = previous.meta.get("reconstruction") or {}
+    if req.target is None and rc.get("confirmed") and rc.get("majority_class") is not None:
+        # the new batch's trigger reconstruction must reach the class the earlier one confirmed, not
+        # whatever a small batch's majority happens to be
+        req.target = int(rc["majority_class"])
+        req.notes.append(f"target class {req.target}: the class the trigger reconstruction of "
+                         f"{Path(req.update_path).name} confirmed")
 
 
 def stamp_update(d: dirs.Directions, previous: dirs.Directions, update_path: str) -> None:
