@@ -196,7 +196,8 @@ def cli():
                    "found', exit 0, nothing written.")
 @click.option("--force", is_flag=True,
               help="Write the repair even when its held-out check refuses it (it changes more than 5 % of held-out "
-                   "clean predictions); --trigger-free: repair the most anomalous class even when none is anomalous; "
+                   "clean predictions), and fit even when another common preprocessing classifies the labelled clean "
+                   "images far better than the one given; --trigger-free: repair the most anomalous class even when none is anomalous; "
                    "--unlabeled: write directions even when no triggered inputs are confirmed (fitted on the closest "
                    "candidate class's outliers).")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,

@@ -251,6 +251,14 @@ def load_inputs(req: FitRequest) -> FitInputs:
 
         model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
     onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
+    if model is not None or onnx_model is not None:
+        from fire_onnx.fit import preprocess_check
+        from fire_onnx.fit.core import OnnxSource, TorchSource
+
+        source = TorchSource(model, []) if model is not None else OnnxSource(onnx_model, [])
+        rec = preprocess_check.run(req, pool, pre, source)
+        if rec is not None:
+            meta["preprocess_check"] = rec
     inputs = FitInputs(pool=pool, trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean,
                        preprocess=pre, model=model, onnx_model=onnx_model, onnx_name=onnx_name, meta=meta, k=k,
                        previous=previous)
