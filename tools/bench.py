@@ -49,6 +49,9 @@ BAR = {"asr": 0.02, "ca_drop": 0.01, "ra_gap": 0.05}
 MIN_ASR = 0.85  # issue 7: a backdoored model must reach this ASR before repair, or the table says why
 
 
+MODEL_NAMES = {"small_cnn": "SmallCNN", "preact18-w16": "PreAct-RN18 w16"}
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -97,7 +100,11 @@ def run_cell(dataset: str, attack: str, seed: int, args, step: str) -> list[dict
 
     spec, layer = bf.ATTACKS[attack]
     data_path = Path(args.data_dir) / f"{dataset}.npz"
-    recipe = bf.make_recipe(data_path, "small_cnn", spec, args.epochs, seed)
+    recipe = bf.make_recipe(data_path, args.arch, spec, args.epochs, seed)
+    model_name = "small_cnn"
+    if args.arch == "preact18":  # the recipe bench_flagged trains its PreAct-ResNet18 with (same cache keys)
+        recipe = bf.preact_recipe(recipe, dataset)
+        layer, model_name = bf.PREACT["layers"][attack], f"preact18-w{bf.PREACT['width']}"
     log(f"{step} model: {'reusing' if (Path(args.cache) / bf.recipe_key(recipe) / 'model.onnx').is_file() else 'training'} "
         f"{bf.recipe_key(recipe)}")
     onnx_path, train_s = bf.train_or_reuse(recipe, data_path, Path(args.cache))
@@ -107,7 +114,7 @@ def run_cell(dataset: str, attack: str, seed: int, args, step: str) -> list[dict
     # STRIP's clean images come from the same pool FIRE's clean samples do (the defender's clean data)
     order = np.random.default_rng(2000 + seed).permutation(pool)
     bank, held = train.x[order[:N_BANK]], train.x[order[N_BANK: N_BANK + N_HELD]]
-    base = {"dataset": dataset, "model": "small_cnn", "attack": attack, "trigger": spec, "seed": seed,
+    base = {"dataset": dataset, "model": model_name, "attack": attack, "trigger": spec, "seed": seed,
             "epochs": recipe["epochs"], "train_seconds": round(train_s, 1), "limit": args.limit}
     sess = {"original": session(onnx_path, threads=args.threads)}
     out: list[dict] = []
@@ -228,7 +235,7 @@ def markdown(records: list[dict]) -> str:
     test_desc = "full test split" if limits == [0] else (
         f"first {limits[0]} test images" if len(limits) == 1 else f"first {', '.join(map(str, limits))} test images per cell (0 = all)")
     methods = {c[0] for c in cols}
-    desc = [f"CA / ASR / RA in % ({test_desc}; ASR and RA over triggered non-target images). SmallCNN, 10 % poisoning, "
+    desc = [f"CA / ASR / RA in % ({test_desc}; ASR and RA over triggered non-target images). 10 % poisoning, "
             "all-to-one (target 0)."]
     if "fire" in methods:
         desc.append(f"FIRE: {N_TRIGGERED} triggered + {bf.N_CLEAN} clean training images.")
@@ -239,15 +246,16 @@ def markdown(records: list[dict]) -> str:
                     "for ASR).")
     rej_col = " STRIP rejects clean / triggered |" if "strip" in methods else ""
     lines = [" ".join(desc), "",
-             "| dataset | attack | ASR floor | " + " | ".join(label[c] for c in cols) + " |" + rej_col,
-             "|---|---|---|" + "---|" * len(cols) + ("---|" if rej_col else "")]
+             "| model | dataset | attack | ASR floor | " + " | ".join(label[c] for c in cols) + " |" + rej_col,
+             "|---|---|---|---|" + "---|" * len(cols) + ("---|" if rej_col else "")]
     for (model, ds, att, seed), by in cells.items():
         s = by.get(("strip", None))
         rej = f"{_pct(s.get('clean_rejected'))} / {_pct(s.get('triggered_rejected'))}" if s and "error" not in s else ""
         floor = _pct(by.get(("original", None), {}).get("asr_floor"))
-        lines.append(f"| {ds} | {att} | {floor} | " + " | ".join(_triple(by.get(c)) for c in cols) + " |"
+        lines.append(f"| {MODEL_NAMES.get(model, model)} | {ds} | {att} | {floor} | "
+                     + " | ".join(_triple(by.get(c)) for c in cols) + " |"
                      + (f" {rej} |" if rej_col else ""))
-    weak = [(ds, att, by[("original", None)]["asr"]) for (model, ds, att, seed), by in cells.items()
+    weak = [(f"{MODEL_NAMES.get(model, model)} {ds}", att, by[("original", None)]["asr"]) for (model, ds, att, seed), by in cells.items()
             if ("original", None) in by and by[("original", None)]["asr"] < MIN_ASR]
     if weak:
         lines += ["", f"Backdoors below {100 * MIN_ASR:.0f} % ASR before any defense (the cells stay in the table; "
@@ -260,16 +268,17 @@ def markdown(records: list[dict]) -> str:
     timed = [by for by in cells.values() if by.get(("original", None), {}).get("cost_ratio") is not None]
     lines += [] if not timed else ["", "Cost per input as a ratio to the original model (uint8 pixels to decision, preprocessing included; "
               "all methods interleaved in one loop, median of repeats; onnxruntime CPU):", "",
-              "| dataset | attack | batch | threads | original (µs/input) | " +
+              "| model | dataset | attack | batch | threads | original (µs/input) | " +
               " | ".join(label[c] for c in cols if c != ("original", None)) + " |",
-              "|---|---|---|---|---|" + "---|" * (len(cols) - 1)]
+              "|---|---|---|---|---|---|" + "---|" * (len(cols) - 1)]
     for (model, ds, att, seed), by in cells.items():
         o = by.get(("original", None), {})
         if o.get("cost_ratio") is None:
             continue
         row = [f"{by[c]['cost_ratio']:.2f}×" if by.get(c, {}).get("cost_ratio") is not None else ""
                for c in cols if c != ("original", None)]
-        lines.append(f"| {ds} | {att} | {o['cost_batch']} | {o['cost_threads']} | {o['cost_us_per_input']:.1f} | "
+        lines.append(f"| {MODEL_NAMES.get(model, model)} | {ds} | {att} | {o['cost_batch']} | {o['cost_threads']} | "
+                     f"{o['cost_us_per_input']:.1f} | "
                      + " | ".join(row) + " |")
     if len(timed) > 1:
         med = []
@@ -278,22 +287,24 @@ def markdown(records: list[dict]) -> str:
                 continue
             v = [by[c]["cost_ratio"] for by in timed if by.get(c, {}).get("cost_ratio") is not None]
             med.append(f"**{float(np.median(v)):.2f}×**" if v else "")
-        lines.append(f"| median over {len(timed)} cells | | | | | " + " | ".join(med) + " |")
+        lines.append(f"| median over {len(timed)} cells | | | | | | " + " | ".join(med) + " |")
     # the issue's bar, per method
     lines += ["", f"Cells meeting the issue-7 bar (ASR ≤ {100 * BAR['asr']:.0f} %, CA drop ≤ {100 * BAR['ca_drop']:.0f} pt, "
               f"RA ≥ CA − {100 * BAR['ra_gap']:.0f} pt); second column: the same with ASR counted above the ASR floor:", "",
               "| method | cells meeting the bar | ... with ASR − floor | median ASR | median CA drop (pt) | median RA |",
               "|---|---|---|---|---|---|"]
-    for c in cols:
+    models = sorted({key[0] for key in cells}, key=lambda m: (m != "small_cnn", m))
+    groups = [(None, "")] + ([(m, f" ({MODEL_NAMES.get(m, m)})") for m in models] if len(models) > 1 else [])
+    for (only, suffix), c in ((g, c) for g in groups for c in cols):
         if c == ("original", None):
             continue
-        rs = [(by[c], by[("original", None)]) for by in cells.values() if c in by and ("original", None) in by
-              and "error" not in by[c]]
+        rs = [(by[c], by[("original", None)]) for key, by in cells.items() if c in by and ("original", None) in by
+              and "error" not in by[c] and only in (None, key[0])]
         if not rs:
             continue
         ok = sum(meets_bar(r, o) for r, o in rs)
         ok_floor = sum(meets_bar(r, o, above_floor=True) for r, o in rs)
-        lines.append(f"| {label[c]} | {ok} / {len(rs)} | {ok_floor} / {len(rs)} | "
+        lines.append(f"| {label[c]}{suffix} | {ok} / {len(rs)} | {ok_floor} / {len(rs)} | "
                      f"{_pct(float(np.median([r['asr'] for r, _ in rs])))} | "
                      f"{100 * float(np.median([o['ca'] - r['ca'] for r, o in rs])):.1f} | "
                      f"{_pct(float(np.median([r['ra'] for r, _ in rs])))} |")
@@ -308,6 +319,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/matrix", help="results folder (results.json, results.md)")
     ap.add_argument("--cache", default="benchmarks/.cache/models", help="trained models, keyed by recipe hash "
                     "(shared with bench_flagged)")
+    ap.add_argument("--arch", default="small_cnn", choices=["small_cnn", "preact18"],
+                    help="small_cnn (6 epochs), or preact18: PreAct-ResNet18 at width 16, 12 epochs of one-cycle SGD "
+                         "with crop and flip (bench_flagged's recipe; about 16 min per CIFAR-10 model on 2 cores)")
     ap.add_argument("--datasets", default=",".join(bf.DATASETS))
     ap.add_argument("--attacks", default=",".join(bf.ATTACKS))
     ap.add_argument("--methods", default=",".join(METHODS))

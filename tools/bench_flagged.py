@@ -75,7 +75,9 @@ MODES = ["original", "paired", "flagged", "flagged-5", "flagged-unpaired", "tran
          "flagged-translate", "flagged-auto"]
 # PreAct-ResNet18 (BackdoorBench's network) at a quarter of its width, trained on CIFAR-10 only: 2 CPU cores
 PREACT = {"arch": "preact18", "width": 16, "epochs": 12, "datasets": ["cifar10"], "attacks": ["badnets", "blended"],
-          "layers": {"badnets": "layer3", "blended": "layer2"}}
+          # the SmallCNN's block1 (global triggers) -> layer2, block2 (local and sample-specific ones) -> layer3
+          "layers": {"badnets": "layer3", "blended": "layer2", "sig": "layer2", "adap-blend": "layer2",
+                     "wanet": "layer3", "inputaware": "layer3", "badnets-5x5": "layer3", "badnets-center": "layer3"}}
 TARGET = 0
 POISON_RATE = 0.1
 N_CLEAN = 500
@@ -159,7 +161,8 @@ def train_or_reuse(recipe: dict, data_path: Path, cache: Path):
         from fire_onnx_models.preact_resnet import build
 
         model = build(n_classes, c, width=recipe["width"])
-        train_augmented(model, pre(poisoned.x), poisoned.y, epochs=recipe["epochs"], seed=recipe["seed"])
+        train_augmented(model, pre(poisoned.x), poisoned.y, epochs=recipe["epochs"], seed=recipe["seed"],
+                        flip=recipe["train"].endswith("-flip"))
     else:
         model = build_arch(recipe["arch"], n_classes, c, h)
         train_model(model, pre(poisoned.x), poisoned.y, epochs=recipe["epochs"], seed=recipe["seed"], log=log)
@@ -171,9 +174,18 @@ def train_or_reuse(recipe: dict, data_path: Path, cache: Path):
     return onnx_path, time.perf_counter() - t0
 
 
-def train_augmented(model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int, batch_size: int = 128):
+def preact_recipe(recipe: dict, dataset: str) -> dict:
+    """``recipe`` (make_recipe's) for the PreAct-ResNet18 of PREACT. Horizontal flips on CIFAR-10 only, as
+    BackdoorBench trains: a mirrored traffic sign is another sign (keep left / keep right)."""
+    flip = "-flip" if dataset == "cifar10" else ""
+    return dict(recipe, width=PREACT["width"], epochs=PREACT["epochs"], train=f"sgd-onecycle-crop{flip}")
+
+
+def train_augmented(model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int, batch_size: int = 128,
+                    flip: bool = True):
     """SGD (momentum 0.9, weight decay 5e-4) with a one-cycle learning rate, random crop (pad 4) and
-    horizontal flip, as BackdoorBench trains its networks (poisoning is applied before augmentation)."""
+    (``flip``) horizontal flip, as BackdoorBench trains its networks (poisoning is applied before
+    augmentation)."""
     import torch
     import torch.nn.functional as F
 
@@ -192,8 +204,8 @@ def train_augmented(model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: i
             xb = F.pad(xt[b], (4, 4, 4, 4), mode="reflect")
             dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()
             xb = xb[:, :, dy: dy + x.shape[2], dx: dx + x.shape[3]]
-            flip = torch.rand(len(b), generator=g) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+            flip_b = (torch.rand(len(b), generator=g) < 0.5) & flip
+            xb = torch.where(flip_b[:, None, None, None], xb.flip(3), xb)
             out = model(xb)
             loss = F.cross_entropy(out, yt[b])
             opt.zero_grad()
@@ -221,7 +233,7 @@ def run_cell(dataset: str, attack: str, seed: int, args, modes: list[str], arch:
     data_path = Path(args.data_dir) / f"{dataset}.npz"
     recipe = make_recipe(data_path, arch, spec, args.epochs, seed)
     if arch == "preact18":
-        recipe.update(width=PREACT["width"], epochs=PREACT["epochs"], train="sgd-onecycle-crop-flip")
+        recipe = preact_recipe(recipe, dataset)
         layer = PREACT["layers"][attack]
     onnx_path, train_s = train_or_reuse(recipe, data_path, Path(args.cache))
     train, test, pre, trig, trig_test = load_cell(data_path, spec, args.limit)
