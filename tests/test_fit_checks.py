@@ -241,3 +241,36 @@ def test_every_option_of_every_command_has_help():
     for name in cli.commands:
         proc = run_cli(name, "--help")
         assert proc.returncode == 0 and "Usage:" in proc.stdout, proc.stderr
+
+
+def test_preprocessing_alternatives_are_scored_on_the_same_images():
+    """fire_onnx.fit.preprocess_check on a 'model' that reads the class from one pixel and is right only
+    for -1..1 inputs: from 0..1 the -1..1 alternative is found (all 200 images), the others stay at the
+    first 64; given -1..1, nothing else is scored."""
+    from fire_onnx.data import Preprocess
+    from fire_onnx.fit import preprocess_check as pc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 200)
+    x = rng.integers(0, 256, (200, 8, 8, 3)).astype(np.uint8)
+    x[:, 0, 0, :] = (y * 20)[:, None]
+    calls = []
+
+    def predict(z):
+        calls.append(len(z))
+        pixel = (z[:, 0, 0, 0] * 0.5 + 0.5) * 255
+        return np.eye(10)[np.clip(np.rint(pixel / 20).astype(int), 0, 9)]
+
+    rec = pc.check(predict, x, y, Preprocess(1 / 255, [0.0], [1.0], "NCHW"))
+    assert rec["accuracy"] < 0.3 and rec["best"]["options"].startswith("--mean 0.5 --std 0.5")
+    assert rec["best"]["n"] == 200 and rec["gap"] > 0.7 and rec["best"]["z"] > 10
+    # the given one on all 200, 4 alternatives on 64 first (0..1 itself is skipped); 0..255 gets nothing right
+    # there and stops, the better ones go on to all 200
+    assert calls[0] == 200 and calls.count(64) == 4
+    by = {a["options"].split(" (")[0]: a for a in rec["alternatives"]}
+    assert by["--scale 1"]["n"] == 64 and by["--mean 0.5 --std 0.5"]["n"] == 200
+    assert calls.count(200) == 1 + sum(a["n"] == 200 for a in rec["alternatives"])
+    calls.clear()
+    good = pc.check(predict, x, y, Preprocess(1 / 255, [0.5], [0.5], "NCHW"))
+    assert good["accuracy"] == 1.0 and good["alternatives"] == [] and calls == [200]
+    assert pc.check(lambda z: np.zeros((len(z), 1)), x, y, Preprocess()) is None  # no class scores
