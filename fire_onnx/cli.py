@@ -458,7 +458,7 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
              fail_asr, fail_ca, fail_ca_drop, scale, mean, std, input_layout):
     """CA, ASR and RA of one or more ONNX MODELS in onnxruntime (e.g. model.onnx model.fire.onnx)."""
     from fire_onnx import evaluate as ev
-    from fire_onnx import triggers
+    from fire_onnx import preprocess_check, triggers
     from fire_onnx.data import Images, load_images
 
     if triggered_path and trigger_spec:
@@ -508,6 +508,11 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
             lines.append(f"warning: {data_path} has labels up to {clean.y.max()} but {info.path} has {classes} "
                          "classes: those images always count as misclassified")
         metrics = ev.compute_metrics(sess, clean, choice.preprocess, trig, target, batch_size)
+        if clean.y is not None and metrics.ca < preprocess_check.PROBE_BELOW:
+            hint = preprocess_check.eval_warning(lambda z: ev.predict_logits(sess, z, batch_size), clean,
+                                                 choice.preprocess)
+            if hint:
+                lines.append(f"warning: {info.path}: {hint}")
         results[info.path] = {**metrics.as_dict(), "patched": info.patched, "preprocess": choice.as_dict()}
     for line in lines:
         click.echo(line, err=True)

@@ -244,11 +244,11 @@ def test_every_option_of_every_command_has_help():
 
 
 def test_preprocessing_alternatives_are_scored_on_the_same_images():
-    """fire_onnx.fit.preprocess_check on a 'model' that reads the class from one pixel and is right only
+    """fire_onnx.preprocess_check on a 'model' that reads the class from one pixel and is right only
     for -1..1 inputs: from 0..1 the -1..1 alternative is found (all 200 images), the others stay at the
     first 64; given -1..1, nothing else is scored."""
     from fire_onnx.data import Preprocess
-    from fire_onnx.fit import preprocess_check as pc
+    from fire_onnx import preprocess_check as pc
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, 200)
@@ -274,3 +274,13 @@ def test_preprocessing_alternatives_are_scored_on_the_same_images():
     good = pc.check(predict, x, y, Preprocess(1 / 255, [0.5], [0.5], "NCHW"))
     assert good["accuracy"] == 1.0 and good["alternatives"] == [] and calls == [200]
     assert pc.check(lambda z: np.zeros((len(z), 1)), x, y, Preprocess()) is None  # no class scores
+
+
+def test_eval_names_a_clearly_better_preprocessing(ws):
+    """eval measures, so it only warns: the demo model evaluated on 0..1 inputs (trained on -1..1)."""
+    args = ["eval", "model.onnx", "--data", "mnist.npz", "--limit", "400"]
+    proc = run_cli(*args, cwd=ws)
+    assert proc.returncode == 0 and "warning: model.onnx: with the preprocessing given" in proc.stderr, proc.stderr
+    assert "--mean 0.5 --std 0.5 (-1..1)" in proc.stderr
+    proc = run_cli(*args, "--mean", "0.5", "--std", "0.5", cwd=ws)
+    assert proc.returncode == 0 and "preprocessing given" not in proc.stderr, proc.stderr

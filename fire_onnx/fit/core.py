@@ -361,7 +361,7 @@ def fit_directions(
     acts_t, logits_t = source.run(preprocess(triggered.x), progress)
     acts_p = source.run(preprocess(triggered_source.x), progress)[0] if triggered_source is not None else None
     checks = model_checks(logits_c, clean.y, logits_t, target, len(triggered))
-    if (meta.get("preprocess_check") or {}).get("warning"):  # fire_onnx.fit.preprocess_check, from load_inputs
+    if (meta.get("preprocess_check") or {}).get("warning"):  # fire_onnx.preprocess_check, from load_inputs
         checks["warnings"].insert(0, meta["preprocess_check"]["warning"])
     acts_gate = None
     if reconstruct not in RECONSTRUCT_CHOICES:

@@ -252,7 +252,7 @@ def load_inputs(req: FitRequest) -> FitInputs:
         model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
     onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
     if model is not None or onnx_model is not None:
-        from fire_onnx.fit import preprocess_check
+        from fire_onnx import preprocess_check
         from fire_onnx.fit.core import OnnxSource, TorchSource
 
         source = TorchSource(model, []) if model is not None else OnnxSource(onnx_model, [])

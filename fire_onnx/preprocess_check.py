@@ -92,14 +92,42 @@ def check(predict, x: np.ndarray, y: np.ndarray, given: Preprocess) -> dict | No
     return out
 
 
-def message(rec: dict, given: Preprocess) -> str:
+FIT_ADVICE = ("directions fitted on inputs the model does not see in deployment give a wrong repair; pass the "
+              "preprocessing the model was trained with")
+EVAL_ADVICE = "CA, ASR and RA measured this way describe inputs the model does not see in deployment"
+
+
+def message(rec: dict, given: Preprocess, advice: str = FIT_ADVICE) -> str:
     from fire_onnx.evaluate import describe_preprocess
 
     best = rec["best"]
     return (f"with the preprocessing given ({describe_preprocess(given)}) the model classifies only "
             f"{rec['accuracy']:.1%} of {rec['n']} labelled clean images correctly, but {best['accuracy']:.1%} with "
-            f"{best['options']}: directions fitted on inputs the model does not see in deployment give a wrong "
-            "repair; pass the preprocessing the model was trained with")
+            f"{best['options']}: {advice}")
+
+
+def probe(images) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``N_PROBE`` labelled images (seeded: a file sorted by class still gives every class)."""
+    idx = np.sort(np.random.default_rng(0).permutation(len(images))[:N_PROBE])
+    return images.x[idx], images.y[idx]
+
+
+def eval_warning(predict, images, given: Preprocess) -> str | None:
+    """``eval``'s use: the warning line when an alternative clearly beats ``given`` on ``images``
+    (labelled), else None. It measures; it refuses nothing."""
+    if images.y is None or len(images) < 20:
+        return None
+
+    def safe(z):
+        try:
+            return predict(z)
+        except FireError:  # e.g. a fixed-batch model and a probe that does not divide into its batches
+            return None
+
+    rec = check(safe, *probe(images), given)
+    if rec is None or not (rec["gap"] >= WARN_GAP and rec["best"]["z"] >= WARN_Z):
+        return None
+    return message(rec, given, EVAL_ADVICE)
 
 
 def run(req, pool, given: Preprocess, source) -> dict | None:
@@ -109,8 +137,7 @@ def run(req, pool, given: Preprocess, source) -> dict | None:
     refuses and ``req.force`` is not set."""
     if pool.y is None or len(pool) < 20:
         return None
-    idx = np.sort(np.random.default_rng(0).permutation(len(pool))[:N_PROBE])
-    x, y = pool.x[idx], pool.y[idx]
+    x, y = probe(pool)
 
     def predict(z):
         try:
