@@ -61,7 +61,7 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
     c = train.x.shape[-1]
     _, pool = flagged_split(train, seed)
     rec = {"dataset": dataset, "model": "small_cnn", "attack": attack or "none", "mode": "trigger-free",
-           "seed": seed, "layer": layer}
+           "seed": seed, "layer": layer, "repair": args.repair}
     m0 = compute_metrics(session(onnx_path), test, pre, trig_test, TARGET)
     rec.update(ca_original=m0.ca, asr_original=m0.asr if attack else None, ra_original=m0.ra if attack else None)
     t0 = time.perf_counter()
@@ -73,7 +73,7 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
                          model_spec=f"fire_onnx_models.small_cnn:{FACTORY[dataset]}",
                          weights=str(Path(onnx_path).parent / "model.pt"), n_clean=N_CLEAN, seed=seed,
                          scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, trigger_free=True, force=True,
-                         budget=args.budget)
+                         budget=args.budget, repair=args.repair)
         res = run_trigger_free(req)
         ev = res.evidence
         scan = ev["scan"]
@@ -121,7 +121,8 @@ def markdown(records: list[dict]) -> str:
             r = dict(r, **_decision(r["scan_loss"]))
         found = f"{'yes' if r['backdoor_found'] else 'no'} ({r['suspect']}, {r['anomaly_index']:.2f} {r['kind']})"
         tf = "—" if r["target_found"] is None else ("yes" if r["target_found"] else "no")
-        rows.append(f"| {r['dataset']} | {r['attack']} | {r['seed']} | {found} | {tf} | {_pct(r['ca_original'])} → "
+        op = " (translate)" if r.get("repair") == "translate" else ""
+        rows.append(f"| {r['dataset']} | {r['attack']}{op} | {r['seed']} | {found} | {tf} | {_pct(r['ca_original'])} → "
                     f"{_pct(r['ca'])} | {_pct(r['asr_original'])} → {_pct(r['asr'])} | {_pct(r['ra'])} | "
                     f"{r['rounds']} | {r['seconds']:.0f} |")
     return "\n".join(rows)
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     ap.add_argument("--budget", type=float, default=900.0,
                     help="fit --budget (large by default, so the scan keeps its full steps on a busy machine)")
+    ap.add_argument("--repair", default="project", choices=["project", "translate"],
+                    help="fit --repair: the operator of the repair (gated either way)")
     ap.add_argument("--quick", action="store_true", help="one cell: mnist5k badnets")
     args = ap.parse_args(argv)
     cells = [(ds, a, 0, ATTACKS[a][1]) for ds in args.datasets.split(",") for a in args.attacks.split(",") if a]
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    key = lambda r: (r["dataset"], r["model"], r["attack"], r["mode"], r.get("seed"), r.get("layer"))  # noqa: E731
+    key = lambda r: (r["dataset"], r["model"], r["attack"], r["mode"], r.get("seed"), r.get("layer"),  # noqa: E731
+                     r.get("repair") or "project")
     t0 = time.perf_counter()
     for ds, attack, seed, layer in cells:
         log(f"[{ds} / {attack or 'clean model'} / seed {seed}]")
