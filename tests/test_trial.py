@@ -157,15 +157,22 @@ def test_fit_names_a_flagged_file_in_another_layout(trained, digits, tmp_path):
 
 def test_unlabeled_all_clear_warns_about_a_model_that_misreads_its_inputs(trained, digits, tmp_path):
     """Mean/std given in pixel units (127.5, as for 0..255 inputs) with --unlabeled: the model puts the traffic in
-    one class, no class has an outlying cluster, and 'no triggered inputs found' (exit 0) must come with the
-    warning that the model misreads its inputs (it came alone)."""
+    one class, no class has an outlying cluster, and 'no triggered inputs found' (exit 0) came with only a
+    warning that the model misreads its inputs. Now the preprocessing check refuses before anything is searched,
+    naming the preprocessing under which the model does classify its clean images; --force goes on, warning."""
     onnx_path = _export(trained, tmp_path / "mlp.onnx", ["logits"])
     np.savez(tmp_path / "traffic.npz", x=digits[2])
-    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--unlabeled",
-                   tmp_path / "traffic.npz", "--mean", "127.5", "--std", "127.5", "-o", tmp_path / "d.npz")
-    assert proc.returncode == 0, proc.stderr
-    assert "no directions file written" in proc.stdout
-    assert "warning: the model" in proc.stderr and "--scale/--mean/--std/--input-layout" in proc.stderr
+    args = ["fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--unlabeled", tmp_path / "traffic.npz",
+            "--mean", "127.5", "--std", "127.5", "-o", tmp_path / "d.npz"]
+    proc = run_cli(*args)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("fire-onnx: error: not fitted: with the preprocessing given (scale=1/255 mean=127.5")
+    assert not (tmp_path / "d.npz").exists()
+    forced = run_cli(*args, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "warning: fitted with --force although with the preprocessing given" in forced.stderr
+    assert "--scale/--mean/--std/--input-layout" in forced.stderr
 
 
 def test_eval_does_not_call_the_real_trigger_a_mismatch_for_a_trigger_free_repair():
