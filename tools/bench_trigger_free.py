@@ -61,7 +61,7 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
     c = train.x.shape[-1]
     _, pool = flagged_split(train, seed)
     rec = {"dataset": dataset, "model": "small_cnn", "attack": attack or "none", "mode": "trigger-free",
-           "seed": seed, "layer": layer, "repair": args.repair}
+           "seed": seed, "layer": layer, "repair": args.repair, "layer_choice": args.layer or "benchmark"}
     m0 = compute_metrics(session(onnx_path), test, pre, trig_test, TARGET)
     rec.update(ca_original=m0.ca, asr_original=m0.asr if attack else None, ra_original=m0.ra if attack else None)
     t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
         tmp = Path(tmp)
         clean_file = tmp / "clean.npz"
         np.savez(clean_file, x_train=train.x[pool], y_train=train.y[pool])
-        req = FitRequest(layers=[layer], clean_path=str(clean_file), onnx_path=str(onnx_path),
+        req = FitRequest(layers=["auto"] if args.layer == "auto" else [layer], clean_path=str(clean_file), onnx_path=str(onnx_path),
                          model_spec=f"fire_onnx_models.small_cnn:{FACTORY[dataset]}",
                          weights=str(Path(onnx_path).parent / "model.pt"), n_clean=N_CLEAN, seed=seed,
                          scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, trigger_free=True, force=True,
@@ -121,7 +121,8 @@ def markdown(records: list[dict]) -> str:
             r = dict(r, **_decision(r["scan_loss"]))
         found = f"{'yes' if r['backdoor_found'] else 'no'} ({r['suspect']}, {r['anomaly_index']:.2f} {r['kind']})"
         tf = "—" if r["target_found"] is None else ("yes" if r["target_found"] else "no")
-        op = " (translate)" if r.get("repair") == "translate" else ""
+        op = (" (translate)" if r.get("repair") == "translate" else "") + (
+            f" (auto: {r['layer']})" if r.get("layer_choice") == "auto" else "")
         rows.append(f"| {r['dataset']} | {r['attack']}{op} | {r['seed']} | {found} | {tf} | {_pct(r['ca_original'])} → "
                     f"{_pct(r['ca'])} | {_pct(r['asr_original'])} → {_pct(r['asr'])} | {_pct(r['ra'])} | "
                     f"{r['rounds']} | {r['seconds']:.0f} |")
@@ -142,6 +143,8 @@ def main(argv=None) -> int:
                     help="fit --budget (large by default, so the scan keeps its full steps on a busy machine)")
     ap.add_argument("--repair", default="project", choices=["project", "translate"],
                     help="fit --repair: the operator of the repair (gated either way)")
+    ap.add_argument("--layer", default=None, choices=["auto"],
+                    help="auto: fit --layer auto chooses where to repair (default: the benchmark's layer per attack)")
     ap.add_argument("--quick", action="store_true", help="one cell: mnist5k badnets")
     args = ap.parse_args(argv)
     cells = [(ds, a, 0, ATTACKS[a][1]) for ds in args.datasets.split(",") for a in args.attacks.split(",") if a]
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     key = lambda r: (r["dataset"], r["model"], r["attack"], r["mode"], r.get("seed"), r.get("layer"),  # noqa: E731
-                     r.get("repair") or "project")
+                     r.get("repair") or "project", r.get("layer_choice") or "benchmark")
     t0 = time.perf_counter()
     for ds, attack, seed, layer in cells:
         log(f"[{ds} / {attack or 'clean model'} / seed {seed}]")
