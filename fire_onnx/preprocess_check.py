@@ -112,22 +112,39 @@ def probe(images) -> tuple[np.ndarray, np.ndarray]:
     return images.x[idx], images.y[idx]
 
 
-def eval_warning(predict, images, given: Preprocess) -> str | None:
-    """``eval``'s use: the warning line when an alternative clearly beats ``given`` on ``images``
-    (labelled), else None. It measures; it refuses nothing."""
+def assess(predict, images, given: Preprocess) -> dict | None:
+    """:func:`check` on up to ``N_PROBE`` of ``images``; None when they are unlabelled or too few, or the
+    model gives no class scores. A ``predict`` that raises FireError for an input (e.g. a fixed-batch
+    model and a probe that does not divide into its batches) counts as no scores for it."""
     if images.y is None or len(images) < 20:
         return None
 
     def safe(z):
         try:
             return predict(z)
-        except FireError:  # e.g. a fixed-batch model and a probe that does not divide into its batches
+        except FireError:
             return None
 
-    rec = check(safe, *probe(images), given)
-    if rec is None or not (rec["gap"] >= WARN_GAP and rec["best"]["z"] >= WARN_Z):
-        return None
-    return message(rec, given, EVAL_ADVICE)
+    return check(safe, *probe(images), given)
+
+
+def clearly_better(rec: dict) -> bool:
+    """An alternative beats the given preprocessing by ``WARN_GAP`` on the same images, and by more than
+    chance (McNemar's ``WARN_Z``)."""
+    return rec["gap"] >= WARN_GAP and rec["best"]["z"] >= WARN_Z
+
+
+def warning_of(meta: dict) -> str | None:
+    """The warning :func:`run` recorded in a fit's ``meta``, if any (every path that reports warnings
+    carries it: a fit, a trigger-free scan or an unlabeled search that found nothing)."""
+    return (meta.get("preprocess_check") or {}).get("warning")
+
+
+def eval_warning(predict, images, given: Preprocess) -> str | None:
+    """``eval``'s use: the warning line when an alternative clearly beats ``given`` on ``images``
+    (labelled), else None. It measures; it refuses nothing."""
+    rec = assess(predict, images, given)
+    return message(rec, given, EVAL_ADVICE) if rec is not None and clearly_better(rec) else None
 
 
 def run(req, pool, given: Preprocess, source) -> dict | None:
@@ -135,17 +152,7 @@ def run(req, pool, given: Preprocess, source) -> dict | None:
     TorchSource or OnnxSource reading no layers). Returns the record (with ``warning`` when fit should
     say so), None when there is nothing to check (no labels, no class scores); raises FireError when it
     refuses and ``req.force`` is not set."""
-    if pool.y is None or len(pool) < 20:
-        return None
-    x, y = probe(pool)
-
-    def predict(z):
-        try:
-            return source.run(z)[1]
-        except FireError:
-            return None
-
-    rec = check(predict, x, y, given)
+    rec = assess(lambda z: source.run(z)[1], pool, given)
     if rec is None:
         return None
     if rec["gap"] >= REFUSE_GAP:
@@ -153,6 +160,6 @@ def run(req, pool, given: Preprocess, source) -> dict | None:
         if not req.force:
             raise FireError(f"not fitted: {text} (--force fits with the given preprocessing anyway)")
         rec["warning"] = f"fitted with --force although {text}"
-    elif rec["gap"] >= WARN_GAP and rec["best"]["z"] >= WARN_Z:
+    elif clearly_better(rec):
         rec["warning"] = message(rec, given)
     return rec

@@ -321,7 +321,8 @@ def main(argv=None) -> int:
                     "(shared with bench_flagged)")
     ap.add_argument("--arch", default="small_cnn", choices=["small_cnn", "preact18"],
                     help="small_cnn (6 epochs), or preact18: PreAct-ResNet18 at width 16, 12 epochs of one-cycle SGD "
-                         "with crop and flip (bench_flagged's recipe; about 16 min per CIFAR-10 model on 2 cores)")
+                         "with crop (and flip on CIFAR-10 only; bench_flagged's recipe; about 16 min per CIFAR-10 model, 25-30 per "
+                         "GTSRB model on 2 shared cores)")
     ap.add_argument("--datasets", default=",".join(bf.DATASETS))
     ap.add_argument("--attacks", default=",".join(bf.ATTACKS))
     ap.add_argument("--methods", default=",".join(METHODS))

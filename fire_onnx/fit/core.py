@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from fire_onnx import directions as dirs
+from fire_onnx import preprocess_check
 from fire_onnx import probe as probes
 from fire_onnx.data import Images, Preprocess
 from fire_onnx.errors import FireError
@@ -361,8 +362,8 @@ def fit_directions(
     acts_t, logits_t = source.run(preprocess(triggered.x), progress)
     acts_p = source.run(preprocess(triggered_source.x), progress)[0] if triggered_source is not None else None
     checks = model_checks(logits_c, clean.y, logits_t, target, len(triggered))
-    if (meta.get("preprocess_check") or {}).get("warning"):  # fire_onnx.preprocess_check, from load_inputs
-        checks["warnings"].insert(0, meta["preprocess_check"]["warning"])
+    if preprocess_check.warning_of(meta):  # recorded by load_inputs
+        checks["warnings"].insert(0, preprocess_check.warning_of(meta))
     acts_gate = None
     if reconstruct not in RECONSTRUCT_CHOICES:
         raise FireError(f"reconstruct must be one of {', '.join(RECONSTRUCT_CHOICES)}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fire_onnx import directions as dirs
-from fire_onnx import invert
+from fire_onnx import invert, preprocess_check
 from fire_onnx.data import fit_samples, pool_order
 from fire_onnx.errors import FireError
 
@@ -125,8 +125,8 @@ def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
         f"{scan.threshold}); scan took {scan.seconds:.0f} s")
     if short and not scan.found:
         evidence["warnings"] = [short]
-    if not scan.found and (inputs.meta.get("preprocess_check") or {}).get("warning"):
-        evidence.setdefault("warnings", []).insert(0, inputs.meta["preprocess_check"]["warning"])
+    if not scan.found and preprocess_check.warning_of(inputs.meta):
+        evidence.setdefault("warnings", []).insert(0, preprocess_check.warning_of(inputs.meta))
     if not scan.found and not req.force:
         evidence["seconds"] = round(time.perf_counter() - t_start, 1)
         return TriggerFreeResult(None, evidence)
