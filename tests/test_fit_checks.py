@@ -284,3 +284,16 @@ def test_eval_names_a_clearly_better_preprocessing(ws):
     assert "--mean 0.5 --std 0.5 (-1..1)" in proc.stderr
     proc = run_cli(*args, "--mean", "0.5", "--std", "0.5", cwd=ws)
     assert proc.returncode == 0 and "preprocessing given" not in proc.stderr, proc.stderr
+
+
+def test_unlabeled_nothing_found_carries_the_preprocessing_warning(ws, mnist_path):
+    """'No triggered inputs found' under a doubtful preprocessing (0..1 for a -1..1 model: 86 % against 97 %)
+    says so: the all-clear means nothing there. It used to come without the warning (only a fit printed it)."""
+    from fire_onnx.data import load_images
+
+    np.savez(ws / "traffic.npz", x=load_images(mnist_path, "test").x[:300])  # clean traffic
+    proc = run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "mnist.npz", "--unlabeled",
+                   "traffic.npz", "-o", "u.npz", cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "no directions file written" in proc.stdout and not (ws / "u.npz").exists()
+    assert "warning: with the preprocessing given" in proc.stderr and "'nothing found' means nothing here" in proc.stderr

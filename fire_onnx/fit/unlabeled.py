@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fire_onnx import preprocess_check
 from fire_onnx import traffic as tr
-from fire_onnx.data import Images, load_images
+from fire_onnx.data import Images, load_images, pool_order
 from fire_onnx.errors import FireError
 
 
@@ -97,15 +98,17 @@ def attach(req, inputs, log=None) -> None:
         return represent(x)[1].argmax(axis=1)
 
     pool = inputs.pool
-    order = np.random.default_rng(req.seed).permutation(len(pool))
-    clean, rest = pool.subset(order[:req.n_clean]), pool.subset(order[req.n_clean:])
+    clean_idx, rest_idx, _ = pool_order(pool, n_clean=req.n_clean, seed=req.seed)
+    clean, rest = pool.subset(clean_idx), pool.subset(rest_idx)
     if len(rest) == 0:
         rest = clean
-    reference = pool.subset(order[:tr.N_REFERENCE])
+    reference = pool.subset(np.concatenate([clean_idx, rest_idx])[:tr.N_REFERENCE])
     result = tr.find_triggered(traffic, represent, predict, clean.x, reference.x, rest.x, clean_y=clean.y,
                                held_y=rest.y, target=req.target, tensor=tensor, log=log, reference_y=reference.y)
     if not result.found:
         if not req.force:
+            if preprocess_check.warning_of(inputs.meta):  # "nothing found" under a doubtful preprocessing
+                result.warnings.insert(0, preprocess_check.warning_of(inputs.meta))
             raise tr.NothingFound(result)
         tr.force_pick(result)
     found = result.indices
