@@ -175,6 +175,11 @@ def test_fit_from_flagged_images_only_removes_the_backdoor(demo_run, mnist_path,
     assert recon["kind"] == "patch" and recon["rate"] >= 0.9 and recon["majority_class"] == 0
     assert set(range(24, 27)) >= set(range(*recon["mask_box"][:2])) or recon["mask_pixels"] <= 16
     assert summ["targets"][0]["reference"] == "paired"
+    # the check could not hold flagged images out (the file has no others): cross-fitted instead, and the
+    # repair from 16 of them removes the patch from the 4 left out
+    cross = summ["check"]["cross_fit"]
+    assert summ["check"]["in_sample"] and cross["folds"] == 5 and cross["n"] == 20, summ["check"]
+    assert cross["target_rate_after"] <= 0.1 and "each held out of a fit on the others" in proc.stdout
     # --reconstruct off: the plain unpaired estimate, no reconstruction recorded
     run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered", flagged,
             "--mean", "0.5", "--std", "0.5", "--reconstruct", "off", "-o", tmp_path / "off.npz", "--json",
@@ -213,6 +218,39 @@ def test_flagged_clean_images_warn_nothing_confirmed(demo_run, mnist_path, tmp_p
     assert "nothing confirmed" in proc.stdout
     summ = json.loads((tmp_path / "f.json").read_text())
     assert summ["reconstruction"]["kind"] == "none" and summ["targets"][0]["reference"] == "unpaired"
+
+
+def test_a_repair_that_does_not_carry_over_is_caught_by_the_cross_fit(demo_run, mnist_path, tmp_path):
+    """Flagged images that share no trigger but each reach the target (per-image adversarial examples
+    toward class 0): checked on the images it was fitted on, the repair looks good (gate auto reaches
+    them); fitted without each fold, it leaves most of that fold at the target, and fit says so."""
+    import torch
+
+    from fire_onnx.data import load_images
+    from fire_onnx_models.small_cnn import build_mnist
+
+    out, _ = demo_run
+    net = build_mnist()
+    net.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    net.eval()
+    test = load_images(mnist_path, "test")
+    x = torch.from_numpy(test.x[np.flatnonzero(test.y != 0)[:5]].astype(np.float32) / 255).permute(0, 3, 1, 2)
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(40):  # targeted PGD, L-inf 0.25: one perturbation per image
+        loss = torch.nn.functional.cross_entropy(net((x + delta).clamp(0, 1) * 2 - 1), torch.zeros(5, dtype=torch.long))
+        (g,) = torch.autograd.grad(loss, delta)
+        delta = (delta - 0.01 * g.sign()).clamp(-0.25, 0.25).detach().requires_grad_(True)
+    adv = ((x + delta).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).detach().numpy().astype(np.uint8)
+    flagged = tmp_path / "flagged.npz"
+    np.savez(flagged, x=adv)
+    proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered",
+                   flagged, "--mean", "0.5", "--std", "0.5", "-o", tmp_path / "d.npz", "--json", tmp_path / "f.json",
+                   "--force", check=True)
+    check = json.loads((tmp_path / "f.json").read_text())["check"]
+    assert check["target_rate_before"] == 1.0 and check["in_sample"], check
+    assert check["cross_fit"]["target_rate_after"] >= 0.6 > check["target_rate_after"], check
+    assert "when each is held out of the fit (5-fold cross-fit" in proc.stderr
+    assert "does not carry over to triggered inputs it was not fitted on" in proc.stderr
 
 
 def test_reconstruct_option_is_checked():

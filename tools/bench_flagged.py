@@ -353,6 +353,21 @@ def markdown(records: list[dict]) -> str:
                   "| model | dataset | attack | seed | chosen | confirmation |", "|---|---|---|---|---|---|"]
         for (model, ds, att, seed), rc in recon:
             lines.append(f"| {model} | {ds} | {att} | {seed} | {rc.get('kind', '?')} | {rc.get('rate', rc.get('confirmation', ''))} |")
+    checked = [(k, m, by[m]) for k, by in cells.items() for m in ("flagged", "flagged-5")
+               if m in by and "cross_fit" in (by[m].get("check") or {})]
+    if checked:
+        lines += ["", "What `fit` itself said (its held-out check, cross-fitted: each fold of the flagged images held out "
+                  "of a fit on the others) beside the measured ASR:", "",
+                  "| model | dataset | attack | mode | measured ASR | cross-fitted target rate | fit warned | blend fit "
+                  "(cross-fitted rate: unpaired / pseudo-pairs) |", "|---|---|---|---|---|---|---|---|"]
+        for (model, ds, att, _), m, r in checked:
+            cross = r["check"]["cross_fit"].get("target_rate_after")
+            warned = any("held out of the fit" in w for w in r.get("warnings", []))
+            choice = (r.get("reconstruction") or {}).get("fit_choice")
+            blend = (f"{choice['chosen']} ({100 * choice['unpaired']['cross_fit_rate']:.0f} / "
+                     f"{100 * choice['pseudo-pairs']['cross_fit_rate']:.0f})" if choice else "")
+            lines.append(f"| {model} | {ds} | {att} | {m} | {100 * r['asr']:.1f} | "
+                         f"{'' if cross is None else f'{100 * cross:.0f}'} | {'yes' if warned else 'no'} | {blend} |")
     return "\n".join(lines)
 
 

@@ -230,6 +230,14 @@ class HeldOut:
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
+    def triggered_at(self, d: dirs.Directions, target: int, idx: np.ndarray) -> np.ndarray:
+        """Whether each held-out triggered image ``idx`` goes to ``target`` in the model patched with ``d``."""
+        from fire_onnx.evaluate import session
+        from fire_onnx.patch import patch_model
+
+        sess = session(_bytes(patch_model(self.model, d).model))
+        return self.probs(sess, self.x_trig[idx]).argmax(axis=1) == target
+
     def score(self, d: dirs.Directions, target: int) -> tuple[float, float, float]:
         """(held-out target rate, clean change rate, clean shift) of the model patched with ``d``: the share
         of held-out triggered images it classifies as ``target``, the share of held-out clean images whose

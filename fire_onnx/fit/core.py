@@ -210,16 +210,20 @@ PSEUDO_PAIRS = 100  # reconstructed-trigger pairs to fit on (at least as many as
 # noise amplified by 1/a, and pseudo-pairs built from it left more ASR than the (shrunk) unpaired
 # estimate: CIFAR-10 16.0 % vs 7.8 % (20 flagged), 83.9 % (5 flagged, ratio misread as 0.41);
 # Fashion-MNIST 27.7 % vs 25.7 %; MNIST 0.6 % vs 0.8 % (benchmarks/flagged).
+# fit --triggered (fire_onnx.fit.pipeline.choose_blend_fit) still tries the pseudo-pairs of a confirmed blend
+# beside the unpaired fit and keeps them only when the cross-fitted check says they do better (5 flagged
+# Fashion-MNIST Blended images: 38 % ASR against 81 %).
 PSEUDO_PAIR_KINDS = ("patch", "additive")
 GATE_FLAGGED = True  # gate auto must also reach the real flagged images (not only the pseudo-pairs)
 
 
 def reconstruct_pairs(source, preprocess: Preprocess, clean: Images, flagged: Images, logits_f, held: Images | None,
-                      checks: dict, target: int | None = None) -> dict:
+                      checks: dict, target: int | None = None, pair_blend: bool = False) -> dict:
     """Reconstruct the trigger behind ``flagged`` and build pseudo-pairs from it.
 
     The trigger must send held clean images to ``target`` when it is known (``--target``, or the class the
-    earlier fit of ``--update`` reconstructed for), else to the flagged images' majority class.
+    earlier fit of ``--update`` reconstructed for), else to the flagged images' majority class. A blend is
+    paired on only with ``pair_blend`` (``PSEUDO_PAIR_KINDS``).
 
     Returns ``{"meta": what meta["reconstruction"] records, "pairs": (stamped, originals) or None}``;
     when nothing is confirmed (or the model has no class outputs to confirm with), a warning goes to
@@ -247,7 +251,7 @@ def reconstruct_pairs(source, preprocess: Preprocess, clean: Images, flagged: Im
         checks["warnings"].append(f"no trigger reconstruction confirmed: {r.reason}; {fallback}. Give --trigger SPEC "
                                   "if you know the trigger, or flagged images with their clean twins (x_clean)")
         return {"meta": meta, "pairs": None}
-    if r.winner.kind not in PSEUDO_PAIR_KINDS:
+    if r.winner.kind not in PSEUDO_PAIR_KINDS and not (pair_blend and r.winner.kind == "blend"):
         meta["fit"] = "unpaired"
         return {"meta": meta, "pairs": None}
     originals = r.held[:max(PSEUDO_PAIRS, len(flagged))]
@@ -312,6 +316,7 @@ def fit_directions(
     held: Images | None = None,
     repair: str = "project",
     previous: dirs.Directions | None = None,
+    pair_blend: bool = False,
 ) -> dirs.Directions:
     """Fit one target per layer and return the directions, with the checks' results in
     ``meta["checks"]`` and each target's fingerprint.
@@ -332,7 +337,8 @@ def fit_directions(
     clean images, or on ``clean`` when not given; the image without it), with the flagged images'
     own activations added to what gate auto must reach. The outcome is in ``meta["reconstruction"]``.
 
-    ``repair`` is the operator (``project`` or ``translate``).
+    ``repair`` is the operator (``project`` or ``translate``). ``pair_blend``: fit a confirmed blend
+    reconstruction on pseudo-pairs too (by default it is fitted unpaired).
 
     ``previous`` (``fit --update``) is an earlier fit of the same layers on the same model, with its
     update statistics: the result is the fit on its triggered samples and ``triggered`` together
@@ -368,7 +374,8 @@ def fit_directions(
     if reconstruct not in RECONSTRUCT_CHOICES:
         raise FireError(f"reconstruct must be one of {', '.join(RECONSTRUCT_CHOICES)}")
     if reconstruct == "auto" and triggered_source is None:
-        pseudo = reconstruct_pairs(source, preprocess, clean, triggered, logits_t, held, checks, target)
+        pseudo = reconstruct_pairs(source, preprocess, clean, triggered, logits_t, held, checks, target,
+                                   pair_blend=pair_blend)
         meta["reconstruction"] = pseudo["meta"]
         if pseudo["pairs"] is not None:
             stamped, originals = pseudo["pairs"]
