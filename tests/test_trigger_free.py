@@ -53,6 +53,12 @@ def test_finds_and_repairs_the_demo_backdoor(demo_run, mnist_path, tmp_path):
     assert summ["trigger_free"]["target"] == 0
     assert summ["trigger_free"]["scan"]["anomaly_index"] > 5
     assert summ["trigger_free"]["rounds"][0]["kind"] == "patch"
+    # judged on held-out images in PyTorch (no --onnx): few clean predictions change, and held-out images
+    # stamped with the recovered patch no longer reach class 0
+    check = summ["check"]
+    assert "recovered trigger" in check["triggered_from"] and check["n_clean"] >= 200, check
+    assert check["clean_change"] <= 0.02 and check["target_rate_before"] > 0.9 > 0.1 > check["target_rate_after"]
+    assert "held-out check: the repair changes" in proc.stdout
 
     from fire_onnx import directions as dirs
 
@@ -136,6 +142,24 @@ def test_trigger_free_needs_a_pytorch_model(demo_run, mnist_path, tmp_path):
     proc = run_cli("fit", "--trigger-free", "--onnx", out / "model.onnx", "--clean", mnist_path, "--layer", "block2",
                    "-o", tmp_path / "d.npz")
     assert proc.returncode == 1 and "give --model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_held_out_check_runs_in_pytorch_without_onnx(demo_run, mnist_path, tmp_path):
+    """Fitted from the PyTorch model alone, the repair is judged with forward hooks: the same counts as
+    the ONNX patch in onnxruntime (the two compute the same repair)."""
+    out, _ = demo_run
+    checks = []
+    for model in (("--onnx", out / "model.onnx"),
+                  ("--model", "fire_onnx_models.small_cnn:build_mnist", "--weights", out / "model.pt")):
+        js = tmp_path / f"{model[0][2:]}.json"
+        run_cli("fit", *model, "--clean", mnist_path, "--layer", "block2", "--trigger", "badnets", "--target", "0",
+                "--mean", "0.5", "--std", "0.5", "-o", tmp_path / "d.npz", "--json", js, check=True)
+        checks.append(json.loads(js.read_text())["check"])
+    onnx_check, torch_check = checks
+    assert "skipped" not in torch_check and torch_check["n_clean"] == onnx_check["n_clean"] >= 200
+    for key in ("clean_change", "target_rate_before", "target_rate_after"):
+        assert abs(torch_check[key] - onnx_check[key]) <= 0.004, (key, torch_check, onnx_check)
+    assert torch_check["target_rate_after"] < 0.1
 
 
 def test_paired_fit_reports_its_held_out_check(demo_run, mnist_path, tmp_path):

@@ -253,6 +253,52 @@ class HeldOut:
         return rate, change, shift
 
 
+class TorchHeldOut(HeldOut):
+    """:class:`HeldOut` for a fit with a PyTorch model and no ONNX model: the repair runs as forward hooks
+    (``fire_onnx.fit.torch_model.apply_in_torch``, the computation the ONNX patch is tested equal to)."""
+
+    def __init__(self, model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256):
+        self.model, self.pre, self.batch_size = model, preprocess, batch_size
+        self.repair = None  # directions hooked in while probs runs (None: the original model)
+        self.x_clean = preprocess(held_clean.x)
+        self.x_trig = preprocess(held_triggered.x)
+        self.base_clean = self.probs(None, self.x_clean)
+        self.base_trig = self.probs(None, self.x_trig).argmax(axis=1) if len(self.x_trig) else None
+
+    def probs(self, d, x: np.ndarray) -> np.ndarray:
+        """Softmax of the first output of the model, repaired with ``d`` (None: as it is)."""
+        import torch
+
+        from fire_onnx.fit.torch_model import apply_in_torch
+
+        handles = apply_in_torch(self.model, d) if d is not None else []
+        out = []
+        try:
+            with torch.no_grad():
+                for i in range(0, len(x), self.batch_size):
+                    z = self.model(torch.from_numpy(np.ascontiguousarray(x[i:i + self.batch_size])))
+                    z = z[0] if isinstance(z, (tuple, list)) else z
+                    if z.ndim != 2:
+                        raise FireError(f"the model's first output has shape {tuple(z.shape)}, not (N, classes)")
+                    out.append(z.double().numpy())
+        finally:
+            for h in handles:
+                h.remove()
+        z = np.concatenate(out) if out else np.zeros((0, 0))
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def triggered_at(self, d: dirs.Directions, target: int, idx: np.ndarray) -> np.ndarray:
+        return self.probs(d, self.x_trig[idx]).argmax(axis=1) == target
+
+    def score(self, d: dirs.Directions, target: int) -> tuple[float, float, float]:
+        pc = self.probs(d, self.x_clean)
+        rate = float((self.probs(d, self.x_trig).argmax(axis=1) == target).mean()) if len(self.x_trig) else 0.0
+        change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
+        shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
+        return rate, change, shift
+
+
 def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
     """(the scores best first, whether the best is within the budget); failed candidates come last."""
     ok = [s for s in scores if s.ok]

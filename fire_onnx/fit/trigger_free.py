@@ -45,6 +45,7 @@ class Stamps:
     """The recovered trigger(s) as a trigger ``fit_samples`` can apply: image i gets trigger i mod n."""
 
     candidates: list
+    name = "the recovered trigger"  # what the held-out check says it stamped
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         out = x.copy()
@@ -156,7 +157,7 @@ def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
         cands.append(group)
         evidence["rounds"].append({"round": r + 1, "kind": trig.kind, "loss": round(found.loss, 4),
                                    "flip_rate": round(trig.rate, 4), "searches": len(group), **cand.info})
-        d = _fit(req, inputs, cands, fit_inputs, progress)
+        d, check = _fit(req, inputs, cands, fit_inputs, progress)
         if r + 1 == MAX_ROUNDS:
             evidence["stopped"] = f"reached {MAX_ROUNDS} rounds"
             break
@@ -183,14 +184,20 @@ def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
             break
         found = again
     evidence["seconds"] = round(time.perf_counter() - t_start, 1)
+    if check is not None:  # the last round's repair, judged on held-out images (refused above 5 % changed)
+        from fire_onnx.fit.verify import refuse_or_record
+
+        refuse_or_record(req, d, check)
     d.meta["trigger_free"] = evidence
     d.meta["trigger"] = {"kind": "trigger-free", "rounds": len(cands), "triggers": [c.describe() for g in cands for c in g]}
     return TriggerFreeResult(d, evidence)
 
 
-def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> dirs.Directions:
+def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> tuple[dirs.Directions, dict | None]:
     """The paired fit on pseudo-pairs of every round's triggers (``--layer auto`` or the given layers):
-    one direction per round (a subspace from the second round on)."""
+    one direction per round (a subspace from the second round on). Returns the directions and, at given
+    layers, the held-out check (``fire_onnx.fit.verify``: clean predictions changed, held-out images stamped
+    with the recovered triggers); ``--layer auto`` judges its candidates on held-out images itself."""
     n = len(rounds)
     stamps = Stamps([c for group in rounds for c in group])
     method, k = req.method, inputs.k
@@ -203,7 +210,7 @@ def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> dirs.Directio
         if req.auto:
             from fire_onnx.fit.auto import run_auto
 
-            return run_auto(req, progress=progress, inputs=inputs)
+            return run_auto(req, progress=progress, inputs=inputs), None
         available = len(pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed, target=req.target)[2])
         n_pairs = min(req.n_triggered, available)
         if n_pairs < 1:
@@ -211,7 +218,10 @@ def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> dirs.Directio
                             "recovered trigger on: give a larger --clean pool or a smaller --n-clean")
         clean, triggered, source = fit_samples(inputs.pool, n_clean=req.n_clean, n_triggered=n_pairs, seed=req.seed,
                                                target=req.target, trigger=stamps)
-        return fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+        d = fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+        from fire_onnx.fit.verify import verify
+
+        return d, verify(req, inputs, d, triggered, clean, source)
     finally:
         req.method, inputs.k, req.n_triggered, inputs.trigger = saved
 

@@ -7,7 +7,8 @@ one here trained: a blended backdoor repaired at a layer with 24.8 sigma separat
 ASR; 20 clean images given as "flagged" wrote a repair that left ASR at 98 % and cost 8.4 points of
 clean accuracy; a "confirmed" reconstruction on a clean model cost 9 points.
 
-So, when an ONNX model is at hand, the repaired model is run in onnxruntime beside the original on
+So the repaired model is run beside the original (in onnxruntime when an ONNX model is at hand, else in
+PyTorch with the repair as forward hooks) on
 
 - **held-out clean images**: pool images the fit did not use (up to ``N_CHECK``). The share whose
   predicted class the repair changes needs no labels: a repair meant to act only on triggered inputs
@@ -68,10 +69,10 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images | N
     for ``meta["check"]``, with ``warnings`` and, when the repair must not be written, ``refuse``.
     ``clean`` and ``source`` (the clean samples and the triggered samples' twins the fit used) let an
     in-sample check be cross-fitted."""
-    from fire_onnx.fit.auto import HeldOut
+    from fire_onnx.fit.auto import HeldOut, TorchHeldOut
 
-    if inputs.onnx_model is None:
-        return {"skipped": "no ONNX model to run the repair in (pass --onnx to have it checked on held-out images)"}
+    if inputs.onnx_model is None and inputs.model is None:
+        return {"skipped": "no model to run the repair in"}
     clean_idx, stamp_idx = _held_indices(req, inputs)
     if len(clean_idx) == 0:
         return {"skipped": f"no clean images left over for a held-out check (the clean file has {len(inputs.pool)}; "
@@ -81,7 +82,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images | N
     if inputs.trigger is not None:
         src = inputs.pool.subset(stamp_idx)
         held_trig = Images(inputs.trigger.apply(src.x), src.y)
-        trig_from = f"{len(held_trig)} held-out images stamped with the trigger"
+        trig_from = f"{len(held_trig)} held-out images stamped with {getattr(inputs.trigger, 'name', 'the trigger')}"
     else:
         extra = inputs.triggered.x[len(triggered):] if inputs.triggered is not None else np.zeros((0,))
         if len(extra) >= MIN_TRIGGERED and not _same_prefix(inputs.triggered, triggered):
@@ -93,7 +94,10 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images | N
             held_trig, in_sample = Images(triggered.x), True
             trig_from = f"the {len(held_trig)} triggered images fitted on (in-sample: the file has no others)"
     try:
-        held = HeldOut(inputs.onnx_model, inputs.preprocess, held_clean, held_trig, batch_size=req.batch_size)
+        if inputs.onnx_model is not None:
+            held = HeldOut(inputs.onnx_model, inputs.preprocess, held_clean, held_trig, batch_size=req.batch_size)
+        else:  # fitted from the PyTorch model alone: the repair runs as forward hooks
+            held = TorchHeldOut(inputs.model, inputs.preprocess, held_clean, held_trig, batch_size=req.batch_size)
     except FireError as e:  # not a classifier (no (N, classes) first output): nothing to count predictions on
         return {"skipped": f"the model's predictions cannot be compared ({e})"}
     target = req.target
