@@ -280,3 +280,36 @@ def test_fit_names_the_periods_of_a_stripe_reconstruction():
     line = describe_reconstruction(rc_meta)
     assert "additive-columns-periodic" in line and "periods per image 6, 12" in line
     assert "fitted paired on 100 pseudo-pairs" in line
+
+
+@pytest.fixture(scope="module")
+def blended_demo(tmp_path_factory):
+    """The demo with a blended backdoor (3 epochs): a model whose flagged images reconstruct as a blend."""
+    out = tmp_path_factory.mktemp("blended") / "demo"
+    run_cli("demo", "--trigger", "blended", "--epochs", "3", "--output", out, check=True)
+    return out
+
+
+def test_a_confirmed_blend_is_fitted_both_ways_and_the_cross_fit_chooses(blended_demo, mnist_path, tmp_path):
+    """5 flagged blended images: the blend is confirmed, fitted unpaired and on pseudo-pairs, and the fit
+    written is the one the cross-fitted check prefers (unpaired on a tie), as the output says."""
+    from fire_onnx import directions as dirs
+    from fire_onnx.data import load_images
+
+    test = load_images(mnist_path, "test")
+    flagged = tmp_path / "flagged.npz"
+    np.savez(flagged, x=triggers.parse("blended").apply(test.x[np.flatnonzero(test.y != 0)[:5]]))
+    proc = run_cli("fit", "--onnx", blended_demo / "model.onnx", "--layer", "block1", "--clean", mnist_path,
+                   "--triggered", flagged, "--mean", "0.5", "--std", "0.5", "-o", tmp_path / "d.npz", "--json",
+                   tmp_path / "f.json", check=True)
+    summ = json.loads((tmp_path / "f.json").read_text())
+    rc_, check = summ["reconstruction"], summ["check"]
+    assert rc_["kind"] == "blend" and rc_["confirmed"], rc_
+    choice = rc_["fit_choice"]
+    unpaired, paired = choice["unpaired"]["cross_fit_rate"], choice["pseudo-pairs"]["cross_fit_rate"]
+    assert choice["chosen"] == ("pseudo-pairs" if paired < unpaired else "unpaired"), choice
+    # what was written is what was chosen, and the check reported is that fit's
+    reference = dirs.load(tmp_path / "d.npz").targets[0].fit["reference"]
+    assert reference == ("paired" if choice["chosen"] == "pseudo-pairs" else "unpaired"), reference
+    assert check["cross_fit"]["target_rate_after"] == choice[choice["chosen"]]["cross_fit_rate"]
+    assert "in the cross-fitted check" in proc.stdout

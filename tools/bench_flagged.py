@@ -364,6 +364,8 @@ def markdown(records: list[dict]) -> str:
             cross = r["check"]["cross_fit"].get("target_rate_after")
             warned = any("held out of the fit" in w for w in r.get("warnings", []))
             choice = (r.get("reconstruction") or {}).get("fit_choice")
+            if choice and "error" in choice.get("pseudo-pairs", {}):
+                choice = None
             blend = (f"{choice['chosen']} ({100 * choice['unpaired']['cross_fit_rate']:.0f} / "
                      f"{100 * choice['pseudo-pairs']['cross_fit_rate']:.0f})" if choice else "")
             lines.append(f"| {model} | {ds} | {att} | {m} | {100 * r['asr']:.1f} | "

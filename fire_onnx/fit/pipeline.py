@@ -223,8 +223,12 @@ def choose_blend_fit(req: FitRequest, inputs: FitInputs, clean: Images, triggere
         return d, check
     alt_req = copy.copy(req)
     alt_req.blend_fit = "pseudo-pairs"
-    alt = fit_inputs(alt_req, inputs, list(req.layers), clean, triggered, source)
-    alt_check = verify(alt_req, inputs, alt, triggered, clean, source)
+    try:
+        alt = fit_inputs(alt_req, inputs, list(req.layers), clean, triggered, source)
+        alt_check = verify(alt_req, inputs, alt, triggered, clean, source)
+    except FireError as e:  # the alternative only; the unpaired fit stands
+        d.meta["reconstruction"]["fit_choice"] = {"chosen": "unpaired", "pseudo-pairs": {"error": str(e)}}
+        return d, check
     alt_rate = (alt_check.get("cross_fit") or {}).get("target_rate_after")
     take = (alt_rate is not None and alt_rate < cross["target_rate_after"] - 1e-9
             and alt_check["clean_change"] <= max(check["clean_change"], CHANGE_WARN))
@@ -401,9 +405,12 @@ def describe_reconstruction(rc: dict) -> str:
     how = (f"fitted paired on {rc.get('pseudo_pairs', 0)} pseudo-pairs" if rc.get("fit") != "unpaired" else
            f"fitted unpaired on the flagged images (a {rc['kind']} reconstruction is too noisy to pair on)")
     choice = rc.get("fit_choice")
-    if choice:
-        other = "unpaired" if choice["chosen"] == "pseudo-pairs" else "pseudo-pairs"
-        how += (f", chosen over {other} by the cross-fitted check ({choice[choice['chosen']]['cross_fit_rate']:.0%} "
-                f"against {choice[other]['cross_fit_rate']:.0%} of the held-out flagged images left at the target)")
+    if choice and "error" not in choice.get("pseudo-pairs", {}):
+        rates = (f"{choice['pseudo-pairs']['cross_fit_rate']:.0%} against {choice['unpaired']['cross_fit_rate']:.0%} "
+                 "of the held-out flagged images left at the target")
+        how = (f"fitted paired on {rc.get('pseudo_pairs', 0)} pseudo-pairs stamped with the reconstructed blend, which "
+               f"did better than the unpaired fit in the cross-fitted check ({rates})" if choice["chosen"] == "pseudo-pairs"
+               else "fitted unpaired on the flagged images; pseudo-pairs stamped with the reconstructed blend did no "
+                    f"better in the cross-fitted check ({rates})")
     return (f"trigger reconstruction: {what}, confirmed: {rc['rate']:.0%} of {rc['n_confirm']} held clean images "
             f"go to class {rc['majority_class']} when stamped; {how} (tried: {tried})")

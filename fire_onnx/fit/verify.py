@@ -51,6 +51,8 @@ PARTIAL = 0.1  # ... and, in other words, above this share (the repair removes t
 MIN_TRIGGERED = 10  # held-out triggered images a file must have beyond the fitted ones to use them
 CROSS_FOLDS = 5  # in-sample: hold out each of this many folds of the triggered samples from a fit on the rest
 MIN_CROSS = 4  # ... with at least this many triggered samples (each fold fits on at least three)
+SMALL_CROSS = 10  # below this many, the warning says the folds' fits are weaker than the written one (5 images:
+# a fit on 4 left 60 % of the MNIST centre patch images at the target where the repair from all 5 left 3.6 % ASR)
 
 
 def _held_indices(req, inputs) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +118,9 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images | N
         if "target_rate_after" in cross:
             crossed, in_rate, rate = True, rate, cross["target_rate_after"]
             trig_from = (f"the {len(held_trig)} triggered images when each is held out of the fit ({cross['folds']}-fold "
-                         f"cross-fit; {in_rate:.0%} on the images fitted on)")
+                         f"cross-fit; {in_rate:.0%} on the images fitted on"
+                         + (f"; from so few, each fit left out a fifth of them and is weaker than the one written"
+                            if len(held_trig) < SMALL_CROSS else "") + ")")
     warnings = []
     if change > CHANGE_WARN:
         warnings.append(f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
