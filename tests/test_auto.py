@@ -349,6 +349,8 @@ def test_max_layers_chains_a_second_layer_that_removes_what_the_first_left(two, 
     assert a["chain"] == ["fc1_act", "fc2_act"] and [t.module for t in d.targets] == ["fc1_act", "fc2_act"]
     assert a["chain_target_rate"] == 0.0 and a["chain_clean_change"] <= 0.005
     assert a["steps"][0]["chosen"] == "fc2_act" and a["stopped"] == "the held-out target rate is already 0"
+    # the chain refitted on all samples is scored again on the held-out images: still within the budget
+    assert a["refit"]["clean_change"] <= 0.005 and a["refit"]["dropped"] == [] and a["refit"]["target_rate"] == 0.0
     dirs.save(d, tmp_path / "chain.npz")
     proc = run_cli("patch", two["onnx"], tmp_path / "chain.npz", "-o", tmp_path / "two.fire.onnx", check=True)
     assert "patched /fc1_act/Relu_output_0" in proc.stdout and "patched /fc2_act/Relu_output_0" in proc.stdout

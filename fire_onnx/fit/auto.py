@@ -76,6 +76,7 @@ REPAIRS = ("project", "translate")
 
 RECONSTRUCT_POOL = 300  # pool images kept away from the held-out set for the trigger reconstruction
 FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
+REFIT_SLACK = 0.005  # warn when the refitted single-layer repair exceeds the clean budget by more than this
 SHIFT_TIE = 1e-6  # clean shifts closer than this count as equal (then the earlier tensor wins)
 WEAK_REPAIR = 0.5  # warn when the chosen repair leaves this held-out target rate (and more than half the original)
 ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candidates are grouped under it)
@@ -487,6 +488,19 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
 
     # the chosen layer(s), fitted exactly as `fit --layer <chosen>` fits them (all triggered samples)
     d = refit_chain(req, inputs, chain, clean, triggered, source, progress)
+    # The refit is not the repair that was judged: fitted on all the triggered samples, a later layer of a
+    # chain sees a different residual, and its gate (set to reach it) may fire on other clean inputs. So the
+    # refitted repair is scored on the same held-out clean images (no fit uses them), and a chain over the
+    # budget loses its last layer until it is within it.
+    refit_rate, refit_change, _ = held.score(d, target)
+    dropped = []
+    while len(chain) > 1 and refit_change > req.clean_budget + 1e-12:
+        dropped.append({"layer": chain[-1].site.label, "chain_clean_change": refit_change})
+        say(f"layer auto: refitted on all samples, the chain changes {refit_change:.2%} of the held-out clean "
+            f"predictions (budget {req.clean_budget:.2%}): dropping {chain[-1].site.label}")
+        chain = chain[:-1]
+        d = refit_chain(req, inputs, chain, clean, triggered, source, progress)
+        refit_rate, refit_change, _ = held.score(d, target)
     position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
     rows = []
     for s in scores:
@@ -503,6 +517,11 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
         "chosen": best.site.label, "chosen_tensor": best.site.tensor, "why": reason,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    d.meta["auto"]["refit"] = {"target_rate": refit_rate, "clean_change": refit_change,
+                               "target_rate_in_sample": inputs.trigger is None, "dropped": dropped}
+    if dropped:
+        stopped = (f"refitted on all samples the chain exceeded the clean budget; dropped "
+                   f"{', '.join(x['layer'] for x in dropped)}")
     if req.max_layers > 1:
         last = chain[-1]
         d.meta["auto"].update(max_layers=req.max_layers, steps=steps, stopped=stopped,
@@ -510,6 +529,10 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
                               chain_target_rate=last.target_rate, chain_clean_change=last.clean_change)
     checks = d.meta.setdefault("checks", {})
     warnings = checks.setdefault("warnings", [])
+    if within and refit_change > req.clean_budget + REFIT_SLACK:
+        warnings.append(f"layer auto: refitted on all the samples, the repair changes {refit_change:.2%} of the "
+                        f"held-out clean predictions, over the --clean-budget {req.clean_budget:.2%} it was chosen "
+                        "within")
     if not within:
         warnings.append(f"layer auto: {reason}; raise --clean-budget, or check the trigger and the samples")
     elif original_rate and best.target_rate >= WEAK_REPAIR and best.target_rate > original_rate / 2:
