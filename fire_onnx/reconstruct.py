@@ -39,7 +39,9 @@ also carries the flagged images' own content, and on a Blended MNIST model it co
 the blend (98 %) with a slightly smaller change yet left 21.7 % ASR after the repair from 5 flagged
 images, against 2.1 % with the blend. Below ``CONFIRM_THRESHOLD`` (50 %) nothing is confirmed: the
 caller falls back to the unpaired estimate and warns. (``fire_onnx.fit.core`` pairs the fit on a
-patch or additive winner only; see ``PSEUDO_PAIR_KINDS`` there for why a blend is not paired on.)
+patch or additive winner; a blend is fitted unpaired and, in ``fit``, also on pseudo-pairs, the
+cross-fitted held-out check choosing: see ``PSEUDO_PAIR_KINDS`` there and
+``fire_onnx.fit.pipeline.choose_blend_fit``.)
 """
 
 from __future__ import annotations
