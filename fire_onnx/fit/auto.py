@@ -209,6 +209,11 @@ def _bytes(model) -> bytes:
                         f"({first_line(e)}); choose the layer by hand (fire-onnx inspect, --layer)") from None
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 class HeldOut:
     """Runs the original and candidate-patched ONNX models on the held-out samples in onnxruntime."""
 
@@ -218,37 +223,36 @@ class HeldOut:
 
         self.model, self.pre, self.batch_size = onnx_model, preprocess, batch_size
         self.base = base_session or session(_bytes(onnx_model))
-        self.x_clean = preprocess(held_clean.x)
-        self.x_trig = preprocess(held_triggered.x)
-        self.base_clean = self.probs(self.base, self.x_clean)
-        self.base_trig = self.probs(self.base, self.x_trig).argmax(axis=1) if len(self.x_trig) else None
+        self._held(held_clean, held_triggered)
 
-    def probs(self, sess, x: np.ndarray) -> np.ndarray:
-        """Softmax of the first output (float64)."""
-        from fire_onnx.evaluate import predict_logits
+    def _held(self, held_clean: Images, held_triggered: Images) -> None:
+        """The preprocessed held-out images and the original model's outputs on them."""
+        self.x_clean = self.pre(held_clean.x)
+        self.x_trig = self.pre(held_triggered.x)
+        run = self.runner(None)
+        self.base_clean = run(self.x_clean)
+        self.base_trig = run(self.x_trig).argmax(axis=1) if len(self.x_trig) else None
 
-        z = predict_logits(sess, x, self.batch_size).astype(np.float64)
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
+    def runner(self, d: dirs.Directions | None):
+        """A function from preprocessed images to the softmax of the first output (float64) of the model
+        patched with ``d`` (None: the original)."""
+        from fire_onnx.evaluate import predict_logits, session
+        from fire_onnx.patch import patch_model
+
+        sess = self.base if d is None else session(_bytes(patch_model(self.model, d).model))
+        return lambda x: _softmax(predict_logits(sess, x, self.batch_size).astype(np.float64))
 
     def triggered_at(self, d: dirs.Directions, target: int, idx: np.ndarray) -> np.ndarray:
         """Whether each held-out triggered image ``idx`` goes to ``target`` in the model patched with ``d``."""
-        from fire_onnx.evaluate import session
-        from fire_onnx.patch import patch_model
-
-        sess = session(_bytes(patch_model(self.model, d).model))
-        return self.probs(sess, self.x_trig[idx]).argmax(axis=1) == target
+        return self.runner(d)(self.x_trig[idx]).argmax(axis=1) == target
 
     def score(self, d: dirs.Directions, target: int) -> tuple[float, float, float]:
         """(held-out target rate, clean change rate, clean shift) of the model patched with ``d``: the share
         of held-out triggered images it classifies as ``target``, the share of held-out clean images whose
         class it changes, and the mean total-variation distance of their softmax outputs (the tie-breaker)."""
-        from fire_onnx.evaluate import session
-        from fire_onnx.patch import patch_model
-
-        sess = session(_bytes(patch_model(self.model, d).model))
-        pc = self.probs(sess, self.x_clean)
-        rate = float((self.probs(sess, self.x_trig).argmax(axis=1) == target).mean()) if len(self.x_trig) else 0.0
+        run = self.runner(d)
+        pc = run(self.x_clean)
+        rate = float((run(self.x_trig).argmax(axis=1) == target).mean()) if len(self.x_trig) else 0.0
         change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
         shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
         return rate, change, shift
@@ -260,44 +264,30 @@ class TorchHeldOut(HeldOut):
 
     def __init__(self, model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256):
         self.model, self.pre, self.batch_size = model, preprocess, batch_size
-        self.repair = None  # directions hooked in while probs runs (None: the original model)
-        self.x_clean = preprocess(held_clean.x)
-        self.x_trig = preprocess(held_triggered.x)
-        self.base_clean = self.probs(None, self.x_clean)
-        self.base_trig = self.probs(None, self.x_trig).argmax(axis=1) if len(self.x_trig) else None
+        self._held(held_clean, held_triggered)
 
-    def probs(self, d, x: np.ndarray) -> np.ndarray:
-        """Softmax of the first output of the model, repaired with ``d`` (None: as it is)."""
+    def runner(self, d: dirs.Directions | None):
         import torch
 
         from fire_onnx.fit.torch_model import apply_in_torch
 
-        handles = apply_in_torch(self.model, d) if d is not None else []
-        out = []
-        try:
-            with torch.no_grad():
-                for i in range(0, len(x), self.batch_size):
-                    z = self.model(torch.from_numpy(np.ascontiguousarray(x[i:i + self.batch_size])))
-                    z = z[0] if isinstance(z, (tuple, list)) else z
-                    if z.ndim != 2:
-                        raise FireError(f"the model's first output has shape {tuple(z.shape)}, not (N, classes)")
-                    out.append(z.double().numpy())
-        finally:
-            for h in handles:
-                h.remove()
-        z = np.concatenate(out) if out else np.zeros((0, 0))
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
+        def run(x: np.ndarray) -> np.ndarray:
+            handles = apply_in_torch(self.model, d) if d is not None else []
+            out = []
+            try:
+                with torch.no_grad():
+                    for i in range(0, len(x), self.batch_size):
+                        z = self.model(torch.from_numpy(np.ascontiguousarray(x[i:i + self.batch_size])))
+                        z = z[0] if isinstance(z, (tuple, list)) else z
+                        if z.ndim != 2:
+                            raise FireError(f"the model's first output has shape {tuple(z.shape)}, not (N, classes)")
+                        out.append(z.double().numpy())
+            finally:
+                for h in handles:
+                    h.remove()
+            return _softmax(np.concatenate(out)) if out else np.zeros((0, 0))
 
-    def triggered_at(self, d: dirs.Directions, target: int, idx: np.ndarray) -> np.ndarray:
-        return self.probs(d, self.x_trig[idx]).argmax(axis=1) == target
-
-    def score(self, d: dirs.Directions, target: int) -> tuple[float, float, float]:
-        pc = self.probs(d, self.x_clean)
-        rate = float((self.probs(d, self.x_trig).argmax(axis=1) == target).mean()) if len(self.x_trig) else 0.0
-        change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
-        shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
-        return rate, change, shift
+        return run
 
 
 def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:

@@ -368,8 +368,8 @@ def fit_directions(
     acts_t, logits_t = source.run(preprocess(triggered.x), progress)
     acts_p = source.run(preprocess(triggered_source.x), progress)[0] if triggered_source is not None else None
     checks = model_checks(logits_c, clean.y, logits_t, target, len(triggered))
-    if preprocess_check.warning_of(meta):  # recorded by load_inputs
-        checks["warnings"].insert(0, preprocess_check.warning_of(meta))
+    if warning := preprocess_check.warning_of(meta):  # recorded by load_inputs
+        checks["warnings"].insert(0, warning)
     acts_gate = None
     if reconstruct not in RECONSTRUCT_CHOICES:
         raise FireError(f"reconstruct must be one of {', '.join(RECONSTRUCT_CHOICES)}")

@@ -126,8 +126,8 @@ def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
         f"{scan.threshold}); scan took {scan.seconds:.0f} s")
     if short and not scan.found:
         evidence["warnings"] = [short]
-    if not scan.found and preprocess_check.warning_of(inputs.meta):
-        evidence.setdefault("warnings", []).insert(0, preprocess_check.warning_of(inputs.meta))
+    if not scan.found and (warning := preprocess_check.warning_of(inputs.meta)):
+        evidence.setdefault("warnings", []).insert(0, warning)
     if not scan.found and not req.force:
         evidence["seconds"] = round(time.perf_counter() - t_start, 1)
         return TriggerFreeResult(None, evidence)

@@ -107,8 +107,8 @@ def attach(req, inputs, log=None) -> None:
                                held_y=rest.y, target=req.target, tensor=tensor, log=log, reference_y=reference.y)
     if not result.found:
         if not req.force:
-            if preprocess_check.warning_of(inputs.meta):  # "nothing found" under a doubtful preprocessing
-                result.warnings.insert(0, preprocess_check.warning_of(inputs.meta))
+            if warning := preprocess_check.warning_of(inputs.meta):  # "nothing found" under a doubtful preprocessing
+                result.warnings.insert(0, warning)
             raise tr.NothingFound(result)
         tr.force_pick(result)
     found = result.indices

@@ -65,8 +65,7 @@ def _held_indices(req, inputs) -> tuple[np.ndarray, np.ndarray]:
     return unused[:N_CHECK], stampable[req.n_triggered:][:N_CHECK]
 
 
-def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images | None = None,
-           source: Images | None = None) -> dict:
+def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, source: Images | None) -> dict:
     """Run the repaired model beside the original on held-out images (module docstring); the record
     for ``meta["check"]``, with ``warnings`` and, when the repair must not be written, ``refuse``.
     ``clean`` and ``source`` (the clean samples and the triggered samples' twins the fit used) let an
@@ -147,16 +146,13 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images | N
     return out
 
 
-def cross_fit(req, inputs, held, clean: Images | None, triggered: Images, source: Images | None,
-              target: int) -> dict:
+def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Images | None, target: int) -> dict:
     """Hold each of ``CROSS_FOLDS`` folds of the triggered samples out of a fit on the others and run that
     repair on it (``held``: a HeldOut whose triggered images are ``triggered``, in order). The record for
     ``check["cross_fit"]``: the share of held-out triggered images left at ``target``, per fold too."""
     from fire_onnx.fit.pipeline import fit_inputs
 
     n = len(triggered)
-    if clean is None:
-        return {"skipped": "no clean samples given to refit with"}
     if n < MIN_CROSS:
         return {"skipped": f"{n} triggered images: too few to hold some out (at least {MIN_CROSS})"}
     folds = min(CROSS_FOLDS, n)
