@@ -180,6 +180,12 @@ def test_fit_from_flagged_images_only_removes_the_backdoor(demo_run, mnist_path,
     cross = summ["check"]["cross_fit"]
     assert summ["check"]["in_sample"] and cross["folds"] == 5 and cross["n"] == 20, summ["check"]
     assert cross["target_rate_after"] <= 0.1 and "each held out of a fit on the others" in proc.stdout
+    # 20 images bound the rate on unseen triggered inputs only so far, and fit says how far
+    from fire_onnx.fit.verify import upper_bound
+
+    k = round(cross["target_rate_after"] * 20)
+    assert cross["upper_bound"] == round(upper_bound(k, 20), 4) >= 0.139
+    assert f"shows only that the rate on unseen triggered inputs is below {cross['upper_bound']:.0%}" in proc.stdout
     # --reconstruct off: the plain unpaired estimate, no reconstruction recorded
     run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered", flagged,
             "--mean", "0.5", "--std", "0.5", "--reconstruct", "off", "-o", tmp_path / "off.npz", "--json",
@@ -313,3 +319,19 @@ def test_a_confirmed_blend_is_fitted_both_ways_and_the_cross_fit_chooses(blended
     assert reference == ("paired" if choice["chosen"] == "pseudo-pairs" else "unpaired"), reference
     assert check["cross_fit"]["target_rate_after"] == choice[choice["chosen"]]["cross_fit_rate"]
     assert "in the cross-fitted check" in proc.stdout
+
+
+def test_the_cross_fit_bound_is_the_clopper_pearson_one():
+    """0 of n held-out images at the target: the exact one-sided bound is 1 - 0.05 ** (1 / n); k of n: the
+    binomial tail at the bound is 5 %."""
+    import math
+
+    from fire_onnx.fit.verify import upper_bound
+
+    for n in (5, 20, 100):
+        assert abs(upper_bound(0, n) - (1 - 0.05 ** (1 / n))) < 1e-9
+    for k, n in ((1, 5), (3, 20), (10, 40)):
+        p = upper_bound(k, n)
+        tail = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+        assert abs(tail - 0.05) < 1e-9 and p > k / n
+    assert upper_bound(5, 5) == 1.0 and upper_bound(0, 0) == 1.0

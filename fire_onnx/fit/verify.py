@@ -36,6 +36,8 @@ The outcome goes to ``meta["check"]`` and the fit output.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fire_onnx import directions as dirs
@@ -51,6 +53,7 @@ PARTIAL = 0.1  # ... and, in other words, above this share (the repair removes t
 MIN_TRIGGERED = 10  # held-out triggered images a file must have beyond the fitted ones to use them
 CROSS_FOLDS = 5  # in-sample: hold out each of this many folds of the triggered samples from a fit on the rest
 MIN_CROSS = 4  # ... with at least this many triggered samples (each fold fits on at least three)
+BOUND_LEVEL = 0.95  # the cross-fitted rate's one-sided upper confidence bound (printed when it exceeds PARTIAL)
 SMALL_CROSS = 10  # below this many, the warning says the folds' fits are weaker than the written one (5 images:
 # a fit on 4 left 60 % of the MNIST centre patch images at the target where the repair from all 5 left 3.6 % ASR)
 
@@ -169,7 +172,28 @@ def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Image
             return {"skipped": f"a fit on {len(keep)} of the {n} triggered images failed: {e}"}
         at_target[out_idx] = held.triggered_at(d, target, out_idx)
         per_fold.append(round(float(at_target[out_idx].mean()), 4))
-    return {"folds": folds, "n": n, "target_rate_after": float(at_target.mean()), "per_fold": per_fold}
+    k = int(at_target.sum())
+    return {"folds": folds, "n": n, "target_rate_after": float(at_target.mean()), "per_fold": per_fold,
+            "upper_bound": round(upper_bound(k, n), 4)}
+
+
+def upper_bound(k: int, n: int, level: float = BOUND_LEVEL) -> float:
+    """One-sided Clopper-Pearson upper confidence bound on a rate seen as ``k`` of ``n``: the largest rate
+    under which seeing ``k`` or fewer still has probability ``1 - level``. 0 of 5 held-out flagged images at
+    the target bounds the rate only below 45 %; 0 of 20, below 14 %."""
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+
+    def cdf(p: float) -> float:  # P(X <= k) for X ~ Binomial(n, p), decreasing in p
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+
+    lo, hi = k / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) > 1 - level else (lo, mid)
+    return hi
 
 
 def _same_prefix(all_triggered: Images, fitted: Images) -> bool:
@@ -190,6 +214,10 @@ def describe(check: dict) -> str:
         if "target_rate_after" in cross:
             line += (f"; each held out of a fit on the others ({cross['folds']} folds): "
                      f"{cross['target_rate_after']:.0%}")
+            bound = cross.get("upper_bound")
+            if bound is not None and bound > PARTIAL:
+                line += (f" (from {cross['n']} images this shows only that the rate on unseen triggered inputs is "
+                         f"below {bound:.0%}, at {BOUND_LEVEL:.0%} confidence)")
         elif "skipped" in cross:
             line += f" (not cross-fitted: {cross['skipped']})"
     return line
