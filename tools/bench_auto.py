@@ -31,6 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+TEST_POOL = 0.6  # --clean-from test: this share of the test split is the clean pool, the rest is evaluated
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -55,8 +58,13 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
     train, test, pre, trig, trig_test = bf.load_cell(data_path, spec, args.limit)
     c = train.x.shape[-1]
     _, pool = bf.flagged_split(train, 0)
+    clean_x, clean_y = train.x[pool], train.y[pool]
+    if args.clean_from == "test":  # images the model was not trained on: the first part of the test split
+        n = int(round(TEST_POOL * len(test)))
+        clean_x, clean_y = test.x[:n], test.y[:n]
+        test, trig_test = test.subset(np.arange(n, len(test))), trig_test.subset(np.arange(n, len(trig_test)))
     base = {"dataset": dataset, "model": "small_cnn", "attack": attack, "trigger": spec, "seed": 0,
-            "epochs": recipe["epochs"], "n_triggered": 20, "n_clean_test": len(test)}
+            "epochs": recipe["epochs"], "n_triggered": 20, "n_clean_test": len(test), "clean_from": args.clean_from}
     original = session(onnx_path)
     x_test = pre(test.x)
     pred0 = predict_logits(original, x_test).argmax(axis=1)
@@ -65,7 +73,7 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clean_file = tmp / "clean.npz"
-        np.savez(clean_file, x_train=train.x[pool], y_train=train.y[pool])
+        np.savez(clean_file, x_train=clean_x, y_train=clean_y)
 
         def measure(model, rec: dict) -> dict:
             sess = session(model)
@@ -182,6 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--method", choices=["mean-diff", "subspace"], default="mean-diff",
                     help="estimation method for every fit (subspace: modes get a +subspaceK suffix)")
     ap.add_argument("--k", type=int, default=3, help="directions for --method subspace")
+    ap.add_argument("--clean-from", choices=["train", "test"], default="train",
+                    help="the --clean pool: training images (default), or the first %d %% of the test split "
+                         "(images the model was not trained on; evaluated on the rest)" % round(100 * TEST_POOL))
     ap.add_argument("--modes", default="auto,fixed,layers",
                     help="comma-separated: auto, auto-repair (--repair auto), fixed, layers")
     args = ap.parse_args(argv)
