@@ -4,7 +4,7 @@ Only onnx, onnx-graphsurgeon and numpy are used here (no torch). The inserted no
 every TensorRT >= 8 parses (Reshape, Shape, Gemm, MatMul, Sub, Greater, Where, Cast) and keep every
 dynamic dimension dynamic. For a target ``h`` with directions ``U`` (k, D)::
 
-    flat   (N, C, H, W): x = Reshape(h, [0, -1])        ... y = Reshape(x', Shape(h))
+    flat   (N, C, H, W): x = Reshape(h, [0, D])         ... y = Reshape(x', Shape(h))
     vector (N, D)      : x = h
     token  (N, T, D)   : x = h   (MatMul broadcasts over tokens)
 
@@ -230,8 +230,9 @@ ACTIVATIONS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "H
                "PRelu", "Gelu", "Softplus", "Mish", "ThresholdedRelu"}
 
 
-def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to):
-    """Append the repair nodes reading ``h``; return (output variable, node count)."""
+def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to, dims):
+    """Append the repair nodes reading ``h`` (whose shape is ``dims``, per-sample dims static for layout
+    flat); return (output variable, node count)."""
     p = f"{PREFIX}/{idx}"
     nodes_before = len(graph.nodes)
     ctype = np.float64 if np_dtype == np.float64 else np.float32
@@ -254,19 +255,15 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to):
     translate = target.repair == "translate"
     if translate and target.gate != "hard":  # the paper's operator on every input: one Sub of a constant
         beta = target.alpha.astype(np.float64) @ (target.shift.astype(np.float64)[:, None] * U)
-        fs = [int(v) for v in target.feature_shape]
-        if target.layout == "flat" and fs and all(v > 0 for v in fs):
-            beta = beta.reshape([1] + fs)
-        elif target.layout == "flat":
-            x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, -1], dtype=np.int64))])
+        if target.layout == "flat":  # in this tensor's own per-sample shape (static: check_layout), which may
+            # differ from the one fitted on (--tensor onto a flattened copy of the same values)
+            beta = beta.reshape([1] + [int(v) for v in dims[1:]])
         y = node("Sub", "repaired", [x, const("alpha_beta", beta.astype(ctype))])
-        if target.layout == "flat" and len(beta.shape) == 1:
-            y = node("Reshape", "unflatten", [y, node("Shape", "orig_shape", [h], out_dtype=np.int64)])
         if cast_to is not None:
             y = node("Cast", "cast_out", [y], out_dtype=np_dtype, attrs={"to": cast_to})
         return y, len(graph.nodes) - nodes_before
-    if target.layout == "flat":
-        x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, -1], dtype=np.int64))])
+    if target.layout == "flat":  # (N, D) with D spelled out: a -1 cannot be inferred from an empty batch
+        x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, U.shape[1]], dtype=np.int64))])
     u_mu = U @ target.mu.astype(np.float64)
     w = target.alpha.astype(np.float64)[:, None] * U
     if translate:  # the correction is the shift itself where the gate fires
@@ -407,7 +404,7 @@ def patch_model(
             cast_to = elem if elem is not None else onnx.TensorProto.FLOAT16
             notes.append(f"tensor {name!r} is {FLOAT_TYPES.get(elem, np_dtype)}: the repair runs in float32 between Casts")
         consumers = list(h.outputs)  # snapshot before the patch adds its own readers of h
-        y, count = _build(graph, gs, h, t, idx, np_dtype, cast_to)
+        y, count = _build(graph, gs, h, t, idx, np_dtype, cast_to, dims)
         y.dtype = h.dtype
         y.shape = h.shape
         if h in graph.outputs:  # keep the public output name on the repaired tensor

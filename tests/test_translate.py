@@ -178,3 +178,35 @@ def test_cli_fit_patch_eval_translate(demo_run, mnist_path, tmp_path):
     assert res["tn.onnx"]["asr"] < 0.1 and res["th.onnx"]["asr"] < 0.1
     assert res["th.onnx"]["ca"] >= res["model.onnx"]["ca"] - 0.01
     assert res["tn.onnx"]["ca"] < res["th.onnx"]["ca"]  # measured 74 % vs 96 %: a baseline, not a default
+
+
+@pytest.mark.parametrize("gate", ["none", "hard"])
+def test_translate_onto_a_flattened_copy_of_the_tensor(cnn_onnx, gate):
+    """Directions fitted at block2 (per-sample shape (64, 7, 7)) patched with --tensor onto the Flatten
+    output that holds the same values as (N, 3136): the translation takes that tensor's own shape (it
+    used to be reshaped to the fitted (64, 7, 7): onnxruntime refused the model, and a graph output would
+    have come back with a wrong shape) and gives the same logits as the repair at block2."""
+    model, path = cnn_onnx
+    t = translate_target(64 * 7 * 7, 1, "flat", "block2", gate, alpha=0.7, feature_shape=[64, 7, 7])
+    at_block = patch_model(onnx.load(str(path)), dirs.Directions([t]))
+    at_flat = patch_model(onnx.load(str(path)), dirs.Directions([t]), tensor="/Flatten_output_0")
+    assert at_flat.targets[0].tensor == "/Flatten_output_0"
+    x = np.random.default_rng(4).normal(size=(5, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(ort_logits(at_flat.model, x), ort_logits(at_block.model, x), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ort_logits(at_flat.model, x), torch_repaired(model, dirs.Directions([t]), x),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("repair,gate", [("project", "hard"), ("project", "none"), ("translate", "hard"),
+                                         ("translate", "none")])
+def test_an_empty_batch_stays_an_empty_batch(cnn_onnx, repair, gate):
+    """A batch of 0 images runs through the patched model as through the original ((0, classes)); the
+    flat layout's Reshape to (N, -1) could not infer -1 from 0 values."""
+    _, path = cnn_onnx
+    proto = onnx.load(str(path))
+    t = translate_target(64 * 7 * 7, 1, "flat", "block2", gate, feature_shape=[64, 7, 7])
+    if repair == "project":
+        t.repair, t.shift = "project", None
+    res = patch_model(proto, dirs.Directions([t]))
+    empty = np.zeros((0, 1, 28, 28), np.float32)
+    assert ort_logits(res.model, empty).shape == ort_logits(proto, empty).shape == (0, 10)
