@@ -23,9 +23,16 @@ def _input_for(sess, batch: int, seed: int = 0) -> dict:
     shape = [batch] + [d if isinstance(d, int) and d > 0 else None for d in inp[0].shape[1:]]
     if any(d is None for d in shape):
         raise FireError(f"input {inp[0].name!r} has dynamic non-batch dimensions {inp[0].shape}; bench needs them static")
-    if inp[0].type not in ("tensor(float)",):
-        raise FireError(f"bench feeds float32 inputs; input {inp[0].name!r} is {inp[0].type}")
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    from fire_onnx.evaluate import INPUT_DTYPES
+
+    dtype = INPUT_DTYPES.get(inp[0].type)
+    if dtype is None:
+        raise FireError(f"bench feeds float or integer inputs; input {inp[0].name!r} is {inp[0].type}")
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.integer):  # raw pixels
+        x = rng.integers(0, 256 if np.iinfo(dtype).max >= 255 else np.iinfo(dtype).max + 1, size=shape).astype(dtype)
+    else:
+        x = rng.standard_normal(shape).astype(dtype)
     return {inp[0].name: x}
 
 

@@ -98,21 +98,54 @@ def single_input(sess, x: np.ndarray) -> str:
     return inp[0].name
 
 
+# what fire-onnx feeds each input element type: the preprocessed images (float32), cast
+INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16,
+                "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
+def as_input(inp, x: np.ndarray) -> np.ndarray:
+    """The preprocessed images ``x`` in the element type of the model input ``inp`` (a float16 export gets
+    float16; a model that takes raw uint8 pixels gets them when they are whole numbers in range)."""
+    want = INPUT_DTYPES.get(inp.type)
+    if want is None:
+        raise FireError(f"model input {inp.name!r} is {inp.type}; fire-onnx feeds images as float or integer tensors")
+    want = np.dtype(want)
+    if x.dtype == want:
+        return x
+    if np.issubdtype(want, np.integer):
+        info = np.iinfo(want)
+        if x.size and not (np.array_equal(x, np.round(x)) and x.min() >= info.min and x.max() <= info.max):
+            raise FireError(f"model input {inp.name!r} is {inp.type}: the model takes raw pixel values and does its "
+                            f"own preprocessing, but the preprocessed images are not whole numbers in [{info.min}, "
+                            f"{info.max}]; pass --scale 1 --mean 0 --std 1 to feed the pixels as they are")
+    return x.astype(want)
+
+
 def run_batches(sess, x: np.ndarray, outputs, batch_size: int, progress=None) -> list[list[np.ndarray]]:
-    """Run ``x`` through ``sess`` in batches; per requested output, the list of batch results."""
+    """Run ``x`` through ``sess`` in batches; per requested output, the list of batch results (float16
+    results as float32). A model exported with a fixed batch gets exactly that many images per call: the
+    last call is padded with copies of its last image, whose results are dropped."""
     name = single_input(sess, x)
-    static_batch = sess.get_inputs()[0].shape[0]
-    if isinstance(static_batch, int) and static_batch > 0:
+    inp = sess.get_inputs()[0]
+    static_batch = inp.shape[0]
+    fixed = isinstance(static_batch, int) and static_batch > 0
+    if fixed:
         batch_size = static_batch  # a model exported with a fixed batch (often 1)
-        if len(x) % static_batch:
-            raise FireError(f"the model takes batches of exactly {static_batch}; {len(x)} images do not divide evenly")
     parts: list[list[np.ndarray]] = []
     for i in range(0, len(x), batch_size):
+        xb = as_input(inp, x[i : i + batch_size])
+        n = len(xb)
+        if fixed and n < batch_size:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - n, axis=0)])
         try:
-            res = sess.run(outputs, {name: x[i : i + batch_size]})
+            res = sess.run(outputs, {name: xb})
         except Exception as e:  # onnxruntime's InvalidArgument / Fail for inputs the model rejects
             msg = first_line(e)
             raise FireError(f"onnxruntime rejected the input batch: {msg}") from None
+        if fixed and n < batch_size:
+            res = [r[:n] if getattr(r, "ndim", 0) and r.shape[0] == batch_size else r for r in res]
+        res = [r.astype(np.float32) if getattr(r, "dtype", None) == np.float16 else r for r in res]
         if not parts:
             parts = [[] for _ in res]
         for acc, r in zip(parts, res):
@@ -205,7 +238,7 @@ def outputs_note(sess, path) -> str | None:
 
 def num_classes(sess, sample: np.ndarray | None = None) -> int:
     """The class count of the model's first output: from its static shape, else from running ``sample``
-    (a few preprocessed images; a fixed-batch model needs exactly its batch)."""
+    (a few preprocessed images)."""
     out = sess.get_outputs()[0]
     shape = out.shape
     if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
@@ -213,11 +246,7 @@ def num_classes(sess, sample: np.ndarray | None = None) -> int:
         return shape[1]
     if sample is None:
         raise FireError("the model's class count is not static; pass sample images to find it")
-    name = single_input(sess, sample)
-    try:
-        res = sess.run([out.name], {name: sample})[0]
-    except Exception as e:
-        raise FireError(f"onnxruntime rejected the input batch: {first_line(e)}") from None
+    res = run_batches(sess, sample, [out.name], len(sample))[0][0]
     check_class_scores(res.shape)
     return int(res.shape[1])
 

@@ -140,6 +140,7 @@ def resolve_tensor(model: onnx.ModelProto, *, tensor: str = "", module: str = ""
     initializers = {i.name for i in model.graph.initializer}
     if override:
         if override not in names or override in initializers:
+            _refuse_subgraph_tensor(model, override)
             raise FireError(f"tensor {override!r} is not an activation in the model{suggest(override, names)}")
         return override
     if tensor and tensor in names:
@@ -160,15 +161,45 @@ def resolve_tensor(model: onnx.ModelProto, *, tensor: str = "", module: str = ""
                 "find the tensor with 'fire-onnx inspect' and pass --tensor"
             )
         raise FireError(f"module {module!r} not found in the ONNX graph{suggest(module, paths)}")
+    _refuse_subgraph_tensor(model, tensor)
     raise FireError(
         f"tensor {tensor!r} is not in the model{suggest(tensor, names)}; pass --tensor"
     )
 
 
-def check_layout(target: dirs.Target, name: str, dims) -> list:
+def _subgraph_tensors(graph, owner: str = "") -> dict[str, str]:
+    """Tensors made inside the bodies of If / Loop / Scan nodes: name -> the node (op and name) owning it."""
+    found: dict[str, str] = {}
+    for n in graph.node:
+        for a in n.attribute:
+            bodies = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for g in bodies:
+                here = owner or (f"{n.op_type} node {n.name!r}" if n.name else f"{n.op_type} node")
+                found.update({o: here for m in g.node for o in m.output if o})
+                found.update(_subgraph_tensors(g, here))
+    return found
+
+
+def _refuse_subgraph_tensor(model: onnx.ModelProto, name: str) -> None:
+    inner = _subgraph_tensors(model.graph).get(name) if name else None
+    if inner:
+        raise FireError(f"tensor {name!r} is made inside the body of the {inner}: fire-onnx repairs tensors of the "
+                        "main graph only (the If/Loop output, or a tensor before it, holds what the body computed)")
+
+
+def check_layout(target: dirs.Target, name: str, dims, model: onnx.ModelProto | None = None) -> list:
     """Check the tensor's shape against the target's layout and D; returns the dims."""
     d = target.dim
     if dims is None:
+        foreign = sorted({f"{n.domain}.{n.op_type}" for n in (model.graph.node if model is not None else [])
+                          if n.domain not in ("", "ai.onnx")})
+        if foreign:
+            raise FireError(
+                f"the shape of tensor {name!r} is unknown after shape inference: the model contains ops of other "
+                f"domains ({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}), such as the fused ops "
+                "onnxruntime's graph optimizer writes, which ONNX shape inference cannot follow; patch the model "
+                "as exported, before such optimization (onnxruntime applies it again when it loads the patched model)"
+            )
         raise FireError(
             f"the shape of tensor {name!r} is unknown after shape inference; "
             "fire-onnx needs at least its rank (export the model with shape information)"
@@ -376,7 +407,7 @@ def patch_model(
         elem, dims = tensor_info(inferred, name)
         if elem is not None and elem not in FLOAT_TYPES:
             raise FireError(f"tensor {name!r} has element type {onnx.TensorProto.DataType.Name(elem)}; fire-onnx repairs float tensors only")
-        dims = check_layout(t, name, dims)
+        dims = check_layout(t, name, dims, inferred)
         if any(p[1] == name for p in plan):
             raise FireError(f"two targets resolve to the same tensor {name!r}")
         warn = fusion_hazard(inferred, name)

@@ -470,6 +470,56 @@ def test_fit_from_onnx_only_and_torchscript(ws):
     assert res["o.onnx"]["asr"] <= 0.02 and res["s.onnx"]["asr"] <= 0.02
 
 
+def test_fixed_batch_of_four_and_float16_and_uint8_inputs(ws):
+    """Exports a user may have: a fixed batch of 4 (fit, patch and eval pad the last call and drop the
+    padding's results), float16 weights and input (fed float16; the float32 directions' fingerprints still
+    match) and a model that takes raw uint8 NHWC pixels and does its own preprocessing (fed the pixels with
+    --scale 1; with the default scale a one-line error says so). Each repairs the demo backdoor."""
+    import torch
+
+    from fire_onnx.fit import load_model
+
+    model = load_model(FACTORY, str(ws / "model.pt"))
+    kw = dict(dynamo=False, input_names=["input"], output_names=["logits"])
+    torch.onnx.export(model, (torch.zeros(4, 1, 28, 28),), str(ws / "fixed4.onnx"), **kw)
+    half = load_model(FACTORY, str(ws / "model.pt")).half()
+    torch.onnx.export(half, (torch.zeros(1, 1, 28, 28).half(),), str(ws / "fp16.onnx"),
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, **kw)
+
+    class Pixels(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net((x.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5)
+
+    torch.onnx.export(Pixels(model), (torch.zeros(1, 28, 28, 1, dtype=torch.uint8),), str(ws / "u8.onnx"),
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, **kw)
+    # fit from the fixed-batch model itself (its probe images, 3, and 20 triggered ones are not multiples of 4)
+    run_cli("fit", "--onnx", "fixed4.onnx", "--tensor", TENSOR, "--layer", "block2", "--clean", "mnist.npz",
+            "--trigger", "badnets", "--target", "0", "--mean", "0.5", "--std", "0.5", "-o", "d4.npz", cwd=ws,
+            check=True)
+    run_cli("patch", "fixed4.onnx", "d4.npz", cwd=ws, check=True)
+    run_cli("patch", "fp16.onnx", "directions.npz", cwd=ws, check=True)
+    res = eval_json(ws, "fixed4.onnx", "fixed4.fire.onnx", "fp16.onnx", "fp16.fire.onnx", name="e.json")["models"]
+    for name in ("fixed4", "fp16"):
+        assert res[f"{name}.onnx"]["asr"] >= 0.9 and res[f"{name}.fire.onnx"]["asr"] <= 0.02, (name, res)
+        assert abs(res[f"{name}.onnx"]["ca"] - res["fixed4.onnx"]["ca"]) <= 0.01
+    u8 = ws / "u8.onnx"
+    proc = run_cli("eval", u8.name, "--data", "mnist.npz", "--limit", "50", cwd=ws)
+    assert proc.returncode == 1 and "takes raw pixel values" in proc.stderr and "--scale 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    run_cli("fit", "--onnx", u8.name, "--tensor", "/net" + TENSOR, "--layer", "block2", "--clean", "mnist.npz",
+            "--trigger", "badnets", "--target", "0", "--scale", "1", "--mean", "0", "--std", "1", "-o", "d8.npz",
+            cwd=ws, check=True)
+    run_cli("patch", u8.name, "d8.npz", cwd=ws, check=True)
+    proc = run_cli("eval", "u8.onnx", "u8.fire.onnx", "--data", "mnist.npz", "--trigger", "badnets", "--target", "0",
+                   "--scale", "1", "--mean", "0", "--std", "1", "--json", "-", cwd=ws, check=True)
+    res = json.loads(proc.stdout)["models"]
+    assert res["u8.onnx"]["asr"] >= 0.9 and res["u8.fire.onnx"]["asr"] <= 0.02, res
+
+
 def test_static_batch_model(ws):
     """A model exported with a fixed batch of 1 is patched, evaluated one image at a time, and bench
     names the batch it needs."""

@@ -239,6 +239,30 @@ def test_subgraph_consumer_is_rewired():
     for c, sign in ((True, 1), (False, -1)):
         got = s.run(None, {"x": xv, "cond": np.array(c)})[0]
         np.testing.assert_allclose(got, sign * ref, atol=1e-5)
+    # a tensor made inside a branch is not repairable: the error says so, by name or with --tensor
+    t.tensor = "e_out"
+    for override in (None, "e_out"):
+        with pytest.raises(FireError, match="made inside the body of the If node 'if': fire-onnx repairs tensors of "
+                                            "the main graph only"):
+            patch_model(model, dirs.Directions([t]), tensor=override)
+
+
+def test_a_model_saved_by_the_runtime_optimizer_is_named_as_such(cnn_onnx, tmp_path):
+    """onnxruntime's extended optimization writes com.microsoft fused ops that ONNX shape inference cannot
+    follow; the error names them and says to patch the model as exported."""
+    import onnxruntime as ort
+
+    _, path = cnn_onnx
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(tmp_path / "opt.onnx"))
+    assert any(n.domain == "com.microsoft" for n in opt.graph.node)
+    t = random_target(64 * 7 * 7, 1, "flat", "block2")
+    t.tensor = "/block2/block2.2/MaxPool_output_0"
+    with pytest.raises(FireError, match=r"ops of other domains \(com\.microsoft\.FusedConv.*patch the model as exported"):
+        patch_model(opt, dirs.Directions([t]))
 
 
 def test_fp16_tensor_is_repaired_between_casts(tmp_path):

@@ -403,7 +403,7 @@ def fit_directions(
             from fire_onnx.onnxutil import tensor_info
             from fire_onnx.patch import check_layout
 
-            check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1])
+            check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1], inferred)
         targets.append(t)
     meta["checks"] = checks
     if previous is not None:
