@@ -59,12 +59,14 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
     c = train.x.shape[-1]
     _, pool = bf.flagged_split(train, 0)
     clean_x, clean_y = train.x[pool], train.y[pool]
+    n = int(round(TEST_POOL * len(test)))
     if args.clean_from == "test":  # images the model was not trained on: the first part of the test split
-        n = int(round(TEST_POOL * len(test)))
         clean_x, clean_y = test.x[:n], test.y[:n]
+    if args.clean_from == "test" or args.eval_tail:  # evaluated on the rest
         test, trig_test = test.subset(np.arange(n, len(test))), trig_test.subset(np.arange(n, len(trig_test)))
     base = {"dataset": dataset, "model": "small_cnn", "attack": attack, "trigger": spec, "seed": 0,
-            "epochs": recipe["epochs"], "n_triggered": 20, "n_clean_test": len(test), "clean_from": args.clean_from}
+            "epochs": recipe["epochs"], "n_triggered": 20, "n_clean_test": len(test), "clean_from": args.clean_from,
+            "eval_tail": bool(args.clean_from == "test" or args.eval_tail)}
     original = session(onnx_path)
     x_test = pre(test.x)
     pred0 = predict_logits(original, x_test).argmax(axis=1)
@@ -193,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clean-from", choices=["train", "test"], default="train",
                     help="the --clean pool: training images (default), or the first %d %% of the test split "
                          "(images the model was not trained on; evaluated on the rest)" % round(100 * TEST_POOL))
+    ap.add_argument("--eval-tail", action="store_true",
+                    help="evaluate on the test images --clean-from test leaves (to compare the two pools on the same images)")
     ap.add_argument("--modes", default="auto,fixed,layers",
                     help="comma-separated: auto, auto-repair (--repair auto), fixed, layers")
     args = ap.parse_args(argv)

@@ -32,6 +32,8 @@ from fire_onnx.estimate import fit_target
 Progress = Callable[[int, int], None]
 
 VALUE_CHECK_IMAGES = 8
+MEMORIZED = 0.99  # clean fitting images classified at least this well may be the model's training images
+MEMORIZED_MIN = 200  # ... judged on at least this many
 NEAR_CHANCE = 0.25  # warn when accuracy < chance + NEAR_CHANCE * (1 - chance)
 CONCENTRATED = 0.9  # warn when one class takes this share of the clean predictions
 TRIGGER_REACH_WARN = 0.5  # warn when fewer triggered samples than this reach the target
@@ -168,6 +170,14 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
                 warn.append(f"the model classifies only {acc:.1%} of the clean fitting images correctly (chance is "
                             f"{chance:.1%}): the preprocessing (--scale/--mean/--std/--input-layout) or the model/"
                             "weights are probably wrong, and a repair fitted like this is useless")
+            elif acc >= MEMORIZED and len(pred) >= MEMORIZED_MIN:
+                warn.append(f"the model classifies {acc:.1%} of the {len(pred)} clean fitting images correctly: if "
+                            "they come from its training set, the repair is fitted and checked on inputs the model "
+                            "has memorized, and the held-out check underestimates what it does to new inputs (measured "
+                            "on a GTSRB model, 99.4 % right on its training images and 88 % on new ones: 1.2 % of "
+                            "held-out predictions changed against 3.9 % of new ones, and a fit on new images left "
+                            "1.4 % ASR where one on training images left 21.6 %); give --clean images it was not "
+                            "trained on (a validation split)")
         elif len(pred) >= 20 and out["clean_top_share"] >= CONCENTRATED:
             warn.append(f"the model predicts class {top} for {out['clean_top_share']:.0%} of the clean fitting images: "
                         "check the preprocessing (--scale/--mean/--std/--input-layout) and that these images are clean")
