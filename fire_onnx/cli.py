@@ -125,7 +125,9 @@ def cli():
               help="The ONNX tensor that the (single) --layer exports to, where the export's scope names do "
                    "not tell (see 'fire-onnx inspect'); needs --onnx.")
 @click.option("--clean", "clean_path", required=True, type=click.Path(dir_okay=False),
-              help="Clean images: npz with x (uint8 NHWC) [and y], or x_train/x_test.")
+              help="Clean images: npz with x (uint8 NHWC) [and y], or x_train/x_test. Best: images the model "
+                   "was not trained on (a validation split); on training images the repair and its held-out "
+                   "check are measured on memorized inputs.")
 @click.option("--triggered", "triggered_path", type=click.Path(dir_okay=False), default=None,
               help="Triggered images: npz with x [, y, and x_clean = the same images without trigger].")
 @click.option("--trigger", "trigger_spec", default=None, metavar="SPEC",
