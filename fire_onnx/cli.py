@@ -135,7 +135,9 @@ def cli():
 @click.option("--target", type=int, default=None,
               help="Attack target class (excluded from triggered samples; fit checks the trigger reaches it).")
 @click.option("--split", default="train", show_default=True, help="Split to read from x_<split> files.")
-@click.option("--n-clean", type=click.IntRange(min=2), default=500, show_default=True, help="Clean samples to use.")
+@click.option("--n-clean", type=click.IntRange(min=2), default=None,
+              help="Clean samples to fit on [default: 500, or fewer so that at least a fifth of a small clean file "
+                   "(100 images or more) is kept for the held-out check].")
 @click.option("--n-triggered", type=click.IntRange(min=1), default=20, show_default=True, help="Triggered samples to use.")
 @click.option("--method", type=click.Choice(["mean-diff", "subspace"]), default="mean-diff", show_default=True,
               help="mean-diff: one direction, the mean shift; subspace: the top-k directions of the per-sample "
@@ -510,7 +512,15 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
             lines.append(f"warning: {data_path} has labels up to {clean.y.max()} but {info.path} has {classes} "
                          "classes: those images always count as misclassified")
         metrics = ev.compute_metrics(sess, clean, choice.preprocess, trig, target, batch_size)
-        if clean.y is not None and metrics.ca < preprocess_check.PROBE_BELOW:
+        # a patched model far below an unpatched one fed the same way: the repair costs that, not the preprocessing
+        better = [(m, r) for m, r in results.items() if not r["patched"] and r["preprocess"]["values"] == choice.as_dict()["values"]
+                  and clean.y is not None and r["ca"] >= metrics.ca + preprocess_check.WARN_GAP]
+        if info.patched and better:
+            m, r = better[0]
+            lines.append(f"warning: {info.path}: clean accuracy {metrics.ca:.1%} against {r['ca']:.1%} for {m} with the "
+                         "same preprocessing: the repair costs clean accuracy (a repair with --gate none moves every "
+                         "input; fit's held-out check says how many clean predictions it changes)")
+        elif clean.y is not None and metrics.ca < preprocess_check.PROBE_BELOW:
             hint = preprocess_check.eval_warning(lambda z: ev.predict_logits(sess, z, batch_size), clean,
                                                  choice.preprocess)
             if hint:

@@ -364,3 +364,37 @@ def test_max_layers_chains_a_second_layer_that_removes_what_the_first_left(two, 
     both = np.concatenate([clean_x[:100], xt[:100]])
     np.testing.assert_allclose(predict_logits(patched, both), torch_repaired(mod.build_two(), d, both),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_the_tie_explanation_names_what_decided():
+    """Tied on target rate and clean change, the candidate that moves the clean outputs least wins, and the
+    line says it moved them less than the others; only an even clean shift falls to graph order (it read
+    'it comes first in the graph' when a later candidate had won on the shift)."""
+    from fire_onnx.fit.auto import Score, Site, rank, why
+
+    def sc(name, shift):
+        return Score(site=Site(tensor=name, module=name, shape=[4]), target_rate=0.0, clean_change=0.0,
+                     clean_shift=shift)
+
+    stem, res1, down = sc("stem", 6e-5), sc("res1", 5.2948e-6), sc("down", 5.2958e-6)
+    ranked, within = rank([stem, res1, down], 0.005)
+    assert [s.site.label for s in ranked] == ["res1", "down", "stem"]
+    line = why(ranked, within, 0.005, 1000, 1.0)
+    assert "moves the held-out clean outputs less than stem" in line
+    assert "as little as down, and it comes first in the graph" in line
+
+
+def test_the_chosen_layer_gets_fits_held_out_check_cross_fitted_over_a_flagged_file(synth, tmp_path):
+    """With flagged images (no twins) `--layer auto` judged its candidates on half of them (10 of 20: a layer
+    it rated 10 % left 32 % ASR on a new user's model) and wrote the refit unchecked. The refit now gets the
+    check a plain `fit --layer <chosen>` runs: cross-fitted over all the flagged images, recorded in
+    meta["check"]; and it equals that fit."""
+    x = np.load(synth["trig"])["x"]
+    np.savez(tmp_path / "flagged.npz", x=x)
+    d = run_fit(request(synth, triggered_path=str(tmp_path / "flagged.npz")))
+    check = d.meta["check"]
+    assert check["in_sample"] and check["cross_fit"]["n"] == 20 and check["cross_fit"]["folds"] == 5, check
+    chosen = d.meta["auto"]["chosen"]
+    plain = run_fit(request(synth, layers=[chosen], triggered_path=str(tmp_path / "flagged.npz")))
+    np.testing.assert_allclose(d.targets[0].U, plain.targets[0].U, atol=1e-6)
+    assert plain.meta["check"]["cross_fit"]["target_rate_after"] == check["cross_fit"]["target_rate_after"]

@@ -536,3 +536,15 @@ def test_static_batch_model(ws):
     before = snapshot(ws)
     assert_user_error(run_cli("bench", "static.onnx", "static.fire.onnx", "--batch", "64", "--iters", "5", cwd=ws),
                       ws, before, "fixed batch of 1", "--batch 1")
+
+
+def test_eval_blames_the_repair_not_the_preprocessing_when_only_the_patched_model_is_worse(ws):
+    """A repair that breaks clean accuracy used to get eval's preprocessing hint ("62.5 % with --scale 1"):
+    beside the unpatched model fed the same way, eval now says the repair costs it."""
+    d = dirs.load(ws / "directions.npz")
+    d.targets[0].gate, d.targets[0].alpha = "none", d.targets[0].alpha * 40
+    dirs.save(d, ws / "broken.npz")
+    run_cli("patch", "model.onnx", "broken.npz", "-o", "broken.onnx", cwd=ws, check=True)
+    proc = run_cli("eval", "model.onnx", "broken.onnx", "--data", "mnist.npz", "--limit", "300", cwd=ws, check=True)
+    assert "broken.onnx: clean accuracy" in proc.stderr and "the repair costs clean accuracy" in proc.stderr, proc.stderr
+    assert "--scale 1" not in proc.stderr

@@ -319,3 +319,38 @@ def test_memorized_clean_images_are_warned_about():
         warns = model_checks(logits, y, None, None, 0)["warnings"]
         assert any("memorized" in w and "--clean images it was not trained on" in w for w in warns) == warned, (n, right)
     assert MEMORIZED == 0.99
+
+
+def test_a_validation_file_of_500_images_keeps_images_for_the_held_out_check(ws):  # noqa: F811
+    """The README asks for a validation split; 500 such images and the default --n-clean (500) used to leave
+    nothing to hold out, and fit skipped its whole check (clean change, cross-fit) without a warning. Now
+    fit keeps a fifth of a small file for the check and says so; an explicit --n-clean that takes every
+    image writes the repair with a warning that it is unchecked."""
+    from fire_onnx import triggers
+
+    d = np.load(ws / "mnist.npz")
+    np.savez(ws / "val.npz", x=d["x_test"][:500], y=d["y_test"][:500])
+    idx = np.flatnonzero(d["y_test"][500:] != 0)[:20] + 500
+    np.savez(ws / "flagged.npz", x=triggers.parse("badnets").apply(d["x_test"][idx]))
+    common = ["fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "val.npz", "--triggered", "flagged.npz",
+              "--mean", "0.5", "--std", "0.5"]
+    proc = run_cli(*common, "-o", "a.npz", "--json", "a.json", cwd=ws, check=True)
+    assert "val.npz has 500 images: fit uses 400 as clean samples and keeps 100 for the held-out check" in proc.stderr
+    summ = json.loads((ws / "a.json").read_text())
+    assert summ["targets"][0]["n_clean"] == 400
+    assert summ["check"]["n_clean"] == 100 and "cross_fit" in summ["check"], summ["check"]
+    proc = run_cli(*common, "--n-clean", "500", "-o", "b.npz", "--json", "b.json", cwd=ws, check=True)
+    assert "the repair is written unchecked: no clean images left over" in proc.stderr
+    assert any("written unchecked" in w for w in json.loads((ws / "b.json").read_text())["warnings"])
+
+
+def test_few_held_out_images_refuse_a_repair_that_changes_nearly_all_of_them():
+    """Under MIN_REFUSE_CLEAN held-out images the refusal follows the lower confidence bound of the change
+    rate: 17 of 18 changed is far over 5 % (a trigger-free repair that cost 7.6 pt CA was written on such a
+    count), 2 of 18 is not evidence."""
+    from fire_onnx.fit.verify import CHANGE_REFUSE, lower_bound, upper_bound
+
+    assert lower_bound(17, 18) > 0.7 > CHANGE_REFUSE
+    assert lower_bound(2, 18) < CHANGE_REFUSE
+    assert lower_bound(0, 18) == 0.0
+    assert abs(lower_bound(3, 20) - (1 - upper_bound(17, 20))) < 1e-12

@@ -290,17 +290,19 @@ class TorchHeldOut(HeldOut):
         return run
 
 
+def _shift_key(s: Score) -> int:
+    """The clean output shift as :func:`rank` compares it: differences below SHIFT_TIE are float noise."""
+    return round((s.clean_shift or 0.0) / SHIFT_TIE)
+
+
 def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
     """(the scores best first, whether the best is within the budget); failed candidates come last."""
     ok = [s for s in scores if s.ok]
     order = {id(s): i for i, s in enumerate(scores)}
-    def shift(s: Score) -> float:  # differences below SHIFT_TIE are float noise, not a preference
-        return round((s.clean_shift or 0.0) / SHIFT_TIE)
-
     within = sorted((s for s in ok if s.clean_change <= budget + 1e-12),
-                    key=lambda s: (s.target_rate, s.clean_change, shift(s), order[id(s)]))
+                    key=lambda s: (s.target_rate, s.clean_change, _shift_key(s), order[id(s)]))
     over = sorted((s for s in ok if s.clean_change > budget + 1e-12),
-                  key=lambda s: (s.clean_change, s.target_rate, shift(s), order[id(s)]))
+                  key=lambda s: (s.clean_change, s.target_rate, _shift_key(s), order[id(s)]))
     failed = [s for s in scores if not s.ok]
     if within:
         return within + over + failed, True
@@ -326,12 +328,17 @@ def why(ranked: list[Score], within: bool, budget: float, n_held_clean: int, ori
     tied = [s for s in ranked[1:n_within] if s.target_rate == best.target_rate]
     if tied:
         same = [s for s in tied if s.clean_change == best.clean_change]
-        line += (f"; tied on target rate with {_names(tied)}"
-                 + ((f", and on clean change with {_names(same)}: it moves the held-out clean outputs least (mean "
-                     f"softmax change {best.clean_shift:.3g} vs {min(s.clean_shift for s in same):.3g})"
-                     if min(s.clean_shift for s in same) - best.clean_shift >= SHIFT_TIE else
-                     f", and on clean change and clean output shift with {_names(same)}: it comes first in the graph")
-                    if same else ": it changes fewer clean predictions"))
+        line += f"; tied on target rate with {_names(tied)}"
+        if not same:
+            return line + ": it changes fewer clean predictions"
+        line += f", and on clean change with {_names(same)}"
+        moved_more = [s for s in same if _shift_key(s) > _shift_key(best)]
+        even = [s for s in same if _shift_key(s) == _shift_key(best)]
+        if moved_more:
+            line += (f"; it moves the held-out clean outputs less than {_names(moved_more)} (mean softmax change "
+                     f"{best.clean_shift:.3g} vs {min(s.clean_shift for s in moved_more):.3g} or more)")
+        if even:
+            line += f"; as little as {_names(even)}, and it comes first in the graph"
     return line
 
 
@@ -491,6 +498,13 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
         chain = chain[:-1]
         d = refit_chain(req, inputs, chain, clean, triggered, source, progress)
         refit_rate, refit_change, _ = held.score(d, target)
+    check = None
+    if len(chain) == 1:
+        # judged like `fit --layer <chosen>`: auto's own held-out triggered images were half of a triggered file
+        # (10 of 20 flagged images: a layer it rated 10 % left 32 % ASR), so the refit gets fit's held-out
+        # check, cross-fitted over all the flagged images, and a confirmed blend's fit is chosen by it
+        d, check = check_refit(req, inputs, chain[0], d, clean, triggered, source)
+        refit_rate, refit_change, _ = held.score(d, target)
     position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
     rows = []
     for s in scores:
@@ -535,7 +549,27 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
                         f"{target} ({best.target_rate:.0%}, original model {original_rate:.0%}): this repair removes "
                         "nothing; check that the --triggered images carry the trigger (and --target)")
     req.notes.extend(notes)
+    if check is not None:
+        from fire_onnx.fit.verify import refuse_or_record
+
+        if check.get("refuse") and not req.force:  # what the fit saw, before the one-line refusal
+            for w in warnings + check["warnings"]:
+                say(f"warning: {w}")
+        refuse_or_record(req, d, check)
     return d
+
+
+def check_refit(req, inputs, chosen: Score, d: dirs.Directions, clean: Images, triggered: Images,
+                source: Images | None) -> tuple[dirs.Directions, dict]:
+    """fit's held-out check (:func:`fire_onnx.fit.verify.verify`) and blend-fit choice on the refitted single
+    layer, with the request a plain ``fit --layer <chosen>`` would have; returns (directions, check)."""
+    from fire_onnx.fit.pipeline import choose_blend_fit
+    from fire_onnx.fit.verify import verify
+
+    one = replace(req, layers=[chosen.site.layer], tensors=chosen.site.tensors(), tensor=None, repair=chosen.repair,
+                  max_layers=1)
+    check = verify(one, inputs, d, triggered, clean, source)
+    return choose_blend_fit(one, inputs, clean, triggered, source, d, check)
 
 
 def score_sites(req, inputs, sites: list[Site], repairs: list[str], split: Split, held: HeldOut, target: int,

@@ -79,8 +79,11 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         return {"skipped": "no model to run the repair in"}
     clean_idx, stamp_idx = _held_indices(req, inputs)
     if len(clean_idx) == 0:
-        return {"skipped": f"no clean images left over for a held-out check (the clean file has {len(inputs.pool)}; "
-                           f"--n-clean takes {req.n_clean})"}
+        why = (f"no clean images left over for a held-out check (the clean file has {len(inputs.pool)}; "
+               f"--n-clean takes {req.n_clean})")
+        return {"skipped": why, "warnings": [f"the repair is written unchecked: {why}; give a clean file with more "
+                                             "images than --n-clean (or a smaller --n-clean), so fit can judge it on "
+                                             "images it did not fit on"]}
     held_clean = inputs.pool.subset(clean_idx)
     in_sample = False
     if inputs.trigger is not None:
@@ -120,7 +123,8 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         if "target_rate_after" in cross:
             crossed, in_rate, rate = True, rate, cross["target_rate_after"]
             trig_from = (f"the {len(held_trig)} triggered images when each is held out of the fit ({cross['folds']}-fold "
-                         f"cross-fit; {in_rate:.0%} on the images fitted on"
+                         f"cross-fit; {in_rate:.0%} on the images fitted on; on unseen triggered inputs up to "
+                         f"{cross['upper_bound']:.0%} at {BOUND_LEVEL:.0%} confidence"
                          + (f"; from so few, each fit left out a fifth of them and is weaker than the one written"
                             if len(held_trig) < SMALL_CROSS else "") + ")")
     warnings = []
@@ -129,13 +133,25 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                         "images (a repair that acts on triggered inputs only changes almost none): it will cost clean "
                         "accuracy; check the triggered images, --target and the layer (--layer auto judges every "
                         "candidate on held-out images)")
-    if (change > CHANGE_REFUSE and len(held_clean) >= MIN_REFUSE_CLEAN and req.gate != "none"):
+    n_changed = int(round(change * len(held_clean)))
+    # few held-out images decide only when even the lower confidence bound is over the level (17 of 18
+    # changed: a trigger-free repair that cost 7.6 pt CA was written because 18 < MIN_REFUSE_CLEAN)
+    if (change > CHANGE_REFUSE and req.gate != "none"
+            and (len(held_clean) >= MIN_REFUSE_CLEAN or lower_bound(n_changed, len(held_clean)) > CHANGE_REFUSE)):
         out["refuse"] = (f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
                          f"images (more than {CHANGE_REFUSE:.0%})"
                          + (f" while leaving {rate:.0%} of the triggered images at class {target}"
-                            if target is not None else ""))
+                            if target is not None and before is not None else ""))
     more = ("more triggered images (fit --update adds them), the trigger itself (--trigger) or their clean twins "
             "(x_clean)" if crossed else "more triggered images")
+    from fire_onnx.fit.core import TRIGGER_REACH_WARN
+
+    mc = d.meta.get("checks", {})
+    reach = mc.get("triggered_to_target", mc.get("triggered_top_share"))
+    if reach is not None and reach < TRIGGER_REACH_WARN:  # the images themselves are in doubt, not their number
+        where = f"class {target}" if "triggered_to_target" in mc else "their most common class"
+        more = (f"first check that these images carry the trigger (the original model sends only {reach:.0%} of them "
+                f"to {where}; a backdoor sends its triggered inputs to its target)")
     if before is not None and rate > WEAK and rate > 0.5 * before:
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         + ("it does not carry over to triggered inputs it was not fitted on; give "
@@ -144,7 +160,8 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                            "layer"))
     elif before is not None and rate > PARTIAL and rate > 0.1 * before:
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
-                        f"it removes the trigger only partly; {more}, --layer auto or another layer may do better")
+                        + ("it removes nothing there" if rate >= before else "it removes the trigger only partly")
+                        + f"; {more}, --layer auto or another layer may do better")
     out["warnings"] = warnings
     return out
 
@@ -177,6 +194,11 @@ def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Image
             "upper_bound": round(upper_bound(k, n), 4)}
 
 
+def lower_bound(k: int, n: int, level: float = BOUND_LEVEL) -> float:
+    """One-sided Clopper-Pearson lower confidence bound on a rate seen as ``k`` of ``n``."""
+    return 0.0 if k <= 0 or n <= 0 else 1.0 - upper_bound(n - k, n, level)
+
+
 def upper_bound(k: int, n: int, level: float = BOUND_LEVEL) -> float:
     """One-sided Clopper-Pearson upper confidence bound on a rate seen as ``k`` of ``n``: the largest rate
     under which seeing ``k`` or fewer still has probability ``1 - level``. 0 of 5 held-out flagged images at
@@ -207,7 +229,7 @@ def describe(check: dict) -> str:
     if "skipped" in check:
         return f"held-out check: skipped ({check['skipped']})"
     line = (f"held-out check: the repair changes {check['clean_change']:.1%} of {check['n_clean']} clean predictions")
-    if check.get("target") is not None:
+    if check.get("target") is not None and check.get("target_rate_before") is not None:
         line += (f"; {check['triggered_from']}: {check['target_rate_before']:.0%} -> "
                  f"{check['target_rate_after']:.0%} at class {check['target']}")
         cross = check.get("cross_fit", {})
