@@ -245,7 +245,8 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
     if trigger_free:
         from fire_onnx.fit.trigger_free import describe_scan, run_trigger_free
 
-        res = run_trigger_free(req, progress=_progress("searching"), log=lambda line: click.echo(line, err=True))
+        res = run_trigger_free(req, progress=_progress("searching"), log=lambda line: click.echo(line, err=True),
+                               fit_progress=_progress("fitting"))
         if not quiet:
             for line in describe_scan(res.evidence):
                 click.echo(line)

@@ -75,9 +75,10 @@ def _steps(net, x: np.ndarray, n_classes: int, budget: float, notes: list) -> in
     return int(np.clip(steps, MIN_STEPS, invert.STEPS))
 
 
-def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
+def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> TriggerFreeResult:
     """Scan, decide, repair and iterate (see the module doc). ``req`` is a :class:`FitRequest` with
-    ``trigger_free`` set; ``log`` gets one line per stage."""
+    ``trigger_free`` set; ``log`` gets one line per stage; ``progress`` follows the scan, ``fit_progress``
+    the fits (reading activations)."""
     from fire_onnx.fit.pipeline import fit_inputs, load_inputs
     from fire_onnx.fit.torch_model import apply_in_torch
 
@@ -157,7 +158,7 @@ def run_trigger_free(req, progress=None, log=None) -> TriggerFreeResult:
         cands.append(group)
         evidence["rounds"].append({"round": r + 1, "kind": trig.kind, "loss": round(found.loss, 4),
                                    "flip_rate": round(trig.rate, 4), "searches": len(group), **cand.info})
-        d, check = _fit(req, inputs, cands, fit_inputs, progress)
+        d, check = _fit(req, inputs, cands, fit_inputs, fit_progress)  # the scan's progress is labelled as such
         if r + 1 == MAX_ROUNDS:
             evidence["stopped"] = f"reached {MAX_ROUNDS} rounds"
             break
