@@ -351,6 +351,12 @@ def test_max_layers_chains_a_second_layer_that_removes_what_the_first_left(two, 
     assert a["steps"][0]["chosen"] == "fc2_act" and a["stopped"] == "the held-out target rate is already 0"
     # the chain refitted on all samples is scored again on the held-out images: still within the budget
     assert a["refit"]["clean_change"] <= 0.005 and a["refit"]["dropped"] == [] and a["refit"]["target_rate"] == 0.0
+    # and it gets fit's check, cross-fitted by refitting the whole chain on each fold (one layer alone
+    # would leave 20-80 % of the held-out fold at the target)
+    check = d.meta["check"]
+    assert check["in_sample"] and check["cross_fit"]["n"] == 40, check
+    assert check["cross_fit"]["target_rate_after"] <= 0.1 and check["clean_change"] <= 0.02, check
+    assert single.meta["check"]["cross_fit"]["target_rate_after"] >= 0.2, single.meta["check"]
     dirs.save(d, tmp_path / "chain.npz")
     proc = run_cli("patch", two["onnx"], tmp_path / "chain.npz", "-o", tmp_path / "two.fire.onnx", check=True)
     assert "patched /fc1_act/Relu_output_0" in proc.stdout and "patched /fc2_act/Relu_output_0" in proc.stdout

@@ -498,13 +498,18 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
         chain = chain[:-1]
         d = refit_chain(req, inputs, chain, clean, triggered, source, progress)
         refit_rate, refit_change, _ = held.score(d, target)
-    check = None
+    # judged like `fit --layer <chosen>`: auto's own held-out triggered images were half of a triggered file
+    # (10 of 20 flagged images: a layer it rated 10 % left 32 % ASR), so the refit gets fit's held-out check,
+    # cross-fitted over all the flagged images, and a confirmed blend's fit is chosen by it (one layer); a
+    # chain is cross-fitted by refitting the whole chain on each fold
     if len(chain) == 1:
-        # judged like `fit --layer <chosen>`: auto's own held-out triggered images were half of a triggered file
-        # (10 of 20 flagged images: a layer it rated 10 % left 32 % ASR), so the refit gets fit's held-out
-        # check, cross-fitted over all the flagged images, and a confirmed blend's fit is chosen by it
         d, check = check_refit(req, inputs, chain[0], d, clean, triggered, source)
         refit_rate, refit_change, _ = held.score(d, target)
+    else:
+        from fire_onnx.fit.verify import verify
+
+        check = verify(req, inputs, d, triggered, clean, source,
+                       refit=lambda t, src: refit_chain(req, inputs, chain, clean, t, src))
     position = {id(s): i + 1 for i, s in enumerate(ranked) if s.ok}
     rows = []
     for s in scores:
@@ -549,13 +554,12 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
                         f"{target} ({best.target_rate:.0%}, original model {original_rate:.0%}): this repair removes "
                         "nothing; check that the --triggered images carry the trigger (and --target)")
     req.notes.extend(notes)
-    if check is not None:
-        from fire_onnx.fit.verify import refuse_or_record
+    from fire_onnx.fit.verify import refuse_or_record
 
-        if check.get("refuse") and not req.force:  # what the fit saw, before the one-line refusal
-            for w in warnings + check["warnings"]:
-                say(f"warning: {w}")
-        refuse_or_record(req, d, check)
+    if check.get("refuse") and not req.force:  # what the fit saw, before the one-line refusal
+        for w in warnings + check.get("warnings", []):
+            say(f"warning: {w}")
+    refuse_or_record(req, d, check)
     return d
 
 

@@ -68,11 +68,14 @@ def _held_indices(req, inputs) -> tuple[np.ndarray, np.ndarray]:
     return unused[:N_CHECK], stampable[req.n_triggered:][:N_CHECK]
 
 
-def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, source: Images | None) -> dict:
+def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, source: Images | None,
+           refit=None) -> dict:
     """Run the repaired model beside the original on held-out images (module docstring); the record
     for ``meta["check"]``, with ``warnings`` and, when the repair must not be written, ``refuse``.
     ``clean`` and ``source`` (the clean samples and the triggered samples' twins the fit used) let an
-    in-sample check be cross-fitted."""
+    in-sample check be cross-fitted; ``refit(triggered, source)`` fits a fold's repair the way ``d`` was
+    fitted (default: :func:`fire_onnx.fit.pipeline.fit_inputs` at ``req.layers``; a chain of layers refits
+    its chain)."""
     from fire_onnx.fit.auto import HeldOut, TorchHeldOut
 
     if inputs.onnx_model is None and inputs.model is None:
@@ -118,7 +121,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
            "thresholds": {"change_warn": CHANGE_WARN, "change_refuse": CHANGE_REFUSE, "weak": WEAK, "partial": PARTIAL}}
     crossed = False
     if in_sample and target is not None:
-        cross = cross_fit(req, inputs, held, clean, triggered, source, target)
+        cross = cross_fit(req, inputs, held, clean, triggered, source, target, refit=refit)
         out["cross_fit"] = cross
         if "target_rate_after" in cross:
             crossed, in_rate, rate = True, rate, cross["target_rate_after"]
@@ -166,7 +169,8 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     return out
 
 
-def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Images | None, target: int) -> dict:
+def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Images | None, target: int,
+              refit=None) -> dict:
     """Hold each of ``CROSS_FOLDS`` folds of the triggered samples out of a fit on the others and run that
     repair on it (``held``: a HeldOut whose triggered images are ``triggered``, in order). The record for
     ``check["cross_fit"]``: the share of held-out triggered images left at ``target``, per fold too."""
@@ -183,8 +187,9 @@ def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Image
         out_idx = np.sort(order[f::folds])
         keep = np.setdiff1d(np.arange(n), out_idx)
         try:
-            d = fit_inputs(req, inputs, list(req.layers), clean, triggered.subset(keep),
-                           None if source is None else source.subset(keep))
+            src = None if source is None else source.subset(keep)
+            d = (refit(triggered.subset(keep), src) if refit is not None
+                 else fit_inputs(req, inputs, list(req.layers), clean, triggered.subset(keep), src))
         except FireError as e:
             return {"skipped": f"a fit on {len(keep)} of the {n} triggered images failed: {e}"}
         at_target[out_idx] = held.triggered_at(d, target, out_idx)
