@@ -30,7 +30,7 @@ def _input_for(sess, batch: int, seed: int = 0) -> dict:
         raise FireError(f"bench feeds float or integer inputs; input {inp[0].name!r} is {inp[0].type}")
     rng = np.random.default_rng(seed)
     if np.issubdtype(dtype, np.integer):  # raw pixels
-        x = rng.integers(0, 256 if np.iinfo(dtype).max >= 255 else np.iinfo(dtype).max + 1, size=shape).astype(dtype)
+        x = rng.integers(0, min(256, np.iinfo(dtype).max + 1), size=shape).astype(dtype)
     else:
         x = rng.standard_normal(shape).astype(dtype)
     return {inp[0].name: x}

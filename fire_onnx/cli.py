@@ -514,9 +514,10 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
                          "classes: those images always count as misclassified")
         metrics = ev.compute_metrics(sess, clean, choice.preprocess, trig, target, batch_size)
         # a patched model far below an unpatched one fed the same way: the repair costs that, not the preprocessing
-        better = [(m, r) for m, r in results.items() if not r["patched"] and r["preprocess"]["values"] == choice.as_dict()["values"]
-                  and clean.y is not None and r["ca"] >= metrics.ca + preprocess_check.WARN_GAP]
-        if info.patched and better:
+        values = choice.as_dict()["values"]
+        better = [(m, r) for m, r in results.items() if not r["patched"] and r["preprocess"]["values"] == values
+                  and r["ca"] >= metrics.ca + preprocess_check.WARN_GAP] if info.patched and clean.y is not None else []
+        if better:
             m, r = better[0]
             lines.append(f"warning: {info.path}: clean accuracy {metrics.ca:.1%} against {r['ca']:.1%} for {m} with the "
                          "same preprocessing: the repair costs clean accuracy (a repair with --gate none moves every "

@@ -423,8 +423,22 @@ def _fit_group(req, inputs, group: list[Site], split: Split, progress) -> dict[s
 
 
 def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs.Directions:
-    """``fit --layer auto``: rank the candidate sites, refit the winner, record the ranking in its meta.
+    """``fit --layer auto``: rank the candidate sites, refit the winner, record the ranking and fit's held-out
+    check in its meta (refusing, like any fit, what the check refuses).
     ``inputs``: what :func:`fire_onnx.fit.pipeline.load_inputs` loaded (default: load them from ``req``)."""
+    from fire_onnx.fit.verify import refuse_or_record
+
+    say = log or (lambda msg: None)
+    d, check = auto_fit(req, progress=progress, log=log, inputs=inputs)
+    if check.get("refuse") and not req.force:  # what the fit saw, before the one-line refusal
+        for w in d.meta.get("checks", {}).get("warnings", []) + check.get("warnings", []):
+            say(f"warning: {w}")
+    refuse_or_record(req, d, check)
+    return d
+
+
+def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tuple[dirs.Directions, dict]:
+    """:func:`run_auto` without recording the check: (directions, fit's held-out check of them)."""
     from fire_onnx.fit.pipeline import load_inputs, select_samples
     from fire_onnx.patch import is_patched
 
@@ -503,8 +517,10 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
     # cross-fitted over all the flagged images, and a confirmed blend's fit is chosen by it (one layer); a
     # chain is cross-fitted by refitting the whole chain on each fold
     if len(chain) == 1:
-        d, check = check_refit(req, inputs, chain[0], d, clean, triggered, source)
-        refit_rate, refit_change, _ = held.score(d, target)
+        chosen, check = check_refit(req, inputs, chain[0], d, clean, triggered, source)
+        if chosen is not d:  # the blend's pseudo-pair fit won: score what is written
+            d = chosen
+            refit_rate, refit_change, _ = held.score(d, target)
     else:
         from fire_onnx.fit.verify import verify
 
@@ -554,13 +570,7 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
                         f"{target} ({best.target_rate:.0%}, original model {original_rate:.0%}): this repair removes "
                         "nothing; check that the --triggered images carry the trigger (and --target)")
     req.notes.extend(notes)
-    from fire_onnx.fit.verify import refuse_or_record
-
-    if check.get("refuse") and not req.force:  # what the fit saw, before the one-line refusal
-        for w in warnings + check.get("warnings", []):
-            say(f"warning: {w}")
-    refuse_or_record(req, d, check)
-    return d
+    return d, check
 
 
 def check_refit(req, inputs, chosen: Score, d: dirs.Directions, clean: Images, triggered: Images,

@@ -410,7 +410,7 @@ def summary(d: dirs.Directions) -> dict:
 
 def describe_reconstruction(rc: dict) -> str:
     """One line on the trigger reconstruction (printed by ``fit``)."""
-    from fire_onnx.fit.verify import CHANGE_WARN as CHANGE_WARN_LEVEL
+    from fire_onnx.fit.verify import CHANGE_WARN
 
     if not rc.get("confirmed"):
         why = rc.get("reason") or f"best rate {rc.get('rate', 0):.0%} < {rc.get('threshold', 0.5):.0%}"
@@ -439,7 +439,7 @@ def describe_reconstruction(rc: dict) -> str:
         elif pp["cross_fit_rate"] is not None and pp["cross_fit_rate"] < up["cross_fit_rate"]:
             how = ("fitted unpaired on the flagged images; pseudo-pairs stamped with the reconstructed blend left fewer "
                    f"in the cross-fitted check ({rates}) but changed {pp['clean_change']:.1%} of the held-out clean "
-                   f"predictions (unpaired: {up['clean_change']:.1%}; more than {CHANGE_WARN_LEVEL:.0%} costs clean "
+                   f"predictions (unpaired: {up['clean_change']:.1%}; more than {CHANGE_WARN:.0%} costs clean "
                    "accuracy)")
         else:
             how = ("fitted unpaired on the flagged images; pseudo-pairs stamped with the reconstructed blend did no "

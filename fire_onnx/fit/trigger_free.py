@@ -185,20 +185,19 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
             break
         found = again
     evidence["seconds"] = round(time.perf_counter() - t_start, 1)
-    if check is not None:  # the last round's repair, judged on held-out images (refused above 5 % changed)
-        from fire_onnx.fit.verify import refuse_or_record
+    from fire_onnx.fit.verify import refuse_or_record
 
-        refuse_or_record(req, d, check)
+    refuse_or_record(req, d, check)  # the last round's repair, judged on held-out images (refused above 5 % changed)
     d.meta["trigger_free"] = evidence
     d.meta["trigger"] = {"kind": "trigger-free", "rounds": len(cands), "triggers": [c.describe() for g in cands for c in g]}
     return TriggerFreeResult(d, evidence)
 
 
-def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> tuple[dirs.Directions, dict | None]:
+def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> tuple[dirs.Directions, dict]:
     """The paired fit on pseudo-pairs of every round's triggers (``--layer auto`` or the given layers):
-    one direction per round (a subspace from the second round on). Returns the directions and, at given
-    layers, the held-out check (``fire_onnx.fit.verify``: clean predictions changed, held-out images stamped
-    with the recovered triggers); ``--layer auto`` judges its candidates on held-out images itself."""
+    one direction per round (a subspace from the second round on). Returns the directions and their held-out
+    check (``fire_onnx.fit.verify``: clean predictions changed, held-out images stamped with the recovered
+    triggers; with ``--layer auto``, the check of the layer it chose), recorded after the last round."""
     n = len(rounds)
     stamps = Stamps([c for group in rounds for c in group])
     method, k = req.method, inputs.k
@@ -209,9 +208,9 @@ def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> tuple[dirs.Di
     req.n_triggered = max(req.n_triggered, PSEUDO_PAIRS)
     try:
         if req.auto:
-            from fire_onnx.fit.auto import run_auto
+            from fire_onnx.fit.auto import auto_fit
 
-            return run_auto(req, progress=progress, inputs=inputs), None
+            return auto_fit(req, progress=progress, inputs=inputs)
         available = len(pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed, target=req.target)[2])
         n_pairs = min(req.n_triggered, available)
         if n_pairs < 1:

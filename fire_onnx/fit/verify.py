@@ -77,6 +77,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     fitted (default: :func:`fire_onnx.fit.pipeline.fit_inputs` at ``req.layers``; a chain of layers refits
     its chain)."""
     from fire_onnx.fit.auto import HeldOut, TorchHeldOut
+    from fire_onnx.fit.core import TRIGGER_REACH_WARN
 
     if inputs.onnx_model is None and inputs.model is None:
         return {"skipped": "no model to run the repair in"}
@@ -147,8 +148,6 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                             if target is not None and before is not None else ""))
     more = ("more triggered images (fit --update adds them), the trigger itself (--trigger) or their clean twins "
             "(x_clean)" if crossed else "more triggered images")
-    from fire_onnx.fit.core import TRIGGER_REACH_WARN
-
     mc = d.meta.get("checks", {})
     reach = mc.get("triggered_to_target", mc.get("triggered_top_share"))
     if reach is not None and reach < TRIGGER_REACH_WARN:  # the images themselves are in doubt, not their number
