@@ -509,9 +509,10 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
         classes = info.classes or ev.num_classes(sess, sample)  # dynamic: from one batch, before the full run
         if target is not None and target >= classes:
             raise FireError(f"--target {target} is out of range: {info.path} has {classes} classes (0..{classes - 1})")
-        if clean.y is not None and clean.y.max() >= classes:
-            lines.append(f"warning: {data_path} has labels up to {clean.y.max()} but {info.path} has {classes} "
-                         "classes: those images always count as misclassified")
+        for what, imgs in ((data_path, clean), (triggered_path, trig if triggered_path else None)):
+            if imgs is not None and imgs.y is not None and imgs.y.max() >= classes:
+                lines.append(f"warning: {what} has labels up to {imgs.y.max()} but {info.path} has {classes} "
+                             "classes: those images always count as misclassified")
         metrics = ev.compute_metrics(sess, clean, choice.preprocess, trig, target, batch_size)
         # a patched model far below an unpatched one fed the same way: the repair costs that, not the preprocessing
         values = choice.as_dict()["values"]

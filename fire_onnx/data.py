@@ -45,6 +45,9 @@ def load_images(path: str | Path, split: str = "test") -> Images:
         y = np.asarray(y).reshape(-1)
         if y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
             raise FireError(f"{path}: labels must be integers, one per image")
+        if len(y) and y.min() < 0:
+            raise FireError(f"{path}: labels must be class indices (>= 0); {int((y < 0).sum())} are negative "
+                            f"(e.g. {int(y.min())}): drop those images or their labels")
         y = y.astype(np.int64)
     classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else []
     return Images(x, y, classes)

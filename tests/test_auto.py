@@ -372,6 +372,40 @@ def test_max_layers_chains_a_second_layer_that_removes_what_the_first_left(two, 
                                rtol=1e-5, atol=1e-5)
 
 
+def test_update_of_a_chain_reads_later_targets_with_the_earlier_repairs_applied(two, tmp_path):
+    """fit --update on a --max-layers chain: each target keeps its own settings and the second one is
+    updated on activations with the (updated) first repair applied, as the chain was fitted; the
+    statistics it merges then agree with what it recorded, and the updated chain still removes both
+    triggers on unseen images without touching clean ones."""
+    from fire_onnx.fit.auto import chained_inputs
+    from fire_onnx.fit.update import chain_of
+    from fire_onnx.probe import TensorReader
+
+    d = run_fit(request(two, n_triggered=40, max_layers=3))
+    assert chain_of(d) == ["fc1_act", "fc2_act"]
+    dirs.save(d, tmp_path / "chain.npz")
+    mod, pre = two["mod"], two["pre"]
+    x, y = mod.images(300, seed=11)
+    np.savez(tmp_path / "more.npz", x=mod.stamp_two(x[:40], seed=12), x_clean=x[:40], y=y[:40])
+    req = FitRequest(layers=[], update_path=str(tmp_path / "chain.npz"), clean_path=str(two["clean"]),
+                     onnx_path=str(two["onnx"]), triggered_path=str(tmp_path / "more.npz"), n_triggered=40)
+    u = run_fit(req)
+    assert chain_of(u) == chain_of(d) and [t.module for t in u.targets] == ["fc1_act", "fc2_act"]
+    assert [(t.layout, t.gate, t.repair) for t in u.targets] == [(t.layout, t.gate, t.repair) for t in d.targets]
+    assert all(t.fit["updates"] == 1 and t.fit["n_triggered"] == 80 for t in u.targets)
+    assert not [w for w in u.meta["checks"]["warnings"] if "clean mean differs" in w], u.meta["checks"]["warnings"]
+    # the new triggered samples, read with the first repair applied, move the second target the way the
+    # earlier ones did (read without it they carry the first trigger's shift too)
+    cos = abs(float(u.targets[1].U[0] @ d.targets[1].U[0]))
+    assert cos > 0.99, cos
+    dirs.save(u, tmp_path / "chain.u1.npz")
+    run_cli("patch", two["onnx"], tmp_path / "chain.u1.npz", "-o", tmp_path / "u.fire.onnx", check=True)
+    fresh = two["fresh"]
+    sess = session(tmp_path / "u.fire.onnx")
+    assert (predict_logits(sess, pre(mod.stamp_two(fresh.x, seed=5))).argmax(1) == 0).mean() == 0.0
+    assert (predict_logits(sess, pre(fresh.x)).argmax(1) == fresh.y).mean() == 1.0
+
+
 def test_the_tie_explanation_names_what_decided():
     """Tied on target rate and clean change, the candidate that moves the clean outputs least wins, and the
     line says it moved them less than the others; only an even clean shift falls to graph order (it read

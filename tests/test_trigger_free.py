@@ -24,6 +24,62 @@ def test_anomaly_index_marks_the_low_outlier():
     assert np.isnan(anomaly_index([1.0, np.nan, np.nan])).all()  # too few classes to compare
 
 
+def _scan(**forms):
+    """A Scan built from per-form (losses, flip rates) lists."""
+    from fire_onnx.invert import ClassSearch, Scan
+
+    n = len(next(iter(forms.values()))[0])
+    scan = Scan(n_classes=n)
+    scan.results = {k: [ClassSearch(c, k, loss, rate, None, None, 0.0) for c, (loss, rate) in enumerate(zip(*v))]
+                    for k, v in forms.items()}
+    return scan
+
+
+def test_suspect_rules():
+    """A global form above the threshold names the suspect before a patch; the additive form names a class
+    only when its change reaches it (flip rate >= ADDITIVE_MIN_RATE)."""
+    from fire_onnx.invert import ADDITIVE_MIN_RATE
+
+    flat = [3.0, 3.2, 2.9, 3.1, 3.05, 2.95, 3.15, 3.0]
+    patch = (flat[:2] + [0.01] + flat[3:], [0.2] * 8)  # class 2 anomalous as a patch
+    add_low = (flat[:5] + [0.02] + flat[6:], [0.1] * 5 + [ADDITIVE_MIN_RATE / 2] + [0.1] * 2)
+    scan = _scan(patch=patch, blend=(flat, [0.1] * 8), additive=add_low)
+    assert scan.suspect[:2] == (2, "patch") and scan.found
+    add_hi = (add_low[0], [0.1] * 5 + [0.95] + [0.1] * 2)
+    scan = _scan(patch=patch, blend=(flat, [0.1] * 8), additive=add_hi)
+    assert scan.suspect[:2] == (5, "additive") and scan.found
+    # no class reachable: losses close together, one ahead by little, no flips -> nothing named
+    saturated = ([12.6, 12.4, 9.8, 12.7, 12.5, 12.6, 12.55, 12.65], [0.0] * 8)
+    assert np.nanmax(_scan(additive=saturated).index("additive")) > 5
+    scan = _scan(patch=(flat, [0.2] * 8), additive=saturated)
+    assert not scan.found and scan.suspect[1] == "patch"
+
+
+def test_additive_search_recovers_a_shared_shift():
+    """On a model whose class 1 is reached by brightening the left half and darkening the right half, the
+    additive search finds that change (sign per pixel) and sends the images to class 1."""
+    import torch
+
+    from fire_onnx.data import Preprocess
+    from fire_onnx.invert import ADDITIVE_BUDGET, Model, search_class
+
+    class Halves(torch.nn.Module):
+        def forward(self, y):  # y: (N, 1, 8, 8) in [0, 1]
+            s = 40 * (y[..., :4].mean(dim=(1, 2, 3)) - y[..., 4:].mean(dim=(1, 2, 3)))
+            z = torch.zeros_like(s)
+            return torch.stack([z + 1.0, s, z, z], dim=1)
+
+    x = np.random.default_rng(0).integers(60, 200, (64, 8, 8, 1)).astype(np.uint8)
+    net = Model(Halves(), Preprocess(scale=1 / 255, mean=[0.0], std=[1.0], layout="NCHW"))
+    r = search_class(net, x, 1, "additive", steps=60, seed=0)
+    assert r.kind == "additive" and r.rate > 0.9 and r.delta is not None
+    assert np.abs(r.delta).max() <= ADDITIVE_BUDGET + 1e-4
+    assert (r.delta[:, :4] > 0).mean() > 0.9 and (r.delta[:, 4:] < 0).mean() > 0.9
+    cand = r.candidate()
+    stamped = cand.apply(x).astype(int)
+    assert (stamped[:, :, :4] >= x[:, :, :4]).all() and (stamped[:, :, 4:] <= x[:, :, 4:]).all()
+
+
 def test_stamps_alternate_triggers():
     from fire_onnx.fit.trigger_free import Stamps
     from fire_onnx.reconstruct import Candidate

@@ -80,7 +80,8 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
         rec.update(backdoor_found=ev["backdoor_found"], suspect=scan["suspect"], kind=scan["kind"],
                    anomaly_index=scan["anomaly_index"], steps=scan["steps"], rounds=len(ev["rounds"]),
                    stopped=ev.get("stopped"), round_info=ev["rounds"],
-                   scan_loss={k: scan[k]["loss"] for k in ("patch", "blend") if k in scan},
+                   scan_loss={k: scan[k]["loss"] for k in ("patch", "blend", "additive") if k in scan},
+                   scan_rate={k: scan[k]["flip_rate"] for k in ("patch", "blend", "additive") if k in scan},
                    target_found=(ev["backdoor_found"] and scan["suspect"] == TARGET) if attack else None)
         d = res.directions
         dpath = tmp / "d.npz"
@@ -97,11 +98,13 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
     return rec
 
 
-def _decision(scan_loss: dict) -> dict:
+def _decision(scan_loss: dict, scan_rate: dict | None = None) -> dict:
     from fire_onnx import invert
 
     scan = invert.Scan(n_classes=len(next(iter(scan_loss.values()))))
-    scan.results = {kind: [None if v is None else invert.ClassSearch(c, kind, v, 0.0, None, None, 0.0)
+    rates = scan_rate or {}
+    scan.results = {kind: [None if v is None else invert.ClassSearch(c, kind, v, (rates.get(kind) or [1.0] * len(losses))[c],
+                                                                     None, None, 0.0)
                            for c, v in enumerate(losses)] for kind, losses in scan_loss.items()}
     cls, kind, index = scan.suspect
     return {"anomaly_index": index, "suspect": cls, "kind": kind, "backdoor_found": scan.found}
@@ -118,7 +121,7 @@ def markdown(records: list[dict]) -> str:
         if r.get("mode") != "trigger-free":
             continue
         if r.get("scan_loss"):  # the index as fire_onnx.invert computes it now, from the recorded losses
-            r = dict(r, **_decision(r["scan_loss"]))
+            r = dict(r, **_decision(r["scan_loss"], r.get("scan_rate")))
         found = f"{'yes' if r['backdoor_found'] else 'no'} ({r['suspect']}, {r['anomaly_index']:.2f} {r['kind']})"
         tf = "—" if r["target_found"] is None else ("yes" if r["target_found"] else "no")
         op = (" (translate)" if r.get("repair") == "translate" else "") + (

@@ -547,6 +547,8 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
     if dropped:
         stopped = (f"refitted on all samples the chain exceeded the clean budget; dropped "
                    f"{', '.join(x['layer'] for x in dropped)}")
+    if len(chain) > 1:  # each target fitted with the earlier ones applied: fit --update must do the same
+        d.meta["chain"] = [s.site.label for s in chain]
     if req.max_layers > 1:
         last = chain[-1]
         d.meta["auto"].update(max_layers=req.max_layers, steps=steps, stopped=stopped,
@@ -624,7 +626,7 @@ def score_sites(req, inputs, sites: list[Site], repairs: list[str], split: Split
     return scores
 
 
-def _chained_inputs(inputs, targets: list[dirs.Target]):
+def chained_inputs(inputs, targets: list[dirs.Target]):
     """``inputs`` with the ONNX model patched with ``targets`` as the activation source (ONNX, no torch)."""
     from fire_onnx.patch import patch_model
 
@@ -650,7 +652,7 @@ def grow_chain(req, inputs, sites: list[Site], repairs: list[str], split: Split,
         # later steps fit unpaired on flagged images without twins: the trigger reconstruction would be
         # confirmed against a model the earlier repairs already changed
         step_req = replace(req, reconstruct="off")
-        scores = score_sites(step_req, _chained_inputs(inputs, [s.target for s in chain]), rest, repairs, split,
+        scores = score_sites(step_req, chained_inputs(inputs, [s.target for s in chain]), rest, repairs, split,
                              held, target, [s.target for s in chain], progress, say, step=len(chain) + 1)
         ranked, within = rank(scores, req.clean_budget)
         best = ranked[0]
@@ -682,7 +684,7 @@ def refit_chain(req, inputs, chain: list[Score], clean: Images, triggered: Image
 
     d, targets = None, []
     for i, sc in enumerate(chain):
-        step_inputs = inputs if i == 0 else _chained_inputs(inputs, targets)
+        step_inputs = inputs if i == 0 else chained_inputs(inputs, targets)
         step_req = replace(req, repair=sc.repair) if i == 0 else replace(req, repair=sc.repair, reconstruct="off")
         di = fit_inputs(step_req, step_inputs, [sc.site.layer], clean, triggered, source, progress=progress,
                         tensors=sc.site.tensors())

@@ -194,7 +194,12 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         return run_auto(req, progress=progress, log=log)
     inputs = load_inputs(req)
     clean, triggered, source = select_samples(req, inputs)
-    d = fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+    if inputs.previous is not None:  # --update: each target with its own recorded settings (a chain in order)
+        from fire_onnx.fit.update import update_targets
+
+        d = update_targets(req, inputs, clean, triggered, source, progress=progress)
+    else:
+        d = fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
     from fire_onnx.fit.verify import refuse_or_record, verify
 
     check = verify(req, inputs, d, triggered, clean, source)  # the repair judged on held-out images

@@ -1,11 +1,11 @@
 """``fit --trigger-free``: find the backdoor from clean images alone, or say that there is none.
 
-1. Scan (:mod:`fire_onnx.invert`): every class, two parametrisations (patch, blend), one shared change per
-   class within a fixed size; the anomaly index of the classes' losses names the suspected target.
+1. Scan (:mod:`fire_onnx.invert`): every class, three parametrisations (patch, blend, additive), one shared
+   change per class within a fixed size; the anomaly index of the classes' losses names the suspected target.
 2. No class above the threshold: "no backdoor found", and no directions unless ``--force`` (which repairs
    the most anomalous class anyway).
-3. The suspect's patch is refined (shrunk to the pixels that still flip the images); a blend suspect is
-   searched ``ENSEMBLE["blend"]`` times in all, and the fit averages the patterns. The recovered trigger(s)
+3. The suspect's patch is refined (shrunk to the pixels that still flip the images); a blend or additive
+   suspect is searched ``ENSEMBLE[kind]`` times in all, and the fit averages the patterns. The recovered trigger(s)
    stamp pseudo-pairs on clean pool images: the same paired fit as ``--trigger`` or as flagged inputs
    with a confirmed reconstruction (``--layer X`` or ``--layer auto``).
 4. Iterate: search the suspect class again on the repaired model (PyTorch hooks). While it is still
@@ -37,7 +37,7 @@ PSEUDO_PAIRS = 200  # clean pool images stamped with the recovered trigger(s) fo
 # its own adversarial pattern, and averaging keeps what they share (CIFAR-10 Blended SmallCNN, ASR
 # after the repair: 15.7 % from one search, 12.4 % from two, 10.0 % from four, 8.5 % from eight); refined
 # patches gained nothing (CIFAR-10 BadNets 5.7 % from one, 5.3 % from four)
-ENSEMBLE = {"patch": 1, "blend": 4}
+ENSEMBLE = {"patch": 1, "blend": 4, "additive": 4}  # additive: as the blend (a global search; not measured apart)
 
 
 @dataclass
@@ -242,7 +242,9 @@ def describe_scan(evidence: dict) -> list[str]:
             mark = "  <- anomalous" if scan.get("found") and c == scan.get("suspect") else ""
             lines.append(f"{c:>5}  " + "  ".join(cells) + mark)
     for r in evidence.get("rounds", []):
-        size = (f"{r['mask_pixels']:.0f}-pixel patch" if "mask_pixels" in r else f"blend ratio {r['blend_ratio']:.3f}")
+        size = (f"{r['mask_pixels']:.0f}-pixel patch" if "mask_pixels" in r else
+                f"additive change of at most {r['additive_max']:g} grey levels" if "additive_max" in r else
+                f"blend ratio {r['blend_ratio']:.3f}")
         after = r.get("after")
         lines.append(f"round {r['round']}: {size} sends {r['flip_rate']:.0%} of clean images to class {evidence['target']}"
                      + (f"; after the repair: index {after['anomaly_index']:.2f}, {after['flip_rate']:.0%} flips"

@@ -52,8 +52,13 @@ def apply_previous(req, previous: dirs.Directions) -> None:
         req.mean = req.mean or pre.get("mean")
         req.std = req.std or pre.get("std")
         req.input_layout = req.input_layout or pre.get("layout")
+    recorded = previous.meta.get("target")
+    if req.target is not None and recorded is not None and int(req.target) != int(recorded):
+        raise FireError(f"--target {req.target} differs from the target class {recorded} of the repair in "
+                        f"{Path(req.update_path).name}; leave --target out with --update (a repair of another "
+                        "target is a new fit)")
     if req.target is None:
-        req.target = previous.meta.get("target")
+        req.target = recorded
     rc = previous.meta.get("reconstruction") or {}
     if req.target is None and rc.get("confirmed") and rc.get("majority_class") is not None:
         # the new batch's trigger reconstruction must reach the class the earlier one confirmed, not
@@ -61,6 +66,77 @@ def apply_previous(req, previous: dirs.Directions) -> None:
         req.target = int(rc["majority_class"])
         req.notes.append(f"target class {req.target}: the class the trigger reconstruction of "
                          f"{Path(req.update_path).name} confirmed")
+
+
+def chain_of(d: dirs.Directions) -> list[str]:
+    """The targets of a chained repair (``--layer auto --max-layers N``: each fitted on activations with the
+    earlier ones' repairs applied), in order; [] for independent targets."""
+    chain = d.meta.get("chain") or (d.meta.get("auto") or {}).get("chain") or []
+    return list(chain) if len(chain) > 1 and len(d.targets) > 1 else []
+
+
+def update_targets(req, inputs, clean, triggered, source, progress=None) -> dirs.Directions:
+    """Refit every target of the file being updated with its own recorded settings (layout, gate, quantile,
+    alpha, k, operator), merging the new samples into its statistics. A chain's later targets read their
+    activations with the earlier (updated) repairs applied, as the chain was fitted: measured without them,
+    a 2-layer Fashion-MNIST chain's second target took the first one's unrepaired statistics, its gate fired
+    on 47 % of clean images and the update raised ASR from 3.3 % to 5.3 %."""
+    from dataclasses import replace
+
+    from fire_onnx.fit.pipeline import fit_inputs
+
+    previous = inputs.previous
+    chained = bool(chain_of(previous))
+    if chained:
+        if inputs.onnx_model is None:
+            raise FireError("this directions file is a chain of repairs (--layer auto --max-layers): updating it "
+                            "applies the earlier repairs in onnxruntime, so give --onnx as well")
+        _check_fingerprints(previous, inputs)
+    d, targets, warnings = None, [], []
+    for i, old in enumerate(previous.targets):
+        step_inputs = inputs
+        if chained and i:
+            from fire_onnx.fit.auto import chained_inputs
+
+            # the earlier targets' fingerprints are of the original model: checked above, not on the chain
+            step_inputs = replace(chained_inputs(inputs, targets), previous=replace(previous, probe=None))
+        label = old.module or old.tensor
+        step_req = replace(req, layers=[label], layout=old.layout, repair=old.repair, k=old.k,
+                           gate=str(old.fit.get("gate_requested", old.gate)),
+                           quantile=float(old.fit.get("gate_quantile", req.quantile)), alpha=float(old.alpha[0]),
+                           reconstruct=req.reconstruct if not (chained and i) else "off", notes=req.notes)
+        step_inputs = replace(step_inputs, k=old.k)
+        tensors = {label: old.tensor} if old.tensor else {}
+        di = fit_inputs(step_req, step_inputs, [label], clean, triggered, source, progress=progress, tensors=tensors)
+        t = di.targets[0]
+        if chained and i:  # patch checks fingerprints on the unpatched model: keep the recorded one
+            t.fingerprint = old.fingerprint
+        targets.append(t)
+        warnings += [w for w in di.meta.get("checks", {}).get("warnings", []) if w not in warnings]
+        d = d or di
+    d.targets = targets
+    d.meta.setdefault("checks", {})["warnings"] = warnings
+    if chained:
+        d.meta["chain"] = chain_of(previous)
+    return d
+
+
+def _check_fingerprints(previous: dirs.Directions, inputs) -> None:
+    """Every target's fingerprint against the original ONNX model (a chain's later targets are then read on
+    the patched model, where the recorded fingerprints do not apply)."""
+    from fire_onnx import probe as probes
+
+    if previous.probe is None:
+        return
+    names = [t.tensor for t in previous.targets if t.tensor and probes.valid_fingerprint(t.fingerprint)]
+    if not names:
+        return
+    x = inputs.preprocess(previous.probe)
+    acts, _ = probes.TensorReader(inputs.onnx_model, names, batch_size=len(x))(x)
+    for t in previous.targets:
+        if t.tensor in acts and probes.difference(t.fingerprint, acts[t.tensor]) > probes.FINGERPRINT_TOL:
+            raise FireError(f"the model does not compute the activations the directions for {t.label} were fitted "
+                            "on: --update needs the same model (and layer) as the earlier fit")
 
 
 def stamp_update(d: dirs.Directions, previous: dirs.Directions, update_path: str) -> None:
