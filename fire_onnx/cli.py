@@ -304,8 +304,10 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
             + (f" repair={t['repair']}" if t["repair"] != "project" else "")
             + (f" (update {t['updates']}, " if t["updates"] else " (") + f"{t['reference']} "
             f"shift{', shrunk' if t.get('shrunk') else ''}, {t['n_triggered']} triggered / {t['n_clean']} clean), separation "
-            f"{t['separation_sigma'][0]:.1f} sigma, gate fires on {t['gate_fires_triggered']:.0%} triggered / "
-            f"{t['gate_fires_clean']:.1%} clean" + (f", tensor {t['tensor']}" if t["tensor"] else ""))
+            f"{t['separation_sigma'][0]:.1f} sigma, "
+            + ("no gate (acts on every input)" if t["gate"] == "none" else
+               f"gate fires on {t['gate_fires_triggered']:.0%} triggered / {t['gate_fires_clean']:.1%} clean")
+            + (f", tensor {t['tensor']}" if t["tensor"] else ""))
     for w in summ["warnings"]:
         click.echo(f"warning: {w}", err=True)
     if json_out:

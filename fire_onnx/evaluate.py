@@ -15,6 +15,7 @@ import numpy as np
 
 from fire_onnx.data import Images, Preprocess, infer_layout
 from fire_onnx.errors import FireError, first_line
+from fire_onnx.triggers import same_trigger
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -471,8 +472,14 @@ def _preprocess_notes(infos: list[ModelInfo], choices: list[PreprocessChoice]) -
 def _trigger_diff(recorded: dict, given: dict) -> str:
     if recorded.get("kind") != given.get("kind"):
         return f"{given.get('kind')} given, {recorded.get('kind')} recorded"
-    keys = [k for k in dict.fromkeys([*given, *recorded]) if k != "kind" and given.get(k) != recorded.get(k)]
-    return ", ".join(f"{k}={given.get(k)} given, {recorded.get(k)} recorded" for k in keys)
+    keys = [k for k in dict.fromkeys([*given, *recorded])
+            if k != "kind" and not k.endswith("_sha256") and given.get(k) != recorded.get(k)]
+    if not keys:  # same names, other contents
+        keys = [k[: -len("_sha256")] for k in dict.fromkeys([*given, *recorded])
+                if k.endswith("_sha256") and given.get(k) != recorded.get(k)]
+        return ", ".join(f"{k}: the file's content differs from the one fitted with" for k in keys)
+    show = lambda v: "(none)" if v in ("", None) else v  # noqa: E731
+    return ", ".join(f"{k}={show(given.get(k))} given, {show(recorded.get(k))} recorded" for k in keys)
 
 
 def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | None) -> list[str]:
@@ -490,7 +497,7 @@ def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | 
         # a trigger-free repair records the trigger it recovered, not an attack spec: evaluating it with the real
         # trigger is what README asks for, not a mismatch to warn about
         recovered = isinstance(rec.get("trigger"), dict) and rec["trigger"].get("kind") == "trigger-free"
-        if trigger is not None and rec.get("trigger") and not recovered and rec["trigger"] != trigger:
+        if trigger is not None and rec.get("trigger") and not recovered and not same_trigger(rec["trigger"], trigger):
             lines.append(f"warning: {info.path} was fitted with another trigger than --trigger "
                          f"({_trigger_diff(rec['trigger'], trigger)})")
     return lines

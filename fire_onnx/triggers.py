@@ -272,5 +272,35 @@ def parse(spec: str):
     return trig
 
 
+FILE_FIELDS = ("pattern", "grid")  # trigger fields that name a file: described by its content too
+
+
 def describe(trig) -> dict:
-    return {"kind": type(trig).__name__.lower(), **trig.__dict__}
+    """The trigger as a JSON-able dict (recorded by ``fit``, compared by ``eval``). A field naming a file
+    also gets ``<field>_sha256`` (the file's content), so the same pattern under another name is the same
+    trigger."""
+    import hashlib
+
+    out = {"kind": type(trig).__name__.lower(), **trig.__dict__}
+    for f in FILE_FIELDS:
+        if out.get(f):
+            try:
+                out[f"{f}_sha256"] = hashlib.sha256(Path(out[f]).read_bytes()).hexdigest()[:16]
+            except OSError:
+                pass
+    return out
+
+
+def same_trigger(recorded: dict, given: dict) -> bool:
+    """Whether two :func:`describe` dicts are the same trigger: file fields count by content where both
+    sides have it (an older record without it, by name)."""
+    def norm(d: dict, other: dict) -> dict:
+        d = dict(d)
+        for f in FILE_FIELDS:
+            if d.get(f"{f}_sha256") and other.get(f"{f}_sha256"):
+                d.pop(f, None)
+            elif f"{f}_sha256" in d and f"{f}_sha256" not in other:
+                d.pop(f"{f}_sha256")
+        return d
+
+    return norm(recorded, given) == norm(given, recorded)

@@ -143,3 +143,35 @@ def test_unpaired_shrinkage_removes_content_noise():
     assert shrunk.fit["shrinkage"]["axes_kept"] < shrunk.fit["shrinkage"]["axes"]
     paired = fit_target(C, T, paired=T0, **kw)
     assert "shrinkage" not in paired.fit and cos(paired) > 0.999
+
+
+def test_gate_auto_leaves_a_subspaces_weak_directions_at_the_clean_quantile():
+    """A k = 3 subspace of a one-direction trigger: directions 2 and 3 are noise along which the triggered
+    samples do not stand out; reaching them there would fire the gate on most clean samples for nothing."""
+    from fire_onnx.estimate import SUBSPACE_MIN_SEPARATION
+
+    clean, trig, src, u = planted(n_trig=20, d=32, strength=10.0)
+    t = fit_target(clean, trig, method="subspace", k=3, paired=src, module="m", quantile=0.99)
+    sep = np.array(t.fit["separation_sigma"])
+    weak = np.arange(3) >= 1
+    weak &= sep < SUBSPACE_MIN_SEPARATION
+    assert weak.any(), sep
+    np.testing.assert_allclose(t.tau[weak], np.array(t.fit["tau_clean_quantile"])[weak], rtol=1e-6)
+    assert t.fit["gate_fires_clean"] <= 0.05, t.fit["gate_fires_clean"]
+    assert t.fit["gate_recall_triggered"] >= 0.9
+
+
+def test_update_warns_when_the_new_samples_move_along_another_direction():
+    from fire_onnx.streaming import ShiftStats
+
+    clean, trig, src, u = planted(d=32, strength=8.0)
+    first = fit_target(clean, trig, paired=src, module="m")
+    prior = ShiftStats.from_arrays(first.stats, first.dim, "m")
+    same = fit_target(clean, trig[:10] + 0.01, paired=src[:10], module="m", prior=prior, prior_fit=first.fit)
+    assert same.fit["update_cosine"] > 0.9 and not [w for w in same.fit["warnings"] if "another direction" in w]
+    v = np.random.default_rng(5).normal(size=32)
+    v -= (v @ u) * u
+    v /= np.linalg.norm(v)
+    other = fit_target(clean, src[:10] + 8.0 * v, paired=src[:10], module="m", prior=prior, prior_fit=first.fit)
+    assert other.fit["update_cosine"] < 0.3
+    assert any("another direction than the earlier ones" in w for w in other.fit["warnings"])

@@ -191,6 +191,34 @@ def test_eval_does_not_call_the_real_trigger_a_mismatch_for_a_trigger_free_repai
     assert len(attack_warnings([other], 3, given)) == 1
 
 
+def test_eval_compares_a_pattern_file_by_content(tmp_path):
+    """The same blend pattern under another file name is the same trigger; another pattern under the same
+    name is not (the warning says the content differs)."""
+    from fire_onnx import triggers
+    from fire_onnx.evaluate import ModelInfo, attack_warnings
+
+    pat = np.random.default_rng(0).integers(0, 256, (8, 8, 1)).astype(np.uint8)
+    np.save(tmp_path / "p.npy", pat)
+    np.save(tmp_path / "copy.npy", pat)
+    rec = triggers.describe(triggers.parse(f"blended:pattern={tmp_path / 'p.npy'}"))
+    info = ModelInfo("m.fire.onnx", patched=True, attack={"target": 0, "trigger": rec})
+    assert attack_warnings([info], 0, triggers.describe(triggers.parse(f"blended:pattern={tmp_path / 'copy.npy'}"))) == []
+    np.save(tmp_path / "p.npy", 255 - pat)  # the file fitted with, overwritten with another pattern
+    (w,) = attack_warnings([info], 0, triggers.describe(triggers.parse(f"blended:pattern={tmp_path / 'p.npy'}")))
+    assert "pattern: the file's content differs" in w
+    (w,) = attack_warnings([info], 0, triggers.describe(triggers.parse("blended")))
+    assert "pattern=(none) given" in w
+
+
+def test_negative_labels_are_a_one_line_error(tmp_path):
+    from fire_onnx.data import load_images
+    from fire_onnx.errors import FireError
+
+    np.savez(tmp_path / "neg.npz", x=np.zeros((3, 4, 4, 1), np.uint8), y=np.array([0, -1, 2]))
+    with pytest.raises(FireError, match=r"labels must be class indices \(>= 0\); 1 are negative"):
+        load_images(tmp_path / "neg.npz")
+
+
 BN_NET = '''
 import torch.nn as nn
 

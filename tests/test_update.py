@@ -216,3 +216,12 @@ def test_update_refuses_options_it_would_ignore(ws):
                    "flag_b.npz", "--gate", "none", "--alpha", "0.5", cwd=ws)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--update takes --gate, --alpha from d.npz" in proc.stderr, proc.stderr
+
+
+def test_update_refuses_another_target_than_the_files(ws):
+    d = run_fit(request(ws, "pair_a.npz", target=0))
+    dirs.save(d, ws / "d0.npz")
+    with pytest.raises(FireError, match="--target 5 differs from the target class 0"):
+        run_fit(FitRequest(layers=[], update_path=str(ws / "d0.npz"), clean_path=str(ws / "mnist.npz"),
+                           onnx_path=str(ws / "model.onnx"), triggered_path=str(ws / "pair_b.npz"), target=5,
+                           n_clean=300, mean=[0.5], std=[0.5], reconstruct="off"))

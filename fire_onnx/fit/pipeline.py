@@ -89,6 +89,8 @@ class FitRequest:
                             "--layer, choose --repair project or translate")
         if not self.layers and not self.update_path:
             raise FireError("give --layer (the module or tensor to repair), or --update DIRECTIONS")
+        if not (np.isfinite(self.alpha) and self.alpha >= 0):  # before any work, not after the fit
+            raise FireError(f"--alpha must be a finite number >= 0, got {self.alpha}")
         if self.trigger_free:
             self._validate_trigger_free()
         else:

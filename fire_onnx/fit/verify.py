@@ -154,12 +154,17 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         where = f"class {target}" if "triggered_to_target" in mc else "their most common class"
         more = (f"first check that these images carry the trigger (the original model sends only {reach:.0%} of them "
                 f"to {where}; a backdoor sends its triggered inputs to its target)")
+    if req.alpha < 1:  # a partial repair by the user's choice: say so before suggesting other layers
+        more = (f"--alpha {req.alpha:g} removes only that share of the shift along the direction (--alpha 1 removes "
+                f"all of it); {more}")
     if before is not None and rate > WEAK and rate > 0.5 * before:
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         + ("it does not carry over to triggered inputs it was not fitted on; give "
                            f"{more}, or try --layer auto" if crossed else
-                           "this layer does not remove the trigger; try --layer auto, --method subspace, or another "
-                           "layer"))
+                           ("this layer does not remove the trigger; try --layer auto, --method subspace, or another "
+                            "layer" if req.alpha >= 1 else
+                            f"--alpha {req.alpha:g} removes only that share of the shift along the direction (--alpha 1 "
+                            "removes all of it)")))
     elif before is not None and rate > PARTIAL and rate > 0.1 * before:
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         + ("it removes nothing there" if rate >= before else "it removes the trigger only partly")
