@@ -158,6 +158,23 @@ def test_auto_with_a_known_trigger_holds_out_stamped_clean_images(synth, tmp_pat
     assert d.targets[0].fit["n_triggered"] == 20
 
 
+def test_auto_judges_on_the_files_other_images_when_it_has_more_than_the_fit_takes(synth, tmp_path):
+    """A triggered file of 60 images with --n-triggered 20: each candidate is fitted on the 20 a plain fit
+    uses and judged on the other 40 (not on 10 of the 20); 20 images: the half split as before."""
+    mod = synth["mod"]
+    x, y = mod.images(200, seed=21)
+    x, y = x[y != 0][:60], y[y != 0][:60]
+    np.savez(tmp_path / "t60.npz", x=mod.stamp(x, seed=22), x_clean=x, y=y)
+    d = run_fit(request(synth, triggered_path=str(tmp_path / "t60.npz")))
+    a = d.meta["auto"]
+    assert a["n_fit_triggered"] == 20 and a["n_held_triggered"] == 40, a
+    assert "judged on 40 other images of the triggered file" in a["split"]
+    assert a["refit"]["target_rate_in_sample"] is False and d.targets[0].module == "block2"
+    half = run_fit(request(synth)).meta["auto"]
+    assert half["n_fit_triggered"] == 10 and half["n_held_triggered"] == 10
+    assert half["refit"]["target_rate_in_sample"] is True
+
+
 def test_auto_infers_the_target_from_the_triggered_samples(synth):
     d = run_fit(request(synth, target=None))
     a = d.meta["auto"]
