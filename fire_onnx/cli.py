@@ -336,7 +336,8 @@ def _nothing_found(record: dict, notes: list[str], json_out: str | None) -> None
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("directions", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(),
-              help="Output model (default: MODEL with .fire.onnx next to it).")
+              help="Output model (default: MODEL with .fire.onnx next to it; for a patched MODEL.fire.onnx, "
+                   "MODEL.fire.r1.onnx).")
 @click.option("--tensor", default=None, help="Patch this ONNX tensor instead of the recorded one.")
 @click.option("--replace", is_flag=True,
               help="MODEL is already patched by fire-onnx: swap its repair for DIRECTIONS (same tensors); the "
@@ -485,6 +486,9 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
                                 f"(0..{info.classes - 1})")
     trigger = triggers.parse(trigger_spec) if trigger_spec else None
     clean = load_images(data_path, split)
+    if clean.x.shape[1] in (1, 3) and clean.x.shape[3] > 4:  # (N, C, H, W) read as (N, H, W, C)
+        raise FireError(f"{data_path}: the images are {list(clean.x.shape[1:])}, which looks like an NCHW array "
+                        "(channels first); fire-onnx reads uint8 NHWC images: save x.transpose(0, 2, 3, 1)")
     if limit:
         clean = clean.subset(slice(0, limit))
     trig = None
@@ -577,8 +581,11 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
         if not Path(m).is_file():
             raise FireError(f"model not found: {m}")
     check_outputs([json_out, md_out], [original, patched])
+    notes = _bench_notes(original, patched)
+    for n in notes:
+        click.echo(f"note: {n}", err=True)
     res = b.compare(original, patched, batches=batches, iters=iters, warmup=warmup, provider=provider, threads=threads)
-    res.update(original=str(original), patched=str(patched))
+    res.update(original=str(original), patched=str(patched), notes=notes)
     md = b.markdown(res)
     if json_out != "-":
         click.echo(md)
@@ -586,6 +593,34 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
         _write_json(json_out, res)
     if md_out:
         write_text_atomic(md_out, md + "\n")
+
+
+def _bench_notes(original, patched) -> list[str]:
+    """What makes a bench ratio mean something else than the repair's cost: the same model twice, a
+    PATCHED without a fire-onnx repair, the two swapped."""
+    import onnx
+
+    from fire_onnx.fileio import sha256_file
+    from fire_onnx.patch import patched_targets
+
+    if sha256_file(original) == sha256_file(patched):
+        return [f"{original} and {patched} are the same model: the ratio measures timing noise only"]
+
+    def repaired(path) -> bool | None:
+        try:
+            return bool(patched_targets(onnx.load(str(path), load_external_data=False)))
+        except Exception:  # an unreadable model fails in onnxruntime below, with its own message
+            return None
+
+    o, p = repaired(original), repaired(patched)
+    if o is None or p is None:
+        return []
+    if o and not p:
+        return [f"{original} carries a fire-onnx repair and {patched} does not: the arguments look swapped (give "
+                "ORIGINAL, then PATCHED)"]
+    if not p:
+        return [f"{patched} carries no fire-onnx repair: the ratio compares two unrepaired models"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------- demo

@@ -524,8 +524,15 @@ def check_model_fingerprint(result: PatchResult, directions: dirs.Directions, *,
 
 
 def default_output(model_path: str | os.PathLike) -> Path:
+    """``m.onnx`` -> ``m.fire.onnx``; an already patched ``m.fire.onnx`` (``--replace``) -> ``m.fire.r1.onnx``,
+    ``m.fire.r1.onnx`` -> ``m.fire.r2.onnx`` (never the input itself, never ``m.fire.fire.onnx``)."""
+    import re
+
     p = Path(model_path)
     stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    m = re.fullmatch(r"(.*\.fire)(?:\.r(\d+))?", stem)
+    if m:
+        return p.with_name(f"{m.group(1)}.r{int(m.group(2) or 0) + 1}.onnx")
     return p.with_name(stem + ".fire.onnx")
 
 

@@ -147,6 +147,41 @@ def test_bench_writes_json_and_markdown(ws):
     assert "| batch |" in (ws / "b.md").read_text()
 
 
+def test_bench_notes_what_makes_the_ratio_mean_something_else(ws):
+    """The same model twice, an unrepaired PATCHED, or the two swapped: bench runs and says so."""
+    args = ("--iters", "5", "--warmup", "1", "--batch", "1", "--json", "b.json")
+    for pair, expect in ((("model.onnx", "model.onnx"), "are the same model"),
+                         (("model.fire.onnx", "model.onnx"), "the arguments look swapped"),
+                         (("model.pt.onnx", "model.onnx"), "carries no fire-onnx repair")):
+        if pair[0] == "model.pt.onnx":  # the same graph, other bytes
+            m = onnx.load(str(ws / "model.onnx"))
+            m.doc_string = "copy"
+            onnx.save(m, str(ws / "model.pt.onnx"))
+        proc = run_cli("bench", *pair, *args, cwd=ws)
+        assert proc.returncode == 0, proc.stderr
+        assert expect in proc.stderr, proc.stderr
+        assert any(expect in n for n in json.loads((ws / "b.json").read_text())["notes"])
+    proc = run_cli("bench", "model.onnx", "model.fire.onnx", *args, cwd=ws)
+    assert "note:" not in proc.stderr and json.loads((ws / "b.json").read_text())["notes"] == []
+
+
+def test_replace_default_output_is_not_fire_fire(ws):
+    run_cli("patch", "model.fire.onnx", "directions.npz", "--replace", cwd=ws, check=True)
+    assert (ws / "model.fire.r1.onnx").is_file() and not (ws / "model.fire.fire.onnx").exists()
+    run_cli("patch", "model.fire.r1.onnx", "directions.npz", "--replace", cwd=ws, check=True)
+    assert (ws / "model.fire.r2.onnx").is_file()
+
+
+def test_eval_names_an_nchw_data_file(ws):
+    from fire_onnx.data import load_images
+
+    test = load_images(ws / "mnist.npz", "test")
+    np.savez(ws / "nchw.npz", x=test.x[:50].transpose(0, 3, 1, 2), y=test.y[:50])
+    proc = run_cli("eval", "model.onnx", "--data", "nchw.npz", "--trigger", "badnets", "--target", "0", cwd=ws)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "looks like an NCHW array" in proc.stderr and "transpose(0, 2, 3, 1)" in proc.stderr, proc.stderr
+
+
 def test_version_and_help():
     proc = run_cli("--version")
     assert proc.returncode == 0 and __version__ in proc.stdout

@@ -36,8 +36,8 @@ def _scan(**forms):
 
 
 def test_suspect_rules():
-    """A global form above the threshold names the suspect before a patch; the additive form names a class
-    only when its change reaches it (flip rate >= ADDITIVE_MIN_RATE)."""
+    """Above the threshold, blend names the suspect before additive, additive before patch; the additive form
+    names a class only when its change reaches it (flip rate >= ADDITIVE_MIN_RATE)."""
     from fire_onnx.invert import ADDITIVE_MIN_RATE
 
     flat = [3.0, 3.2, 2.9, 3.1, 3.05, 2.95, 3.15, 3.0]
@@ -48,6 +48,10 @@ def test_suspect_rules():
     add_hi = (add_low[0], [0.1] * 5 + [0.95] + [0.1] * 2)
     scan = _scan(patch=patch, blend=(flat, [0.1] * 8), additive=add_hi)
     assert scan.suspect[:2] == (5, "additive") and scan.found
+    blend = (flat[:6] + [0.5] + flat[7:], [0.6] * 8)  # class 6 anomalous as a blend, less than 5 as additive
+    assert _scan(blend=blend, additive=add_hi).index("blend")[6] < _scan(blend=blend, additive=add_hi).index("additive")[5]
+    scan = _scan(patch=patch, blend=blend, additive=add_hi)
+    assert scan.suspect[:2] == (6, "blend") and scan.found
     # no class reachable: losses close together, one ahead by little, no flips -> nothing named
     saturated = ([12.6, 12.4, 9.8, 12.7, 12.5, 12.6, 12.55, 12.65], [0.0] * 8)
     assert np.nanmax(_scan(additive=saturated).index("additive")) > 5

@@ -83,7 +83,9 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         return {"skipped": "no model to run the repair in"}
     clean_idx, stamp_idx = _held_indices(req, inputs)
     if len(clean_idx) == 0:
-        why = (f"no clean images left over for a held-out check (the clean file has {len(inputs.pool)}; "
+        why = (f"no clean images left over for a held-out check (--n-clean {req.n_clean} takes all "
+               f"{len(inputs.pool)} of the clean file)" if req.n_clean >= len(inputs.pool) else
+               f"no clean images left over for a held-out check (the clean file has {len(inputs.pool)}; "
                f"--n-clean takes {req.n_clean})")
         return {"skipped": why, "warnings": [f"the repair is written unchecked: {why}; give a clean file with more "
                                              "images than --n-clean (or a smaller --n-clean), so fit can judge it on "
