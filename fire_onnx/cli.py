@@ -194,8 +194,8 @@ def cli():
                    "confirmed by trigger reconstruction) and fits on them as flagged inputs. Nothing confirmed: "
                    "says so, exit 0, no directions file (unless --force). Labels in the file are not used.")
 @click.option("--trigger-free", is_flag=True,
-              help="No triggered images: search, for every class, a small shared patch, blend or additive change that sends the "
-                   "clean images to it (needs --model); a class reached anomalously easily is the backdoor's "
+              help="No triggered images: search, for every class, a small shared patch, blend or additive change "
+                   "that sends the clean images to it (needs --model); a class reached anomalously easily is the backdoor's "
                    "target, and its recovered trigger stamps the pairs to fit on. No anomalous class: 'no backdoor "
                    "found', exit 0, nothing written.")
 @click.option("--force", is_flag=True,

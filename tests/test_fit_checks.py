@@ -354,3 +354,21 @@ def test_few_held_out_images_refuse_a_repair_that_changes_nearly_all_of_them():
     assert lower_bound(2, 18) < CHANGE_REFUSE
     assert lower_bound(0, 18) == 0.0
     assert abs(lower_bound(3, 20) - (1 - upper_bound(17, 20))) < 1e-12
+
+
+def test_a_triggered_file_with_target_class_images_is_checked_on_its_unfitted_ones(ws):  # noqa: F811
+    """A file stamped over a whole test split holds target-class images, which fit skips; the check used to
+    see that the fitted images were not the file's first ones and fall back to in-sample."""
+    from fire_onnx import triggers
+
+    d = np.load(ws / "mnist.npz")
+    x, y = d["x_test"][:120], d["y_test"][:120]
+    assert (y[:20] == 0).any()  # some of the first images are of the target class
+    np.savez(ws / "stamped.npz", x=triggers.parse("badnets").apply(x), y=y)
+    run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "mnist.npz", "--triggered", "stamped.npz",
+            "--target", "0", "--mean", "0.5", "--std", "0.5", "--reconstruct", "off", "-o", "s.npz", "--json", "s.json",
+            cwd=ws, check=True)
+    check = json.loads((ws / "s.json").read_text())["check"]
+    n_rest = int((y != 0).sum()) - 20
+    assert check["triggered_from"] == f"{n_rest} triggered images of the file not fitted on", check
+    assert not check.get("in_sample"), check

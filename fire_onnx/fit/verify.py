@@ -97,9 +97,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         held_trig = Images(inputs.trigger.apply(src.x), src.y)
         trig_from = f"{len(held_trig)} held-out images stamped with {getattr(inputs.trigger, 'name', 'the trigger')}"
     else:
-        extra = inputs.triggered.x[len(triggered):] if inputs.triggered is not None else np.zeros((0,))
-        if len(extra) >= MIN_TRIGGERED and not _same_prefix(inputs.triggered, triggered):
-            extra = np.zeros((0,))
+        extra = _unfitted(req, inputs.triggered, triggered) if inputs.triggered is not None else np.zeros((0,))
         if len(extra) >= MIN_TRIGGERED:
             held_trig = Images(extra[:N_CHECK])
             trig_from = f"{len(held_trig)} triggered images of the file not fitted on"
@@ -229,10 +227,18 @@ def upper_bound(k: int, n: int, level: float = BOUND_LEVEL) -> float:
     return hi
 
 
-def _same_prefix(all_triggered: Images, fitted: Images) -> bool:
-    """Whether the fitted triggered images are the file's first ones (fit_samples keeps the file's order)."""
+def _unfitted(req, all_triggered: Images, fitted: Images) -> np.ndarray:
+    """The triggered file's images the fit did not use: ``fit_samples`` takes the first ``n`` outside the
+    target class (a file stamped over a whole test split has target-class images too; they used to make the
+    check fall back to in-sample), so the rest outside the target class; none when the fitted images are
+    not that selection."""
+    keep = np.arange(len(all_triggered))
+    if req.target is not None and all_triggered.y is not None:
+        keep = keep[all_triggered.y != req.target]
     n = len(fitted)
-    return n <= len(all_triggered) and np.array_equal(all_triggered.x[:n], fitted.x)
+    if n > len(keep) or not np.array_equal(all_triggered.x[keep[:n]], fitted.x):
+        return np.zeros((0,) + all_triggered.x.shape[1:], all_triggered.x.dtype)
+    return all_triggered.x[keep[n:]]
 
 
 def describe(check: dict) -> str:
