@@ -395,14 +395,20 @@ def choose_preprocess(infos: list[ModelInfo], given: dict, image_shape) -> tuple
             fields = dict.fromkeys(PREPROCESS_FIELDS, "recorded")
         elif recorders:
             values, fields = {}, {}
+            # the model's own input shape settles the layout when the recorders disagree on it
+            own_layout = None if "layout" in given else infer_layout(info.input_dims, image_shape)
+            settled = {"layout"} if own_layout is not None else set()
             for f in PREPROCESS_FIELDS:
                 seen = {json.dumps(r.preprocess.as_dict()[f]) for r in recorders}
                 if len(seen) == 1:
                     values[f] = recorders[0].preprocess.as_dict()[f]
                     fields[f] = f"shared from {recorders[0].path}"
+                elif f in settled:
+                    values[f], fields[f] = own_layout, "model input shape"
                 elif f not in given:
                     differ = [g for g in PREPROCESS_FIELDS
-                              if len({json.dumps(r.preprocess.as_dict()[g]) for r in recorders}) > 1 and g not in given]
+                              if len({json.dumps(r.preprocess.as_dict()[g]) for r in recorders}) > 1
+                              and g not in given and g not in settled]
                     raise FireError(
                         f"{info.path} records no preprocessing and the models that do disagree on "
                         + ", ".join(differ) + " (" + "; ".join(f"{r.path}: {describe_preprocess(r.preprocess)}"

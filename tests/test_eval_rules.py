@@ -113,6 +113,16 @@ def test_disagreeing_records_with_an_unrecorded_model_need_explicit_options(ws):
     assert res["models"]["model.fire.onnx"]["preprocess"]["values"]["mean"] == [0.5]
 
 
+def test_records_disagreeing_on_layout_only_are_settled_by_the_models_input_shape(ws):
+    """An unrecorded model beside patched ones that record NCHW and NHWC: its own input shape says which
+    layout it takes, so eval does not ask for --input-layout."""
+    other = with_meta(ws, "nhwc.fire.onnx", preprocess=pre_json(layout="NHWC"))
+    res, _ = run_eval(ws, "model.onnx", "model.fire.onnx", other, "--limit", "100")
+    fields = res["models"]["model.onnx"]["preprocess"]["fields"]
+    assert fields["layout"] == "model input shape" and fields["mean"] == "shared from model.fire.onnx"
+    assert res["models"]["model.onnx"]["preprocess"]["values"]["layout"] == "NCHW"
+
+
 @pytest.mark.parametrize("value,why", [
     ('{"scale": 0.0039, "mean": [0.5', "not valid JSON"),
     ('[1, 2]', "not a JSON object"),
