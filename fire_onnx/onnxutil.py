@@ -436,6 +436,22 @@ class ScopeIndex:
         return out
 
 
+def repeated_calls(graph: onnx.GraphProto, module_path: str) -> list[str]:
+    """Scope names of further calls of ``module_path`` in a TorchScript-exporter graph ("relu_1", "relu_2"
+    for a shared ``relu``; "shared.0_1" inside a block ``shared`` called twice): such a module is called
+    more than once, and its name resolves to one of the calls only. [] when none is seen."""
+    import re
+
+    pat = re.compile(re.escape(module_path) + r"(\.[^/]+)?_\d+")
+    found = []
+    for n in graph.node:
+        name = n.name or ""
+        for lv in name.split("/")[1:-1] if name.startswith("/") else []:
+            if pat.fullmatch(lv) and lv not in found:
+                found.append(lv)
+    return found
+
+
 def module_outputs(graph: onnx.GraphProto, module_path: str) -> list[str]:
     """Tensors that leave ``module_path`` (see :meth:`ScopeIndex.outputs`)."""
     return ScopeIndex(graph).outputs(module_path)

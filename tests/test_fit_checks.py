@@ -372,3 +372,88 @@ def test_a_triggered_file_with_target_class_images_is_checked_on_its_unfitted_on
     n_rest = int((y != 0).sum()) - 20
     assert check["triggered_from"] == f"{n_rest} triggered images of the file not fitted on", check
     assert not check.get("in_sample"), check
+
+
+SHARED = '''
+import torch
+from torch import nn
+
+
+class Shared(nn.Module):
+    """One ReLU module after both convs; conv2's output changed in place by an inplace ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.act2 = nn.ReLU(inplace=True)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+    def forward(self, x):
+        h = self.act2(self.conv2(self.relu(self.conv1(x))))
+        return self.head(self.relu(h - 0.5))
+'''
+
+
+@pytest.fixture(scope="module")
+def shared_net(tmp_path_factory):
+    import importlib.util
+
+    import torch
+
+    from fire_onnx.fit import export_onnx
+
+    root = tmp_path_factory.mktemp("shared")
+    (root / "shared_net.py").write_text(SHARED)
+    spec = importlib.util.spec_from_file_location("shared_net", root / "shared_net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    model = mod.Shared().eval()
+    x = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    export_onnx(model, x, root / "shared.onnx")
+    return model, x, root
+
+
+def test_a_module_output_changed_in_place_afterwards_is_read_as_the_module_returned_it(shared_net):
+    """conv2's output is rectified in place by the next ReLU(inplace=True); fit must keep what conv2 returned
+    (a stored view read the rectified values: the BatchNorm-folding check then refused a correct tensor)."""
+    import torch
+
+    from fire_onnx.fit.torch_model import collect
+
+    model, x, _ = shared_net
+    acts = collect(model, ["conv2"], x)["conv2"]
+    with torch.no_grad():
+        ref = model.conv2(model.relu(model.conv1(torch.from_numpy(x)))).numpy()
+    assert (ref < 0).any()
+    np.testing.assert_allclose(acts, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_modules_are_named_not_silently_resolved(shared_net):
+    """A module called twice: fit from the ONNX model warns that --layer repairs one call only, and applying
+    ONNX-fitted directions by module in PyTorch is refused (a hook would repair every call)."""
+    import onnx
+    import torch
+
+    from fire_onnx import directions as dirs
+    from fire_onnx.errors import FireError
+    from fire_onnx.estimate import fit_target
+    from fire_onnx.fit.torch_model import apply_in_torch
+    from fire_onnx.onnxutil import repeated_calls
+
+    model, x, root = shared_net
+    graph = onnx.load(str(root / "shared.onnx")).graph
+    assert repeated_calls(graph, "relu") and not repeated_calls(graph, "conv2") and not repeated_calls(graph, "act2")
+    h = np.random.default_rng(1).normal(size=(40, 4 * 8 * 8))
+    t = fit_target(h[:30], h[30:] + 3.0, module="relu", tensor="/relu/Relu_output_0", layout="flat")
+    t.feature_shape = [4, 8, 8]
+    handles = apply_in_torch(model, dirs.Directions(targets=[t]))
+    try:
+        with pytest.raises(FireError, match="called more than once per forward pass"):
+            with torch.no_grad():
+                model(torch.from_numpy(x))
+    finally:
+        for hd in handles:
+            hd.remove()

@@ -502,7 +502,9 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
     ranked, within = rank(scores, req.clean_budget)
     best = ranked[0]
     if not best.ok:
-        raise FireError(f"--layer auto could not fit any candidate (first error: {best.error})")
+        hint = ("; its candidates are ONNX tensors: without --model, fit reads them from the --onnx model itself "
+                "(PyTorch needs a module called once per candidate)" if inputs.model is not None else "")
+        raise FireError(f"--layer auto could not fit any candidate (first error: {best.error}){hint}")
     reason = why(ranked, within, req.clean_budget, len(split.held_clean), original_rate)
     chain, steps, stopped = [best], [], ""
     if req.max_layers > 1:

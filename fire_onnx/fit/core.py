@@ -64,9 +64,10 @@ class OnnxSource:
     kind = "onnx"
 
     def __init__(self, onnx_model, layers: Sequence[str], *, tensors: dict | None = None, batch_size: int = 128):
-        from fire_onnx.onnxutil import infer_shapes
+        from fire_onnx.onnxutil import infer_shapes, repeated_calls
         from fire_onnx.patch import resolve_tensor
 
+        self.warnings: list[str] = []
         self.inferred = infer_shapes(onnx_model, weights=False)  # names and shapes (no second copy of a 2 GB model)
         self.layers = list(layers)
         names = {o for n in self.inferred.graph.node for o in n.output}
@@ -79,6 +80,13 @@ class OnnxSource:
                 self.tensor_of[layer] = layer
             else:
                 self.tensor_of[layer] = resolve_tensor(self.inferred, module=layer)
+                again = repeated_calls(self.inferred.graph, layer)
+                if again:
+                    self.warnings.append(
+                        f"module {layer!r} is called more than once in the exported graph (further calls: "
+                        f"{', '.join(again[:4])}); --layer {layer} repairs one call only, tensor "
+                        f"{self.tensor_of[layer]}: to repair another call, name its tensor with --tensor "
+                        "(fire-onnx inspect lists them)")
         self.reader = probes.TensorReader(onnx_model, list(self.tensor_of.values()), with_logits=True,
                                           batch_size=batch_size)
 
@@ -378,6 +386,7 @@ def fit_directions(
     acts_t, logits_t = source.run(preprocess(triggered.x), progress)
     acts_p = source.run(preprocess(triggered_source.x), progress)[0] if triggered_source is not None else None
     checks = model_checks(logits_c, clean.y, logits_t, target, len(triggered))
+    checks["warnings"] += getattr(source, "warnings", [])
     if warning := preprocess_check.warning_of(meta):  # recorded by load_inputs
         checks["warnings"].insert(0, warning)
     acts_gate = None

@@ -216,7 +216,10 @@ def collect(
         def hook(_mod, _inp, out):
             if not isinstance(out, torch.Tensor):
                 raise FireError(f"module {name!r} returns {type(out).__name__}, not a tensor; choose a submodule")
-            store[name].append(out.detach().to(torch.float32).cpu().numpy())
+            # a copy: a later in-place op (ReLU(inplace=True), ``out += identity``) would change a shared view
+            # (a torchvision-style block's conv output read as its post-ReLU sum; fit then refused it as a
+            # folded BatchNorm, and without --onnx fitted the wrong values)
+            store[name].append(out.detach().to(torch.float32).cpu().numpy().copy())
 
         return hook
 
@@ -332,10 +335,31 @@ def repair_module_output(target: dirs.Target):
 
 
 def apply_in_torch(model, directions: dirs.Directions) -> list:
-    """Register the repair of every target (by module path) on ``model``; returns the hook handles."""
-    handles = []
-    for t in directions.targets:
-        if not t.module:
-            raise FireError(f"target {t.label} has no module path; it can only be applied to the ONNX model")
-        handles.append(find_module(model, t.module).register_forward_hook(repair_module_output(t)))
+    """Register the repair of every target (by module path) on ``model``; returns the hook handles.
+
+    A module called more than once per forward pass is refused when it runs a second time: the directions
+    were fitted at one call (the ONNX patch repairs one tensor), and a hook would repair every call (a
+    shared block: outputs 10 % off the patched model's, predictions changed)."""
+    calls: dict[str, int] = {}
+    handles = [model.register_forward_pre_hook(lambda _m, _i: calls.clear())]
+
+    def once(t: dirs.Target, repair):
+        def hook(mod, inp, out):
+            calls[t.module] = calls.get(t.module, 0) + 1
+            if calls[t.module] > 1:
+                raise FireError(f"module {t.module!r} is called more than once per forward pass: its repair was fitted "
+                                f"at one call ({t.tensor or 'one tensor'}) and cannot be applied by module in PyTorch; "
+                                "run the patched ONNX model")
+            return repair(mod, inp, out)
+        return hook
+
+    try:
+        for t in directions.targets:
+            if not t.module:
+                raise FireError(f"target {t.label} has no module path; it can only be applied to the ONNX model")
+            handles.append(find_module(model, t.module).register_forward_hook(once(t, repair_module_output(t))))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        raise
     return handles
