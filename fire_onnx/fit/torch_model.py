@@ -215,7 +215,9 @@ def collect(
     def make_hook(name):
         def hook(_mod, _inp, out):
             if not isinstance(out, torch.Tensor):
-                raise FireError(f"module {name!r} returns {type(out).__name__}, not a tensor; choose a submodule")
+                raise FireError(f"module {name!r} returns {type(out).__name__}, not a tensor; choose a submodule, or "
+                                "fit from the ONNX model alone (--onnx without --model) at one of its output tensors "
+                                "(fire-onnx inspect lists them)")
             # a copy: a later in-place op (ReLU(inplace=True), ``out += identity``) would change a shared view
             # (a torchvision-style block's conv output read as its post-ReLU sum; fit then refused it as a
             # folded BatchNorm, and without --onnx fitted the wrong values)
