@@ -133,9 +133,13 @@ def resolve_target(model: onnx.ModelProto, target: dirs.Target, override: str | 
     return resolve_tensor(model, tensor=target.tensor, module=target.module, override=override)
 
 
-def resolve_tensor(model: onnx.ModelProto, *, tensor: str = "", module: str = "", override: str | None = None) -> str:
+def resolve_tensor(model: onnx.ModelProto, *, tensor: str = "", module: str = "", override: str | None = None,
+                   by_suffix: bool = False) -> str:
     """The ONNX tensor named ``override``, else ``tensor`` if the graph has it, else the single output
-    of the PyTorch module ``module`` (found through the exporter's scope names)."""
+    of the PyTorch module ``module`` (found through the exporter's scope names). ``by_suffix``: a module
+    path the scopes lack may be found by its last components (the TorchScript exporter drops a
+    ModuleDict's name: ``heads.feat`` is scoped ``feat``); only for callers that then check the tensor's
+    values against the module's output."""
     names = _all_tensor_names(model)
     initializers = {i.name for i in model.graph.initializer}
     if override:
@@ -155,6 +159,11 @@ def resolve_tensor(model: onnx.ModelProto, *, tensor: str = "", module: str = ""
                 f"({', '.join(outs[:6])}); choose one with --tensor"
             )
         paths = module_paths(model.graph)
+        parts = module.split(".")
+        for i in range(1, len(parts)) if by_suffix and module not in paths else ():
+            shorter = ".".join(parts[i:])
+            if shorter in paths and len(outs := module_outputs(model.graph, shorter)) == 1:
+                return outs[0]
         if not paths:
             raise FireError(
                 f"module {module!r} not found: the model's node names carry no PyTorch scopes; "

@@ -457,3 +457,31 @@ def test_shared_modules_are_named_not_silently_resolved(shared_net):
     finally:
         for hd in handles:
             hd.remove()
+
+
+def test_a_moduledict_child_is_found_by_its_last_name_when_the_values_are_checked(tmp_path):
+    """The TorchScript exporter scopes ``heads["feat"]`` as ``feat``: --layer heads.feat with --model (whose
+    value check confirms the tensor) finds it; name resolution alone (ONNX only) still refuses the guess."""
+    import torch
+    from torch import nn
+
+    from fire_onnx.errors import FireError
+    from fire_onnx.fit import export_onnx
+    from fire_onnx.onnxutil import infer_shapes
+    from fire_onnx.patch import resolve_tensor
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleDict({"feat": nn.Linear(16, 8), "cls": nn.Linear(8, 3)})
+
+        def forward(self, x):
+            return self.heads["cls"](torch.relu(self.heads["feat"](x.flatten(1))))
+
+    export_onnx(Heads().eval(), np.zeros((2, 1, 4, 4), np.float32), tmp_path / "h.onnx")
+    model = infer_shapes(onnx.load(str(tmp_path / "h.onnx")))
+    name = resolve_tensor(model, module="heads.feat", by_suffix=True)
+    producer = next(n for n in model.graph.node if name in n.output)
+    assert producer.op_type == "Gemm" and "feat" in producer.name
+    with pytest.raises(FireError, match="not found in the ONNX graph"):
+        resolve_tensor(model, module="heads.feat")

@@ -379,7 +379,9 @@ def fit_directions(
 
             inferred = infer_shapes(onnx_model)
             for layer in layers:
-                tensor_of[layer] = resolve_tensor(inferred, module=layer, override=(tensors or {}).get(layer))
+                # by suffix: the value check below confirms the tensor holds the module's output
+                tensor_of[layer] = resolve_tensor(inferred, module=layer, override=(tensors or {}).get(layer),
+                                                  by_suffix=True)
             check_module_tensors(model, inferred, tensor_of, preprocess(clean.x[:VALUE_CHECK_IMAGES]), onnx_name)
 
     acts_c, logits_c = source.run(preprocess(clean.x), progress)
