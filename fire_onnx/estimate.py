@@ -66,10 +66,11 @@ def robust_std(s: np.ndarray, axis: int = 0) -> np.ndarray:
 # gate auto lowers tau on a subspace's second and further directions only where the triggered scores'
 # mean lies at least this many clean standard deviations above the clean mean
 SUBSPACE_MIN_SEPARATION = 0.5
-# fit --update warns when the new triggered samples' mean shift, along the earlier samples' shift, is less
-# than this share of it: they do not look like the same trigger. (The share, not the cosine of the two
-# shifts: the cosine of a small unpaired batch is low from content noise alone, 0.49 for 5 flagged CIFAR-10
-# Blended images at block1, while its share along the earlier shift stays near 1.)
+# fit --update warns when the new triggered samples' mean score along the earlier fit's direction is less
+# than this share of the earlier triggered samples' (over the clean mean): they do not look like the same
+# trigger. (Scores on the one fitted direction, not the cosine of the two mean shifts: an unpaired shift
+# is mostly content noise in a high dimension, and same-trigger batches of 5-20 flagged images read
+# cosines of 0.13-0.50.)
 UPDATE_MIN_SHARE = 0.3
 
 
@@ -183,6 +184,7 @@ def fit_target(
     repair: str = "project",
     prior: ShiftStats | None = None,
     prior_fit: dict | None = None,
+    prior_direction: np.ndarray | None = None,
 ) -> Target:
     """Fit one target from clean and triggered activations; returns a validated Target.
 
@@ -242,7 +244,7 @@ def fit_target(
         G = as_rows(gate_triggered, layout)
     new = ShiftStats.from_rows(T, None if pairing == "unpaired" else ref, mu, n_images=triggered.shape[0],
                                sketch=method == "subspace", gate_rows=G)
-    stats, T_all = new, T
+    stats, T_all, T_new = new, T, T
     if prior is not None:
         stats = prior.merge(new)
         T_all = np.concatenate([prior.rows.astype(np.float64), T])  # every kept row scores the gate
@@ -332,16 +334,17 @@ def fit_target(
         fit["gate_recall_gate_triggered"] = float((sg > tau).any(axis=1).mean()) if chosen != "none" else 1.0
     if prior is not None:
         fit["updates"] = int((prior_fit or {}).get("updates", 0)) + 1
-        a, b = new.mean_shift(mu), prior.mean_shift(mu)
-        nb = max(float(np.linalg.norm(b)), 1e-30)
-        cos = float(a @ b / max(float(np.linalg.norm(a)) * nb, 1e-30))
-        share = float(a @ b) / nb ** 2
-        fit["update_cosine"], fit["update_share"] = cos, share
-        if share < UPDATE_MIN_SHARE:
-            warns.append(f"the new triggered samples move the activations along the earlier ones' shift by only "
-                         f"{max(share, 0.0):.0%} of it (cosine {cos:.2f}): if they carry another trigger, this update dilutes "
-                         "the repair of the earlier one (measured: 0.9 % -> 10.5 % ASR); fit the new trigger in a "
-                         "file of its own, or check that these images are triggered")
+        old_scores = (prior_fit or {}).get("triggered_scores") or []
+        old_clean = (prior_fit or {}).get("clean_scores") or []
+        if prior_direction is not None and old_scores and old_clean:
+            reach = float(old_scores[0]["mean"]) - float(old_clean[0]["mean"])
+            share = float(((T_new - mu) @ np.asarray(prior_direction, np.float64)).mean()) / max(reach, 1e-30)
+            fit["update_share"] = share
+            if share < UPDATE_MIN_SHARE:
+                warns.append(f"the new triggered samples score only {max(share, 0.0):.0%} of the earlier ones along the "
+                             "earlier fit's direction: if they carry another trigger, this update dilutes the repair "
+                             "of the earlier one (measured: 0.9 % -> 10.5 % ASR); fit the new trigger in a file of its "
+                             "own, or check that these images are triggered")
         if len(st) < stats.n_obs + stats.n_gate_rows:
             fit["gate_rows_sampled"] = int(len(st))
     t = Target(

@@ -167,11 +167,15 @@ def test_update_warns_when_the_new_samples_move_along_another_direction():
     clean, trig, src, u = planted(d=32, strength=8.0)
     first = fit_target(clean, trig, paired=src, module="m")
     prior = ShiftStats.from_arrays(first.stats, first.dim, "m")
-    same = fit_target(clean, trig[:10] + 0.01, paired=src[:10], module="m", prior=prior, prior_fit=first.fit)
-    assert same.fit["update_share"] > 0.8 and not [w for w in same.fit["warnings"] if "earlier ones' shift" in w]
+    same = fit_target(clean, trig[:10] + 0.01, paired=src[:10], module="m", prior=prior, prior_fit=first.fit,
+                      prior_direction=first.U[0])
+    assert 0.8 < same.fit["update_share"] < 1.2 and not [w for w in same.fit["warnings"] if "earlier fit's" in w]
+    flagged = fit_target(clean, trig[:3], module="m", prior=prior, prior_fit=first.fit, prior_direction=first.U[0])
+    assert flagged.fit["update_share"] > 0.6  # 3 unpaired images of the same trigger
     v = np.random.default_rng(5).normal(size=32)
     v -= (v @ u) * u
     v /= np.linalg.norm(v)
-    other = fit_target(clean, src[:10] + 8.0 * v, paired=src[:10], module="m", prior=prior, prior_fit=first.fit)
-    assert other.fit["update_share"] < 0.3 and other.fit["update_cosine"] < 0.3
-    assert any("along the earlier ones' shift by only" in w for w in other.fit["warnings"])
+    other = fit_target(clean, src[:10] + 8.0 * v, paired=src[:10], module="m", prior=prior, prior_fit=first.fit,
+                       prior_direction=first.U[0])
+    assert other.fit["update_share"] < 0.3
+    assert any("score only" in w and "earlier fit's direction" in w for w in other.fit["warnings"])

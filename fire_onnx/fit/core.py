@@ -411,14 +411,15 @@ def fit_directions(
     targets = []
     for name in layers:
         is_tensor = model is None and tensor_of.get(name) == name
-        prior, prior_fit, _ = priors.get(name, (None, None, None))
+        prior, prior_fit, old_target = priors.get(name, (None, None, None))
         t = fit_target(acts_c[name], acts_t[name], layout=layout, method=method, k=k, gate=gate,
                        quantile=quantile, alpha=alpha, module="" if is_tensor else name,
                        tensor=tensor_of.get(name, ""),
                        paired=None if acts_p is None else acts_p[name],
                        clean_labels=clean.y, triggered_labels=triggered.y,
                        gate_triggered=None if acts_gate is None else acts_gate[name], shrink=shrink, repair=repair,
-                       prior=prior, prior_fit=prior_fit)
+                       prior=prior, prior_fit=prior_fit,
+                       prior_direction=None if old_target is None else old_target.U[0])
         t.fingerprint = probes.fingerprint(acts_probe[name])
         if inferred is not None:
             from fire_onnx.onnxutil import tensor_info
