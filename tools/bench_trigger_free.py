@@ -62,6 +62,8 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
     _, pool = flagged_split(train, seed)
     rec = {"dataset": dataset, "model": "small_cnn", "attack": attack or "none", "mode": "trigger-free",
            "seed": seed, "layer": layer, "repair": args.repair, "layer_choice": args.layer or "benchmark"}
+    if args.priority:  # a study of which form should name the suspect (fire_onnx.invert.PRIORITY)
+        rec["priority"] = args.priority
     m0 = compute_metrics(session(onnx_path), test, pre, trig_test, TARGET)
     rec.update(ca_original=m0.ca, asr_original=m0.asr if attack else None, ra_original=m0.ra if attack else None)
     t0 = time.perf_counter()
@@ -74,7 +76,14 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
                          weights=str(Path(onnx_path).parent / "model.pt"), n_clean=N_CLEAN, seed=seed,
                          scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, trigger_free=True, force=True,
                          budget=args.budget, repair=args.repair)
-        res = run_trigger_free(req)
+        from fire_onnx import invert
+
+        default = invert.PRIORITY
+        invert.PRIORITY = tuple(args.priority.split(",")) if args.priority else default
+        try:
+            res = run_trigger_free(req)
+        finally:
+            invert.PRIORITY = default
         ev = res.evidence
         scan = ev["scan"]
         rec.update(backdoor_found=ev["backdoor_found"], suspect=scan["suspect"], kind=scan["kind"],
@@ -98,7 +107,7 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
     return rec
 
 
-def _decision(scan_loss: dict, scan_rate: dict | None = None) -> dict:
+def _decision(scan_loss: dict, scan_rate: dict | None = None, priority: str | None = None) -> dict:
     from fire_onnx import invert
 
     scan = invert.Scan(n_classes=len(next(iter(scan_loss.values()))))
@@ -106,7 +115,12 @@ def _decision(scan_loss: dict, scan_rate: dict | None = None) -> dict:
     scan.results = {kind: [None if v is None else invert.ClassSearch(c, kind, v, (rates.get(kind) or [1.0] * len(losses))[c],
                                                                      None, None, 0.0)
                            for c, v in enumerate(losses)] for kind, losses in scan_loss.items()}
-    cls, kind, index = scan.suspect
+    default = invert.PRIORITY
+    invert.PRIORITY = tuple(priority.split(",")) if priority else default
+    try:
+        cls, kind, index = scan.suspect
+    finally:
+        invert.PRIORITY = default
     return {"anomaly_index": index, "suspect": cls, "kind": kind, "backdoor_found": scan.found}
 
 
@@ -121,10 +135,11 @@ def markdown(records: list[dict]) -> str:
         if r.get("mode") != "trigger-free":
             continue
         if r.get("scan_loss"):  # the index as fire_onnx.invert computes it now, from the recorded losses
-            r = dict(r, **_decision(r["scan_loss"], r.get("scan_rate")))
+            r = dict(r, **_decision(r["scan_loss"], r.get("scan_rate"), r.get("priority")))
         found = f"{'yes' if r['backdoor_found'] else 'no'} ({r['suspect']}, {r['anomaly_index']:.2f} {r['kind']})"
         tf = "—" if r["target_found"] is None else ("yes" if r["target_found"] else "no")
         op = (" (translate)" if r.get("repair") == "translate" else "") + (
+            f" ({r['priority'].split(',')[0]} first)" if r.get("priority") else "") + (
             f" (auto: {r['layer']})" if r.get("layer_choice") == "auto" else "")
         rows.append(f"| {r['dataset']} | {r['attack']}{op} | {r['seed']} | {found} | {tf} | {_pct(r['ca_original'])} → "
                     f"{_pct(r['ca'])} | {_pct(r['asr_original'])} → {_pct(r['asr'])} | {_pct(r['ra'])} | "
@@ -148,6 +163,9 @@ def main(argv=None) -> int:
                     help="fit --repair: the operator of the repair (gated either way)")
     ap.add_argument("--layer", default=None, choices=["auto"],
                     help="auto: fit --layer auto chooses where to repair (default: the benchmark's layer per attack)")
+    ap.add_argument("--priority", default=None,
+                    help="study: the order in which anomalous forms name the suspect, e.g. additive,blend,patch "
+                         "(default: fire-onnx's, blend,additive,patch); recorded, and kept apart from default rows")
     ap.add_argument("--quick", action="store_true", help="one cell: mnist5k badnets")
     args = ap.parse_args(argv)
     cells = [(ds, a, 0, ATTACKS[a][1]) for ds in args.datasets.split(",") for a in args.attacks.split(",") if a]
@@ -164,7 +182,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     key = lambda r: (r["dataset"], r["model"], r["attack"], r["mode"], r.get("seed"), r.get("layer"),  # noqa: E731
-                     r.get("repair") or "project", r.get("layer_choice") or "benchmark")
+                     r.get("repair") or "project", r.get("layer_choice") or "benchmark", r.get("priority") or "")
     t0 = time.perf_counter()
     for ds, attack, seed, layer in cells:
         log(f"[{ds} / {attack or 'clean model'} / seed {seed}]")
