@@ -187,6 +187,7 @@ def fit_target(
     prior: ShiftStats | None = None,
     prior_fit: dict | None = None,
     prior_direction: np.ndarray | None = None,
+    weak_floor: bool = True,
 ) -> Target:
     """Fit one target from clean and triggered activations; returns a validated Target.
 
@@ -290,7 +291,9 @@ def fit_target(
         # out from clean ones: reaching them there means firing on most clean inputs for nothing (a
         # k = 3 subspace of a patch trigger, directions 2 and 3 at 0.09 and 0.17 sigma: the gate fired on
         # every clean image and cost 1.3 pt of clean accuracy, the hard gate none, at the same ASR)
-        weak = np.arange(len(sep)) >= 1
+        # (``weak_floor=False``: the trigger-free rounds, one direction per recovered trigger, keep the plain
+        # rule: with the floor, MNIST SIG's 3-round repair left 10.4 % ASR instead of 5.8 %)
+        weak = np.arange(len(sep)) >= (1 if weak_floor else len(sep))
         weak &= sep < SUBSPACE_MIN_SEPARATION
         tau = np.where(weak, tau_clean, tau)
         chosen = "hard"

@@ -335,6 +335,7 @@ def fit_directions(
     repair: str = "project",
     previous: dirs.Directions | None = None,
     pair_blend: bool = False,
+    weak_floor: bool = True,
 ) -> dirs.Directions:
     """Fit one target per layer and return the directions, with the checks' results in
     ``meta["checks"]`` and each target's fingerprint.
@@ -418,6 +419,7 @@ def fit_directions(
                        paired=None if acts_p is None else acts_p[name],
                        clean_labels=clean.y, triggered_labels=triggered.y,
                        gate_triggered=None if acts_gate is None else acts_gate[name], shrink=shrink, repair=repair,
+                       weak_floor=weak_floor,
                        prior=prior, prior_fit=prior_fit,
                        prior_direction=None if old_target is None else old_target.U[0])
         t.fingerprint = probes.fingerprint(acts_probe[name])

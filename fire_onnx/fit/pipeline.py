@@ -378,7 +378,8 @@ def fit_inputs(req: FitRequest, inputs: FitInputs, layers: list[str], clean: Ima
                        batch_size=req.batch_size, onnx_model=inputs.onnx_model, meta=dict(inputs.meta),
                        triggered_source=source, progress=progress, tensors=tensors, target=req.target,
                        onnx_name=inputs.onnx_name, reconstruct=reconstruct, held=held, shrink=req.shrink,
-                       repair=req.repair, previous=inputs.previous, pair_blend=req.blend_fit == "pseudo-pairs")
+                       repair=req.repair, previous=inputs.previous, pair_blend=req.blend_fit == "pseudo-pairs",
+                       weak_floor=not req.trigger_free)
     if inputs.previous is not None:
         from fire_onnx.fit.update import stamp_update
 
