@@ -44,7 +44,6 @@ from fire_onnx.errors import FireError
 
 KINDS = ("patch", "blend", "additive")
 PRIORITY = ("blend", "additive", "patch")  # which form names the suspect when several are anomalous
-GLOBAL_KINDS = ("blend", "additive")  # changes over the whole image (fit --trigger-free may fit both, see there)
 PATCH_BUDGET = 0.015  # the patch search's final mask covers at most this share of the pixels
 PATCH_START = 0.3  # ... annealed down from this share
 ANNEAL = 0.8  # share of the steps over which the patch budget shrinks

@@ -233,39 +233,3 @@ def test_paired_fit_reports_its_held_out_check(demo_run, mnist_path, tmp_path):
     assert check["n_clean"] >= 200 and check["clean_change"] <= 0.02 and not check["in_sample"]
     assert check["target_rate_before"] > 0.9 and check["target_rate_after"] < 0.1 and "refuse" not in check
 
-
-def test_both_global_forms_anomalous_keeps_the_repair_that_removes_both_recovered_triggers(monkeypatch):
-    """The choice between the blend and the additive repair: each is fitted and run on held-out images stamped
-    with the other form's recovered trigger; the smaller worst rate wins, a tie goes to the blend (PRIORITY).
-    The fits and held-out runs are stood in for (their real counterparts are exercised by the tests above)."""
-    from fire_onnx.fit import trigger_free as tf
-    from fire_onnx.fit import verify as verify_mod
-
-    flat = [3.0, 3.2, 2.9, 3.1, 3.05, 2.95, 3.15, 3.0]
-    low = (flat[:1] + [0.01] + flat[2:], [0.9] * 8)  # class 1 anomalous
-    scan = _scan(patch=(flat, [0.2] * 8), blend=low, additive=low)
-    for k in ("blend", "additive"):
-        scan.results[k][1].mask = np.zeros((2, 2, 1), np.float32)
-        scan.results[k][1].pattern = np.zeros((2, 2, 1), np.float32)
-    req = type("Req", (), {"target": 1, "seed": 0})()
-    inputs = type("Inputs", (), {"trigger": None})()
-
-    def run(own: dict, cross: dict) -> str:
-        monkeypatch.setattr(tf, "_group", lambda net, x, cls, trig, kind, *a: [type("C", (), {"kind": kind})()])
-        monkeypatch.setattr(tf, "_fit", lambda req, inputs, rounds, *a: (rounds[0][0].kind, {
-            "target_rate_after": own[rounds[0][0].kind], "clean_change": 0.0}))
-        monkeypatch.setattr(verify_mod, "verify", lambda req, inputs, d, *a: {
-            "target_rate_after": cross[(d, inputs.trigger.candidates[0].kind)]})
-        evidence = {}
-        out = tf._choose_global_form(req, inputs, None, scan, None, 10, None, None, evidence, lambda m: None)
-        assert evidence["form_choice"]["chosen"] == out[0]
-        return out[0]
-
-    # the SIG-like case: the additive repair also removes the recovered blend, not the other way round
-    assert run({"blend": 0.0, "additive": 0.0}, {("blend", "additive"): 0.6, ("additive", "blend"): 0.05}) == "additive"
-    # the Blended-like case
-    assert run({"blend": 0.0, "additive": 0.1}, {("blend", "additive"): 0.02, ("additive", "blend"): 0.7}) == "blend"
-    assert run({"blend": 0.0, "additive": 0.0}, {("blend", "additive"): 0.0, ("additive", "blend"): 0.0}) == "blend"
-    # one form anomalous: no choice to make
-    only = _scan(blend=low, additive=(flat, [0.9] * 8))
-    assert tf._choose_global_form(req, inputs, None, only, None, 10, None, None, {}, lambda m: None) is None

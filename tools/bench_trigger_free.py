@@ -91,8 +91,7 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
                    stopped=ev.get("stopped"), round_info=ev["rounds"],
                    scan_loss={k: scan[k]["loss"] for k in ("patch", "blend", "additive") if k in scan},
                    scan_rate={k: scan[k]["flip_rate"] for k in ("patch", "blend", "additive") if k in scan},
-                   target_found=(ev["backdoor_found"] and scan["suspect"] == TARGET) if attack else None,
-                   form_choice=ev.get("form_choice"))
+                   target_found=(ev["backdoor_found"] and scan["suspect"] == TARGET) if attack else None)
         d = res.directions
         dpath = tmp / "d.npz"
         dirs.save(d, dpath)
@@ -137,8 +136,6 @@ def markdown(records: list[dict]) -> str:
             continue
         if r.get("scan_loss"):  # the index as fire_onnx.invert computes it now, from the recorded losses
             r = dict(r, **_decision(r["scan_loss"], r.get("scan_rate"), r.get("priority")))
-        if r.get("form_choice"):  # both global forms anomalous: fit chose between them on held-out images
-            r = dict(r, kind=r["form_choice"]["chosen"] + " (chosen)")
         found = f"{'yes' if r['backdoor_found'] else 'no'} ({r['suspect']}, {r['anomaly_index']:.2f} {r['kind']})"
         tf = "—" if r["target_found"] is None else ("yes" if r["target_found"] else "no")
         op = (" (translate)" if r.get("repair") == "translate" else "") + (

@@ -145,28 +145,17 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
     x_cls = invert.class_images(x_search, pred, y_search, cls)
     req.target = cls
     found = scan.best()
-    first = None
-    if scan.found and not req.auto:
-        first = _choose_global_form(req, inputs, net, scan, x_cls, steps, fit_inputs, fit_progress, evidence, say)
-        if first is not None:
-            kind, found = first[0], scan.results[first[0]][cls]
-            evidence["scan"]["kind"] = kind
     others = scan.losses(kind).copy()
     cands = []
     d = None
     for r in range(MAX_ROUNDS):
-        if r == 0 and first is not None:  # fitted already by the choice of form
-            _, group, d, check = first
-            trig = found
-        else:
-            trig = invert.refine_patch(net, x_cls, found, seed=req.seed) if found.kind == "patch" else found
-            group = _group(net, x_cls, cls, trig, found.kind, steps, req.seed, r)
+        trig = invert.refine_patch(net, x_cls, found, seed=req.seed) if found.kind == "patch" else found
+        group = _group(net, x_cls, cls, trig, found.kind, steps, req.seed, r)
         cand = group[0]
         cands.append(group)
         evidence["rounds"].append({"round": r + 1, "kind": trig.kind, "loss": round(found.loss, 4),
                                    "flip_rate": round(trig.rate, 4), "searches": len(group), **cand.info})
-        if not (r == 0 and first is not None):
-            d, check = _fit(req, inputs, cands, fit_inputs, fit_progress)  # the scan's progress is labelled as such
+        d, check = _fit(req, inputs, cands, fit_inputs, fit_progress)  # the scan's progress is labelled as such
         if r + 1 == MAX_ROUNDS:
             evidence["stopped"] = f"reached {MAX_ROUNDS} rounds"
             break
@@ -209,53 +198,6 @@ def _group(net, x_cls: np.ndarray, cls: int, trig, kind: str, steps: int, seed: 
         more = invert.search_class(net, x_cls, cls, kind, steps=steps, seed=seed + 101 * (r + 1) + e)
         group.append(more.candidate(f"trigger-free {more.kind}, round {r + 1}, search {e + 1}"))
     return group
-
-
-def _choose_global_form(req, inputs, net, scan, x_cls, steps, fit_inputs, progress, evidence, say):
-    """When the suspect is anomalous in both global forms (blend and additive), fit a repair from each and
-    keep the one that also removes the *other* form's recovered trigger on held-out images: each form's
-    change is the better stand-in for its own kind of trigger (GTSRB SIG: 4.4 % ASR after the additive
-    repair, 26.6 % after the blend's; CIFAR-10 Blended: 81.8 % against 13.4 %), and the scan's indices do
-    not tell the kinds apart. Returns (form, its group, directions, check) or None (one form only)."""
-    cls = req.target
-    forms = [k for k in invert.GLOBAL_KINDS if k in scan.results
-             and scan.results[k][cls] is not None and scan.eligible_index(k)[cls] > scan.threshold]
-    if len(forms) < 2:
-        return None
-    fitted = {}
-    for k in forms:
-        group = _group(net, x_cls, cls, scan.results[k][cls], k, steps, req.seed, 0)
-        d, check = _fit(req, inputs, [group], fit_inputs, progress)
-        fitted[k] = (group, d, check)
-    from fire_onnx.fit.verify import verify
-
-    rows = {}
-    for k in forms:
-        group, d, check = fitted[k]
-        worst = check.get("target_rate_after") or 0.0
-        cross = {}
-        for o in forms:
-            if o == k:
-                continue
-            saved = inputs.trigger
-            inputs.trigger = Stamps(fitted[o][0])
-            try:
-                c = verify(req, inputs, d, None, None, None)
-            finally:
-                inputs.trigger = saved
-            cross[o] = c.get("target_rate_after")
-            worst = max(worst, cross[o] or 0.0)
-        rows[k] = {"own": check.get("target_rate_after"), "other": cross, "worst": worst,
-                   "clean_change": check.get("clean_change")}
-    chosen = min(forms, key=lambda k: (rows[k]["worst"], invert.PRIORITY.index(k)))
-    evidence["form_choice"] = {"forms": rows, "chosen": chosen}
-    say("trigger-free: class {} is anomalous as {}; held-out target rate after each form's repair (own / other "
-        "form's recovered trigger): {}; keeping the {} repair".format(
-            cls, " and ".join(forms),
-            ", ".join(f"{k} {100 * (rows[k]['own'] or 0):.0f}% / "
-                      + "/".join(f"{100 * (v or 0):.0f}%" for v in rows[k]["other"].values()) for k in forms), chosen))
-    group, d, check = fitted[chosen]
-    return chosen, group, d, check
 
 
 def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> tuple[dirs.Directions, dict]:
