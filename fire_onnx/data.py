@@ -78,6 +78,16 @@ def pool_order(pool: Images, *, n_clean: int, seed: int = 0, target: int | None 
     return order[:n_clean], rest, stampable
 
 
+def triggered_order(triggered: Images, target: int | None = None) -> np.ndarray:
+    """Indices of the triggered images ``fit`` may use, in file order: those outside the target class (when
+    labelled). :func:`fit_samples` takes the first ``n_triggered``; the held-out check and ``--layer auto``
+    judge on the rest."""
+    keep = np.arange(len(triggered))
+    if target is not None and triggered.y is not None:
+        keep = keep[triggered.y != target]
+    return keep
+
+
 def fit_samples(
     pool: Images,
     *,
@@ -105,10 +115,7 @@ def fit_samples(
                             f"({len(pool)} in the clean file)")
         source = pool.subset(stampable[:n_triggered])
         return clean, Images(trigger.apply(source.x), source.y), source
-    keep = np.arange(len(triggered))
-    if target is not None and triggered.y is not None:
-        keep = keep[triggered.y != target]
-    keep = keep[:n_triggered]
+    keep = triggered_order(triggered, target)[:n_triggered]
     if len(keep) == 0:
         raise FireError("no triggered images left (all are of the target class)")
     source = None if triggered_clean is None else Images(triggered_clean[keep], None if triggered.y is None else triggered.y[keep])

@@ -233,11 +233,8 @@ def search_class(net: Model, x: np.ndarray, cls: int, kind: str, *, steps: int =
         else:
             m = blend_mask()
         p = 255 * torch.sigmoid(p_raw)
-        losses, rates = [], []
-        for i in range(r):  # each restart judged on all the images; the best one is kept
-            out = torch.cat([net((1 - m[i]) * X[j:j + 256] + m[i] * p[i]) for j in range(0, n, 256)])
-            losses.append(float(F.cross_entropy(out, torch.full((n,), cls, dtype=torch.long))))
-            rates.append(float((out.argmax(1) == cls).float().mean()))
+        # each restart judged on all the images; the best one is kept
+        losses, rates = zip(*(_judge(net, X, cls, lambda xb, i=i: (1 - m[i]) * xb + m[i] * p[i]) for i in range(r)))
         i = int(np.argmin(losses))
         loss, rate, m, p = losses[i], rates[i], m[i:i + 1], p[i:i + 1]
         size = float(m.sum()) if kind == "patch" else BLEND_BUDGET

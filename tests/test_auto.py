@@ -415,6 +415,18 @@ def test_update_of_a_chain_reads_later_targets_with_the_earlier_repairs_applied(
     # earlier ones did (read without it they carry the first trigger's shift too)
     cos = abs(float(u.targets[1].U[0] @ d.targets[1].U[0]))
     assert cos > 0.99, cos
+    # another model (one weight matrix scaled): refused on the original model's fingerprints, before any fit
+    from dataclasses import replace
+
+    import onnx
+    from onnx import numpy_helper
+
+    other = onnx.load(str(two["onnx"]))
+    init = next(i for i in other.graph.initializer if numpy_helper.to_array(i).ndim == 2)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    with pytest.raises(FireError, match="--update needs the same model"):
+        run_fit(replace(req, onnx_path=str(tmp_path / "other.onnx")))
     dirs.save(u, tmp_path / "chain.u1.npz")
     run_cli("patch", two["onnx"], tmp_path / "chain.u1.npz", "-o", tmp_path / "u.fire.onnx", check=True)
     fresh = two["fresh"]

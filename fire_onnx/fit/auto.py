@@ -66,7 +66,7 @@ from typing import Callable
 import numpy as np
 
 from fire_onnx import directions as dirs
-from fire_onnx.data import Images
+from fire_onnx.data import Images, triggered_order
 from fire_onnx.errors import FireError, first_line
 
 Log = Callable[[str], None]
@@ -383,10 +383,7 @@ def split_samples(req, inputs, clean: Images, triggered: Images, source: Images 
     n = len(triggered)
     # a file with more triggered images than the fit takes: fit each candidate on the ones a plain fit uses and
     # judge it on the others (a 200-image file was judged on 10, rates in steps of 10 %, six layers tied)
-    keep = np.arange(len(inputs.triggered))
-    if req.target is not None and inputs.triggered.y is not None:
-        keep = keep[inputs.triggered.y != req.target]  # as fit_samples chose them
-    extra = keep[n:]
+    extra = triggered_order(inputs.triggered, req.target)[n:]  # fit_samples took the first n
     if target is not None and inputs.triggered.y is not None:
         extra = extra[inputs.triggered.y[extra] != target]
     extra = extra[:req.n_holdout]

@@ -124,19 +124,11 @@ def update_targets(req, inputs, clean, triggered, source, progress=None) -> dirs
 def _check_fingerprints(previous: dirs.Directions, inputs) -> None:
     """Every target's fingerprint against the original ONNX model (a chain's later targets are then read on
     the patched model, where the recorded fingerprints do not apply)."""
-    from fire_onnx import probe as probes
+    from fire_onnx.probe import check_fingerprints
 
-    if previous.probe is None:
-        return
-    names = [t.tensor for t in previous.targets if t.tensor and probes.valid_fingerprint(t.fingerprint)]
-    if not names:
-        return
-    x = inputs.preprocess(previous.probe)
-    acts, _ = probes.TensorReader(inputs.onnx_model, names, batch_size=len(x))(x)
-    for t in previous.targets:
-        if t.tensor in acts and probes.difference(t.fingerprint, acts[t.tensor]) > probes.FINGERPRINT_TOL:
-            raise FireError(f"the model does not compute the activations the directions for {t.label} were fitted "
-                            "on: --update needs the same model (and layer) as the earlier fit")
+    bad, _ = check_fingerprints(inputs.onnx_model, previous, [t.tensor for t in previous.targets])
+    if bad:
+        raise FireError(f"{bad[0]}: --update needs the same model (and layer) as the earlier fit")
 
 
 def stamp_update(d: dirs.Directions, previous: dirs.Directions, update_path: str) -> None:

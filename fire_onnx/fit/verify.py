@@ -232,9 +232,9 @@ def _unfitted(req, all_triggered: Images, fitted: Images) -> np.ndarray:
     target class (a file stamped over a whole test split has target-class images too; they used to make the
     check fall back to in-sample), so the rest outside the target class; none when the fitted images are
     not that selection."""
-    keep = np.arange(len(all_triggered))
-    if req.target is not None and all_triggered.y is not None:
-        keep = keep[all_triggered.y != req.target]
+    from fire_onnx.data import triggered_order
+
+    keep = triggered_order(all_triggered, req.target)
     n = len(fitted)
     if n > len(keep) or not np.array_equal(all_triggered.x[keep[:n]], fitted.x):
         return np.zeros((0,) + all_triggered.x.shape[1:], all_triggered.x.dtype)
