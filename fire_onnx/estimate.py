@@ -293,9 +293,9 @@ def fit_target(
         # every clean image and cost 1.3 pt of clean accuracy, the hard gate none, at the same ASR)
         # (``weak_floor=False``: the trigger-free rounds, one direction per recovered trigger, keep the plain
         # rule: with the floor, MNIST SIG's 3-round repair left 10.4 % ASR instead of 5.8 %)
-        weak = np.arange(len(sep)) >= (1 if weak_floor else len(sep))
-        weak &= sep < SUBSPACE_MIN_SEPARATION
-        tau = np.where(weak, tau_clean, tau)
+        if weak_floor:
+            weak = (np.arange(len(sep)) >= 1) & (sep < SUBSPACE_MIN_SEPARATION)
+            tau = np.where(weak, tau_clean, tau)
         chosen = "hard"
         if np.any(tau < tau_clean):
             rule = "triggered-margin"
