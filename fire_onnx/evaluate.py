@@ -169,6 +169,29 @@ def check_class_scores(shape) -> None:
                         "(for a binary sigmoid classifier, export the two scores [1 - p, p] or [-z, z])")
 
 
+BEYOND_LABELS = 0.5  # share of clean images predicted beyond the labels' range that makes the scores suspect
+
+
+def check_labels_in_range(pred: np.ndarray, y: np.ndarray, n_scores: int, outputs: list[str] | None = None) -> None:
+    """Refuse predictions that mostly fall beyond the labels' range: the scored output is then not the class
+    scores (a model whose first output was a 64-wide activation and its logits the second read 0 % CA and
+    0.7 % ASR, "most go to class 27", on a backdoored 10-class model), or the labels belong to another
+    dataset; either way CA, ASR and every check on predictions would mean nothing."""
+    if not len(pred) or not len(y):
+        return
+    top = int(np.max(y))
+    beyond = pred > top
+    if float(beyond.mean()) <= BEYOND_LABELS:
+        return
+    most = int(np.bincount(pred[beyond]).argmax())
+    which = (f"the model has {len(outputs)} outputs ({', '.join(outputs)}) and fire-onnx scores the first: export "
+             "the class scores as the first output" if outputs and len(outputs) > 1 else
+             "export the class scores as the model's (first) output")
+    raise FireError(f"{beyond.mean():.0%} of the clean images are predicted as classes beyond the labels' range "
+                    f"0..{top} (most as {most}) by an output with {n_scores} columns: it is probably not the class "
+                    f"scores ({which}), or the labels belong to other data")
+
+
 def predict_logits(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     outs = run_batches(sess, x, [sess.get_outputs()[0].name], batch_size)[0]
     logits = np.concatenate(outs)
@@ -207,6 +230,7 @@ def compute_metrics(
         raise FireError(f"target class {target} is out of range: the model has {logits.shape[1]} classes "
                         f"(0..{logits.shape[1] - 1})")
     pred = logits.argmax(axis=1)
+    check_labels_in_range(pred, clean.y, logits.shape[1], [o.name for o in sess.get_outputs()])
     m = Metrics(ca=float((pred == clean.y).mean()), n_clean=len(clean))
     if target is not None and (clean.y != target).any():
         m.asr_floor = float((pred[clean.y != target] == target).mean())

@@ -196,8 +196,11 @@ def _refuse_subgraph_tensor(model: onnx.ModelProto, name: str) -> None:
                         "main graph only (the If/Loop output, or a tensor before it, holds what the body computed)")
 
 
-def check_layout(target: dirs.Target, name: str, dims, model: onnx.ModelProto | None = None) -> list:
-    """Check the tensor's shape against the target's layout and D; returns the dims."""
+def check_layout(target: dirs.Target, name: str, dims, model: onnx.ModelProto | None = None,
+                 notes: list | None = None) -> list:
+    """Check the tensor's shape against the target's layout and D; returns the dims. Dynamic per-sample
+    dimensions of a flat target are accepted where they agree with the shape it was fitted at (the
+    patch's Reshape to (N, D) then fails loudly at any other size), with a note in ``notes``."""
     d = target.dim
     if dims is None:
         foreign = sorted({f"{n.domain}.{n.op_type}" for n in (model.graph.node if model is not None else [])
@@ -227,9 +230,24 @@ def check_layout(target: dirs.Target, name: str, dims, model: onnx.ModelProto | 
                     f"({int(np.prod(feat))} values) but the directions have D = {d}"
                 )
         else:
+            fitted = [int(v) for v in target.feature_shape] if target.feature_shape else []
+            if (len(fitted) == len(feat) and int(np.prod(fitted)) == d
+                    and all(not isinstance(a, int) or a == b for a, b in zip(feat, fitted))):
+                if notes is not None:
+                    notes.append(
+                        f"tensor {name!r} has dynamic dimensions {_fmt(feat)} and the repair was fitted at per-sample "
+                        f"shape {_fmt(fitted)}: the patched model repairs inputs of the size it was fitted on, and "
+                        "inputs of another size stop with a Reshape error in the runtime (export the model with a "
+                        "static input size to make that explicit)")
+                return dims
+            token = (" (for (N, T, D) token sequences of variable length, fit with --layout token)"
+                     if rank == 3 else "")
             raise FireError(
-                f"tensor {name!r} has dynamic feature dimensions {_fmt(feat)}; layout 'flat' needs them static "
-                "(for (N, T, D) token sequences of variable length, fit with --layout token)"
+                f"tensor {name!r} has dynamic feature dimensions {_fmt(feat)}"
+                + (f" that do not match the per-sample shape {_fmt(fitted)} the directions were fitted at"
+                   if fitted else ", and the directions do not record the per-sample shape they were fitted at")
+                + f"; layout 'flat' needs them to{token}: export the model with a static input size (the one you "
+                "deploy), or repair a tensor after Flatten/Gemm"
             )
     elif isinstance(dims[-1], int) and dims[-1] != d:
         raise FireError(f"dimension mismatch: tensor {name!r} has last dimension {dims[-1]} but the directions have D = {d}")
@@ -295,10 +313,16 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to, dims)
     translate = target.repair == "translate"
     if translate and target.gate != "hard":  # the paper's operator on every input: one Sub of a constant
         beta = target.alpha.astype(np.float64) @ (target.shift.astype(np.float64)[:, None] * U)
-        if target.layout == "flat":  # in this tensor's own per-sample shape (static: check_layout), which may
-            # differ from the one fitted on (--tensor onto a flattened copy of the same values)
+        dynamic = target.layout == "flat" and not all(isinstance(v, int) for v in dims[1:])
+        if dynamic:  # (N, D) and back, so that another per-sample size fails in Reshape instead of broadcasting
+            x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, U.shape[1]], dtype=np.int64))])
+            beta = beta.reshape(1, -1)
+        elif target.layout == "flat":  # in this tensor's own per-sample shape, which may differ from the one
+            # fitted on (--tensor onto a flattened copy of the same values)
             beta = beta.reshape([1] + [int(v) for v in dims[1:]])
         y = node("Sub", "repaired", [x, const("alpha_beta", beta.astype(ctype))])
+        if dynamic:
+            y = node("Reshape", "unflatten", [y, node("Shape", "orig_shape", [h], out_dtype=np.int64)])
         if cast_to is not None:
             y = node("Cast", "cast_out", [y], out_dtype=np_dtype, attrs={"to": cast_to})
         return y, len(graph.nodes) - nodes_before
@@ -416,7 +440,7 @@ def patch_model(
         elem, dims = tensor_info(inferred, name)
         if elem is not None and elem not in FLOAT_TYPES:
             raise FireError(f"tensor {name!r} has element type {onnx.TensorProto.DataType.Name(elem)}; fire-onnx repairs float tensors only")
-        dims = check_layout(t, name, dims, inferred)
+        dims = check_layout(t, name, dims, inferred, notes)
         if any(p[1] == name for p in plan):
             raise FireError(f"two targets resolve to the same tensor {name!r}")
         warn = fusion_hazard(inferred, name)

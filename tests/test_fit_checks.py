@@ -485,3 +485,109 @@ def test_a_moduledict_child_is_found_by_its_last_name_when_the_values_are_checke
     assert producer.op_type == "Gemm" and "feat" in producer.name
     with pytest.raises(FireError, match="not found in the ONNX graph"):
         resolve_tensor(model, module="heads.feat")
+
+
+# ---------------------------------------------------------------- ONNX files as users bring them (new-user run 5)
+def _wrapped_export(folder: Path, name: str, wrapper: str = "", dynamic_axes: dict | None = None):
+    """Export ``build_wrapped()`` of ``wrapper`` (Python source around BNNet; its ``m`` gets bn.pt), or BNNet
+    itself with bn.pt when ``wrapper`` is empty, to ``name`` with the TorchScript exporter."""
+    import warnings
+
+    import torch
+
+    ns: dict = {}
+    exec(compile(BNNET + wrapper, "wrapped.py", "exec"), ns)
+    model = (ns["build_wrapped"]() if wrapper else ns["build"]()).eval()
+    (model.m if wrapper else model).load_state_dict(torch.load(folder / "bn.pt", weights_only=True))
+    axes = dynamic_axes or {"input": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 1, 28, 28),), str(folder / name), dynamo=False, opset_version=17,
+                          input_names=["input"], dynamic_axes=axes)
+    return model
+
+
+def test_a_module_without_a_node_of_its_own_is_found_by_its_values(bn_folder):
+    """A folded BatchNorm has no node in the export; the tensor that holds its output is found by value
+    (it used to be refused as 'not found', suggesting the Conv module that is refused in turn)."""
+    proc = _bn_fit(bn_folder, "block1.1", "-o", "byvalue.npz", "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    assert [(t["module"], t["tensor"]) for t in json.loads(proc.stdout)["targets"]] == [("block1.1", CONV)]
+    assert f"ONNX tensor '{CONV}' holds its output" in proc.stderr
+    proc = run_cli("patch", "bn.onnx", "byvalue.npz", "-o", "byvalue.onnx", cwd=bn_folder)
+    assert proc.returncode == 0 and "[module block1.1]" in proc.stdout, proc.stderr
+
+
+def test_an_onnx_graph_with_preprocessing_of_its_own_is_named_as_such(bn_folder):
+    _wrapped_export(bn_folder, "norm.onnx", '''
+class Norm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m = BNNet()
+
+    def forward(self, x):
+        return self.m((x - 0.5) / 0.25)
+
+
+def build_wrapped():
+    return Norm()
+''')
+    before = snapshot(bn_folder)
+    proc = run_cli("fit", "--model", "bnnet.py:build", "--weights", "bn.pt", "--layer", "block2", "--tensor",
+                   "/m/block2/block2.2/Relu_output_0", "--onnx", "norm.onnx", "--clean", "mnist.npz", "--trigger",
+                   "badnets", "--target", "0", "--n-clean", "200", "-o", "d.npz", cwd=bn_folder)
+    assert_user_error(proc, bn_folder, before, "the two models' outputs differ too", "preprocessing of its own",
+                      "--onnx norm.onnx without --model")
+
+
+def test_an_output_that_is_not_the_class_scores_is_refused(bn_folder):
+    """A model whose first output is an activation read 0 % CA and 0.7 % ASR in eval, and fit wrote a repair
+    whose checks meant nothing."""
+    _wrapped_export(bn_folder, "two_out.onnx", '''
+class TwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m = BNNet()
+        self.register_buffer("proj", torch.randn(8 * 14 * 14, 64, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):  # (a 64-wide embedding, the class scores)
+        h = self.m.block2(self.m.block1(x))
+        return torch.relu(h.flatten(1) @ self.proj), self.m.head(h)
+
+
+def build_wrapped():
+    return TwoOut()
+''')
+    before = snapshot(bn_folder)
+    proc = run_cli("eval", "two_out.onnx", "--data", "mnist.npz", "--limit", "300", cwd=bn_folder)
+    assert_user_error(proc, bn_folder, before, "beyond the labels' range 0..9", "by an output with 64 columns",
+                      "the model has 2 outputs")
+    proc = run_cli("fit", "--onnx", "two_out.onnx", "--layer", "block2", "--clean",
+                   "mnist.npz", "--trigger", "badnets", "--target", "0", "--n-clean", "200", "-o", "d.npz",
+                   cwd=bn_folder)
+    assert_user_error(proc, bn_folder, before, "beyond the labels' range 0..9")
+
+
+def test_a_model_exported_with_dynamic_height_and_width_is_repaired_at_its_fitted_size(bn_folder, mnist_path):
+    """Dynamic H/W made every conv tensor unpatchable (with advice to use --layout token); the repair is now
+    patched for the size it was fitted at, equals the PyTorch reference there, and fails loudly at another."""
+    import onnxruntime as ort
+    from conftest import torch_repaired
+
+    from fire_onnx import directions as dirs
+    from fire_onnx.data import load_images
+
+    model = _wrapped_export(bn_folder, "hw.onnx", dynamic_axes={"input": {0: "batch", 2: "h", 3: "w"}})
+    proc = _bn_fit(bn_folder, "block2", "--onnx", "hw.onnx", "-o", "hw.npz")
+    assert proc.returncode == 0, proc.stderr
+    assert "has dynamic dimensions" in proc.stderr and "per-sample shape (8, 14, 14)" in proc.stderr
+    proc = run_cli("patch", "hw.onnx", "hw.npz", "-o", "hw.fire.onnx", cwd=bn_folder)
+    assert proc.returncode == 0 and "stop with a Reshape error" in proc.stderr, proc.stderr
+    d = dirs.load(bn_folder / "hw.npz")
+    x = (load_images(mnist_path, "test").x[:16].astype(np.float32) / 255).transpose(0, 3, 1, 2).copy()
+    x[:8, :, 23:26, 23:26] = 1.0  # fire on some
+    sess = ort.InferenceSession(str(bn_folder / "hw.fire.onnx"), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    assert np.abs(sess.run(None, {name: x})[0] - torch_repaired(model, d, x)).max() < 1e-4
+    with pytest.raises(Exception, match="flatten"):
+        sess.run(None, {name: np.zeros((2, 1, 32, 32), np.float32)})

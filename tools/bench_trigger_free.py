@@ -64,6 +64,8 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
            "seed": seed, "layer": layer, "repair": args.repair, "layer_choice": args.layer or "benchmark"}
     if args.priority:  # a study of which form should name the suspect (fire_onnx.invert.PRIORITY)
         rec["priority"] = args.priority
+    if args.both_global:  # a study: repair both global forms' triggers (fire_onnx.fit.trigger_free.BOTH_GLOBAL)
+        rec["both_global"] = True
     m0 = compute_metrics(session(onnx_path), test, pre, trig_test, TARGET)
     rec.update(ca_original=m0.ca, asr_original=m0.asr if attack else None, ra_original=m0.ra if attack else None)
     t0 = time.perf_counter()
@@ -77,13 +79,15 @@ def run(dataset: str, attack: str | None, seed: int, layer: str, args) -> dict:
                          scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, trigger_free=True, force=True,
                          budget=args.budget, repair=args.repair)
         from fire_onnx import invert
+        from fire_onnx.fit import trigger_free
 
-        default = invert.PRIORITY
+        default, both = invert.PRIORITY, trigger_free.BOTH_GLOBAL
         invert.PRIORITY = tuple(args.priority.split(",")) if args.priority else default
+        trigger_free.BOTH_GLOBAL = bool(args.both_global)
         try:
             res = run_trigger_free(req)
         finally:
-            invert.PRIORITY = default
+            invert.PRIORITY, trigger_free.BOTH_GLOBAL = default, both
         ev = res.evidence
         scan = ev["scan"]
         rec.update(backdoor_found=ev["backdoor_found"], suspect=scan["suspect"], kind=scan["kind"],
@@ -140,6 +144,7 @@ def markdown(records: list[dict]) -> str:
         tf = "—" if r["target_found"] is None else ("yes" if r["target_found"] else "no")
         op = (" (translate)" if r.get("repair") == "translate" else "") + (
             f" ({r['priority'].split(',')[0]} first)" if r.get("priority") else "") + (
+            " (both global forms)" if r.get("both_global") else "") + (
             f" (auto: {r['layer']})" if r.get("layer_choice") == "auto" else "")
         rows.append(f"| {r['dataset']} | {r['attack']}{op} | {r['seed']} | {found} | {tf} | {_pct(r['ca_original'])} → "
                     f"{_pct(r['ca'])} | {_pct(r['asr_original'])} → {_pct(r['asr'])} | {_pct(r['ra'])} | "
@@ -166,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--priority", default=None,
                     help="study: the order in which anomalous forms name the suspect, e.g. additive,blend,patch "
                          "(default: fire-onnx's, blend,additive,patch); recorded, and kept apart from default rows")
+    ap.add_argument("--both-global", action="store_true",
+                    help="study: where the suspect is anomalous as a blend and as an additive change, repair both "
+                         "recovered triggers (one direction each); recorded, and kept apart from default rows")
     ap.add_argument("--quick", action="store_true", help="one cell: mnist5k badnets")
     args = ap.parse_args(argv)
     cells = [(ds, a, 0, ATTACKS[a][1]) for ds in args.datasets.split(",") for a in args.attacks.split(",") if a]
@@ -182,7 +190,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     key = lambda r: (r["dataset"], r["model"], r["attack"], r["mode"], r.get("seed"), r.get("layer"),  # noqa: E731
-                     r.get("repair") or "project", r.get("layer_choice") or "benchmark", r.get("priority") or "")
+                     r.get("repair") or "project", r.get("layer_choice") or "benchmark", r.get("priority") or "",
+                     bool(r.get("both_global")))
     t0 = time.perf_counter()
     for ds, attack, seed, layer in cells:
         log(f"[{ds} / {attack or 'clean model'} / seed {seed}]")

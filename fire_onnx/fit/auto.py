@@ -153,15 +153,30 @@ def candidate_sites(onnx_model, *, torch_model=None) -> tuple[list[Site], list[t
             continue
         if not c.note.startswith("candidate"):
             continue
-        if c.shape is None or c.dtype == "?" or any(not isinstance(d, int) for d in c.shape[1:]):
-            skipped.append((c.tensor, "shape not known (or dynamic feature dimensions)"))
+        if c.shape is None or c.dtype == "?":
+            skipped.append((c.tensor, "shape not known"))
             continue
         module = c.layers[0] if c.layers else ""
         if torch_model is not None and not module:
             skipped.append((c.tensor, "not the output of a PyTorch module (fit from --onnx alone to try it)"))
             continue
-        sites.append(Site(tensor=c.tensor, module=module, shape=list(c.shape[1:])))
+        # dynamic per-sample dimensions (an export with dynamic H/W): None until measured (concrete_shapes)
+        sites.append(Site(tensor=c.tensor, module=module,
+                          shape=[d if isinstance(d, int) else None for d in c.shape[1:]]))
     return sites, skipped
+
+
+def concrete_shapes(sites: list[Site], inputs, images) -> list[Site]:
+    """Sites whose per-sample shape has dynamic dimensions get the shape one of ``images`` gives them
+    (the size every fitted image has: fit reads them all at once)."""
+    dynamic = [s for s in sites if any(d is None for d in s.shape)]
+    if not dynamic:
+        return sites
+    from fire_onnx.probe import TensorReader
+
+    x = inputs.preprocess(images.x[:1])
+    acts, _ = TensorReader(inputs.onnx_model, [s.tensor for s in dynamic], batch_size=1)(x)
+    return [replace(s, shape=list(acts[s.tensor].shape[1:])) if s in dynamic else s for s in sites]
 
 
 HEAD_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -467,6 +482,7 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
         raise FireError("--layer auto found no candidate tensor to repair" + (f" ({why_not})" if why_not else "")
                         + ": see 'fire-onnx inspect' and give --layer")
     clean, triggered, source = select_samples(req, inputs)
+    sites = concrete_shapes(sites, inputs, clean)
 
     from fire_onnx.evaluate import predict_logits, session
 
@@ -493,6 +509,12 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
                      "held-out clean images: only candidates that change no held-out prediction are within it")
     say(f"layer auto: {len(sites)} candidate(s); {split.how}; {len(split.held_clean)} held-out clean images; "
         f"target class {target}")
+    if skipped:
+        reasons: dict[str, list[str]] = {}
+        for t, w in skipped:
+            reasons.setdefault(w, []).append(t)
+        say("layer auto: skipped " + "; ".join(f"{', '.join(ts[:3])}{f' and {len(ts) - 3} more' if len(ts) > 3 else ''}"
+                                               f" ({w})" for w, ts in reasons.items()))
 
     repairs = list(REPAIRS) if req.repair == AUTO_REPAIR else [req.repair]
     scores = score_sites(req, inputs, sites, repairs, split, held, target, [], progress, say)

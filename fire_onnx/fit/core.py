@@ -131,6 +131,31 @@ def modules_matching(model, x: np.ndarray, reference: np.ndarray, tol: float = p
     return [n for n, d in sorted(found.items(), key=lambda kv: kv[1]) if d <= tol]
 
 
+def tensor_matching(model, onnx_model, layer: str, x: np.ndarray) -> str | None:
+    """The ONNX tensor (main graph, float) whose values equal module ``layer``'s output on ``x``
+    (preprocessed images), for a module the export's scope names do not show; None if none or several."""
+    from fire_onnx.fit.torch_model import collect
+    from fire_onnx.onnxutil import tensor_table
+
+    try:
+        ref = collect(model, [layer], x, batch_size=len(x))[layer]
+    except FireError:
+        return None
+    want = list(ref.shape[1:])
+    table = tensor_table(onnx_model)
+    initializers = {i.name for i in onnx_model.graph.initializer}
+    names = [o for n in onnx_model.graph.node for o in n.output
+             if o and o not in initializers and o in table and table[o][1] is not None
+             and len(table[o][1]) == len(want) + 1
+             and all(not isinstance(a, int) or a == b for a, b in zip(table[o][1][1:], want))
+             and table[o][0] in (1, 10, 11, 16)]  # float, float16, double, bfloat16
+    if not names:
+        return None
+    acts, _ = probes.TensorReader(onnx_model, names, batch_size=len(x))(x)
+    same = [t for t in names if acts[t].shape == ref.shape and relative_difference(acts[t], ref) <= probes.FINGERPRINT_TOL]
+    return same[0] if len(same) == 1 else None
+
+
 def check_module_tensors(model, onnx_model, tensor_of: dict[str, str], x: np.ndarray, onnx_name: str = "model.onnx"):
     """Each module's output must equal the ONNX tensor it resolved to, on the images ``x``
     (preprocessed); a mismatch is a FireError that names the module whose output the tensor holds."""
@@ -150,6 +175,15 @@ def check_module_tensors(model, onnx_model, tensor_of: dict[str, str], x: np.nda
         if diff <= probes.FINGERPRINT_TOL:
             continue
         matches = [m for m in modules_matching(model, x, b) if m != layer]
+        if not matches and (out_diff := _output_difference(model, onnx_model, x)) is not None \
+                and out_diff > probes.FINGERPRINT_TOL:
+            raise FireError(
+                f"module {layer!r} does not compute what ONNX tensor {tensor!r} holds, and the two models' outputs "
+                f"differ too (relative difference {out_diff:.3g} on {len(x)} clean images): --model and --onnx do not "
+                "compute the same function of the same input. The ONNX graph may do preprocessing of its own (a "
+                "Cast/Sub/Div at its input) that the PyTorch model does not, or the weights differ. Fix: give the "
+                f"PyTorch model that was exported, or fit from the ONNX model itself (--onnx {onnx_name} without "
+                f"--model, --layer {tensor}, with the preprocessing its input expects)")
         fix = (f"the tensor holds the output of module {matches[0]!r}: use --layer {matches[0]} --tensor {tensor}"
                if matches
                else "no module of the PyTorch model outputs what the tensor holds")
@@ -158,6 +192,25 @@ def check_module_tensors(model, onnx_model, tensor_of: dict[str, str], x: np.nda
             f"{len(x)} clean images): the exporter folded or fused something there, typically a BatchNorm into the "
             f"preceding Conv, so a repair fitted on the module would be patched at the wrong values. Fix: {fix}, or "
             f"fit from the ONNX model itself (--onnx {onnx_name} without --model, --layer {tensor})")
+
+
+def _output_difference(model, onnx_model, x: np.ndarray) -> float | None:
+    """Relative difference of the PyTorch model's and the ONNX model's first outputs on ``x`` (None when
+    either cannot be read as one array)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(x))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            return None
+        reader = probes.TensorReader(onnx_model, [], with_logits=True, batch_size=len(x))
+        _, logits = reader(x)
+    except Exception:  # advisory: the message without it still says what to do
+        return None
+    return None if logits is None else relative_difference(out.float().numpy(), logits)
 
 
 def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig: int) -> dict:
@@ -171,6 +224,9 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
         top = int(counts.argmax())
         out["clean_top_class"], out["clean_top_share"] = top, float(counts[top] / len(pred))
         if clean_y is not None:
+            from fire_onnx.evaluate import check_labels_in_range
+
+            check_labels_in_range(pred, clean_y, n_classes)
             acc = float((pred == clean_y).mean())
             chance = float(np.bincount(clean_y).max() / len(clean_y))
             out["clean_accuracy"], out["chance"] = acc, chance
@@ -379,17 +435,33 @@ def fit_directions(
             from fire_onnx.patch import resolve_tensor
 
             inferred = infer_shapes(onnx_model)
+            x_check = preprocess(clean.x[:VALUE_CHECK_IMAGES])
+            found_by_value = []
             for layer in layers:
                 # by suffix: the value check below confirms the tensor holds the module's output
-                tensor_of[layer] = resolve_tensor(inferred, module=layer, override=(tensors or {}).get(layer),
-                                                  by_suffix=True)
-            check_module_tensors(model, inferred, tensor_of, preprocess(clean.x[:VALUE_CHECK_IMAGES]), onnx_name)
+                try:
+                    tensor_of[layer] = resolve_tensor(inferred, module=layer, override=(tensors or {}).get(layer),
+                                                      by_suffix=True)
+                except FireError as e:
+                    if (tensors or {}).get(layer) or "not found" not in str(e):
+                        raise
+                    match = tensor_matching(model, inferred, layer, x_check)
+                    if match is None:
+                        raise
+                    tensor_of[layer] = match
+                    found_by_value.append(
+                        f"module {layer!r} has no node of its own in the ONNX graph (a BatchNorm folded into the "
+                        f"Conv before it, for instance); ONNX tensor {match!r} holds its output (checked on "
+                        f"{len(x_check)} clean images), so the repair is fitted and patched there")
+            check_module_tensors(model, inferred, tensor_of, x_check, onnx_name)
 
     acts_c, logits_c = source.run(preprocess(clean.x), progress)
     acts_t, logits_t = source.run(preprocess(triggered.x), progress)
     acts_p = source.run(preprocess(triggered_source.x), progress)[0] if triggered_source is not None else None
     checks = model_checks(logits_c, clean.y, logits_t, target, len(triggered))
     checks["warnings"] += getattr(source, "warnings", [])
+    if model is not None and onnx_model is not None:
+        checks["warnings"] += found_by_value
     if warning := preprocess_check.warning_of(meta):  # recorded by load_inputs
         checks["warnings"].insert(0, warning)
     acts_gate = None
@@ -427,7 +499,7 @@ def fit_directions(
             from fire_onnx.onnxutil import tensor_info
             from fire_onnx.patch import check_layout
 
-            check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1], inferred)
+            check_layout(t, t.tensor, tensor_info(inferred, t.tensor)[1], inferred, checks["warnings"])
         targets.append(t)
     meta["checks"] = checks
     if previous is not None:

@@ -53,6 +53,7 @@ PARTIAL = 0.1  # ... and, in other words, above this share (the repair removes t
 MIN_TRIGGERED = 10  # held-out triggered images a file must have beyond the fitted ones to use them
 CROSS_FOLDS = 5  # in-sample: hold out each of this many folds of the triggered samples from a fit on the rest
 MIN_CROSS = 4  # ... with at least this many triggered samples (each fold fits on at least three)
+CLEAN_BOUND_SHOWN = 0.01  # the held-out clean change's upper bound is printed when above this
 BOUND_LEVEL = 0.95  # the cross-fitted rate's one-sided upper confidence bound (printed when it exceeds PARTIAL)
 SMALL_CROSS = 10  # below this many, the warning says the folds' fits are weaker than the written one (5 images:
 # a fit on 4 left 60 % of the MNIST centre patch images at the target where the repair from all 5 left 3.6 % ASR)
@@ -246,6 +247,10 @@ def describe(check: dict) -> str:
     if "skipped" in check:
         return f"held-out check: skipped ({check['skipped']})"
     line = (f"held-out check: the repair changes {check['clean_change']:.1%} of {check['n_clean']} clean predictions")
+    n_clean = int(check.get("n_clean") or 0)
+    if n_clean and (bound := upper_bound(round(check["clean_change"] * n_clean), n_clean)) > CLEAN_BOUND_SHOWN:
+        # a ViT repair read 1.0 % of 100 held out and changed 4.0 % of 500 new images
+        line += f" (from {n_clean} images: below {bound:.1%} at {BOUND_LEVEL:.0%} confidence)"
     if check.get("target") is not None and check.get("target_rate_before") is not None:
         line += (f"; {check['triggered_from']}: {check['target_rate_before']:.0%} -> "
                  f"{check['target_rate_after']:.0%} at class {check['target']}")
