@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from fire_onnx import __version__
-from fire_onnx.errors import FireError
+from fire_onnx.errors import FireError, first_line
 from fire_onnx.fileio import check_outputs
 
 
@@ -323,7 +323,7 @@ def _nothing_found(record: dict, notes: list[str], json_out: str | None) -> None
     for note in notes + record.get("notes", []):
         click.echo(f"note: {note}", err=True)
     for warning in record.get("warnings", []):
-        click.echo(f"warning: {warning}: 'nothing found' means nothing here", err=True)
+        click.echo(f"warning: {warning}", err=True)
     if json_out != "-":
         click.echo(describe_traffic(record))
         click.echo("no directions file written: there is nothing to repair (--force fits anyway)")
@@ -674,6 +674,12 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         click.echo("fire-onnx: interrupted", err=True)
         sys.exit(130)
+    except MemoryError as e:  # a 500 x 802,816 activation matrix of a ResNet-50 stem (new-user run 7)
+        what = f" ({first_line(e)})" if str(e) else ""
+        click.echo(f"fire-onnx: error: out of memory{what}; fit holds every sample's activation in memory (--n-clean "
+                   "x the values per image, several times over): use fewer --n-clean / --n-triggered images, a later "
+                   "and smaller layer ('fire-onnx inspect' shows the shapes), or a machine with more memory", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

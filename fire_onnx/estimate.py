@@ -166,6 +166,11 @@ def _quantiles(s: np.ndarray) -> dict:
     return out
 
 
+def all_finite(a: np.ndarray, rows: int = 64) -> bool:
+    """np.isfinite(a).all() without a boolean copy of all of ``a`` (500 x 802,816 values: 383 MiB more)."""
+    return all(bool(np.isfinite(a[i:i + rows]).all()) for i in range(0, len(a), rows))
+
+
 def fit_target(
     clean: np.ndarray,
     triggered: np.ndarray,
@@ -220,7 +225,7 @@ def fit_target(
     if clean.shape[0] < 2 or triggered.shape[0] < 1:
         raise FireError("need at least 2 clean and 1 triggered samples")
     C, T = as_rows(clean, layout), as_rows(triggered, layout)
-    if not (np.isfinite(C).all() and np.isfinite(T).all()):
+    if not (all_finite(C) and all_finite(T)):
         raise FireError("activations contain NaN or infinite values")
     d = C.shape[1]
     if method == "mean-diff" and k != 1:

@@ -25,3 +25,22 @@ def test_readme_python_example(demo_run, tmp_path):
 
     t = directions.load(tmp_path / "demo-out" / "api_directions.npz").targets[0]
     assert t.fit["reference"] == "paired" and t.module == "block2"
+
+
+def test_library_refuses_bad_arguments_with_fire_error():
+    """From Python (new-user run 7): a zero std or an unknown layout is refused where it is made, and a fit
+    of no layer is refused instead of returning empty directions that fail only when saved."""
+    import numpy as np
+    import pytest
+
+    from fire_onnx.data import Images, Preprocess
+    from fire_onnx.errors import FireError
+    from fire_onnx.fit import fit_directions
+
+    with pytest.raises(FireError, match="std must be non-zero"):
+        Preprocess(std=[0.0])
+    with pytest.raises(FireError, match="NCHW or NHWC"):
+        Preprocess(layout="CHW")
+    x = Images(np.zeros((4, 8, 8, 1), np.uint8))
+    with pytest.raises(FireError, match="no layer to fit"):
+        fit_directions(None, [], x, x, Preprocess())

@@ -269,8 +269,11 @@ def test_repair_auto_ranks_both_operators_at_every_site(synth):
 
 
 def test_auto_warns_when_no_layer_removes_the_trigger(synth):
-    """--alpha 0: every candidate repair does nothing, so the best one leaves the target rate where it was."""
-    d = run_fit(request(synth, alpha=0.0))
+    """--alpha 0: every candidate repair does nothing, so the best one leaves the target rate where it was;
+    fit refuses to write it (the held-out images are clear evidence), and --force writes it with the warnings."""
+    with pytest.raises(FireError, match="it does not remove the backdoor"):
+        run_fit(request(synth, alpha=0.0))
+    d = run_fit(request(synth, alpha=0.0, force=True))
     assert all(r["target_rate"] == 1.0 and r["clean_change"] == 0.0 for r in d.meta["auto"]["candidates"])
     warnings = d.meta["checks"]["warnings"]
     assert any("still sends 100% of the held-out triggered images to class 0" in w for w in warnings)

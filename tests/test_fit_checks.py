@@ -101,7 +101,8 @@ def test_fit_refuses_a_model_without_weights_unless_asked(ws):
             "--target", "0", "--n-clean", "200", "-o", "d.npz"]
     before = snapshot(ws)
     assert_user_error(run_cli(*args, cwd=ws), ws, before, "without --weights", "untrained", "--no-weights")
-    proc = run_cli(*args, "--no-weights", cwd=ws)
+    # --force: on this random model the repair also leaves most triggered images at class 0, which fit refuses
+    proc = run_cli(*args, "--no-weights", "--force", cwd=ws)
     assert proc.returncode == 0, proc.stderr
     assert "note: --no-weights: fitting" in proc.stderr and (ws / "d.npz").is_file()
     assert "warning: the model classifies only" in proc.stderr  # this factory builds a random model
@@ -591,3 +592,18 @@ def test_a_model_exported_with_dynamic_height_and_width_is_repaired_at_its_fitte
     assert np.abs(sess.run(None, {name: x})[0] - torch_repaired(model, d, x)).max() < 1e-4
     with pytest.raises(Exception, match="flatten"):
         sess.run(None, {name: np.zeros((2, 1, 32, 32), np.float32)})
+
+
+def test_a_repair_that_confidently_removes_nothing_is_not_written(ws):  # noqa: F811
+    """New-user run 6: repairs that left 94-100 % of held-out triggered images at the target were written with
+    exit 0 (only a warning). With clear evidence (the lower confidence bound above one half) fit refuses."""
+    args = fit_args(ws, "--trigger", "badnets", "--target", "0", "--alpha", "0.05", "-o", "weak.npz")
+    proc = run_cli(*args, cwd=ws)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for part in ("fire-onnx: error: not written: the repair leaves 100% of", "it does not remove the backdoor",
+                 "--alpha 0.05 removes only that share", "--force writes it anyway"):
+        assert part in last, last
+    assert not (ws / "weak.npz").exists()
+    proc = run_cli(*args, "--force", cwd=ws)
+    assert proc.returncode == 0 and (ws / "weak.npz").exists(), proc.stderr

@@ -753,3 +753,24 @@ def test_generated_malformed_metadata_never_crash_inspect_eval_patch(base, tmp_p
 
     case()
     assert out.count >= 900, out.count
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
+    """numpy's MemoryError (a ResNet-50 stem: 500 x 802,816 activations, new-user run 7) came out as a
+    traceback; it is a one-line error with what to change, exit 1, and nothing written."""
+    import fire_onnx.fit.pipeline as pipeline
+    from fire_onnx import cli
+
+    def oom(*a, **k):
+        raise MemoryError("Unable to allocate 383. MiB for an array with shape (500, 802816) and data type bool")
+
+    monkeypatch.setattr(pipeline, "run_fit", oom)
+    clean = tmp_path / "c.npz"
+    np.savez(clean, x=np.zeros((4, 4, 4, 1), np.uint8), y=np.arange(4))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["fit", "--onnx", str(tmp_path / "m.onnx"), "--layer", "h", "--clean", str(clean), "--trigger",
+                  "badnets", "-o", str(tmp_path / "d.npz")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fire-onnx: error: out of memory (Unable to allocate 383. MiB") and "--n-clean" in err
+    assert not (tmp_path / "d.npz").exists()

@@ -119,6 +119,7 @@ def test_finds_and_repairs_the_demo_backdoor(demo_run, mnist_path, tmp_path):
     assert "recovered trigger" in check["triggered_from"] and check["n_clean"] >= 200, check
     assert check["clean_change"] <= 0.02 and check["target_rate_before"] > 0.9 > 0.1 > check["target_rate_after"]
     assert "held-out check: the repair changes" in proc.stdout
+    assert "stamps the trigger the search recovered, not the real one" in proc.stderr  # new-user run 6
 
     from fire_onnx import directions as dirs
 

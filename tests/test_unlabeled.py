@@ -66,6 +66,17 @@ def test_detect_finds_a_majority_cluster_against_the_clean_reference():
     assert np.isfinite(det.scores).all()
 
 
+def test_several_confirmed_classes_are_no_finding():
+    """A backdoor has one target; groups confirmed in several classes come from traffic unlike the clean
+    reference (a clean GTSRB model's training images as traffic: 4 classes, 63-86 %), so nothing is found."""
+    one = [tr.ClassEvidence(9, 40, 52, confirmation=0.86, confirmed=True)]
+    assert tr.ambiguous(one) is None and tr.ambiguous([]) is None
+    two = one + [tr.ClassEvidence(14, 19, 20, confirmation=0.80, confirmed=True)]
+    why = tr.ambiguous(two)
+    assert why and why.startswith("2 classes have an outlying group") and "9 (86%), 14 (80%)" in why
+    assert "--target CLASS" in why
+
+
 def test_detect_skips_small_classes():
     rng = np.random.default_rng(2)
     ref, ref_pred = rng.normal(0, 1, (40, 8)), np.repeat([0, 1], 20)

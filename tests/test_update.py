@@ -105,6 +105,9 @@ def test_update_reconstructs_for_the_confirmed_class_not_the_batch_majority(ws, 
     assert up.meta["reconstruction"]["majority_class"] == 0
     assert up.meta["check"]["target"] == 0
     assert any("classified as the target 0 (most go to class 3)" in w for w in up.meta["checks"]["warnings"])
+    # the confirmed class is the file's target: another --target is refused (new-user run 6: it was taken)
+    with pytest.raises(FireError, match=r"--target 5 differs from the class the trigger reconstruction confirmed \(0\)"):
+        run_fit(request(ws, "mixed.npz", layers=[], update_path=str(ws / "r0.npz"), reconstruct="auto", target=5))
 
 
 def test_translate_update_equals_fit(ws):
@@ -221,7 +224,7 @@ def test_update_refuses_options_it_would_ignore(ws):
 def test_update_refuses_another_target_than_the_files(ws):
     d = run_fit(request(ws, "pair_a.npz", target=0))
     dirs.save(d, ws / "d0.npz")
-    with pytest.raises(FireError, match="--target 5 differs from the target class 0"):
+    with pytest.raises(FireError, match=r"--target 5 differs from the target class \(0\)"):
         run_fit(FitRequest(layers=[], update_path=str(ws / "d0.npz"), clean_path=str(ws / "mnist.npz"),
                            onnx_path=str(ws / "model.onnx"), triggered_path=str(ws / "pair_b.npz"), target=5,
                            n_clean=300, mean=[0.5], std=[0.5], reconstruct="off"))

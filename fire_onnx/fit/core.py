@@ -419,6 +419,8 @@ def fit_directions(
     update statistics: the result is the fit on its triggered samples and ``triggered`` together
     (see :mod:`fire_onnx.streaming`); the model must match its fingerprint.
     """
+    if not layers:
+        raise FireError("no layer to fit: give at least one (a module path or an ONNX tensor name)")
     if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
         raise FireError("the clean originals of the triggered images do not match them in shape")
     meta = dict(meta or {})

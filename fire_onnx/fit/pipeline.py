@@ -266,9 +266,12 @@ def load_inputs(req: FitRequest) -> FitInputs:
     if triggered_imgs is not None and triggered_imgs.x.shape[1:] != pool.x.shape[1:]:
         # else the error came from the model ("expects shape ..., check --input-layout"), about a layout
         # that is right for the clean images
-        raise FireError(f"{req.triggered_path}: the triggered images are {list(triggered_imgs.x.shape[1:])} but the "
-                        f"clean images in {req.clean_path} are {list(pool.x.shape[1:])} (H, W, C): both must be uint8 "
-                        "NHWC images of the same size (an NCHW array needs x.transpose(0, 2, 3, 1))")
+        a, b = list(triggered_imgs.x.shape[1:]), list(pool.x.shape[1:])
+        hint = (f" (their {a[2]} and {b[2]} channels differ: grey and colour images of the same model?)"
+                if a[:2] == b[:2] else
+                " (an NCHW array needs x.transpose(0, 2, 3, 1))" if sorted(a) == sorted(b) else "")
+        raise FireError(f"{req.triggered_path}: the triggered images are {a} but the clean images in {req.clean_path} "
+                        f"are {b} (H, W, C): both must be uint8 NHWC images of the same size{hint}")
 
     onnx_model = None
     if req.onnx_path:
@@ -350,6 +353,11 @@ def select_samples(req: FitRequest, inputs: FitInputs):
         trigger=inputs.trigger, triggered=inputs.triggered, triggered_clean=inputs.triggered_clean)
     if len(clean) < req.n_clean:
         req.notes.append(f"{req.clean_path} has only {len(clean)} clean images")
+    if inputs.triggered is not None and inputs.trigger is None and len(inputs.triggered) > len(triggered) \
+            and not req.update_path:
+        req.notes.append(f"fitting on {len(triggered)} of the {len(inputs.triggered)} images of "
+                         f"{Path(req.triggered_path).name} (--n-triggered); the others check the repair. "
+                         f"--n-triggered {len(inputs.triggered)} fits on all of them (the check is then cross-fitted)")
     return clean, triggered, source
 
 

@@ -53,19 +53,21 @@ def apply_previous(req, previous: dirs.Directions) -> None:
         req.std = req.std or pre.get("std")
         req.input_layout = req.input_layout or pre.get("layout")
     recorded = previous.meta.get("target")
+    rc = previous.meta.get("reconstruction") or {}
+    how = "the target class"
+    if recorded is None and rc.get("confirmed") and rc.get("majority_class") is not None:
+        # a flagged fit without --target: the new batch's trigger reconstruction must reach the class the
+        # earlier one confirmed, not whatever a small batch's majority happens to be
+        recorded, how = int(rc["majority_class"]), "the class the trigger reconstruction confirmed"
     if req.target is not None and recorded is not None and int(req.target) != int(recorded):
-        raise FireError(f"--target {req.target} differs from the target class {recorded} of the repair in "
+        raise FireError(f"--target {req.target} differs from {how} ({recorded}) of the repair in "
                         f"{Path(req.update_path).name}; leave --target out with --update (a repair of another "
                         "target is a new fit)")
-    if req.target is None:
-        req.target = recorded
-    rc = previous.meta.get("reconstruction") or {}
-    if req.target is None and rc.get("confirmed") and rc.get("majority_class") is not None:
-        # the new batch's trigger reconstruction must reach the class the earlier one confirmed, not
-        # whatever a small batch's majority happens to be
-        req.target = int(rc["majority_class"])
-        req.notes.append(f"target class {req.target}: the class the trigger reconstruction of "
-                         f"{Path(req.update_path).name} confirmed")
+    if req.target is None and recorded is not None:
+        req.target = int(recorded)
+        if previous.meta.get("target") is None:
+            req.notes.append(f"target class {req.target}: the class the trigger reconstruction of "
+                             f"{Path(req.update_path).name} confirmed")
 
 
 def chain_of(d: dirs.Directions) -> list[str]:

@@ -20,7 +20,8 @@ PyTorch with the repair as forward hooks) on
   fitted ones themselves (in-sample, and said so). The share sent to the target class (``--target``,
   or the class the original model gives most of them) before and after: when the repair leaves more
   than ``WEAK`` of them there and more than half of what the original model did, fit warns that this
-  layer does not remove the trigger.
+  layer does not remove the trigger, and when even the lower confidence bound of that share is above
+  ``WEAK`` (not in-sample), it refuses to write the repair unless ``--force``.
 
 In-sample, a repair always looks perfect: gate auto sets its threshold to reach every image it was fitted
 on. Measured: 5 flagged Fashion-MNIST Blended images, checked on themselves, went 100 % -> 0 % at the
@@ -136,8 +137,8 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     if change > CHANGE_WARN:
         warnings.append(f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
                         "images (a repair that acts on triggered inputs only changes almost none): it will cost clean "
-                        "accuracy; check the triggered images, --target and the layer (--layer auto judges every "
-                        "candidate on held-out images)")
+                        "accuracy; check the triggered images, --target and the layer"
+                        + ("" if req.auto else " (--layer auto judges every candidate on held-out images)"))
     n_changed = int(round(change * len(held_clean)))
     # few held-out images decide only when even the lower confidence bound is over the level (17 of 18
     # changed: a trigger-free repair that cost 7.6 pt CA was written because 18 < MIN_REFUSE_CLEAN)
@@ -161,15 +162,24 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     if before is not None and rate > WEAK and rate > 0.5 * before:
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         + ("it does not carry over to triggered inputs it was not fitted on; give "
-                           f"{more}, or try --layer auto" if crossed else
-                           ("this layer does not remove the trigger; try --layer auto, --method subspace, or another "
-                            "layer" if req.alpha >= 1 else
+                           f"{more}, or {_other_layers(req)}" if crossed else
+                           (f"this layer does not remove the trigger; try {_other_layers(req)} or --method subspace"
+                            if req.alpha >= 1 else
                             f"--alpha {req.alpha:g} removes only that share of the shift along the direction (--alpha 1 "
                             "removes all of it)")))
     elif before is not None and rate > PARTIAL and rate > 0.1 * before:
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         + ("it removes nothing there" if rate >= before else "it removes the trigger only partly")
-                        + f"; {more}, --layer auto or another layer may do better")
+                        + f"; {more}, or {_other_layers(req)}, may do better")
+    n_trig = len(held_trig)
+    if (before is not None and "refuse" not in out and (crossed or not in_sample) and rate > 0.5 * before
+            and lower_bound(int(round(rate * n_trig)), n_trig) > WEAK):
+        # confidently more than half of the held-out triggered images stay at the target: written with exit 0,
+        # such a repair (a sample-specific trigger: 94-100 % left, 92-97 % ASR measured) was deployable by
+        # any script that checks exit codes (new-user run 6)
+        out["refuse"] = (f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: "
+                         f"{before:.0%}): it does not remove the backdoor"
+                         + (f" (--alpha {req.alpha:g} removes only that share of the shift)" if req.alpha < 1 else ""))
     out["warnings"] = warnings
     return out
 
@@ -267,12 +277,19 @@ def describe(check: dict) -> str:
     return line
 
 
+def _other_layers(req) -> str:
+    """What to try instead of this layer: --layer auto, unless that is what chose it."""
+    if not getattr(req, "auto", False):
+        return "--layer auto"
+    return "a larger --max-layers or --clean-budget" if getattr(req, "max_layers", 1) <= 1 else "a larger --clean-budget"
+
+
 def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
     """Record ``check`` in the directions; raise when it refuses the repair and ``--force`` was not given."""
     d.meta["check"] = {k: v for k, v in check.items() if k != "warnings"}
     if check.get("refuse") and not req.force:
         raise FireError(f"not written: {check['refuse']}. Check that the triggered images carry the trigger (and "
-                        "--target), or try --layer auto; --force writes it anyway")
+                        f"--target), or try {_other_layers(req)}; --force writes it anyway")
     d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(check.get("warnings", []))
     if check.get("refuse"):
         d.meta["checks"]["warnings"].append(f"written with --force although {check['refuse']}")
