@@ -136,9 +136,6 @@ class Preprocess:
     std: list[float] = field(default_factory=lambda: [1.0])
     layout: str = "NCHW"
 
-    def __post_init__(self):  # Preprocess(std=[0.0]) or layout="CHW" from Python failed only later, and obscurely
-        self.validate()
-
     def validate(self) -> "Preprocess":
         if self.layout not in ("NCHW", "NHWC"):
             raise FireError(f"input layout must be NCHW or NHWC, got {self.layout!r}")

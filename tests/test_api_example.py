@@ -28,8 +28,8 @@ def test_readme_python_example(demo_run, tmp_path):
 
 
 def test_library_refuses_bad_arguments_with_fire_error():
-    """From Python (new-user run 7): a zero std or an unknown layout is refused where it is made, and a fit
-    of no layer is refused instead of returning empty directions that fail only when saved."""
+    """From Python (new-user run 7): a zero std or an unknown layout is refused by fit_directions before any
+    work, and a fit of no layer instead of returning empty directions that fail only when saved."""
     import numpy as np
     import pytest
 
@@ -37,10 +37,10 @@ def test_library_refuses_bad_arguments_with_fire_error():
     from fire_onnx.errors import FireError
     from fire_onnx.fit import fit_directions
 
-    with pytest.raises(FireError, match="std must be non-zero"):
-        Preprocess(std=[0.0])
-    with pytest.raises(FireError, match="NCHW or NHWC"):
-        Preprocess(layout="CHW")
     x = Images(np.zeros((4, 8, 8, 1), np.uint8))
+    with pytest.raises(FireError, match="std must be non-zero"):
+        fit_directions(None, ["h"], x, x, Preprocess(std=[0.0]))
+    with pytest.raises(FireError, match="NCHW or NHWC"):
+        fit_directions(None, ["h"], x, x, Preprocess(layout="CHW"))
     with pytest.raises(FireError, match="no layer to fit"):
         fit_directions(None, [], x, x, Preprocess())

@@ -421,6 +421,7 @@ def fit_directions(
     """
     if not layers:
         raise FireError("no layer to fit: give at least one (a module path or an ONNX tensor name)")
+    preprocess.validate()  # Preprocess(std=[0.0]) or layout="CHW" from Python failed only later, and obscurely
     if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
         raise FireError("the clean originals of the triggered images do not match them in shape")
     meta = dict(meta or {})
