@@ -204,7 +204,7 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         d = fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
     from fire_onnx.fit.verify import refuse_or_record, verify
 
-    check = verify(req, inputs, d, triggered, clean, source)  # the repair judged on held-out images
+    check = verify(req, inputs, d, triggered, clean, source, progress=progress)  # judged on held-out images
     d, check = choose_blend_fit(req, inputs, clean, triggered, source, d, check)
     if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
         for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:

@@ -71,7 +71,7 @@ def _held_indices(req, inputs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, source: Images | None,
-           refit=None) -> dict:
+           refit=None, progress=None) -> dict:
     """Run the repaired model beside the original on held-out images (module docstring); the record
     for ``meta["check"]``, with ``warnings`` and, when the repair must not be written, ``refuse``.
     ``clean`` and ``source`` (the clean samples and the triggered samples' twins the fit used) let an
@@ -124,7 +124,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
            "thresholds": {"change_warn": CHANGE_WARN, "change_refuse": CHANGE_REFUSE, "weak": WEAK, "partial": PARTIAL}}
     crossed = False
     if in_sample and target is not None:
-        cross = cross_fit(req, inputs, held, clean, triggered, source, target, refit=refit)
+        cross = cross_fit(req, inputs, held, clean, triggered, source, target, refit=refit, progress=progress)
         out["cross_fit"] = cross
         if "target_rate_after" in cross:
             crossed, in_rate, rate = True, rate, cross["target_rate_after"]
@@ -185,7 +185,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
 
 
 def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Images | None, target: int,
-              refit=None) -> dict:
+              refit=None, progress=None) -> dict:
     """Hold each of ``CROSS_FOLDS`` folds of the triggered samples out of a fit on the others and run that
     repair on it (``held``: a HeldOut whose triggered images are ``triggered``, in order). The record for
     ``check["cross_fit"]``: the share of held-out triggered images left at ``target``, per fold too."""
@@ -204,7 +204,8 @@ def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Image
         try:
             src = None if source is None else source.subset(keep)
             d = (refit(triggered.subset(keep), src) if refit is not None
-                 else fit_inputs(req, inputs, list(req.layers), clean, triggered.subset(keep), src))
+                 else fit_inputs(req, inputs, list(req.layers), clean, triggered.subset(keep), src,
+                                 progress=progress))  # five more activation passes: visible on big models
         except FireError as e:
             return {"skipped": f"a fit on {len(keep)} of the {n} triggered images failed: {e}"}
         at_target[out_idx] = held.triggered_at(d, target, out_idx)
