@@ -323,7 +323,7 @@ def _nothing_found(record: dict, notes: list[str], json_out: str | None) -> None
     for note in notes + record.get("notes", []):
         click.echo(f"note: {note}", err=True)
     for warning in record.get("warnings", []):
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {warning}: 'nothing found' means nothing here", err=True)
     if json_out != "-":
         click.echo(describe_traffic(record))
         click.echo("no directions file written: there is nothing to repair (--force fits anyway)")

@@ -307,6 +307,14 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to, dims)
         return out
 
     U = target.U.astype(np.float64)
+
+    def flatten(v):  # (N, D) with D spelled out: a -1 cannot be inferred from an empty batch, and another
+        # per-sample size fails here instead of being repaired wrongly
+        return node("Reshape", "flatten", [v, const("flat_shape", np.array([0, U.shape[1]], dtype=np.int64))])
+
+    def unflatten(v):
+        return node("Reshape", "unflatten", [v, node("Shape", "orig_shape", [h], out_dtype=np.int64)])
+
     x = h
     if cast_to is not None:
         x = node("Cast", "cast_in", [x], attrs={"to": onnx.TensorProto.FLOAT})
@@ -315,19 +323,19 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to, dims)
         beta = target.alpha.astype(np.float64) @ (target.shift.astype(np.float64)[:, None] * U)
         dynamic = target.layout == "flat" and not all(isinstance(v, int) for v in dims[1:])
         if dynamic:  # (N, D) and back, so that another per-sample size fails in Reshape instead of broadcasting
-            x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, U.shape[1]], dtype=np.int64))])
+            x = flatten(x)
             beta = beta.reshape(1, -1)
         elif target.layout == "flat":  # in this tensor's own per-sample shape, which may differ from the one
             # fitted on (--tensor onto a flattened copy of the same values)
             beta = beta.reshape([1] + [int(v) for v in dims[1:]])
         y = node("Sub", "repaired", [x, const("alpha_beta", beta.astype(ctype))])
         if dynamic:
-            y = node("Reshape", "unflatten", [y, node("Shape", "orig_shape", [h], out_dtype=np.int64)])
+            y = unflatten(y)
         if cast_to is not None:
             y = node("Cast", "cast_out", [y], out_dtype=np_dtype, attrs={"to": cast_to})
         return y, len(graph.nodes) - nodes_before
-    if target.layout == "flat":  # (N, D) with D spelled out: a -1 cannot be inferred from an empty batch
-        x = node("Reshape", "flatten", [x, const("flat_shape", np.array([0, U.shape[1]], dtype=np.int64))])
+    if target.layout == "flat":
+        x = flatten(x)
     u_mu = U @ target.mu.astype(np.float64)
     w = target.alpha.astype(np.float64)[:, None] * U
     if translate:  # the correction is the shift itself where the gate fires
@@ -362,8 +370,7 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to, dims)
         corr = node("MatMul", "correction", [s, const("alpha_U", w.astype(ctype))])
         y = node("Sub", "repaired", [x, corr])
     if target.layout == "flat":
-        shp = node("Shape", "orig_shape", [h], out_dtype=np.int64)
-        y = node("Reshape", "unflatten", [y, shp])
+        y = unflatten(y)
     if cast_to is not None:
         y = node("Cast", "cast_out", [y], out_dtype=np_dtype, attrs={"to": cast_to})
     return y, len(graph.nodes) - nodes_before

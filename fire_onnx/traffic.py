@@ -333,8 +333,7 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
                else f"predicts class {chk['clean_top_class']} for {chk['clean_top_share']:.0%} of the clean reference "
                     "images")
         result.warnings.append(f"the model {how}: the preprocessing (--scale/--mean/--std/--input-layout) or the "
-                               "model is probably wrong, and the traffic cannot be read with it: 'nothing found' "
-                               "means nothing here")
+                               "model is probably wrong, and the traffic cannot be read with it")
     cands = det.candidates()
     if target is not None:
         if not 0 <= target < n_classes:
@@ -344,7 +343,7 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
     if len(cands) > MAX_CONFIRM:
         result.notes.append(f"{len(cands)} candidate classes; the {MAX_CONFIRM} most separated were confirmed")
         cands = cands[:MAX_CONFIRM]
-    best, best_rec, best_r, confirmed = None, None, None, []
+    best, best_rec, best_r = None, None, None
     for ev in cands:
         idx = det.flagged[ev.cls]
         r = rc.reconstruct(traffic[idx], clean, held, predict, flagged_pred=np.full(len(idx), ev.cls),
@@ -354,12 +353,10 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
         ev.confirmation, ev.kind, ev.confirmed = float(rec.get("rate", 0.0)), rec.get("kind", ""), r.confirmed
         say(f"unlabeled: class {ev.cls}: {ev.n_flagged} of {ev.n} inputs flagged, reconstruction "
             f"{ev.kind or 'none'} confirmed by {ev.confirmation:.0%}")
-        if r.confirmed:
-            confirmed.append(ev)
         if r.confirmed and (best is None or (ev.confirmation, ev.separation or 0) > (best.confirmation,
                                                                                       best.separation or 0)):
             best, best_rec, best_r = ev, rec, r
-    if target is None and (why := ambiguous(confirmed)):
+    if target is None and (why := ambiguous([ev for ev in cands if ev.confirmed])):
         result.warnings.append(why)
         best = None
     if best is not None:

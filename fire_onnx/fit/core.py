@@ -135,7 +135,7 @@ def tensor_matching(model, onnx_model, layer: str, x: np.ndarray) -> str | None:
     """The ONNX tensor (main graph, float) whose values equal module ``layer``'s output on ``x``
     (preprocessed images), for a module the export's scope names do not show; None if none or several."""
     from fire_onnx.fit.torch_model import collect
-    from fire_onnx.onnxutil import tensor_table
+    from fire_onnx.onnxutil import FLOAT_TYPES, tensor_table
 
     try:
         ref = collect(model, [layer], x, batch_size=len(x))[layer]
@@ -143,12 +143,10 @@ def tensor_matching(model, onnx_model, layer: str, x: np.ndarray) -> str | None:
         return None
     want = list(ref.shape[1:])
     table = tensor_table(onnx_model)
-    initializers = {i.name for i in onnx_model.graph.initializer}
     names = [o for n in onnx_model.graph.node for o in n.output
-             if o and o not in initializers and o in table and table[o][1] is not None
+             if o in table and table[o][0] in FLOAT_TYPES and table[o][1] is not None
              and len(table[o][1]) == len(want) + 1
-             and all(not isinstance(a, int) or a == b for a, b in zip(table[o][1][1:], want))
-             and table[o][0] in (1, 10, 11, 16)]  # float, float16, double, bfloat16
+             and all(not isinstance(a, int) or a == b for a, b in zip(table[o][1][1:], want))]
     if not names:
         return None
     acts, _ = probes.TensorReader(onnx_model, names, batch_size=len(x))(x)
@@ -425,6 +423,7 @@ def fit_directions(
     if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
         raise FireError("the clean originals of the triggered images do not match them in shape")
     meta = dict(meta or {})
+    found_by_value = []  # modules with no node of their own, found by the tensor that holds their output
     if model is None:
         if onnx_model is None:
             raise FireError("fit needs a PyTorch model (--model) or an ONNX model (--onnx)")
@@ -439,7 +438,6 @@ def fit_directions(
 
             inferred = infer_shapes(onnx_model)
             x_check = preprocess(clean.x[:VALUE_CHECK_IMAGES])
-            found_by_value = []
             for layer in layers:
                 # by suffix: the value check below confirms the tensor holds the module's output
                 try:
@@ -462,9 +460,7 @@ def fit_directions(
     acts_t, logits_t = source.run(preprocess(triggered.x), progress)
     acts_p = source.run(preprocess(triggered_source.x), progress)[0] if triggered_source is not None else None
     checks = model_checks(logits_c, clean.y, logits_t, target, len(triggered))
-    checks["warnings"] += getattr(source, "warnings", [])
-    if model is not None and onnx_model is not None:
-        checks["warnings"] += found_by_value
+    checks["warnings"] += getattr(source, "warnings", []) + found_by_value
     if warning := preprocess_check.warning_of(meta):  # recorded by load_inputs
         checks["warnings"].insert(0, warning)
     acts_gate = None

@@ -108,7 +108,7 @@ def attach(req, inputs, log=None) -> None:
     if not result.found:
         if not req.force:
             if warning := preprocess_check.warning_of(inputs.meta):  # "nothing found" under a doubtful preprocessing
-                result.warnings.insert(0, f"{warning}: 'nothing found' means nothing here")
+                result.warnings.insert(0, warning)
             raise tr.NothingFound(result)
         tr.force_pick(result)
     found = result.indices

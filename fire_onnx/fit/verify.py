@@ -280,9 +280,9 @@ def describe(check: dict) -> str:
 
 def _other_layers(req) -> str:
     """What to try instead of this layer: --layer auto, unless that is what chose it."""
-    if not getattr(req, "auto", False):
+    if not req.auto:
         return "--layer auto"
-    return "a larger --max-layers or --clean-budget" if getattr(req, "max_layers", 1) <= 1 else "a larger --clean-budget"
+    return "a larger --max-layers or --clean-budget" if req.max_layers <= 1 else "a larger --clean-budget"
 
 
 def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
