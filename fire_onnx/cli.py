@@ -389,9 +389,8 @@ def inspect(model, include_all, json_out):
     for io in ("inputs", "outputs"):
         click.echo(f"  {io}: " + ", ".join(f"{t['name']} {t['shape']}" for t in summ[io]))
     if summ["patched"]:
-        click.echo("  already patched by fire-onnx: " + (", ".join(
-            t["tensor"] + (f" (repair {t['repair']})" if t.get("repair", "project") != "project" else "")
-            for t in summ["fire_onnx_targets"]) or f"({summ['fire_onnx_targets_error'] or 'no targets recorded'})"))
+        for line in insp.describe_repair(summ):
+            click.echo("  " + line)
     rows = [("tensor", "shape", "op", "fit --layer", "layout", "note")]
     rows += [(c.tensor, "unknown" if c.shape is None else "x".join(str(d) for d in c.shape), c.op, ", ".join(c.layers) or "-", c.layout, c.note)
              for c in cands]

@@ -149,7 +149,12 @@ class Preprocess:
         c = x.shape[-1]
         mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
         if mean.size not in (1, c) or std.size not in (1, c):
-            raise FireError(f"mean/std need 1 or {c} values for {c}-channel images")
+            n = max(mean.size, std.size)
+            raise FireError(f"the preprocessing has {n} mean/std values (for {n}-channel images) but these images "
+                            f"have {c} channel{'s' if c != 1 else ''}: "
+                            + ("grey images for a colour model, or directions/a model made for colour images"
+                               if c == 1 else "colour images for a grey model, or --mean/--std of another model")
+                            + f" (--mean/--std take 1 or {c} values here)")
         out = (x.astype(np.float32) * np.float32(self.scale) - mean) / std
         if self.layout == "NCHW":
             out = out.transpose(0, 3, 1, 2)

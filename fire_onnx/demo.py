@@ -13,7 +13,11 @@ Artifacts: model.onnx, directions.npz, model.fire.onnx, report.json in the outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,7 +28,7 @@ from fire_onnx import directions as dirs
 from fire_onnx import triggers
 from fire_onnx.data import Images, Preprocess, bundled_mnist, fit_samples, load_images
 from fire_onnx.errors import FireError
-from fire_onnx.fileio import atomic_path, check_output_folder, check_outputs, write_text_atomic
+from fire_onnx.fileio import check_output_folder, check_outputs
 
 Log = Callable[[str], None]
 
@@ -106,16 +110,9 @@ def run_demo(
 
     import torch
 
-    from fire_onnx.evaluate import compute_metrics, session
-    from fire_onnx.fit import export_onnx, fit_directions
-    from fire_onnx.patch import patch_file
-
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    train, test = load_images(data_path, "train"), load_images(data_path, "test")
-    if train.y is None or test.y is None:
-        raise FireError(f"{data_path} needs labels for the demo")
+    train, test = _splits(data_path)
     n_classes = int(max(train.y.max(), test.y.max()) + 1)
     if not 0 <= target < n_classes:
         raise FireError(f"target must be a class index in 0..{n_classes - 1}")
@@ -125,23 +122,70 @@ def run_demo(
     if h != w or h % 4:
         raise FireError(f"the demo models need square images with a side divisible by 4, got {h}x{w}")
     trig = triggers.parse(trigger)
+    trig.apply(test.x[:1])  # a trigger that does not fit these images (a WaNet grid of another size) fails now
     pre = Preprocess(scale=1 / 255, mean=[0.5] * c, std=[0.5] * c, layout="NCHW")
     rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = build_arch(arch, n_classes, c, h)
+    layer = layer or DEFAULT_LAYER[arch]
+    if layer not in dict(model.named_modules()) or not layer:
+        raise FireError(f"--layer {layer!r} is not a module of the demo's {arch} (e.g. {', '.join(_modules(model))})")
+
+    # everything is written to a staging folder inside the output folder and moved in at the end: a demo
+    # that fails (or is interrupted) leaves the folder as it found it
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".fire-onnx-demo-", dir=out))
+    try:
+        report = _run(out, stage, model, train, test, pre, trig, trigger, data_path, target, poison_rate, epochs,
+                      arch, layer, gate, n_clean, n_triggered, seed, rng, t0, log)
+        for name in ARTIFACTS:
+            os.replace(stage / name, out / name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _splits(data_path: Path) -> tuple[Images, Images]:
+    """The labelled train and test splits of the demo's data file (they must be different images)."""
+    from fire_onnx.data import load_npz
+
+    keys = set(load_npz(data_path, "image file"))
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in keys]
+    if missing:
+        raise FireError(f"{data_path} has no {', '.join(missing)} (keys: {', '.join(sorted(keys))}): the demo "
+                        "trains on x_train/y_train and measures on x_test/y_test, different images")
+    return load_images(data_path, "train"), load_images(data_path, "test")
+
+
+def _modules(model, shown: int = 6) -> list[str]:
+    names = [n for n, m in model.named_modules() if n and "." not in n]
+    return names[:shown]
+
+
+def _run(out, stage, model, train, test, pre, trig, trigger, data_path, target, poison_rate, epochs, arch, layer,
+         gate, n_clean, n_triggered, seed, rng, t0, log) -> dict:
+    """The demo's five steps, writing into ``stage`` (report paths name ``out``)."""
+    import torch
+
+    from fire_onnx.evaluate import compute_metrics, session
+    from fire_onnx.fit import export_onnx, fit_directions
+    from fire_onnx.patch import patch_file
 
     log(f"[1/5] training a backdoored {arch} on {data_path.name} ({len(train)} train images, "
         f"{trigger}, {poison_rate:.0%} poisoned, target {target})")
     poisoned, pidx = poison(train, trig, target, poison_rate, rng)
-    torch.manual_seed(seed)
-    model = build_arch(arch, n_classes, c, h)
-    layer = layer or DEFAULT_LAYER[arch]
     train_model(model, pre(poisoned.x), poisoned.y, epochs=epochs, seed=seed, log=log)
 
     log("[2/5] exporting to ONNX")
-    model_path = out / "model.onnx"
-    with atomic_path(model_path) as tmp:
-        export_onnx(model, pre(test.x[:2]), tmp)
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save(model.state_dict(), tmp)
+    model_path = stage / "model.onnx"
+    export_onnx(model, pre(test.x[:2]), model_path)
+    torch.save(model.state_dict(), stage / "model.pt")
 
     log(f"[3/5] fitting the backdoor direction at '{layer}' from {n_triggered} triggered + {n_clean} clean images")
     unpoisoned = train.subset(np.setdiff1d(np.arange(len(train)), pidx))
@@ -152,15 +196,15 @@ def run_demo(
     d = fit_directions(model, [layer], clean, trig_imgs, pre, gate=gate, onnx_model=onnx.load(str(model_path)),
                        triggered_source=source,
                        meta={"trigger": triggers.describe(trig), "target": target, "source": "fire-onnx demo"})
-    dir_path = out / "directions.npz"
+    dir_path = stage / "directions.npz"
     dirs.save(d, dir_path)
     t = d.targets[0]
-    log(f"  tensor {t.tensor!r}, D = {t.dim}, gate {t.gate}, tau {float(t.tau[0]):.3f}, "
-        f"gate fires on {t.fit['gate_recall_triggered']:.0%} of triggered fit samples, "
-        f"{t.fit['gate_fires_clean']:.1%} of clean ones")
+    log(f"  tensor {t.tensor!r}, D = {t.dim}, " + ("gate none (acts on every input)" if t.gate == "none" else
+        f"gate {t.gate}, tau {float(t.tau[0]):.3f}, gate fires on {t.fit['gate_recall_triggered']:.0%} of triggered "
+        f"fit samples, {t.fit['gate_fires_clean']:.1%} of clean ones"))
 
     log("[4/5] patching the ONNX graph")
-    patched_path = out / "model.fire.onnx"
+    patched_path = stage / "model.fire.onnx"
     _, res = patch_file(model_path, dir_path, patched_path)
     for wmsg in res.warnings:
         log(f"  warning: {wmsg}")
@@ -186,7 +230,7 @@ def run_demo(
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["artifacts"] = {k: str(out / v) for k, v in (("model", "model.onnx"), ("weights", "model.pt"),
                            ("directions", "directions.npz"), ("patched", "model.fire.onnx"))}
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -180,6 +180,13 @@ def check_labels_in_range(pred: np.ndarray, y: np.ndarray, n_scores: int, output
     if not len(pred) or not len(y):
         return
     top = int(np.max(y))
+    if top >= n_scores:  # no prediction can be right: accuracy reads as a wrong preprocessing (new-user run 8)
+        share = float((y >= n_scores).mean())
+        raise FireError(f"the labels go up to {top} but the model's output has {n_scores} class scores (classes 0.."
+                        f"{n_scores - 1}); {share:.0%} of the labelled images have a label the model cannot predict: "
+                        "the labels belong to other data or another class numbering"
+                        + (f" (or the class scores are not the first of the model's outputs {', '.join(outputs)})"
+                           if outputs and len(outputs) > 1 else ""))
     beyond = pred > top
     if float(beyond.mean()) <= BEYOND_LABELS:
         return

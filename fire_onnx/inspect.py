@@ -48,6 +48,7 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
         for i in n.input:
             consumers.setdefault(i, []).append(n.op_type)
     outputs = {o.name for o in graph.output}
+    repaired = {t["tensor"] for t in patched_targets(model)}
     out = []
     for n in graph.node:
         if n.name.startswith("fire_onnx/"):
@@ -68,7 +69,9 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 # the module after it outputs, not what ``own`` outputs, so ``fit --layer own`` would be wrong
                 layers = [path for path in layers if path != own]
                 folded_note = f"; weights folded by the exporter: not the output of {own}"
-            if pair:
+            if name in repaired:
+                note = "repaired by fire-onnx"
+            elif pair:
                 note = f"splits {pair[0]}+{pair[1]} fusion"
             elif name in outputs:
                 note = "graph output"
@@ -80,7 +83,7 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
             if unknown:
                 what = "type and shape" if elem is None and dims is None else ("type" if elem is None else "shape")
                 note += f"; {what} unknown" if note else f"{what} unknown"
-            if not include_all and not note.startswith(("candidate", "graph")) and not ((layers or folded_note) and pair):
+            if not include_all and not note.startswith(("candidate", "graph", "repaired")) and not ((layers or folded_note) and pair):
                 continue
             out.append(Candidate(
                 tensor=name,
@@ -128,10 +131,64 @@ def summary(model: onnx.ModelProto) -> dict:
         "patched": is_patched(model),
         "fire_onnx_targets": patched_targets(model),
         "fire_onnx_targets_error": read_patched_targets(model)[1],
+        "fire_onnx": _recorded(model),
     }
+
+
+def _recorded(model: onnx.ModelProto) -> dict:
+    """What ``patch`` recorded in the model's metadata besides the targets (version, directions hash,
+    preprocessing, attack); values that are not readable JSON are kept as text."""
+    from fire_onnx.fileio import loads_json
+    from fire_onnx.patch import META_ATTACK, META_PREPROCESS, META_SHA, META_VERSION
+
+    keys = {META_VERSION: "version", META_SHA: "directions_sha256", META_PREPROCESS: "preprocess",
+            META_ATTACK: "attack"}
+    out: dict = {}
+    for p in model.metadata_props:
+        if p.key in keys:
+            try:
+                out[keys[p.key]] = loads_json(p.value) if keys[p.key] in ("preprocess", "attack") else p.value
+            except ValueError:
+                out[keys[p.key]] = p.value
+    return out
 
 
 def _dims(vi) -> list:
     if not vi.type.tensor_type.HasField("shape"):
         return []
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
+
+
+def describe_repair(summ: dict) -> list[str]:
+    """Text lines on the repair a patched model carries (from :func:`summary`)."""
+    rec = summ.get("fire_onnx") or {}
+    sha = str(rec.get("directions_sha256") or "")[:12]
+    lines = [f"repaired by fire-onnx {rec.get('version', '?')}" + (f" (directions sha256 {sha})" if sha else "") + ":"]
+    targets = summ.get("fire_onnx_targets") or []
+    if not targets:
+        lines.append(f"  ({summ.get('fire_onnx_targets_error') or 'no targets recorded'})")
+    for t in targets:
+        what = [f"layout {t['layout']}" if t.get("layout") else "", f"k={t['k']}" if t.get("k") else "",
+                f"gate {t['gate']}" if t.get("gate") else "", f"repair {t.get('repair', 'project')}",
+                f"{t['nodes']} nodes" if t.get("nodes") else ""]
+        lines.append(f"  {t['tensor']}" + (f" (module {t['module']})" if t.get("module") else "") + ": "
+                     + ", ".join(w for w in what if w))
+    attack = rec.get("attack")
+    if isinstance(attack, dict) and (attack.get("target") is not None or attack.get("trigger")):
+        trig = attack.get("trigger")
+        if isinstance(trig, dict):
+            opts = ", ".join(f"{k}={v}" for k, v in trig.items() if k != "kind" and not k.endswith("_sha256"))
+            trig = f"{trig.get('kind', '?')}" + (f" ({opts})" if opts else "")
+        lines.append("recorded attack: " + ", ".join(
+            x for x in (f"target {attack['target']}" if attack.get("target") is not None else "",
+                        f"trigger {trig}" if trig else "") if x))
+    pre = rec.get("preprocess")
+    if isinstance(pre, dict):
+        try:
+            from fire_onnx.data import Preprocess
+            from fire_onnx.evaluate import describe_preprocess
+
+            lines.append("recorded preprocessing: " + describe_preprocess(Preprocess.from_dict(pre)))
+        except Exception:  # noqa: BLE001 - a hand-edited record: shown as it is
+            lines.append(f"recorded preprocessing: {pre}")
+    return lines

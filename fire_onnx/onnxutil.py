@@ -394,6 +394,9 @@ def node_module(node: onnx.NodeProto) -> str:
     return scopes[-1] if scopes else ""
 
 
+NOT_ACTIVATIONS = {"Constant", "Shape", "Size", "ConstantOfShape"}  # ops whose outputs hold no activation
+
+
 class ScopeIndex:
     """The PyTorch module scopes of every node of a graph, computed once."""
 
@@ -423,7 +426,10 @@ class ScopeIndex:
         for i, n in enumerate(self.nodes):
             if i not in inside:
                 used_outside.update(n.input)
-        produced = [o for i in sorted(inside) for o in self.nodes[i].output if o]
+        # a Constant or a Shape computed inside the module and read outside it (a ViT's patch embedding exports
+        # the flatten's shape constant in its scope) is not an activation: never the module's output
+        produced = [o for i in sorted(inside) if self.nodes[i].op_type not in NOT_ACTIVATIONS
+                    for o in self.nodes[i].output if o]
         return [t for t in produced if t in used_outside]
 
     def output_map(self) -> dict[str, list[str]]:
@@ -459,3 +465,101 @@ def module_outputs(graph: onnx.GraphProto, module_path: str) -> list[str]:
 
 def module_paths(graph: onnx.GraphProto) -> list[str]:
     return ScopeIndex(graph).paths
+
+
+def downstream_model(model: onnx.ModelProto, start: str,
+                     value_infos: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """The part of ``model`` that computes its first output from tensor ``start``: a model whose inputs are
+    ``start`` and the other tensors that part reads (the *frontier*: e.g. a residual branch's input, or the
+    graph input), each with the batch as first dimension, so that rows of all of them can be fed together.
+
+    A frontier tensor whose first dimension is not known to be the batch (a Shape's output, a constant
+    computed in the graph) is computed inside the part instead, from what feeds it. Returns (model, frontier
+    names, ``start`` first). Raises ValueError where the part cannot be cut out this way: nodes with
+    subgraphs, a fixed batch, an output that does not depend on ``start``, weights past the external-data
+    threshold, a frontier tensor of unknown type. Shapes and types come from ``model``'s value_info and
+    inputs, and from ``value_infos`` (a model with inferred shapes whose tensors ``model`` shares, e.g. the
+    model before an edit downstream of ``start``).
+    """
+    g = model.graph
+    if not g.output:
+        raise ValueError("no graph output")
+    if approx_size(model) >= external_data_threshold():
+        raise ValueError("model past the external-data threshold")
+    out = g.output[0].name
+    table = {**(tensor_table(value_infos) if value_infos is not None else {}), **tensor_table(model)}
+    inputs = {vi.name for vi in g.input}
+    inits = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    first_input = next((vi for vi in g.input if vi.name not in inits), None)
+    if first_input is None:
+        raise ValueError("no graph input")
+    batch = (table.get(first_input.name, (None, None))[1] or [None])[0]
+    if not isinstance(batch, str) or not batch:
+        raise ValueError("the model's batch dimension is not symbolic")
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    # nodes downstream of start
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(g.node):
+        for name in n.input:
+            consumers.setdefault(name, []).append(i)
+    down, stack = set(), [start]
+    while stack:
+        for i in consumers.get(stack.pop(), []):
+            if i not in down:
+                down.add(i)
+                stack.extend(o for o in g.node[i].output if o)
+    # nodes the output needs
+    need, stack = set(), [out]
+    while stack:
+        name = stack.pop()
+        i = producer.get(name)
+        if i is None or i in need:
+            continue
+        need.add(i)
+        stack.extend(x for x in g.node[i].input if x)
+    part = down & need
+    if out not in {o for i in part for o in g.node[i].output}:
+        raise ValueError(f"the first output does not depend on {start!r}")
+
+    def batched(name: str) -> bool:
+        _, dims = table.get(name, (None, None))
+        return bool(dims) and dims[0] == batch
+
+    while True:  # pull in the producers of frontier tensors that are not batch-aligned
+        made = {o for i in part for o in g.node[i].output}
+        frontier = [x for i in sorted(part) for x in g.node[i].input
+                    if x and x not in made and x not in inits and x != start]
+        pulled = False
+        for name in dict.fromkeys(frontier):
+            if name in inputs or batched(name):
+                continue
+            i = producer.get(name)
+            if i is None:
+                raise ValueError(f"tensor {name!r} is read but not produced")
+            part.add(i)
+            pulled = True
+        if not pulled:
+            break
+    nodes = [g.node[i] for i in sorted(part)]
+    if any(a.HasField("g") or len(a.graphs) for n in nodes for a in n.attribute):
+        raise ValueError("a node with a subgraph")
+    frontier = [start] + [x for x in dict.fromkeys(frontier) if x != start]
+    known = [] if value_infos is None else list(value_infos.graph.value_info) + list(value_infos.graph.input)
+    vis = {vi.name: vi for vi in known + list(g.value_info) + list(g.input) + list(g.output)
+           if vi.type.tensor_type.elem_type}
+    m = onnx.ModelProto()
+    m.ir_version = max(model.ir_version, 4)  # initializers need no graph input from IR 4 on
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    for name in frontier:
+        vi = vis.get(name)
+        if vi is None or not vi.type.tensor_type.elem_type:
+            raise ValueError(f"tensor {name!r} has no known type")
+        m.graph.input.append(vi)
+    m.graph.node.extend(nodes)
+    used = {x for n in nodes for x in n.input}
+    m.graph.initializer.extend(t for t in g.initializer if t.name in used)
+    m.graph.sparse_initializer.extend(t for t in g.sparse_initializer if t.values.name in used)
+    m.graph.output.append(g.output[0])
+    m.graph.name = f"{g.name}_from_{start}"
+    return m, frontier

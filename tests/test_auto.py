@@ -470,3 +470,98 @@ def test_the_chosen_layer_gets_fits_held_out_check_cross_fitted_over_a_flagged_f
     plain = run_fit(request(synth, layers=[chosen], triggered_path=str(tmp_path / "flagged.npz")))
     np.testing.assert_allclose(d.targets[0].U, plain.targets[0].U, atol=1e-6)
     assert plain.meta["check"]["cross_fit"]["target_rate_after"] == check["cross_fit"]["target_rate_after"]
+
+
+class _Residual:
+    """A residual block whose flatten reads the batch size off the input (x.shape[0] taken at the start):
+    the graph after the inner ReLU reads the block's input (the skip) and a Shape of the graph input."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+                self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+                self.act = nn.ReLU()
+                self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+                self.fc = nn.Linear(4 * 8 * 8, 3)
+
+            def forward(self, x):
+                n = x.shape[0]
+                h = self.stem(x)
+                r = self.act(self.conv1(h))
+                out = torch.relu(self.conv2(r) + h)
+                return self.fc(out.reshape(n, -1))
+
+        torch.manual_seed(3)
+        return Net().eval()
+
+
+def test_the_graph_after_a_tensor_is_cut_out_with_its_skip_input_and_reproduces_the_model(tmp_path):
+    import onnx
+
+    from fire_onnx.fit import export_onnx
+    from fire_onnx.onnxutil import downstream_model, infer_shapes
+    from fire_onnx.probe import TensorReader
+
+    x = np.random.default_rng(0).random((6, 1, 8, 8), dtype=np.float32)
+    export_onnx(_Residual.build(), x, tmp_path / "res.onnx")
+    model = infer_shapes(onnx.load(tmp_path / "res.onnx"))
+    start = "/act/Relu_output_0"
+    part, frontier = downstream_model(model, start)
+    assert frontier[0] == start and "/stem/stem.1/Relu_output_0" in frontier  # the skip
+    assert "input" in frontier  # the Shape of the input that the reshape reads is computed inside the part
+    assert {n.op_type for n in part.graph.node} >= {"Conv", "Add", "Relu", "Shape", "Reshape", "Gemm"}
+    assert not any(n.op_type == "Conv" and n.output[0] == "/stem/stem.0/Conv_output_0" for n in part.graph.node)
+    reads = [f for f in frontier if f != "input"]
+    acts, logits = TensorReader(model, reads, with_logits=True)(x)
+    got = session(part.SerializeToString()).run(None, {**{f: acts[f] for f in reads}, "input": x})[0]
+    np.testing.assert_allclose(got, logits, rtol=1e-6, atol=1e-6)
+    # any rows, in any order
+    idx = np.array([4, 1])
+    got = session(part.SerializeToString()).run(None, {**{f: acts[f][idx] for f in reads}, "input": x[idx]})[0]
+    np.testing.assert_allclose(got, logits[idx], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="does not depend"):
+        downstream_model(model, "/stem/stem.0/Conv_output_0x")
+
+
+@pytest.mark.parametrize("model_key", ["synth", "two"])
+def test_held_out_scoring_through_the_cut_out_graph_equals_the_whole_patched_model(synth, two, model_key):
+    """HeldOut.score_many (one pass reading every candidate's tensor, then only the images whose gate fires
+    run through the graph after it) gives exactly HeldOut.score's numbers, also behind an earlier repair
+    (a chain step), and falls back to the whole model for gate none."""
+    from fire_onnx.fit.auto import HeldOut, chained_inputs, split_samples
+    from fire_onnx.fit.pipeline import load_inputs, select_samples
+
+    s = synth if model_key == "synth" else two
+    req = request(s, layers=["auto"], n_triggered=40 if model_key == "two" else 20)
+    inputs = load_inputs(req)
+    clean, trig, source = select_samples(req, inputs)
+    base = session(inputs.onnx_model.SerializeToString())
+    split = split_samples(req, inputs, clean, trig, source, 0,
+                          lambda x: predict_logits(base, inputs.preprocess(x)).argmax(1))
+    held = HeldOut(inputs.onnx_model, inputs.preprocess, split.held_clean, split.held_triggered, batch_size=64)
+    held.fast_after = 0.0  # a tiny model: cut the graph anyway
+    names = ["block1", "block2"] if model_key == "synth" else ["fc1_act", "fc2_act", "block2"]
+    fitted = [run_fit(request(s, layers=[n], n_triggered=req.n_triggered, force=True)).targets[0] for n in names]
+    none = run_fit(request(s, layers=[names[0]], gate="none", n_triggered=req.n_triggered, force=True)).targets[0]
+    pre = dict(inputs.preprocess.as_dict())
+    cands = [*fitted, none]
+    got = held.score_many(inputs.onnx_model, [], cands, 0)
+    want = [held.score(dirs.Directions(targets=[c], preprocess=pre), 0) for c in cands]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    # block2's gate fires on the triggered images only; a gate that fires on every held-out image (the
+    # auto gate lowered below the clean scores at fc1_act/fc2_act) leaves no image to check the cut-out
+    # graph on, and is scored on the whole model like gate none
+    assert held.suffix_stats["suffix"] >= 1 and held.suffix_stats["full"] >= 1
+    assert held.suffix_stats["rows_run"] < held.suffix_stats["rows"]  # not every image ran again
+    if model_key == "two":  # behind the first layer's repair
+        prefix = [fitted[0]]
+        chained = chained_inputs(inputs, prefix).onnx_model
+        got = held.score_many(chained, prefix, fitted[1:], 0)
+        want = [held.score(dirs.Directions(targets=[*prefix, c], preprocess=pre), 0) for c in fitted[1:]]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)

@@ -134,7 +134,15 @@ def test_inspect_text_and_json(ws):
     assert TENSOR in [c["tensor"] for c in doc["candidates"]]
     assert doc["model"]["patched"] is False
     proc = run_cli("inspect", "model.fire.onnx", cwd=ws, check=True)
-    assert "already patched" in proc.stdout
+    # what the repair is, as recorded by patch: target, operator, attack, preprocessing
+    assert "repaired by fire-onnx" in proc.stdout and "(directions sha256 " in proc.stdout
+    assert f"{TENSOR} (module block2): layout flat, k=1, gate hard, repair project" in proc.stdout
+    assert "recorded attack: target 0, trigger badnets (" in proc.stdout
+    assert "recorded preprocessing: scale=1/255 mean=0.5 std=0.5 layout=NCHW" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(f"  {TENSOR} "))  # the table's row
+    assert row.rstrip().endswith("repaired by fire-onnx")  # not offered as a candidate again
+    doc = json.loads(run_cli("inspect", "model.fire.onnx", "--json", "-", cwd=ws, check=True).stdout)
+    assert doc["model"]["fire_onnx"]["attack"]["target"] == 0
     assert sha(ws / "model.onnx") == before
 
 

@@ -50,3 +50,43 @@ def test_vit_demo_repairs_through_onnx(tmp_path):
 
     t = dirs.load(out / "directions.npz").targets[0]
     assert t.layout == "flat" and t.feature_shape == [17, 64]
+
+
+def test_demo_refusals_leave_no_output_folder(tmp_path, mnist_path):
+    """A demo that cannot run says so before training and leaves nothing behind (new-user run 8: an npz with x/y
+    only was trained and measured on the same images, and a bad --layer left model.onnx after training)."""
+    import numpy as np
+    from conftest import run_cli
+
+    d = np.load(mnist_path)
+    np.savez(tmp_path / "xy.npz", x=d["x_train"][:300], y=d["y_train"][:300])
+    cases = {"xy": (["--data", tmp_path / "xy.npz"], "has no x_train, y_train, x_test, y_test"),
+             "layer": (["--layer", "nope"], "--layer 'nope' is not a module of the demo's small_cnn"),
+             "target": (["--target", "10"], "target must be a class index in 0..9")}
+    for name, (args, message) in cases.items():
+        out = tmp_path / f"out_{name}"
+        proc = run_cli("demo", "-o", out, *args)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert message in proc.stderr, proc.stderr
+        assert not out.exists(), name
+
+
+def test_a_failing_demo_restores_its_output_folder(tmp_path, monkeypatch):
+    """Everything is written to a staging folder and moved in at the end: a failure after training (here
+    an error raised by the fit) leaves an existing output folder as it was, with no staging folder."""
+    import pytest
+
+    from fire_onnx import demo
+    from fire_onnx.errors import FireError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def broken(*a, **k):
+        raise FireError("broken fit")
+
+    monkeypatch.setattr("fire_onnx.fit.fit_directions", broken)
+    with pytest.raises(FireError, match="broken fit"):
+        demo.run_demo(out, epochs=1, log=lambda m: None)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

@@ -607,3 +607,50 @@ def test_a_repair_that_confidently_removes_nothing_is_not_written(ws):  # noqa: 
     assert not (ws / "weak.npz").exists()
     proc = run_cli(*args, "--force", cwd=ws)
     assert proc.returncode == 0 and (ws / "weak.npz").exists(), proc.stderr
+
+
+def test_labels_the_model_cannot_predict_are_named_not_blamed_on_the_preprocessing(bn_folder):
+    """Labels shifted past the model's classes read as a wrong preprocessing (0.4 % accuracy) and fit wrote
+    a file (new-user run 8); fit and eval now say what is wrong, before any work."""
+    d = np.load(bn_folder / "mnist.npz")
+    np.savez(bn_folder / "shifted.npz", x=d["x_train"][:400], y=d["y_train"][:400] + 5)
+    before = snapshot(bn_folder)
+    proc = run_cli("fit", "--onnx", "bn.onnx", "--layer", "block2", "--clean", "shifted.npz", "--trigger", "badnets",
+                   "--target", "0", "--n-clean", "200", "-o", "d.npz", cwd=bn_folder)
+    assert_user_error(proc, bn_folder, before, "the labels go up to 14 but the model's output has 10 class scores")
+    proc = run_cli("eval", "bn.onnx", "--data", "shifted.npz", cwd=bn_folder)
+    assert_user_error(proc, bn_folder, before, "the labels go up to 14")
+
+
+def test_a_module_that_also_exports_a_constant_resolves_to_its_activation(tmp_path):
+    """A ViT patch embedding left a Constant in its scope that the exporter shared with Gathers in later
+    blocks (new-user run 8): module 'embed' had two outputs, fit refused '--layer embed' and inspect did
+    not offer it. A Constant (or Shape) is never a module's activation."""
+    import torch
+    from torch import nn
+
+    from fire_onnx.fit import export_onnx
+    from fire_onnx.inspect import candidates
+    from fire_onnx.onnxutil import module_outputs
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(1, 8, 7, stride=7)
+            self.fc = nn.Linear(8 * 16, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.embed(x).flatten(1)))
+
+    torch.manual_seed(0)
+    export_onnx(Net().eval(), np.zeros((2, 1, 28, 28), np.float32), tmp_path / "emb.onnx")
+    m = onnx.load(tmp_path / "emb.onnx")
+    # the exporter's shared constant: made in embed's scope, read outside it
+    m.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["/embed/Constant_output_0"], name="/embed/Constant",
+                                                 value=onnx.helper.make_tensor("v", onnx.TensorProto.INT64, [], [0])))
+    m.graph.node.append(onnx.helper.make_node("Identity", ["/embed/Constant_output_0"], ["/blocks.0/Identity_output_0"],
+                                              name="/blocks.0/Identity"))
+    ops = {o: n.op_type for n in m.graph.node for o in n.output}
+    outs = module_outputs(m.graph, "embed")
+    assert [ops[o] for o in outs] == ["Conv"], outs
+    assert any("embed" in c.layers and c.note == "candidate" for c in candidates(m))

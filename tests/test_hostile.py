@@ -479,7 +479,7 @@ def test_corrupt_targets_metadata(ws, value):
     real = value is DEEP
     proc = fire("inspect", bad, cwd=ws, real=real)  # inspect still lists the model and says what is wrong
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert "already patched by fire-onnx: (its fire_onnx.targets metadata" in proc.stdout
+    assert "repaired by fire-onnx" in proc.stdout and "(its fire_onnx.targets metadata" in proc.stdout
     before = snapshot(ws)
     assert_user_error(fire("patch", bad, "d.npz", "--replace", "-o", "p.onnx", cwd=ws, real=real), ws, before,
                       "fire_onnx.targets")

@@ -228,3 +228,34 @@ def test_update_refuses_another_target_than_the_files(ws):
         run_fit(FitRequest(layers=[], update_path=str(ws / "d0.npz"), clean_path=str(ws / "mnist.npz"),
                            onnx_path=str(ws / "model.onnx"), triggered_path=str(ws / "pair_b.npz"), target=5,
                            n_clean=300, mean=[0.5], std=[0.5], reconstruct="off"))
+
+
+def test_update_refuses_preprocessing_other_than_the_files(ws):
+    """The recorded preprocessing is what the statistics were gathered under: another --mean/--std would merge
+    activations of other inputs (new-user run 8: it was taken silently and the file then recorded it). The
+    same values are accepted."""
+    d = run_fit(request(ws, "pair_a.npz", target=0))
+    dirs.save(d, ws / "d0.npz")
+    upd = dict(layers=[], update_path=str(ws / "d0.npz"), clean_path=str(ws / "mnist.npz"),
+               onnx_path=str(ws / "model.onnx"), triggered_path=str(ws / "pair_b.npz"), n_clean=300,
+               reconstruct="off")
+    with pytest.raises(FireError, match=r"--mean 0.45 \(recorded: 0.5\); --std 0.55 \(recorded: 0.5\)"):
+        run_fit(FitRequest(**upd, mean=[0.45], std=[0.55]))
+    out = run_fit(FitRequest(**upd, mean=[0.5], std=[0.5]))
+    assert out.preprocess["mean"] == [0.5] and out.preprocess["std"] == [0.5]
+
+
+def test_update_refuses_images_that_do_not_reach_the_target(ws, mnist_path):
+    """New 'triggered' images the model does not send to the repair's target (clean ones, here) would pull
+    the merged estimate off the trigger; the update is refused, and --force merges them anyway."""
+    d = run_fit(request(ws, "pair_a.npz", target=0))
+    dirs.save(d, ws / "d0.npz")
+    test = load_images(mnist_path, "test")
+    np.savez(ws / "not_triggered.npz", x=test.x[test.y != 0][100:130])
+    upd = dict(layers=[], update_path=str(ws / "d0.npz"), clean_path=str(ws / "mnist.npz"),
+               onnx_path=str(ws / "model.onnx"), triggered_path=str(ws / "not_triggered.npz"), n_clean=300)
+    with pytest.raises(FireError, match=r"only \d+% of the 20 new triggered images reach the repair's target "
+                                        r"class 0.*--force merges them anyway"):
+        run_fit(FitRequest(**upd))
+    forced = run_fit(FitRequest(**upd, force=True))
+    assert forced.targets[0].fit["updates"] == 1

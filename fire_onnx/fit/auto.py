@@ -79,6 +79,12 @@ FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
 REFIT_SLACK = 0.005  # warn when the refitted single-layer repair exceeds the clean budget by more than this
 SHIFT_TIE = 1e-6  # clean shifts closer than this count as equal (then the earlier tensor wins)
 WEAK_REPAIR = 0.5  # warn when the chosen repair leaves this held-out target rate (and more than half the original)
+GATE_MARGIN = 1e-4  # held-out scoring: a gate score this close to tau (relative to the norms) counts as firing
+VALIDATE_ROWS = 4  # held-out scoring: images where the gate does not fire that check a cut-out graph part
+VALIDATE_TOL = 1e-4  # ... whose softmax outputs must equal the unrepaired model's to this
+FAST_AFTER_SECONDS = 2.0  # held-out scoring cuts the graph when one pass of the model over them takes this long
+SUFFIX_BUDGET = 768 * 2**20  # held-out scoring: bytes of cut-out graph parts (weights) run in one pass
+HELD_BATCH_BYTES = 256 * 2**20  # held-out scoring: bytes of tensors read per batch of the pass
 ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candidates are grouped under it)
 OBJECTIVE = ("lowest held-out target rate among candidates whose held-out clean change rate is within the clean "
              "budget; ties: lower clean change, then lower clean shift (mean softmax total-variation change), then "
@@ -233,6 +239,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class HeldOut:
     """Runs the original and candidate-patched ONNX models on the held-out samples in onnxruntime."""
 
+    # score_many cuts the graph only where one pass over the held-out images takes this long: on small
+    # models, building the cut-out parts costs more than it saves
+    fast_after = FAST_AFTER_SECONDS
+
     def __init__(self, onnx_model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256,
                  base_session=None):
         from fire_onnx.evaluate import session
@@ -246,8 +256,13 @@ class HeldOut:
         self.x_clean = self.pre(held_clean.x)
         self.x_trig = self.pre(held_triggered.x)
         run = self.runner(None)
+        t0 = time.perf_counter()
         self.base_clean = run(self.x_clean)
-        self.base_trig = run(self.x_trig).argmax(axis=1) if len(self.x_trig) else None
+        self._base_trig_p = run(self.x_trig) if len(self.x_trig) else None
+        self.base_trig = self._base_trig_p.argmax(axis=1) if len(self.x_trig) else None
+        self.pass_seconds = time.perf_counter() - t0  # one pass of the model over the held-out images
+        self._refs: dict = {}
+        self.suffix_stats = {"suffix": 0, "full": 0, "rows_run": 0, "rows": 0}
 
     def runner(self, d: dirs.Directions | None):
         """A function from preprocessed images to the softmax of the first output (float64) of the model
@@ -268,10 +283,194 @@ class HeldOut:
         class it changes, and the mean total-variation distance of their softmax outputs (the tie-breaker)."""
         run = self.runner(d)
         pc = run(self.x_clean)
-        rate = float((run(self.x_trig).argmax(axis=1) == target).mean()) if len(self.x_trig) else 0.0
+        pt = run(self.x_trig) if len(self.x_trig) else None
+        return self._rates(pc, pt, target)
+
+    def _rates(self, pc: np.ndarray, pt: np.ndarray | None, target: int) -> tuple[float, float, float]:
+        rate = float((pt.argmax(axis=1) == target).mean()) if pt is not None and len(pt) else 0.0
         change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
         shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
         return rate, change, shift
+
+    def _reference(self, model, prefix: list[dirs.Target]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Softmax outputs of ``model`` (the original with ``prefix`` patched in) on the held-out clean and
+        triggered images: what a candidate leaves unchanged wherever its gate does not fire."""
+        if not prefix:
+            return self.base_clean, self._base_trig_p
+        key = tuple((t.tensor, id(t)) for t in prefix)
+        if key not in self._refs:
+            from fire_onnx.evaluate import predict_logits, session
+
+            sess = session(_bytes(model))
+            run = lambda x: _softmax(predict_logits(sess, x, self.batch_size).astype(np.float64))  # noqa: E731
+            self._refs = {key: (run(self.x_clean), run(self.x_trig) if len(self.x_trig) else None)}
+        return self._refs[key]
+
+    def score_many(self, model, prefix: list[dirs.Target], candidates: list[dirs.Target], target: int,
+                   progress=None) -> list[tuple[float, float, float] | FireError]:
+        """:meth:`score` of ``[*prefix, c]`` for each candidate ``c``: the same numbers at a fraction of the cost.
+
+        ``model`` is the original with ``prefix`` patched in (or the original). A gated candidate changes
+        only the images whose score passes its gate; on every other image the patched model's output is
+        ``model``'s. So one pass of ``model`` over the held-out images reads every candidate's tensor (and
+        whatever else the graph after it reads: a residual branch, the input); each gate is evaluated in
+        numpy with a margin for float32 rounding (images that near the threshold count as firing), and only
+        the images that fire run, through the part of the patched graph after the tensor
+        (:func:`fire_onnx.onnxutil.downstream_model`). Each cut-out part is checked on images where its gate
+        does not fire (it must reproduce ``model``'s output there). A candidate whose part cannot be cut out
+        or fails that check, or whose gate is "none", is scored by :meth:`score`; so is every candidate when
+        there are fewer than two or one pass over the held-out images takes less than ``fast_after`` seconds
+        (a small model). Candidates share a pass while their parts stay within SUFFIX_BUDGET bytes of weights.
+        Returns per candidate (target rate, clean change, clean shift), or the FireError its patch raised."""
+        from fire_onnx.onnxutil import infer_shapes
+
+        if len(candidates) < 2 or self.pass_seconds < self.fast_after:  # nothing to gain: the whole model each
+            pre = dict(self.pre.as_dict())
+            out = []
+            for t in candidates:
+                try:
+                    out.append(self.score(dirs.Directions(targets=[*prefix, t], preprocess=pre), target))
+                    self.suffix_stats["full"] += 1
+                except FireError as e:
+                    out.append(e)
+            return out
+        ref_c, ref_t = self._reference(model, prefix)
+        ref_all = np.concatenate([ref_c, ref_t]) if ref_t is not None else ref_c
+        shapes = infer_shapes(model) if len(candidates) else model
+        results: list = [None] * len(candidates)
+        chunk: dict[int, dict] = {}
+        size = 0
+        for i, t in enumerate(candidates):
+            part = self._cut(shapes, prefix, t, ref_all) if t.gate == "hard" else None
+            if isinstance(part, FireError):
+                results[i] = part
+                continue
+            if part is None:
+                continue
+            if chunk and size + part["bytes"] > SUFFIX_BUDGET:
+                self._pass(model, chunk, candidates, ref_all, progress)
+                size = 0
+                for j, f in chunk.items():
+                    results[j] = self._finish(f, ref_t is not None, target)
+                chunk = {}
+            chunk[i] = part
+            size += part["bytes"]
+        if chunk:
+            self._pass(model, chunk, candidates, ref_all, progress)
+            for j, f in chunk.items():
+                results[j] = self._finish(f, ref_t is not None, target)
+        pre = dict(self.pre.as_dict())
+        for i, t in enumerate(candidates):
+            if results[i] is None:  # the whole patched model on every held-out image
+                try:
+                    results[i] = self.score(dirs.Directions(targets=[*prefix, t], preprocess=pre), target)
+                    self.suffix_stats["full"] += 1
+                except FireError as e:
+                    results[i] = e
+        return results
+
+    def _cut(self, shapes, prefix: list[dirs.Target], t: dirs.Target, ref_all: np.ndarray):
+        """The part of the model patched with ``[*prefix, t]`` after ``t``'s tensor, ready to run (a dict);
+        None where it cannot be cut out; the FireError the patch raised."""
+        from fire_onnx.evaluate import session
+        from fire_onnx.onnxutil import downstream_model
+        from fire_onnx.patch import patch_model
+
+        d = dirs.Directions(targets=[*prefix, t], preprocess=dict(self.pre.as_dict()))
+        try:
+            patched = patch_model(self.model, d).model
+        except FireError as e:
+            return e
+        try:
+            part, frontier = downstream_model(patched, t.tensor, value_infos=shapes)
+            data = part.SerializeToString()
+            return {"sess": session(data), "bytes": len(data), "frontier": frontier, "ok": False, "failed": False,
+                    "out": ref_all.copy(), "rows": 0}
+        except (ValueError, FireError):
+            return None
+
+    def _pass(self, model, chunk: dict[int, dict], candidates: list[dirs.Target], ref_all: np.ndarray,
+              progress=None) -> None:
+        """One pass of ``model`` over the held-out images for the candidates of ``chunk`` (see :meth:`score_many`)."""
+        from fire_onnx.evaluate import as_input
+        from fire_onnx.probe import _session_for
+
+        x_all = np.concatenate([self.x_clean, self.x_trig]) if len(self.x_trig) else self.x_clean
+        graph_inputs = {i.name for i in model.graph.input}
+        read = list(dict.fromkeys(n for f in chunk.values() for n in f["frontier"] if n not in graph_inputs))
+        try:
+            reader = _session_for(model, read)
+        except FireError:
+            for f in chunk.values():
+                f["failed"] = True
+            return
+        inp = reader.get_inputs()[0]
+        per_image = 8 * sum(int(np.prod([d for d in o.shape[1:] if isinstance(d, int)] or [1]))
+                            for o in reader.get_outputs())
+        batch = max(1, min(self.batch_size, HELD_BATCH_BYTES // max(per_image, 1)))
+        for lo in range(0, len(x_all), batch):
+            xb = as_input(inp, x_all[lo:lo + batch])
+            vals = dict(zip(read, reader.run(read, {inp.name: xb})))
+            vals[inp.name] = xb
+            for i, f in chunk.items():
+                if f["failed"]:
+                    continue
+                t = candidates[i]
+                fires = _gate_fires(vals[t.tensor], t)
+                rows = np.flatnonzero(fires)
+                check = np.flatnonzero(~fires)[:0 if f["ok"] else VALIDATE_ROWS]
+                run_rows = np.concatenate([rows, check])
+                if not len(run_rows):
+                    continue
+                try:
+                    z = f["sess"].run(None, {n: vals[n][run_rows] for n in f["frontier"]})[0]
+                except Exception:  # noqa: BLE001 - scored on the whole patched model instead
+                    f["failed"] = True
+                    continue
+                p = _softmax(np.asarray(z, dtype=np.float64))
+                if p.shape[1:] != ref_all.shape[1:]:
+                    f["failed"] = True
+                    continue
+                if len(check):
+                    if not np.allclose(p[len(rows):], ref_all[lo + check], rtol=0, atol=VALIDATE_TOL):
+                        f["failed"] = True
+                        continue
+                    f["ok"] = True
+                f["out"][lo + rows] = p[:len(rows)]
+                f["rows"] += len(rows)
+            if progress:
+                progress(min(lo + batch, len(x_all)), len(x_all))
+
+    def _finish(self, f: dict, has_trig: bool, target: int):
+        """The scores of a candidate from its pass; None (scored by :meth:`score`) when the pass failed or
+        never checked its cut-out part."""
+        f.pop("sess", None)
+        if f["failed"] or not f["ok"]:
+            return None
+        n_c = len(self.x_clean)
+        self.suffix_stats["suffix"] += 1
+        self.suffix_stats["rows_run"] += f["rows"]
+        self.suffix_stats["rows"] += len(f["out"])
+        return self._rates(f["out"][:n_c], f["out"][n_c:] if has_trig else None, target)
+
+
+def _gate_fires(h: np.ndarray, t: dirs.Target) -> np.ndarray:
+    """Per image, whether the hard gate of ``t`` may fire on activations ``h`` (a batch in the target's layout):
+    the score of :func:`fire_onnx.directions.reference_repair` is above tau minus a margin for the float32
+    rounding of onnxruntime's score (1e-4 of the norms of the activation and of mu: images that close to the
+    threshold count as firing and are run through the patched graph, which decides)."""
+    n = len(h)
+    x = np.asarray(h, dtype=np.float32)  # float32 BLAS: its rounding is far inside the margin
+    x = x.reshape(n, -1) if t.layout == "flat" else x
+    U = t.U.astype(np.float32)
+    mu = t.mu.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = (x @ U.T).astype(np.float64) - mu @ t.U.astype(np.float64).T
+        norm = np.linalg.norm(x, axis=-1, keepdims=True).astype(np.float64)
+    margin = GATE_MARGIN * (norm + float(np.linalg.norm(mu)))
+    # a non-finite score leaves the activation as it is (reference_repair): never a change
+    fires = np.isfinite(s) & np.isfinite(margin) & (s > t.tau.astype(np.float64) - margin)
+    return fires.reshape(n, -1).any(axis=1)
 
 
 class TorchHeldOut(HeldOut):
@@ -595,17 +794,21 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
         warnings.append(f"layer auto: refitted on all the samples, the repair changes {refit_change:.2%} of the "
                         f"held-out clean predictions, over the --clean-budget {req.clean_budget:.2%} it was chosen "
                         "within")
+    layout_hint = (f"; --layout {req.layout} was given: try without it (the default layout of each tensor)"
+                   if req.layout else "")
     if not within:
-        warnings.append(f"layer auto: {reason}; raise --clean-budget, or check the trigger and the samples")
+        warnings.append(f"layer auto: {reason}; raise --clean-budget, or check the trigger and the samples"
+                        + layout_hint)
     elif original_rate and best.target_rate >= WEAK_REPAIR and best.target_rate > original_rate / 2:
         warnings.append(f"layer auto: the best candidate ({_name(best)}) still sends {best.target_rate:.0%} of the "
                         f"held-out triggered images to class {target} (original model {original_rate:.0%}): no single "
                         "layer removes this trigger; check --trigger/--triggered and --target, or try --method "
                         "subspace")
-    if original_rate and best.target_rate >= original_rate:
+    lowest = min((s.target_rate for s in scores if s.ok), default=best.target_rate)
+    if original_rate and lowest >= original_rate:
         warnings.append(f"layer auto: no candidate lowers the share of held-out triggered images sent to class "
-                        f"{target} ({best.target_rate:.0%}, original model {original_rate:.0%}): this repair removes "
-                        "nothing; check that the --triggered images carry the trigger (and --target)")
+                        f"{target} ({lowest:.0%} at best, original model {original_rate:.0%}): this repair removes "
+                        "nothing; check that the --triggered images carry the trigger (and --target)" + layout_hint)
     req.notes.extend(notes)
     return d, check
 
@@ -618,7 +821,7 @@ def check_refit(req, inputs, chosen: Score, d: dirs.Directions, clean: Images, t
     from fire_onnx.fit.verify import verify
 
     one = replace(req, layers=[chosen.site.layer], tensors=chosen.site.tensors(), tensor=None, repair=chosen.repair,
-                  max_layers=1)
+                  max_layers=1, chosen_by_auto=True)
     check = verify(one, inputs, d, triggered, clean, source)
     return choose_blend_fit(one, inputs, clean, triggered, source, d, check)
 
@@ -629,35 +832,39 @@ def score_sites(req, inputs, sites: list[Site], repairs: list[str], split: Split
     with the repairs of ``prefix`` (earlier steps of a chain; ``inputs.onnx_model`` must then already carry
     them, so the sites are fitted on activations with those repairs applied), and score it on the held-out
     samples."""
-    scores: list[Score] = []
     n_fit = len(split.clean) + 2 * len(split.triggered)
-    total, done = len(sites) * len(repairs), 0
-    pre = dict(held.pre.as_dict())
+    model = inputs.onnx_model  # the original, or (chain steps) the original with the prefix patched in
+    fitted: list[tuple[Site, str, dirs.Target | str, float]] = []
     for group, repair in ((g, r) for g in _groups(sites, n_fit) for r in repairs):
         g0 = time.perf_counter()
-        fitted = _fit_group(replace(req, repair=repair), inputs, group, split, progress)
+        got = _fit_group(replace(req, repair=repair), inputs, group, split, progress)
         fit_s = (time.perf_counter() - g0) / len(group)
-        for site in group:
-            s0 = time.perf_counter()
-            got = fitted.get(site.tensor, "not fitted")
-            sc = Score(site=site, repair=repair)
-            if isinstance(got, str):
-                sc.error = got
+        fitted += [(site, repair, got.get(site.tensor, "not fitted"), fit_s) for site in group]
+    ok = [got for _, _, got, _ in fitted if not isinstance(got, str)]
+    say(f"layer auto{f' step {step}' if step > 1 else ''}: {len(ok)} candidate repair(s) fitted; judging them on "
+        f"{len(held.x_clean)} clean and {len(held.x_trig)} triggered held-out images")
+    s0 = time.perf_counter()
+    judged = iter(held.score_many(model, prefix, ok, target, progress))
+    score_s = (time.perf_counter() - s0) / max(len(ok), 1)
+    scores: list[Score] = []
+    for n, (site, repair, got, fit_s) in enumerate(fitted, 1):
+        sc = Score(site=site, repair=repair, seconds=fit_s)
+        if isinstance(got, str):
+            sc.error = got
+        else:
+            sc.target, sc.gate, sc.k = got, got.gate, got.k
+            sc.gate_fires_clean = got.fit.get("gate_fires_clean")
+            sc.seconds += score_s
+            res = next(judged)
+            if isinstance(res, FireError):
+                sc.error = str(res)
             else:
-                sc.target, sc.gate, sc.k = got, got.gate, got.k
-                sc.gate_fires_clean = got.fit.get("gate_fires_clean")
-                try:
-                    sc.target_rate, sc.clean_change, sc.clean_shift = held.score(
-                        dirs.Directions(targets=[*prefix, got], preprocess=pre), target)
-                except FireError as e:
-                    sc.error = str(e)
-            sc.seconds = fit_s + time.perf_counter() - s0
-            scores.append(sc)
-            done += 1
-            say(f"layer auto{f' step {step}' if step > 1 else ''} [{done}/{total}] {site.label}"
-                + (f" ({repair})" if len(repairs) > 1 else "") + ": "
-                + (f"failed ({sc.error})" if sc.error else
-                   f"held-out target rate {sc.target_rate:.1%}, clean change {sc.clean_change:.2%}"))
+                sc.target_rate, sc.clean_change, sc.clean_shift = res
+        scores.append(sc)
+        say(f"layer auto{f' step {step}' if step > 1 else ''} [{n}/{len(fitted)}] {site.label}"
+            + (f" ({repair})" if len(repairs) > 1 else "") + ": "
+            + (f"failed ({sc.error})" if sc.error else
+               f"held-out target rate {sc.target_rate:.1%}, clean change {sc.clean_change:.2%}"))
     return scores
 
 

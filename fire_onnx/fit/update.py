@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from fire_onnx import directions as dirs
 from fire_onnx.errors import FireError
 
@@ -48,6 +50,14 @@ def apply_previous(req, previous: dirs.Directions) -> None:
     req.repair = t0.repair
     pre = previous.preprocess or {}
     if pre:
+        differ = [f"{flag} {_show(given)} (recorded: {_show(pre.get(key))})"
+                  for flag, key, given in (("--scale", "scale", req.scale), ("--mean", "mean", req.mean),
+                                           ("--std", "std", req.std), ("--input-layout", "layout", req.input_layout))
+                  if given is not None and pre.get(key) is not None and not _same(given, pre[key])]
+        if differ:  # merged with statistics of activations under the recorded preprocessing, they would mix two inputs
+            raise FireError(f"{'; '.join(differ)}: the repair in {Path(req.update_path).name} was fitted with its "
+                            "recorded preprocessing, and its statistics can only be merged with activations of the "
+                            "same inputs; leave the preprocessing options out with --update (or fit from scratch)")
         req.scale = req.scale if req.scale is not None else pre.get("scale")
         req.mean = req.mean or pre.get("mean")
         req.std = req.std or pre.get("std")
@@ -68,6 +78,22 @@ def apply_previous(req, previous: dirs.Directions) -> None:
         if previous.meta.get("target") is None:
             req.notes.append(f"target class {req.target}: the class the trigger reconstruction of "
                              f"{Path(req.update_path).name} confirmed")
+
+
+def _same(given, recorded) -> bool:
+    if isinstance(given, str) or isinstance(recorded, str):
+        return str(given) == str(recorded)
+    try:
+        a, b = np.broadcast_arrays(np.asarray(given, dtype=np.float64), np.asarray(recorded, dtype=np.float64))
+    except ValueError:
+        return False
+    return bool(np.allclose(a, b, rtol=1e-6, atol=1e-9))
+
+
+def _show(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(f"{x:g}" for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def chain_of(d: dirs.Directions) -> list[str]:

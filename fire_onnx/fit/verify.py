@@ -280,7 +280,7 @@ def describe(check: dict) -> str:
 
 def _other_layers(req) -> str:
     """What to try instead of this layer: --layer auto, unless that is what chose it."""
-    if not req.auto:
+    if not (req.auto or req.chosen_by_auto):
         return "--layer auto"
     return "a larger --max-layers or --clean-budget" if req.max_layers <= 1 else "a larger --clean-budget"
 
