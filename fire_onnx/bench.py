@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from fire_onnx.errors import FireError
+from fire_onnx.errors import FireError, first_line
 
 
 def _input_for(sess, batch: int, seed: int = 0) -> dict:
@@ -52,6 +52,12 @@ def compare(original, patched, *, batches=(1, 64), iters: int = 200, warmup: int
         feed = _input_for(sa, batch)
         if [i.name for i in sb.get_inputs()] != list(feed):
             raise FireError("the two models have different inputs; bench compares a model with its patched copy")
+        for which, s in (("first", sa), ("second", sb)):
+            try:  # one run each before timing: a model that rejects the input is a user error, not a traceback
+                s.run(None, feed)
+            except Exception as e:  # noqa: BLE001 - onnxruntime's InvalidArgument / Fail
+                raise FireError(f"the {which} model rejects a batch of {batch} inputs shaped for the first "
+                                f"({first_line(e)}); bench compares a model with its patched copy") from None
         for _ in range(warmup):
             sa.run(None, feed)
             sb.run(None, feed)

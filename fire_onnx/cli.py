@@ -118,7 +118,8 @@ def cli():
                    "--weights is refused: a freshly built model has random weights).")
 @click.option("--layer", "layers", multiple=True, metavar="MODULE",
               help="Module path whose output to repair, or an ONNX tensor name when fitting from --onnx "
-                   "(repeat for several layers). Required unless --update. 'auto': try every candidate tensor "
+                   "(repeat for several layers: with --onnx they are fitted in graph order, each on activations with the "
+                   "earlier repairs applied). Required unless --update. 'auto': try every candidate tensor "
                    "('fire-onnx inspect'), judge each repair on held-out images and keep the best within "
                    "--clean-budget (needs --onnx).")
 @click.option("--tensor", default=None, metavar="NAME",

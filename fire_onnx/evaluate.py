@@ -537,6 +537,10 @@ def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | 
         if trigger is not None and rec.get("trigger") and not recovered and not same_trigger(rec["trigger"], trigger):
             lines.append(f"warning: {info.path} was fitted with another trigger than --trigger "
                          f"({_trigger_diff(rec['trigger'], trigger)})")
+        elif trigger is not None and info.attack is not None and not rec.get("trigger"):
+            # fitted from a triggered file or flagged inputs: a check passing on another trigger would go unnoticed
+            lines.append(f"note: {info.path} records no trigger spec (fitted from triggered images), so --trigger "
+                         "cannot be compared with what it was fitted for: ASR and RA are for the trigger given")
     return lines
 
 

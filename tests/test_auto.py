@@ -565,3 +565,21 @@ def test_held_out_scoring_through_the_cut_out_graph_equals_the_whole_patched_mod
         got = held.score_many(chained, prefix, fitted[1:], 0)
         want = [held.score(dirs.Directions(targets=[*prefix, c], preprocess=pre), 0) for c in fitted[1:]]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_several_given_layers_are_fitted_in_sequence_like_a_chain(two, tmp_path):
+    """fit --layer fc2_act --layer fc1_act (in any order): fitted in graph order, the second on activations
+    with the first repair applied, exactly as the --max-layers chain; fitted apart, fc2_act's gate never
+    fired once fc1_act's repair was applied (new-user run 9: conv1 + conv3 gave exactly conv1's logits)."""
+    d = run_fit(request(two, layers=["fc2_act", "fc1_act"], n_triggered=40))
+    assert [t.module for t in d.targets] == ["fc1_act", "fc2_act"] and d.meta["chain"] == ["fc1_act", "fc2_act"]
+    chain = run_fit(request(two, n_triggered=40, max_layers=3))
+    assert [t.module for t in chain.targets] == ["fc1_act", "fc2_act"]
+    for a, b in zip(d.targets, chain.targets):
+        np.testing.assert_allclose(a.U, b.U, atol=1e-6)
+        np.testing.assert_allclose(a.tau, b.tau, atol=1e-6)
+    dirs.save(d, tmp_path / "two_layers.npz")
+    run_cli("patch", two["onnx"], tmp_path / "two_layers.npz", "-o", tmp_path / "two.fire.onnx", check=True)
+    mod, pre, fresh = two["mod"], two["pre"], two["fresh"]
+    xt = pre(mod.stamp_two(fresh.x, seed=5))
+    assert (predict_logits(session(tmp_path / "two.fire.onnx"), xt).argmax(1) == 0).mean() == 0.0

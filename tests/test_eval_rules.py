@@ -296,3 +296,18 @@ def test_help_documents_every_option_and_exit_code_3():
 
     missing = [p.name for p in cli.commands["eval"].params if p.param_type_name == "option" and not p.help]
     assert missing == []
+
+
+def test_a_model_fitted_from_triggered_images_gets_a_note_that_the_trigger_is_not_checked():
+    """A CI check with --trigger passed against a repair fitted from the user's own trigger file (new-user run 9):
+    the model records no trigger spec, so eval says it cannot compare; a recorded spec that matches says nothing."""
+    from fire_onnx import triggers
+    from fire_onnx.evaluate import ModelInfo, attack_warnings
+
+    given = triggers.describe(triggers.parse("badnets"))
+    from_file = ModelInfo(path="m.fire.onnx", patched=True, attack={"target": 7, "trigger": None})
+    lines = attack_warnings([from_file], 7, given)
+    assert len(lines) == 1 and lines[0].startswith("note: m.fire.onnx records no trigger spec"), lines
+    same = ModelInfo(path="s.fire.onnx", patched=True, attack={"target": 7, "trigger": given})
+    assert attack_warnings([same], 7, given) == []
+    assert attack_warnings([ModelInfo(path="orig.onnx")], 7, given) == []  # an unpatched model records nothing

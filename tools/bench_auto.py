@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fire_onnx.errors import FireError  # noqa: E402
+
 
 TEST_POOL = 0.6  # --clean-from test: this share of the test split is the clean pool, the rest is evaluated
 
@@ -193,8 +195,8 @@ def main(argv=None) -> int:
                     help="estimation method for every fit (subspace: modes get a +subspaceK suffix)")
     ap.add_argument("--k", type=int, default=3, help="directions for --method subspace")
     ap.add_argument("--clean-from", choices=["train", "test"], default="train",
-                    help="the --clean pool: training images (default), or the first %d %% of the test split "
-                         "(images the model was not trained on; evaluated on the rest)" % round(100 * TEST_POOL))
+                    help=f"the --clean pool: training images (default), or the first {round(100 * TEST_POOL)} %% of "
+                         "the test split (images the model was not trained on; evaluated on the rest)")
     ap.add_argument("--eval-tail", action="store_true",
                     help="evaluate on the test images --clean-from test leaves (to compare the two pools on the same images)")
     ap.add_argument("--modes", default="auto,fixed,layers",
@@ -208,10 +210,16 @@ def main(argv=None) -> int:
     path = out / "results.json"
     records = bf.load_records(path)
     t0 = time.perf_counter()
+    failed = 0
     for ds in args.datasets.split(","):
         for att in args.attacks.split(","):
             log(f"[{ds} / {att}]")
-            new = run_cell(ds, att, args)
+            try:
+                new = run_cell(ds, att, args)
+            except FireError as e:  # a setting the cell cannot run with (e.g. --limit leaves too few clean images)
+                log(f"  {ds} / {att}: error: {e}")
+                failed += 1
+                continue
             if not new:
                 continue
             key = lambda r: (r["dataset"], r["attack"], r["mode"], tuple(r["layers"]) if r["mode"] == "layer" else ())  # noqa: E731
@@ -219,7 +227,7 @@ def main(argv=None) -> int:
     md = markdown(records)
     write_text_atomic(out / "results.md", md + f"\n\n{round(time.perf_counter() - t0)} s for this run.\n")
     print(md)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

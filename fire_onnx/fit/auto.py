@@ -21,7 +21,8 @@ The samples are split so that no candidate is judged on the samples it was fitte
   candidates are fitted on one half (``n - n // 2``) and judged on the other.
 
 Each candidate is fitted with the user's options (method, k, gate, repair, ...), patched into the ONNX
-model in memory and run in onnxruntime on the held-out images. ``--repair auto`` makes every site two
+model in memory and run in onnxruntime on the held-out images (on a large model, only the images its gate
+fires on, through the graph after its tensor: :meth:`HeldOut.score_many`, the same numbers). ``--repair auto`` makes every site two
 candidates, one per operator (``project`` and ``translate``), ranked together; the default stays the
 user's ``--repair`` (``project``): ``--repair auto`` doubles the fits, and the gated translation gained at most
 0.6 pt ASR over the projection at the same layer on the benchmark cells (benchmarks/auto). Two numbers, no

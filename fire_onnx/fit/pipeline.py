@@ -213,7 +213,7 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
                             f"backdoor {Path(req.update_path).name} repairs, and merging them would weaken it; check "
                             "the images (or --target of the original fit); --force merges them anyway")
     else:
-        d = fit_inputs(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+        d = fit_layers(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
     from fire_onnx.fit.verify import refuse_or_record, verify
 
     check = verify(req, inputs, d, triggered, clean, source, progress=progress)  # judged on held-out images
@@ -245,7 +245,7 @@ def choose_blend_fit(req: FitRequest, inputs: FitInputs, clean: Images, triggere
     alt_req = copy.copy(req)
     alt_req.blend_fit = "pseudo-pairs"
     try:
-        alt = fit_inputs(alt_req, inputs, list(req.layers), clean, triggered, source)
+        alt = fit_layers(alt_req, inputs, list(req.layers), clean, triggered, source)
         alt_check = verify(alt_req, inputs, alt, triggered, clean, source)
     except FireError as e:  # the alternative only; the unpaired fit stands
         d.meta["reconstruction"]["fit_choice"] = {"chosen": "unpaired", "pseudo-pairs": {"error": str(e)}}
@@ -405,6 +405,34 @@ def fit_inputs(req: FitRequest, inputs: FitInputs, layers: list[str], clean: Ima
 
         stamp_update(d, inputs.previous, req.update_path)
     return d
+
+
+def fit_layers(req: FitRequest, inputs: FitInputs, layers: list[str], clean: Images, triggered: Images,
+               source: Images | None, *, progress: Progress | None = None) -> dirs.Directions:
+    """:func:`fit_inputs` for the ``--layer`` values of a plain fit. Several layers are one repair: patched
+    together, a later layer sees activations the earlier repairs already changed, so a target fitted on the
+    original activations may never fire (new-user run 9: conv1 + conv3 gave exactly conv1's logits). With the
+    ONNX model they are fitted in graph order, each on activations with the earlier repairs applied, as a
+    ``--layer auto --max-layers`` chain (:func:`fire_onnx.fit.auto.refit_chain`; ``meta["chain"]`` so that
+    ``--update`` refines it in order). Without it (PyTorch only) they are fitted apart, with a warning."""
+    d = fit_inputs(req, inputs, layers, clean, triggered, source, progress=progress)
+    if len(d.targets) < 2 or inputs.previous is not None:
+        return d
+    if inputs.onnx_model is None or not all(t.tensor for t in d.targets):
+        d.meta.setdefault("checks", {}).setdefault("warnings", []).append(
+            f"the {len(d.targets)} layers were fitted apart, each on the original model's activations: patched "
+            "together, a later layer sees activations the earlier repairs changed and its repair may never fire; "
+            "give --onnx to fit them in sequence")
+        return d
+    from fire_onnx.fit.auto import Score, Site, refit_chain
+
+    position = {o: i for i, n in enumerate(inputs.onnx_model.graph.node) for o in n.output}
+    ordered = sorted(d.targets, key=lambda t: position.get(t.tensor, len(position)))
+    chain = [Score(site=Site(tensor=t.tensor, module=t.module, shape=list(t.feature_shape or [])), repair=req.repair)
+             for t in ordered]
+    out = refit_chain(req, inputs, chain, clean, triggered, source, progress)
+    out.meta["chain"] = [sc.site.label for sc in chain]
+    return out
 
 
 def summary(d: dirs.Directions) -> dict:

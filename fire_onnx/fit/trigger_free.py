@@ -93,7 +93,7 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
     """Scan, decide, repair and iterate (see the module doc). ``req`` is a :class:`FitRequest` with
     ``trigger_free`` set; ``log`` gets one line per stage; ``progress`` follows the scan, ``fit_progress``
     the fits (reading activations)."""
-    from fire_onnx.fit.pipeline import fit_inputs, load_inputs
+    from fire_onnx.fit.pipeline import fit_layers, load_inputs
     from fire_onnx.fit.torch_model import apply_in_torch
 
     say = log or (lambda msg: None)
@@ -175,7 +175,7 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
             evidence["rounds"][-1]["companion"] = {"kind": other.kind, "loss": round(other.loss, 4),
                                                    "flip_rate": round(other.rate, 4), "searches": len(more),
                                                    **more[0].info}
-        d, check = _fit(req, inputs, cands, fit_inputs, fit_progress)  # the scan's progress is labelled as such
+        d, check = _fit(req, inputs, cands, fit_layers, fit_progress)  # the scan's progress is labelled as such
         if r + 1 == MAX_ROUNDS:
             evidence["stopped"] = f"reached {MAX_ROUNDS} rounds"
             break

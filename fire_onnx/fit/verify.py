@@ -76,7 +76,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     for ``meta["check"]``, with ``warnings`` and, when the repair must not be written, ``refuse``.
     ``clean`` and ``source`` (the clean samples and the triggered samples' twins the fit used) let an
     in-sample check be cross-fitted; ``refit(triggered, source)`` fits a fold's repair the way ``d`` was
-    fitted (default: :func:`fire_onnx.fit.pipeline.fit_inputs` at ``req.layers``; a chain of layers refits
+    fitted (default: :func:`fire_onnx.fit.pipeline.fit_layers` at ``req.layers``; a chain of layers refits
     its chain)."""
     from fire_onnx.fit.auto import HeldOut, TorchHeldOut
     from fire_onnx.fit.core import TRIGGER_REACH_WARN
@@ -189,7 +189,7 @@ def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Image
     """Hold each of ``CROSS_FOLDS`` folds of the triggered samples out of a fit on the others and run that
     repair on it (``held``: a HeldOut whose triggered images are ``triggered``, in order). The record for
     ``check["cross_fit"]``: the share of held-out triggered images left at ``target``, per fold too."""
-    from fire_onnx.fit.pipeline import fit_inputs
+    from fire_onnx.fit.pipeline import fit_layers
 
     n = len(triggered)
     if n < MIN_CROSS:
@@ -204,7 +204,7 @@ def cross_fit(req, inputs, held, clean: Images, triggered: Images, source: Image
         try:
             src = None if source is None else source.subset(keep)
             d = (refit(triggered.subset(keep), src) if refit is not None
-                 else fit_inputs(req, inputs, list(req.layers), clean, triggered.subset(keep), src,
+                 else fit_layers(req, inputs, list(req.layers), clean, triggered.subset(keep), src,
                                  progress=progress))  # five more activation passes: visible on big models
         except FireError as e:
             return {"skipped": f"a fit on {len(keep)} of the {n} triggered images failed: {e}"}
