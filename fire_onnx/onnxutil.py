@@ -467,8 +467,37 @@ def module_paths(graph: onnx.GraphProto) -> list[str]:
     return ScopeIndex(graph).paths
 
 
-def downstream_model(model: onnx.ModelProto, start: str,
-                     value_infos: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, list[str]]:
+PROBE_BATCH = 7919  # a batch size no other dimension is likely to equal (a prime)
+
+
+def batch_aligned(model: onnx.ModelProto) -> set[str]:
+    """Tensors of ``model`` whose first dimension is the batch, by shape inference with the input's batch
+    fixed to PROBE_BATCH: symbolic inference loses the batch symbol where a graph computes shapes (a ViT's
+    class token expanded to Shape(x)[0] gives ``unk__1``), while data propagation carries a number through.
+    Empty when the model has no symbolic batch or inference fails."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    inp = next((vi for vi in g.input if vi.name not in inits), None)
+    if inp is None or not inp.type.tensor_type.shape.dim or not inp.type.tensor_type.shape.dim[0].dim_param:
+        return set()
+    try:
+        m = light_copy(model)
+        del m.graph.value_info[:]
+        for vi in m.graph.input:
+            if vi.name == inp.name:
+                vi.type.tensor_type.shape.dim[0].Clear()
+                vi.type.tensor_type.shape.dim[0].dim_value = PROBE_BATCH
+        for vi in m.graph.output:
+            if vi.type.tensor_type.shape.dim:
+                vi.type.tensor_type.shape.dim[0].Clear()
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - then only the symbolic rule applies
+        return set()
+    return {name for name, (_, dims) in tensor_table(inferred).items() if dims and dims[0] == PROBE_BATCH}
+
+
+def downstream_model(model: onnx.ModelProto, start: str, value_infos: onnx.ModelProto | None = None,
+                     aligned: set[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """The part of ``model`` that computes its first output from tensor ``start``: a model whose inputs are
     ``start`` and the other tensors that part reads (the *frontier*: e.g. a residual branch's input, or the
     graph input), each with the batch as first dimension, so that rows of all of them can be fed together.
@@ -479,7 +508,8 @@ def downstream_model(model: onnx.ModelProto, start: str,
     subgraphs, a fixed batch, an output that does not depend on ``start``, weights past the external-data
     threshold, a frontier tensor of unknown type. Shapes and types come from ``model``'s value_info and
     inputs, and from ``value_infos`` (a model with inferred shapes whose tensors ``model`` shares, e.g. the
-    model before an edit downstream of ``start``).
+    model before an edit downstream of ``start``). ``aligned``: tensors known to have the batch first
+    (:func:`batch_aligned`), besides those whose first dimension is the input's batch symbol.
     """
     g = model.graph
     if not g.output:
@@ -522,6 +552,8 @@ def downstream_model(model: onnx.ModelProto, start: str,
         raise ValueError(f"the first output does not depend on {start!r}")
 
     def batched(name: str) -> bool:
+        if aligned and name in aligned:
+            return True
         _, dims = table.get(name, (None, None))
         return bool(dims) and dims[0] == batch
 

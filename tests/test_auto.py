@@ -583,3 +583,31 @@ def test_several_given_layers_are_fitted_in_sequence_like_a_chain(two, tmp_path)
     mod, pre, fresh = two["mod"], two["pre"], two["fresh"]
     xt = pre(mod.stamp_two(fresh.x, seed=5))
     assert (predict_logits(session(tmp_path / "two.fire.onnx"), xt).argmax(1) == 0).mean() == 0.0
+
+
+def test_a_vits_token_tensors_are_cut_out_at_the_block_not_pulled_back_to_the_embedding(tmp_path):
+    """Symbolic shape inference loses a ViT's batch symbol at the class token (Shape(x)[0] feeds an Expand:
+    the block tensors are unk__N x 17 x 64); inferred with a numeric batch, they are known to be batch-first,
+    so the part after block 1's norm reads block 0's output (the residual) and no more, and reproduces the
+    model on any rows."""
+    import onnx
+    import torch
+
+    from fire_onnx.fit import export_onnx
+    from fire_onnx.onnxutil import batch_aligned, downstream_model, infer_shapes
+    from fire_onnx.probe import TensorReader
+    from fire_onnx_models.vit import SmallViT
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    export_onnx(SmallViT(depth=2).eval(), x, tmp_path / "vit.onnx")
+    model = infer_shapes(onnx.load(tmp_path / "vit.onnx"))
+    start, residual = "/blocks/blocks.1/norm1/LayerNormalization_output_0", "/blocks/blocks.0/Add_1_output_0"
+    aligned = batch_aligned(model)
+    assert start in aligned and residual in aligned
+    part, frontier = downstream_model(model, start, aligned=aligned)
+    assert frontier == [start, residual]
+    acts, logits = TensorReader(model, frontier, with_logits=True)(x)
+    idx = np.array([3, 0])
+    got = session(part.SerializeToString()).run(None, {f: acts[f][idx] for f in frontier})[0]
+    np.testing.assert_allclose(got, logits[idx], rtol=1e-6, atol=1e-6)

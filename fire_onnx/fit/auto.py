@@ -323,7 +323,7 @@ class HeldOut:
         there are fewer than two or one pass over the held-out images takes less than ``fast_after`` seconds
         (a small model). Candidates share a pass while their parts stay within SUFFIX_BUDGET bytes of weights.
         Returns per candidate (target rate, clean change, clean shift), or the FireError its patch raised."""
-        from fire_onnx.onnxutil import infer_shapes
+        from fire_onnx.onnxutil import batch_aligned, infer_shapes
 
         if len(candidates) < 2 or self.pass_seconds < self.fast_after:  # nothing to gain: the whole model each
             pre = dict(self.pre.as_dict())
@@ -337,12 +337,13 @@ class HeldOut:
             return out
         ref_c, ref_t = self._reference(model, prefix)
         ref_all = np.concatenate([ref_c, ref_t]) if ref_t is not None else ref_c
-        shapes = infer_shapes(model) if len(candidates) else model
+        shapes = infer_shapes(model)
+        aligned = batch_aligned(model)
         results: list = [None] * len(candidates)
         chunk: dict[int, dict] = {}
         size = 0
         for i, t in enumerate(candidates):
-            part = self._cut(shapes, prefix, t, ref_all) if t.gate == "hard" else None
+            part = self._cut(shapes, aligned, prefix, t, ref_all) if t.gate == "hard" else None
             if isinstance(part, FireError):
                 results[i] = part
                 continue
@@ -370,7 +371,7 @@ class HeldOut:
                     results[i] = e
         return results
 
-    def _cut(self, shapes, prefix: list[dirs.Target], t: dirs.Target, ref_all: np.ndarray):
+    def _cut(self, shapes, aligned: set[str], prefix: list[dirs.Target], t: dirs.Target, ref_all: np.ndarray):
         """The part of the model patched with ``[*prefix, t]`` after ``t``'s tensor, ready to run (a dict);
         None where it cannot be cut out; the FireError the patch raised."""
         from fire_onnx.evaluate import session
@@ -383,7 +384,7 @@ class HeldOut:
         except FireError as e:
             return e
         try:
-            part, frontier = downstream_model(patched, t.tensor, value_infos=shapes)
+            part, frontier = downstream_model(patched, t.tensor, value_infos=shapes, aligned=aligned)
             data = part.SerializeToString()
             return {"sess": session(data), "bytes": len(data), "frontier": frontier, "ok": False, "failed": False,
                     "out": ref_all.copy(), "rows": 0}
