@@ -584,8 +584,8 @@ def downstream_model(model: onnx.ModelProto, start: str, value_infos: onnx.Model
     m.opset_import.extend(model.opset_import)
     m.functions.extend(model.functions)
     for name in frontier:
-        vi = vis.get(name)
-        if vi is None or not vi.type.tensor_type.elem_type:
+        vi = vis.get(name)  # typed value infos only
+        if vi is None:
             raise ValueError(f"tensor {name!r} has no known type")
         m.graph.input.append(vi)
     m.graph.node.extend(nodes)

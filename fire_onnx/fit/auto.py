@@ -323,44 +323,9 @@ class HeldOut:
         there are fewer than two or one pass over the held-out images takes less than ``fast_after`` seconds
         (a small model). Candidates share a pass while their parts stay within SUFFIX_BUDGET bytes of weights.
         Returns per candidate (target rate, clean change, clean shift), or the FireError its patch raised."""
-        from fire_onnx.onnxutil import batch_aligned, infer_shapes
-
-        if len(candidates) < 2 or self.pass_seconds < self.fast_after:  # nothing to gain: the whole model each
-            pre = dict(self.pre.as_dict())
-            out = []
-            for t in candidates:
-                try:
-                    out.append(self.score(dirs.Directions(targets=[*prefix, t], preprocess=pre), target))
-                    self.suffix_stats["full"] += 1
-                except FireError as e:
-                    out.append(e)
-            return out
-        ref_c, ref_t = self._reference(model, prefix)
-        ref_all = np.concatenate([ref_c, ref_t]) if ref_t is not None else ref_c
-        shapes = infer_shapes(model)
-        aligned = batch_aligned(model)
         results: list = [None] * len(candidates)
-        chunk: dict[int, dict] = {}
-        size = 0
-        for i, t in enumerate(candidates):
-            part = self._cut(shapes, aligned, prefix, t, ref_all) if t.gate == "hard" else None
-            if isinstance(part, FireError):
-                results[i] = part
-                continue
-            if part is None:
-                continue
-            if chunk and size + part["bytes"] > SUFFIX_BUDGET:
-                self._pass(model, chunk, candidates, ref_all, progress)
-                size = 0
-                for j, f in chunk.items():
-                    results[j] = self._finish(f, ref_t is not None, target)
-                chunk = {}
-            chunk[i] = part
-            size += part["bytes"]
-        if chunk:
-            self._pass(model, chunk, candidates, ref_all, progress)
-            for j, f in chunk.items():
-                results[j] = self._finish(f, ref_t is not None, target)
+        if len(candidates) >= 2 and self.pass_seconds >= self.fast_after:
+            self._score_cut(model, prefix, candidates, target, results, progress)
         pre = dict(self.pre.as_dict())
         for i, t in enumerate(candidates):
             if results[i] is None:  # the whole patched model on every held-out image
@@ -370,6 +335,34 @@ class HeldOut:
                 except FireError as e:
                     results[i] = e
         return results
+
+    def _score_cut(self, model, prefix: list[dirs.Target], candidates: list[dirs.Target], target: int,
+                   results: list, progress=None) -> None:
+        """Fill ``results`` for the candidates whose graph part can be cut out and checked (the others stay
+        None), one pass of ``model`` per chunk of parts within SUFFIX_BUDGET (see :meth:`score_many`)."""
+        from fire_onnx.onnxutil import batch_aligned, infer_shapes
+
+        ref_c, ref_t = self._reference(model, prefix)
+        ref_all = np.concatenate([ref_c, ref_t]) if ref_t is not None else ref_c
+        shapes, aligned = infer_shapes(model), batch_aligned(model)
+        chunk: dict[int, dict] = {}
+
+        def flush() -> None:
+            self._pass(model, chunk, candidates, ref_all, progress)
+            for j, f in chunk.items():
+                results[j] = self._finish(f, ref_t is not None, target)
+            chunk.clear()
+
+        for i, t in enumerate(candidates):
+            part = self._cut(shapes, aligned, prefix, t, ref_all) if t.gate == "hard" else None
+            if isinstance(part, FireError):
+                results[i] = part
+            elif part is not None:
+                if chunk and sum(f["bytes"] for f in chunk.values()) + part["bytes"] > SUFFIX_BUDGET:
+                    flush()
+                chunk[i] = part
+        if chunk:
+            flush()
 
     def _cut(self, shapes, aligned: set[str], prefix: list[dirs.Target], t: dirs.Target, ref_all: np.ndarray):
         """The part of the model patched with ``[*prefix, t]`` after ``t``'s tensor, ready to run (a dict);
