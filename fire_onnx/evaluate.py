@@ -319,9 +319,6 @@ def read_model_info(path: str | Path) -> ModelInfo:
     """Metadata and I/O shapes of an ONNX file (its weights are not loaded)."""
     import onnx
 
-    from fire_onnx.fileio import is_int, loads_json
-    from fire_onnx.patch import META_ATTACK, META_PREPROCESS, is_patched
-
     p = Path(path)
     if not p.is_file():
         raise FireError(f"model not found: {p}")
@@ -329,7 +326,15 @@ def read_model_info(path: str | Path) -> ModelInfo:
         m = onnx.load(str(p), load_external_data=False)
     except Exception as e:
         raise FireError(f"{p} is not a readable ONNX model: {first_line(e)}") from None
-    info = ModelInfo(path=str(path), patched=is_patched(m))
+    return model_info(m, str(path))
+
+
+def model_info(m, path: str = "") -> ModelInfo:
+    """:func:`read_model_info` of a loaded ModelProto (``path`` names it in the record)."""
+    from fire_onnx.fileio import is_int, loads_json
+    from fire_onnx.patch import META_ATTACK, META_PREPROCESS, is_patched
+
+    info = ModelInfo(path=path, patched=is_patched(m))
     props = {q.key: q.value for q in m.metadata_props}
     if META_PREPROCESS in props:
         try:

@@ -136,20 +136,18 @@ def summary(model: onnx.ModelProto) -> dict:
 
 
 def _recorded(model: onnx.ModelProto) -> dict:
-    """What ``patch`` recorded in the model's metadata besides the targets (version, directions hash,
-    preprocessing, attack); values that are not readable JSON are kept as text."""
-    from fire_onnx.fileio import loads_json
-    from fire_onnx.patch import META_ATTACK, META_PREPROCESS, META_SHA, META_VERSION
+    """What ``patch`` recorded in the model's metadata besides the targets: version, directions hash, and the
+    preprocessing and attack as ``eval`` reads them (:func:`fire_onnx.evaluate.model_info`; an unreadable
+    record gives its error instead)."""
+    from fire_onnx.evaluate import model_info
+    from fire_onnx.patch import META_SHA, META_VERSION
 
-    keys = {META_VERSION: "version", META_SHA: "directions_sha256", META_PREPROCESS: "preprocess",
-            META_ATTACK: "attack"}
-    out: dict = {}
-    for p in model.metadata_props:
-        if p.key in keys:
-            try:
-                out[keys[p.key]] = loads_json(p.value) if keys[p.key] in ("preprocess", "attack") else p.value
-            except ValueError:
-                out[keys[p.key]] = p.value
+    props = {p.key: p.value for p in model.metadata_props}
+    info = model_info(model)
+    out = {"version": props.get(META_VERSION), "directions_sha256": props.get(META_SHA),
+           "preprocess": info.preprocess.as_dict() if info.preprocess else None, "attack": info.attack}
+    out.update({k: v for k, v in (("preprocess_error", info.preprocess_error), ("attack_error", info.attack_error))
+                if v})
     return out
 
 
@@ -163,7 +161,7 @@ def describe_repair(summ: dict) -> list[str]:
     """Text lines on the repair a patched model carries (from :func:`summary`)."""
     rec = summ.get("fire_onnx") or {}
     sha = str(rec.get("directions_sha256") or "")[:12]
-    lines = [f"repaired by fire-onnx {rec.get('version', '?')}" + (f" (directions sha256 {sha})" if sha else "") + ":"]
+    lines = [f"repaired by fire-onnx {rec.get('version') or '?'}" + (f" (directions sha256 {sha})" if sha else "") + ":"]
     targets = summ.get("fire_onnx_targets") or []
     if not targets:
         lines.append(f"  ({summ.get('fire_onnx_targets_error') or 'no targets recorded'})")
@@ -182,13 +180,13 @@ def describe_repair(summ: dict) -> list[str]:
         lines.append("recorded attack: " + ", ".join(
             x for x in (f"target {attack['target']}" if attack.get("target") is not None else "",
                         f"trigger {trig}" if trig else "") if x))
-    pre = rec.get("preprocess")
-    if isinstance(pre, dict):
-        try:
-            from fire_onnx.data import Preprocess
-            from fire_onnx.evaluate import describe_preprocess
+    if rec.get("attack_error"):
+        lines.append(f"recorded attack: unreadable ({rec['attack_error']})")
+    if rec.get("preprocess"):
+        from fire_onnx.data import Preprocess
+        from fire_onnx.evaluate import describe_preprocess
 
-            lines.append("recorded preprocessing: " + describe_preprocess(Preprocess.from_dict(pre)))
-        except Exception:  # noqa: BLE001 - a hand-edited record: shown as it is
-            lines.append(f"recorded preprocessing: {pre}")
+        lines.append("recorded preprocessing: " + describe_preprocess(Preprocess.from_dict(rec["preprocess"])))
+    elif rec.get("preprocess_error"):
+        lines.append(f"recorded preprocessing: unreadable ({rec['preprocess_error']})")
     return lines
