@@ -913,14 +913,22 @@ def grow_chain(req, inputs, sites: list[Site], repairs: list[str], split: Split,
 
 
 def refit_chain(req, inputs, chain: list[Score], clean: Images, triggered: Images, source: Images | None,
-                progress=None) -> dirs.Directions:
+                progress=None, first: dirs.Directions | None = None) -> dirs.Directions:
     """Fit the chosen site(s) on all the samples, in order, each on activations with the earlier ones'
-    repairs applied; one directions file with a target per site (fingerprints of the original model)."""
+    repairs applied; one directions file with a target per site (fingerprints of the original model).
+    ``first``: a fit on the original activations (with these samples and options) that holds the first
+    site's target already; it is taken as it is instead of fitting that site again."""
     from fire_onnx.fit.pipeline import fit_inputs
     from fire_onnx.probe import TensorReader, fingerprint
 
     d, targets = None, []
     for i, sc in enumerate(chain):
+        if i == 0 and first is not None:
+            di = first
+            t = next(x for x in first.targets if x.tensor == sc.site.tensor)
+            targets.append(t)
+            d = di
+            continue
         step_inputs = inputs if i == 0 else chained_inputs(inputs, targets)
         step_req = replace(req, repair=sc.repair) if i == 0 else replace(req, repair=sc.repair, reconstruct="off")
         di = fit_inputs(step_req, step_inputs, [sc.site.layer], clean, triggered, source, progress=progress,

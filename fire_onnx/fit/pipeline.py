@@ -216,7 +216,13 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         d = fit_layers(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
     from fire_onnx.fit.verify import refuse_or_record, verify
 
-    check = verify(req, inputs, d, triggered, clean, source, progress=progress)  # judged on held-out images
+    refit = None
+    if d.meta.get("chain") and inputs.previous is None:  # several given layers: each cross-fit fold refits the chain
+        from fire_onnx.fit.auto import refit_chain
+
+        chain = _chain(d.targets, req.repair)
+        refit = lambda t, src: refit_chain(req, inputs, chain, clean, t, src, progress)  # noqa: E731
+    check = verify(req, inputs, d, triggered, clean, source, refit=refit, progress=progress)  # judged on held-out
     d, check = choose_blend_fit(req, inputs, clean, triggered, source, d, check)
     if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
         for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
@@ -424,15 +430,22 @@ def fit_layers(req: FitRequest, inputs: FitInputs, layers: list[str], clean: Ima
             "together, a later layer sees activations the earlier repairs changed and its repair may never fire; "
             "give --onnx to fit them in sequence")
         return d
-    from fire_onnx.fit.auto import Score, Site, refit_chain
+    from fire_onnx.fit.auto import refit_chain
 
     position = {o: i for i, n in enumerate(inputs.onnx_model.graph.node) for o in n.output}
-    ordered = sorted(d.targets, key=lambda t: position.get(t.tensor, len(position)))
-    chain = [Score(site=Site(tensor=t.tensor, module=t.module, shape=list(t.feature_shape or [])), repair=req.repair)
-             for t in ordered]
-    out = refit_chain(req, inputs, chain, clean, triggered, source, progress)
+    chain = _chain(sorted(d.targets, key=lambda t: position.get(t.tensor, len(position))), req.repair)
+    # the first layer in graph order sees the original activations: its target in d is already that fit
+    out = refit_chain(req, inputs, chain, clean, triggered, source, progress, first=d)
     out.meta["chain"] = [sc.site.label for sc in chain]
     return out
+
+
+def _chain(targets: list[dirs.Target], repair: str) -> list:
+    """``targets`` as the sites of a chain (:func:`fire_onnx.fit.auto.refit_chain`), in their order."""
+    from fire_onnx.fit.auto import Score, Site
+
+    return [Score(site=Site(tensor=t.tensor, module=t.module, shape=list(t.feature_shape or [])), repair=repair)
+            for t in targets]
 
 
 def summary(d: dirs.Directions) -> dict:
