@@ -582,9 +582,9 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
             raise FireError(f"model not found: {m}")
     check_outputs([json_out, md_out], [original, patched])
     notes = _bench_notes(original, patched)
-    for n in notes:
-        click.echo(f"note: {n}", err=True)
     res = b.compare(original, patched, batches=batches, iters=iters, warmup=warmup, provider=provider, threads=threads)
+    for n in notes:  # after the run: a pair bench cannot compare fails with its one-line error alone
+        click.echo(f"note: {n}", err=True)
     res.update(original=str(original), patched=str(patched), notes=notes)
     md = b.markdown(res)
     if json_out != "-":

@@ -173,6 +173,21 @@ def test_bench_notes_what_makes_the_ratio_mean_something_else(ws):
     assert "note:" not in proc.stderr and json.loads((ws / "b.json").read_text())["notes"] == []
 
 
+def test_bench_of_models_with_other_inputs_is_one_line(ws):
+    """A second model that rejects the first's input (another image size) raised onnxruntime's traceback
+    (new-user run 9); nothing is written."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Flatten", ["input"], ["logits"])], "other",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 192])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(ws / "other.onnx"))
+    before = snapshot(ws)
+    proc = run_cli("bench", "model.onnx", "other.onnx", "--iters", "5", "--json", "b.json", "--markdown", "b.md",
+                   cwd=ws)
+    assert_user_error(proc, ws, before, "the second model rejects a batch of 1 inputs shaped for the first")
+
+
 def test_replace_default_output_is_not_fire_fire(ws):
     run_cli("patch", "model.fire.onnx", "directions.npz", "--replace", cwd=ws, check=True)
     assert (ws / "model.fire.r1.onnx").is_file() and not (ws / "model.fire.fire.onnx").exists()
