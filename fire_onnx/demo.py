@@ -34,7 +34,7 @@ Log = Callable[[str], None]
 
 
 DEFAULT_LAYER = {"small_cnn": "block2", "vit": "blocks.0"}
-ARTIFACTS = ("model.onnx", "model.pt", "directions.npz", "model.fire.onnx", "report.json")
+ARTIFACTS = ("model.onnx", "model.pt", "directions.npz", "model.fire.onnx", "report.json", "report.md")
 
 
 def build_arch(arch: str, n_classes: int, channels: int, side: int):
@@ -218,6 +218,7 @@ def _run(out, stage, model, train, test, pre, trig, trigger, data_path, target, 
         report[key] = {"ca": m.ca, "asr": m.asr, "ra": m.ra, "n_clean": m.n_clean, "n_triggered": m.n_triggered}
     o, p = report["original"], report["patched"]
     report["checks"] = {
+        "original_asr_ge_50pct": o["asr"] >= 0.5,  # no backdoor implanted: the repair below demonstrates nothing
         "ca_drop_le_0.5pt": (o["ca"] - p["ca"]) <= 0.005 + 1e-12,
         "asr_le_2pct": p["asr"] <= 0.02,
         "ra_ge_ca_minus_3pt": p["ra"] >= p["ca"] - 0.03,
@@ -229,8 +230,10 @@ def _run(out, stage, model, train, test, pre, trig, trigger, data_path, target, 
     }
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["artifacts"] = {k: str(out / v) for k, v in (("model", "model.onnx"), ("weights", "model.pt"),
-                           ("directions", "directions.npz"), ("patched", "model.fire.onnx"))}
+                           ("directions", "directions.npz"), ("patched", "model.fire.onnx"),
+                           ("report", "report.md"))}
     (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (stage / "report.md").write_text(format_report(report) + "\n")
     return report
 
 

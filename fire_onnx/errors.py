@@ -5,6 +5,8 @@ Anything a user can cause (a missing file, a wrong tensor name, a bad directions
 traceback; any other exception is a bug and keeps its traceback.
 """
 
+CHECK_FAILED_EXIT = 3  # the command ran, and a check it was asked to make (eval --fail-*, the demo's) failed
+
 
 class FireError(Exception):
     """A user-facing error: the message is one line and says what to do."""

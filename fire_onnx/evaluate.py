@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fire_onnx.data import Images, Preprocess, infer_layout
+from fire_onnx import errors
 from fire_onnx.errors import FireError, first_line
 from fire_onnx.triggers import same_trigger
 
@@ -550,7 +551,7 @@ def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | 
 
 
 # ------------------------------------------------------------------ CI thresholds
-CHECK_FAILED_EXIT = 3
+CHECK_FAILED_EXIT = errors.CHECK_FAILED_EXIT
 _EPS = 1e-9  # metrics are ratios of counts: do not fail on float rounding at the limit
 
 

@@ -40,8 +40,10 @@ def test_vit_demo_repairs_through_onnx(tmp_path):
     from conftest import run_cli
 
     out = tmp_path / "vit"
-    run_cli("demo", "--arch", "vit", "--epochs", "10", "--output", out, check=True)
+    proc = run_cli("demo", "--arch", "vit", "--epochs", "10", "--output", out)
     report = json.loads((out / "report.json").read_text())
+    # its RA sits ~5 pt under CA (the demo's RA check can fail here, and the exit status says so)
+    assert proc.returncode == (0 if all(report["checks"].values()) else 3), proc.stderr
     o, p = report["original"], report["patched"]
     assert report["config"]["arch"] == "vit" and report["config"]["layer"] == "blocks.0"
     assert o["asr"] >= 0.9
@@ -90,3 +92,19 @@ def test_a_failing_demo_restores_its_output_folder(tmp_path, monkeypatch):
     with pytest.raises(FireError, match="broken fit"):
         demo.run_demo(out, epochs=1, log=lambda m: None)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_demo_with_no_backdoor_implanted_exits_3_and_keeps_its_report(tmp_path):
+    """Eight poisoned images and one epoch implant no backdoor: the repair then 'passes' its own checks on
+    nothing, so the demo's first check fails, it says which on one line and exits 3 (a script sees it),
+    with report.json / report.md written (new-user runs: a failing demo used to exit 0)."""
+    from conftest import run_cli
+
+    out = tmp_path / "weak"
+    proc = run_cli("demo", "-o", out, "--epochs", "1", "--poison-rate", "0.002")
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "check(s) failed: original_asr_ge_50pct" in proc.stderr, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["checks"]["original_asr_ge_50pct"] is False and report["original"]["asr"] < 0.5
+    assert "FAIL original_asr_ge_50pct" in (out / "report.md").read_text()
