@@ -36,15 +36,32 @@ def _input_for(sess, batch: int, seed: int = 0) -> dict:
     return {inp[0].name: x}
 
 
-def compare(original, patched, *, batches=(1, 64), iters: int = 200, warmup: int = 20,
+DEFAULT_BATCHES = (1, 64)
+
+
+def fixed_batch(sess) -> int | None:
+    """The batch size the model's single input is fixed to, or None where it is dynamic."""
+    inp = sess.get_inputs()
+    b = inp[0].shape[0] if len(inp) == 1 and inp[0].shape else None
+    return b if isinstance(b, int) and b > 0 else None
+
+
+def compare(original, patched, *, batches=None, iters: int = 200, warmup: int = 20,
             provider: str = "cpu", threads: int = 1) -> dict:
-    """Median/p90 latency (ms) of both models per batch size and the patched/original ratio."""
+    """Median/p90 latency (ms) of both models per batch size and the patched/original ratio. ``batches``
+    None: DEFAULT_BATCHES, or the one batch size a fixed-batch model takes (said in ``notes``)."""
     from fire_onnx.evaluate import session
 
     if iters < 5 or warmup < 0:
         raise FireError("bench needs --iters >= 5 and --warmup >= 0")
     sa = session(original, provider, threads=threads)
     sb = session(patched, provider, threads=threads)
+    notes = []
+    if not batches:
+        fixed = fixed_batch(sa)
+        batches = (fixed,) if fixed else DEFAULT_BATCHES
+        if fixed:
+            notes.append(f"the model's input has a fixed batch of {fixed}: timed at that batch only")
     rows = []
     for batch in batches:
         if batch < 1:
@@ -79,7 +96,7 @@ def compare(original, patched, *, batches=(1, 64), iters: int = 200, warmup: int
     import onnxruntime as ort
 
     return {"provider": provider, "threads": threads, "iters": iters, "warmup": warmup,
-            "onnxruntime": ort.__version__, "rows": rows}
+            "onnxruntime": ort.__version__, "rows": rows, "notes": notes}
 
 
 def markdown(result: dict) -> str:

@@ -561,8 +561,9 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
 @cli.command()
 @click.argument("original", type=click.Path(dir_okay=False))
 @click.argument("patched", type=click.Path(dir_okay=False))
-@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 64), show_default=True,
-              help="Batch size to time; repeat for several (e.g. --batch 1 --batch 64).")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True,
+              help="Batch size to time; repeat for several (e.g. --batch 1 --batch 64). Default: 1 and 64, or the "
+                   "model's fixed batch size.")
 @click.option("--iters", type=click.IntRange(min=5), default=200, show_default=True,
               help="Timed runs of each model per batch size (interleaved original/patched).")
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True,
@@ -582,7 +583,9 @@ def bench(original, patched, batches, iters, warmup, threads, provider, json_out
             raise FireError(f"model not found: {m}")
     check_outputs([json_out, md_out], [original, patched])
     notes = _bench_notes(original, patched)
-    res = b.compare(original, patched, batches=batches, iters=iters, warmup=warmup, provider=provider, threads=threads)
+    res = b.compare(original, patched, batches=batches or None, iters=iters, warmup=warmup, provider=provider,
+                    threads=threads)
+    notes = res.pop("notes") + notes
     for n in notes:  # after the run: a pair bench cannot compare fails with its one-line error alone
         click.echo(f"note: {n}", err=True)
     res.update(original=str(original), patched=str(patched), notes=notes)

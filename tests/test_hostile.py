@@ -774,3 +774,31 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys, tmp_path):
     assert e.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("fire-onnx: error: out of memory (Unable to allocate 383. MiB") and "--n-clean" in err
     assert not (tmp_path / "d.npz").exists()
+
+
+def test_fit_on_an_already_repaired_model_names_the_way_out(ws):
+    """fit reads activations from --onnx; a repaired model's are the repaired ones. It is refused up front with
+    what to do (new-user run 10: the refusal came from the patch step and advised a patch-only option)."""
+    proc = run_cli("fit", "--onnx", "tiny.fire.onnx", "--layer", "relu", "--clean", "data.npz", "--trigger",
+                   "badnets", "--target", "0", "-o", "f.npz", cwd=ws)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "already repaired by fire-onnx: fit on the original model" in proc.stderr
+    assert "patch --replace" in proc.stderr and not (ws / "f.npz").exists()
+
+
+def test_bench_times_a_fixed_batch_model_at_its_batch_by_default(ws):
+    """A model exported with a fixed batch of 4 is timed at 4 when no --batch is given, with a note (new-user
+    run 10: the default 1 and 64 made bench refuse it); an explicit other batch is still a one-line error."""
+    from fire_onnx.patch import patch_file
+
+    m = onnx.load(str(ws / "tiny.onnx"))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(m, str(ws / "fixed.onnx"))
+    patch_file(ws / "fixed.onnx", ws / "d.npz", ws / "fixed.fire.onnx")
+    proc = run_cli("bench", "fixed.onnx", "fixed.fire.onnx", "--iters", "5", "--warmup", "0", "--json", "b.json", cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((ws / "b.json").read_text())
+    assert [r["batch"] for r in res["rows"]] == [4]
+    assert "fixed batch of 4" in proc.stderr and any("fixed batch of 4" in n for n in res["notes"])
+    proc = run_cli("bench", "fixed.onnx", "fixed.fire.onnx", "--iters", "5", "--batch", "8", cwd=ws)
+    assert proc.returncode == 1 and "fixed batch of 4; bench it with --batch 4" in proc.stderr, proc.stderr
