@@ -358,7 +358,7 @@ def patch(model, directions, output, tensor, replace, no_verify, force, json_out
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     for t in res.targets if json_out != "-" else []:
-        click.echo(f"patched {t.tensor} {list(t.shape)} ({t.layout}, k={t.k}, gate {t.gate}, "
+        click.echo(f"patched {t.shown} {list(t.shape)} ({t.layout}, k={t.k}, gate {t.gate}, "
                    + (f"repair {t.repair}, " if t.repair != "project" else "") + f"{t.nodes} nodes)"
                    + (f" [module {t.module}]" if t.module else ""))
     if json_out != "-":

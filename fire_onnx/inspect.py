@@ -8,7 +8,7 @@ import onnx
 
 from fire_onnx.estimate import default_layout
 from fire_onnx.onnxutil import FLOAT_TYPES, ScopeIndex, infer_shapes, node_module, tensor_table
-from fire_onnx.patch import ACTIVATIONS, fused_ops, is_patched, patched_targets, read_patched_targets
+from fire_onnx.patch import ACTIVATIONS, fused_ops, is_patched, patched_targets, read_patched_targets, shown_tensor
 
 POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "LayerNormalization"}
 
@@ -169,7 +169,7 @@ def describe_repair(summ: dict) -> list[str]:
         what = [f"layout {t['layout']}" if t.get("layout") else "", f"k={t['k']}" if t.get("k") else "",
                 f"gate {t['gate']}" if t.get("gate") else "", f"repair {t.get('repair', 'project')}",
                 f"{t['nodes']} nodes" if t.get("nodes") else ""]
-        lines.append(f"  {t['tensor']}" + (f" (module {t['module']})" if t.get("module") else "") + ": "
+        lines.append(f"  {shown_tensor(t['tensor'], t.get('output'))}" + (f" (module {t['module']})" if t.get("module") else "") + ": "
                      + ", ".join(w for w in what if w))
     attack = rec.get("attack")
     if isinstance(attack, dict) and (attack.get("target") is not None or attack.get("trigger")):

@@ -78,6 +78,18 @@ class PatchedTarget:
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
+    @property
+    def shown(self) -> str:
+        return shown_tensor(self.tensor, self.output)
+
+
+OUTPUT_INPUT_SUFFIX = ".fire_onnx_in"  # a repaired graph output keeps its name; the activation it reads gets this
+
+
+def shown_tensor(tensor: str, output: str | None) -> str:
+    """The name a user knows a repaired tensor by: a graph output's public name, not its renamed activation."""
+    return output if output and tensor == f"{output}{OUTPUT_INPUT_SUFFIX}" else tensor
+
 
 @dataclass
 class PatchResult:
@@ -480,7 +492,7 @@ def patch_model(
         y.shape = h.shape
         if h in graph.outputs:  # keep the public output name on the repaired tensor
             public = h.name
-            h.name = f"{public}.fire_onnx_in"
+            h.name = f"{public}{OUTPUT_INPUT_SUFFIX}"
             y.name = public
             graph.outputs = [y if o is h else o for o in graph.outputs]
         for n in consumers:

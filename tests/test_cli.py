@@ -576,6 +576,13 @@ def test_fixed_batch_of_four_and_float16_and_uint8_inputs(ws):
                    "--scale", "1", "--mean", "0", "--std", "1", "--json", "-", cwd=ws, check=True)
     res = json.loads(proc.stdout)["models"]
     assert res["u8.onnx"]["asr"] >= 0.9 and res["u8.fire.onnx"]["asr"] <= 0.02, res
+    # the PyTorch model without the graph's preprocessing beside it: no preprocessing suits both; said up front,
+    # with and without --scale 1 (new-user run 10 was sent from one model's error to the other's)
+    for extra, why in (((), "is fed normalized images"), (("--scale", "1", "--mean", "0", "--std", "1"), "rejects them")):
+        before = snapshot(ws)
+        proc = run_cli("fit", "--model", FACTORY, "--weights", "model.pt", "--onnx", u8.name, "--layer", "block2",
+                       "--clean", "mnist.npz", "--trigger", "badnets", "--target", "0", *extra, "-o", "dm.npz", cwd=ws)
+        assert_user_error(proc, ws, before, "takes raw uint8 pixels", why, "drop --model and --weights")
 
 
 def test_static_batch_model(ws):

@@ -159,7 +159,11 @@ def test_graph_output_target_keeps_public_name(cnn_onnx):
     t = random_target(10, 1, "vector", "fc2", gate="none")
     res = patch_model(proto, dirs.Directions([t]))
     assert [o.name for o in res.model.graph.output] == ["logits"]
-    assert res.targets[0].output == "logits"
+    assert res.targets[0].output == "logits" and res.targets[0].shown == "logits"  # not its renamed activation
+    from fire_onnx.inspect import describe_repair, summary
+
+    shown = "\n".join(describe_repair(summary(res.model)))
+    assert "  logits" in shown and ".fire_onnx_in" not in shown, shown
     out = res.model.graph.output[0].type.tensor_type
     assert out.elem_type == onnx.TensorProto.FLOAT
     x = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)

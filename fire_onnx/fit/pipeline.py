@@ -268,6 +268,36 @@ def choose_blend_fit(req: FitRequest, inputs: FitInputs, clean: Images, triggere
     return d, check
 
 
+def _same_input_or_explain(req: FitRequest, onnx_model, model, pre: Preprocess, x: np.ndarray) -> None:
+    """--model and --onnx are fed the same preprocessed images. An ONNX model that takes raw integer pixels
+    (its preprocessing inside the graph) beside a PyTorch model that takes normalized floats has no
+    preprocessing that suits both: say so and how to fit it, instead of one model's shape or dtype error
+    after following the other's advice (new-user run 10)."""
+    if onnx_model is None or not onnx_model.graph.input:
+        return
+    from onnx import TensorProto
+
+    elem = onnx_model.graph.input[0].type.tensor_type.elem_type
+    if elem not in (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16, TensorProto.INT32,
+                    TensorProto.INT64):
+        return
+    raw = pre.scale == 1 and all(m == 0 for m in pre.mean) and all(v == 1 for v in pre.std)
+    if raw:  # a factory that wraps the graph's preprocessing takes the raw pixels too
+        import torch
+
+        try:
+            with torch.no_grad():
+                model(torch.from_numpy(pre(x)))
+            return
+        except (RuntimeError, ValueError):
+            pass
+    name = TensorProto.DataType.Name(elem).lower()
+    raise FireError(f"{Path(req.onnx_path).name} takes raw {name} pixels (its preprocessing is inside the graph) "
+                    f"and the PyTorch model of --model {'rejects them' if raw else 'is fed normalized images'}: fit "
+                    "feeds both the same input. Fit from the ONNX model alone (drop --model and --weights), or give a "
+                    "--model factory that wraps the graph's preprocessing and pass --scale 1")
+
+
 def load_inputs(req: FitRequest) -> FitInputs:
     """Read the images, the trigger and the model(s) ``req`` names (``--update``: the file it refines too)."""
     previous = None
@@ -331,6 +361,7 @@ def load_inputs(req: FitRequest) -> FitInputs:
         from fire_onnx.fit.torch_model import load_model
 
         model = load_model(req.model_spec, req.weights, untrained=req.no_weights, notes=req.notes)
+        _same_input_or_explain(req, onnx_model, model, pre, pool.x[:2])
     onnx_name = Path(req.onnx_path).name if req.onnx_path else "model.onnx"
     if model is not None or onnx_model is not None:
         from fire_onnx import preprocess_check
