@@ -654,3 +654,16 @@ def test_a_module_that_also_exports_a_constant_resolves_to_its_activation(tmp_pa
     outs = module_outputs(m.graph, "embed")
     assert [ops[o] for o in outs] == ["Conv"], outs
     assert any("embed" in c.layers and c.note == "candidate" for c in candidates(m))
+
+
+def test_held_out_line_names_the_models_own_floor():
+    """The held-out target rate after a repair cannot go below what the model does on clean images of other
+    classes; fit says so when that floor is 1 % or more (new-user run 10 read 2 % and measured 4.8 % at a 4.4 %
+    floor), and stays quiet under it."""
+    from fire_onnx.fit.verify import describe
+
+    check = {"clean_change": 0.0, "n_clean": 500, "target": 0, "target_rate_before": 0.94, "target_rate_after": 0.05,
+             "triggered_from": "500 held-out images stamped with badnets", "target_floor": 0.044}
+    assert "94% -> 5% at class 0 (the model's floor: 4.4% of the held-out clean images of other classes" in describe(check)
+    assert "floor" not in describe({**check, "target_floor": 0.004})
+    assert "floor" not in describe({**check, "target_floor": None})

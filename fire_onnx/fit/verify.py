@@ -55,6 +55,7 @@ MIN_TRIGGERED = 10  # held-out triggered images a file must have beyond the fitt
 CROSS_FOLDS = 5  # in-sample: hold out each of this many folds of the triggered samples from a fit on the rest
 MIN_CROSS = 4  # ... with at least this many triggered samples (each fold fits on at least three)
 CLEAN_BOUND_SHOWN = 0.01  # the held-out clean change's upper bound is printed when above this
+FLOOR_SHOWN = 0.01  # the original model's own rate of clean non-target images at the target is printed from here
 BOUND_LEVEL = 0.95  # the cross-fitted rate's one-sided upper confidence bound (printed when it exceeds PARTIAL)
 SMALL_CROSS = 10  # below this many, the warning says the folds' fits are weaker than the written one (5 images:
 # a fit on 4 left 60 % of the MNIST centre patch images at the target where the repair from all 5 left 3.6 % ASR)
@@ -118,8 +119,13 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         target = int(np.bincount(held.base_trig).argmax())
     rate, change, _ = held.score(d, -1 if target is None else target)
     before = float((held.base_trig == target).mean()) if target is not None and len(held_trig) else None
+    floor = None  # held-out clean images of other classes the original model already puts at the target
+    if target is not None and held_clean.y is not None and held.base_clean is not None:
+        other = np.asarray(held_clean.y) != target
+        if other.any():
+            floor = float((held.base_clean.argmax(axis=1)[other] == target).mean())
     out = {"n_clean": int(len(held_clean)), "clean_change": change, "n_triggered": int(len(held_trig)),
-           "triggered_from": trig_from, "in_sample": in_sample, "target": target,
+           "triggered_from": trig_from, "in_sample": in_sample, "target": target, "target_floor": floor,
            "target_rate_before": before, "target_rate_after": rate if target is not None else None,
            "thresholds": {"change_warn": CHANGE_WARN, "change_refuse": CHANGE_REFUSE, "weak": WEAK, "partial": PARTIAL}}
     crossed = False
@@ -265,6 +271,11 @@ def describe(check: dict) -> str:
     if check.get("target") is not None and check.get("target_rate_before") is not None:
         line += (f"; {check['triggered_from']}: {check['target_rate_before']:.0%} -> "
                  f"{check['target_rate_after']:.0%} at class {check['target']}")
+        floor = check.get("target_floor")
+        if floor is not None and floor >= FLOOR_SHOWN:  # what no repair goes below (new-user run 10 read 2 % here
+            # and measured 4.8 % on test images the model itself puts at the target 4.4 % of the time)
+            line += (f" (the model's floor: {floor:.1%} of the held-out clean images of other classes already go to "
+                     f"class {check['target']})")
         cross = check.get("cross_fit", {})
         if "target_rate_after" in cross:
             line += (f"; each held out of a fit on the others ({cross['folds']} folds): "
