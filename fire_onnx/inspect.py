@@ -30,6 +30,14 @@ class Candidate:
         return dict(self.__dict__)
 
 
+def _batch_symbol(model: onnx.ModelProto) -> str | None:
+    """The symbolic first dimension of the model's first (non-initializer) input, e.g. 'batch'."""
+    inits = {t.name for t in model.graph.initializer}
+    inp = next((vi for vi in model.graph.input if vi.name not in inits), None)
+    dims = inp.type.tensor_type.shape.dim if inp is not None else []
+    return dims[0].dim_param or None if dims else None
+
+
 def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candidate]:
     """Float activations of rank >= 2 in graph order, with shape, producer and module scope.
 
@@ -43,6 +51,11 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
     layers_of = ScopeIndex(graph).output_map()
     folded = folded_weights(graph)
     shapes = tensor_table(inferred)
+    batch_sym, batch_first = _batch_symbol(model), set()
+    if batch_sym and any(isinstance(d[0], str) and d[0] != batch_sym for _, d in shapes.values() if d):
+        from fire_onnx.onnxutil import batch_aligned
+
+        batch_first = batch_aligned(model)  # a ViT's tokens read unk__1 x 17 x 64 under symbolic inference
     consumers: dict[str, list[str]] = {}  # tensor -> consumer op types
     for n in graph.node:
         for i in n.input:
@@ -87,7 +100,8 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 continue
             out.append(Candidate(
                 tensor=name,
-                shape=None if dims is None else ["?" if d is None else d for d in dims],
+                shape=None if dims is None else [batch_sym if i == 0 and name in batch_first else "?" if d is None else d
+                                                 for i, d in enumerate(dims)],
                 dtype=FLOAT_TYPES.get(elem, "?"),
                 op=n.op_type,
                 module=own,

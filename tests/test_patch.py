@@ -396,6 +396,9 @@ def test_inspect_layout_is_what_fit_would_choose(vit):
     cands = {c.tensor: c for c in candidates(vit[1])}
     assert cands["/blocks/blocks.0/Add_1_output_0"].layout == "flat"
     assert cands["logits"].layout == "vector"
+    # the token tensors' first dimension is shown as the input's batch, not the symbol inference made up
+    batch = vit[1].graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert cands["/blocks/blocks.0/Add_1_output_0"].shape[0] == batch and batch, cands["/blocks/blocks.0/Add_1_output_0"]
 
 
 @pytest.mark.parametrize("gate", ["none", "hard"])
