@@ -94,7 +94,7 @@ def valid_fingerprint(fp) -> bool:
 
 
 # ----------------------------------------------------------------------------- ONNX tensors
-def _session_for(model, tensors: Sequence[str], extra_outputs: Sequence[str] = ()):
+def session_reading(model, tensors: Sequence[str], extra_outputs: Sequence[str] = ()):
     """An onnxruntime session of a copy of ``model`` whose outputs are ``tensors`` (plus the model's
     own outputs named in ``extra_outputs``). Models too large for one protobuf go through a temporary
     file with external data."""
@@ -137,7 +137,7 @@ class TensorReader:
         self.tensors = list(dict.fromkeys(tensors))
         self.logits_name = model.graph.output[0].name if with_logits and len(model.graph.output) else None
         extra = [self.logits_name] if self.logits_name and self.logits_name not in self.tensors else []
-        self.sess = _session_for(model, self.tensors, extra)
+        self.sess = session_reading(model, self.tensors, extra)
         self.names = [o.name for o in self.sess.get_outputs()]
         self.batch_size = batch_size
 

@@ -388,13 +388,13 @@ class HeldOut:
               progress=None) -> None:
         """One pass of ``model`` over the held-out images for the candidates of ``chunk`` (see :meth:`score_many`)."""
         from fire_onnx.evaluate import as_input
-        from fire_onnx.probe import _session_for
+        from fire_onnx.probe import session_reading
 
         x_all = np.concatenate([self.x_clean, self.x_trig]) if len(self.x_trig) else self.x_clean
         graph_inputs = {i.name for i in model.graph.input}
         read = list(dict.fromkeys(n for f in chunk.values() for n in f["frontier"] if n not in graph_inputs))
         try:
-            reader = _session_for(model, read)
+            reader = session_reading(model, read)
         except FireError:
             for f in chunk.values():
                 f["failed"] = True
