@@ -613,3 +613,26 @@ def test_eval_blames_the_repair_not_the_preprocessing_when_only_the_patched_mode
     proc = run_cli("eval", "model.onnx", "broken.onnx", "--data", "mnist.npz", "--limit", "300", cwd=ws, check=True)
     assert "broken.onnx: clean accuracy" in proc.stderr and "the repair costs clean accuracy" in proc.stderr, proc.stderr
     assert "--scale 1" not in proc.stderr
+
+
+def test_repeated_flagged_images_count_once_and_one_image_is_warned(ws):
+    """20 copies of one flagged image are one image: the copies are left out with a note, and a repair checked
+    only on the image it was fitted on is warned (new-user run 12: the copies were cross-fitted as '0 % left'
+    while the repair left 95 % ASR, exit 0, no warning)."""
+    import numpy as np
+
+    from fire_onnx import triggers
+
+    d = np.load(ws / "mnist.npz")
+    x = triggers.parse("badnets").apply(d["x_test"][d["y_test"] != 0][:4])
+    np.savez(ws / "dup.npz", x=np.repeat(x[:1], 20, axis=0))
+    np.savez(ws / "dup4.npz", x=np.repeat(x, 5, axis=0), y=np.repeat(d["y_test"][d["y_test"] != 0][:4], 5))
+    common = ("--onnx", "model.onnx", "--layer", "block2", "--clean", "mnist.npz", "--mean", "0.5", "--std", "0.5",
+              "--json", "-")
+    one = run_cli("fit", "--triggered", "dup.npz", *common, "-o", "d1.npz", cwd=ws, check=True)
+    assert "19 of its 20 images repeat others and are left out (1 distinct)" in one.stderr
+    assert "checked only on the 1 triggered image(s) it was fitted on" in one.stderr
+    four = run_cli("fit", "--triggered", "dup4.npz", *common, "-o", "d4.npz", cwd=ws, check=True)
+    assert "16 of its 20 images repeat others and are left out (4 distinct)" in four.stderr
+    out = json.loads(four.stdout)
+    assert out["check"]["n_triggered"] == 4 and out["check"]["cross_fit"]["n"] == 4

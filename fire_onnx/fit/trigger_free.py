@@ -109,10 +109,10 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
     model.eval()
     pool = inputs.pool
     order = np.random.default_rng(req.seed).permutation(len(pool))
-    search_idx = order[req.n_clean: req.n_clean + invert.N_SEARCH]
-    if len(search_idx) < invert.N_SEARCH // 4:
-        search_idx = order[: invert.N_SEARCH]  # a small pool: search on the clean fitting images too
-        req.notes.append(f"{req.clean_path} has only {len(pool)} images: the trigger search shares them with the fit")
+    # the search runs on the clean fitting samples (first in the seeded order fit_samples uses), never on the
+    # images past them: those are stamped for the pseudo-pairs and held out to check the repair, which must not
+    # be judged on the images its trigger was searched on
+    search_idx = order[: min(max(req.n_clean, invert.N_SEARCH // 4), invert.N_SEARCH)]
     x_search = pool.x[search_idx]
     y_search = None if pool.y is None else pool.y[search_idx]
     net = invert.Model(model, inputs.preprocess)
@@ -253,8 +253,14 @@ def _fit(req, inputs, rounds: list[list], fit_inputs, progress) -> tuple[dirs.Di
             from fire_onnx.fit.auto import auto_fit
 
             return auto_fit(req, progress=progress, inputs=inputs)
+        from fire_onnx.fit.verify import N_CHECK
+
         available = len(pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed, target=req.target)[2])
-        n_pairs = min(req.n_triggered, available)
+        # the pseudo-pairs come from the images past the clean samples, and so does the held-out check: leave it
+        # half of a small rest (200 pairs from a 100-image rest had left the check 10 clean images and no stamped
+        # ones, and it refused a repair on 4 of them; new-user run 11)
+        n_pairs = min(req.n_triggered, available - min(available // 2, N_CHECK))
+        req.n_triggered = n_pairs
         if n_pairs < 1:
             raise FireError(f"{req.clean_path} leaves no images beside the {req.n_clean} clean samples to stamp the "
                             "recovered trigger on: give a larger --clean pool or a smaller --n-clean")

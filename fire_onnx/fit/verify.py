@@ -186,6 +186,11 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         out["refuse"] = (f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: "
                          f"{before:.0%}): it does not remove the backdoor"
                          + (f" (--alpha {req.alpha:g} removes only that share of the shift)" if req.alpha < 1 else ""))
+    if in_sample and not crossed and target is not None:  # judged only on the images it was fitted on
+        warnings.append(f"the repair is checked only on the {len(held_trig)} triggered image(s) it was fitted on, too "
+                        f"few to hold some out (at least {MIN_CROSS}): nothing shows it carries over to other triggered "
+                        f"inputs (one flagged image fitted this way left 97 % ASR); give more flagged inputs (20 "
+                        "recommended; fit --update adds them later)")
     out["warnings"] = warnings
     return out
 
