@@ -152,11 +152,68 @@ def eval_warning(predict, images, given: Preprocess) -> str | None:
     return message(rec, given, EVAL_ADVICE) if rec is not None and clearly_better(rec) else None
 
 
+COLLAPSED = 0.7  # unlabelled: the given preprocessing sends at least this share of clean images to one class ...
+SPREAD = 0.35  # ... and an alternative sends at most this share to any one class: warn (never refuse)
+
+
+def _top_share(scores) -> float | None:
+    if scores is None or scores.ndim != 2 or scores.shape[1] < 2 or not len(scores):
+        return None
+    return float(np.bincount(scores.argmax(axis=1), minlength=scores.shape[1]).max() / len(scores))
+
+
+def assess_unlabeled(predict, images, given: Preprocess) -> dict | None:
+    """Without labels accuracy cannot be measured, but a preprocessing the model was not trained with often
+    sends most clean images to one class (a -1..1 model fed 0..255 pixels: fit said '100 % -> 6 %' under it
+    and the deployed repair left 100 % ASR, new-user run 12). When the given preprocessing does that and a
+    common alternative spreads the same images over the classes, the record carries a ``warning``. A clean
+    file of one class would collapse under every preprocessing, so it is never flagged."""
+    if len(images) < 20:
+        return None
+    idx = np.sort(np.random.default_rng(0).permutation(len(images))[:N_PROBE])
+    x = images.x[idx]
+
+    def share(pre):
+        try:
+            return _top_share(predict(pre(x)))
+        except FireError:
+            return None
+
+    top = share(given)
+    if top is None:
+        return None
+    out: dict = {"labels": False, "top_class_share": top, "n": int(len(x)), "alternatives": []}
+    if top < COLLAPSED:
+        return out
+    for options, pre in candidates(x, given.layout):
+        if _same(pre, given, x.shape[-1]):
+            continue
+        alt = share(pre)
+        if alt is not None:
+            out["alternatives"].append({"options": options, "top_class_share": alt})
+    spread = [a for a in out["alternatives"] if a["top_class_share"] <= SPREAD]
+    if spread:
+        from fire_onnx.evaluate import describe_preprocess
+
+        best = min(spread, key=lambda a: a["top_class_share"])
+        out["warning"] = (f"with the preprocessing given ({describe_preprocess(given)}) the model puts {top:.0%} of "
+                          f"{len(x)} clean images in one class, and at most {best['top_class_share']:.0%} with "
+                          f"{best['options']}: the preprocessing is probably not the one the model was trained with "
+                          "(the clean file has no labels to measure its accuracy); " + FIT_ADVICE)
+    return out
+
+
 def run(req, pool, given: Preprocess, source) -> dict | None:
     """Check ``given`` on up to ``N_PROBE`` labelled images of ``pool`` with ``source`` (a
     TorchSource or OnnxSource reading no layers). Returns the record (with ``warning`` when fit should
     say so), None when there is nothing to check (no labels, no class scores); raises FireError when it
     refuses and ``req.force`` is not set."""
+    if pool.y is None:
+        rec = assess_unlabeled(lambda z: source.run(z)[1], pool, given)
+        if rec is not None and "warning" not in rec:
+            req.notes.append("the clean file has no labels: the preprocessing was checked only for predictions that "
+                             "collapse onto one class, not against the model's accuracy")
+        return rec
     rec = assess(lambda z: source.run(z)[1], pool, given, labels_in_range=True)
     if rec is None:
         return None

@@ -667,3 +667,29 @@ def test_held_out_line_names_the_models_own_floor():
     assert "94% -> 5% at class 0 (the model's floor: 4.4% of the held-out clean images of other classes" in describe(check)
     assert "floor" not in describe({**check, "target_floor": 0.004})
     assert "floor" not in describe({**check, "target_floor": None})
+
+
+def test_unlabelled_clean_images_collapsing_onto_one_class_warn_of_the_preprocessing():
+    """No labels, no accuracy to compare: a preprocessing under which the model sends most clean images to one
+    class while a common alternative spreads them is warned (never refused); a one-class file collapses under
+    every preprocessing and is not."""
+    from fire_onnx.data import Images, Preprocess
+    from fire_onnx.preprocess_check import assess_unlabeled
+
+    x = np.random.default_rng(0).integers(0, 256, size=(120, 4, 4, 1), dtype=np.uint8)
+
+    def predict(z):  # a model trained on -1..1: inputs far outside saturate to class 0
+        s = np.zeros((len(z), 5))
+        if np.abs(z).max() > 2:
+            s[:, 0] = 1
+        else:
+            s[np.arange(len(z)), np.arange(len(z)) % 5] = 1
+        return s
+
+    rec = assess_unlabeled(predict, Images(x), Preprocess(1.0, [0.0], [1.0], "NCHW"))
+    assert rec["top_class_share"] == 1.0 and "probably not the one the model was trained with" in rec["warning"]
+    assert "--mean 0.5 --std 0.5" in rec["warning"] or "--scale 1/255" in rec["warning"]
+    ok = assess_unlabeled(predict, Images(x), Preprocess(1 / 255, [0.5], [0.5], "NCHW"))
+    assert ok["top_class_share"] == 0.2 and "warning" not in ok
+    one_class = assess_unlabeled(lambda z: np.eye(5)[np.zeros(len(z), int)], Images(x), Preprocess(1.0, [0.0], [1.0], "NCHW"))
+    assert "warning" not in one_class
