@@ -636,3 +636,23 @@ def test_repeated_flagged_images_count_once_and_one_image_is_warned(ws):
     assert "16 of its 20 images repeat others and are left out (4 distinct)" in four.stderr
     out = json.loads(four.stdout)
     assert out["check"]["n_triggered"] == 4 and out["check"]["cross_fit"]["n"] == 4
+
+
+def test_a_poisoned_clean_file_is_named_as_such(ws):
+    """Clean images drawn from a poisoned training set (a tenth of them stamped and relabelled to the target):
+    the repair moves those away from the target on the held-out part, which reads as changed clean predictions;
+    fit names the likely cause instead of blaming the triggered images (new-user run 12)."""
+    import numpy as np
+
+    from fire_onnx import triggers
+
+    d = np.load(ws / "mnist.npz")
+    x, y = d["x_train"][:1500].copy(), d["y_train"][:1500].copy()
+    bad = np.flatnonzero(y != 0)[::10]
+    x[bad], y[bad] = triggers.parse("badnets").apply(x[bad]), 0
+    np.savez(ws / "poisoned.npz", x=x, y=y)
+    proc = run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "poisoned.npz", "--trigger",
+                   "badnets", "--target", "0", "--mean", "0.5", "--std", "0.5", "-o", "p.npz", cwd=ws)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "the clean file probably holds triggered (poisoned) images" in proc.stderr, proc.stderr
+    assert "labelled 0 in the clean file, as relabelled poisoned training images are" in proc.stderr

@@ -230,8 +230,9 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
             out["clean_accuracy"], out["chance"] = acc, chance
             if acc < chance + NEAR_CHANCE * (1 - chance):
                 warn.append(f"the model classifies only {acc:.1%} of the clean fitting images correctly (chance is "
-                            f"{chance:.1%}): the preprocessing (--scale/--mean/--std/--input-layout) or the model/"
-                            "weights are probably wrong, and a repair fitted like this is useless")
+                            f"{chance:.1%}): the preprocessing (--scale/--mean/--std/--input-layout), the model/"
+                            "weights, or the clean file (its labels, or images of another kind than the model's "
+                            "inputs) are probably wrong, and a repair fitted like this is useless")
             elif acc >= MEMORIZED and len(pred) >= MEMORIZED_MIN:
                 warn.append(f"the model classifies {acc:.1%} of the {len(pred)} clean fitting images correctly: if "
                             "they come from its training set, the repair is fitted and checked on inputs the model "
@@ -463,6 +464,7 @@ def fit_directions(
     checks["warnings"] += getattr(source, "warnings", []) + found_by_value
     if warning := preprocess_check.warning_of(meta):  # recorded by load_inputs
         checks["warnings"].insert(0, warning)
+    checks["warnings"] += [w for w in meta.get("unlabeled_warnings", []) if w not in checks["warnings"]]
     acts_gate = None
     if reconstruct not in RECONSTRUCT_CHOICES:
         raise FireError(f"reconstruct must be one of {', '.join(RECONSTRUCT_CHOICES)}")

@@ -122,5 +122,6 @@ def attach(req, inputs, log=None) -> None:
     # every input found is fitted on (--n-triggered caps images the user picked, not what detection found)
     req.n_triggered = max(len(found), 1)
     req.notes.extend(result.notes)
+    inputs.meta["unlabeled_warnings"] = list(result.warnings)  # fit's warnings (core.fit_target) carry them
     req.notes.append(f"--unlabeled: fitting on the {len(found)} inputs found in {Path(req.unlabeled_path).name} "
                      f"(target class {result.target})")

@@ -140,11 +140,14 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                          + (f"; from so few, each fit left out a fifth of them and is weaker than the one written"
                             if len(held_trig) < SMALL_CROSS else "") + ")")
     warnings = []
+    if change > CHANGE_WARN and target is not None:
+        out.update(_changed_from_target(held, d, held_clean, target))
     if change > CHANGE_WARN:
         warnings.append(f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
-                        "images (a repair that acts on triggered inputs only changes almost none): it will cost clean "
-                        "accuracy; check the triggered images, --target and the layer"
-                        + ("" if req.auto else " (--layer auto judges every candidate on held-out images)"))
+                        "images (a repair that acts on triggered inputs only changes almost none): "
+                        + (poisoned_clean_hint(out) or "it will cost clean accuracy; check the triggered images, "
+                           "--target and the layer"
+                           + ("" if req.auto else " (--layer auto judges every candidate on held-out images)")))
     n_changed = int(round(change * len(held_clean)))
     # few held-out images decide only when even the lower confidence bound is over the level (17 of 18
     # changed: a trigger-free repair that cost 7.6 pt CA was written because 18 < MIN_REFUSE_CLEAN)
@@ -154,6 +157,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                          f"images (more than {CHANGE_REFUSE:.0%})"
                          + (f" while leaving {rate:.0%} of the triggered images at class {target}"
                             if target is not None and before is not None else ""))
+        out["refuse_clean"] = True
     more = ("more triggered images (fit --update adds them), the trigger itself (--trigger) or their clean twins "
             "(x_clean)" if crossed else "more triggered images")
     mc = d.meta.get("checks", {})
@@ -294,6 +298,39 @@ def describe(check: dict) -> str:
     return line
 
 
+POISONED_SHARE = 0.5  # changed clean predictions mostly away from the target: the clean file looks poisoned
+
+
+def _changed_from_target(held, d: dirs.Directions, held_clean: Images, target: int) -> dict:
+    """Of the held-out clean predictions the repair changes, how many were at ``target`` before (and, with
+    labels, now match them): a clean file drawn from a poisoned training set holds triggered images, and the
+    repair moving those away from the target is it working, not a cost (new-user run 12: such a file was refused
+    as 'it will cost clean accuracy', and the repair forced through cost none)."""
+    base = held.base_clean.argmax(axis=1)
+    after = held.runner(d)(held.x_clean).argmax(axis=1)
+    changed = after != base
+    rec = {"changed": int(changed.sum()), "changed_from_target": int((base[changed] == target).sum())}
+    if held_clean.y is not None:
+        y = np.asarray(held_clean.y)[changed]
+        rec["changed_to_label"] = int((after[changed] == y).sum())
+        rec["changed_labelled_target"] = int((y == target).sum())
+    return rec
+
+
+def poisoned_clean_hint(check: dict) -> str | None:
+    """What to say when most changed clean predictions left the target (see :func:`_changed_from_target`)."""
+    n, away = check.get("changed") or 0, check.get("changed_from_target") or 0
+    if not n or away < POISONED_SHARE * n:
+        return None
+    fixed, relabelled = check.get("changed_to_label"), check.get("changed_labelled_target")
+    why = ("" if fixed is None else
+           f" ({relabelled} of them labelled {check['target']} in the clean file, as relabelled poisoned training "
+           "images are)" if relabelled and relabelled >= fixed else f" ({fixed} of them to their labels)" if fixed else "")
+    return (f"{away} of the {n} it changes were at class {check['target']} and move away from it{why}"
+            + ", as triggered inputs do: the clean file probably holds triggered (poisoned) images, e.g. drawn from "
+            "the training set; give clean images from elsewhere (a validation split)")
+
+
 def _other_layers(req) -> str:
     """What to try instead of this layer: --layer auto, unless that is what chose it."""
     if not (req.auto or req.chosen_by_auto):
@@ -305,8 +342,11 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
     """Record ``check`` in the directions; raise when it refuses the repair and ``--force`` was not given."""
     d.meta["check"] = {k: v for k, v in check.items() if k != "warnings"}
     if check.get("refuse") and not req.force:
-        raise FireError(f"not written: {check['refuse']}. Check that the triggered images carry the trigger (and "
-                        f"--target), or try {_other_layers(req)}; --force writes it anyway")
+        hint = poisoned_clean_hint(check) if check.get("refuse_clean") else None
+        raise FireError(f"not written: {check['refuse']}. "
+                        + (f"Of those, {hint}" if hint else
+                           "Check that the triggered images carry the trigger (and --target), or try "
+                           f"{_other_layers(req)}") + "; --force writes it anyway")
     d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(check.get("warnings", []))
     if check.get("refuse"):
         d.meta["checks"]["warnings"].append(f"written with --force although {check['refuse']}")
