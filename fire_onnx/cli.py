@@ -257,10 +257,15 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
             for w in res.evidence.get("warnings", []):
                 click.echo(f"warning: {w}", err=True)
             if json_out:
-                _write_json(json_out, {"backdoor_found": False, "output": None, "trigger_free": res.evidence})
+                _write_json(json_out, {"backdoor_found": False, "output": None, "trigger_free": res.evidence,
+                                       "inconclusive": res.evidence.get("steps", 0) < res.evidence.get("full_steps", 0)})
             if not quiet:
-                click.echo("no backdoor found: no class is reached anomalously easily; nothing written "
-                           "(--force repairs the most anomalous class anyway)")
+                ev = res.evidence
+                cut = ev.get("steps", 0) < ev.get("full_steps", 0)
+                click.echo("no backdoor found" + (f" by a shortened scan ({ev['steps']} of {ev['full_steps']} steps: "
+                                                  "inconclusive, see the warning)" if cut else "")
+                           + ": no class is reached anomalously easily; nothing written (--force repairs the most "
+                           "anomalous class anyway)")
             return
         d = res.directions
     else:

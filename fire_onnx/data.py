@@ -53,6 +53,13 @@ def load_images(path: str | Path, split: str = "test") -> Images:
     return Images(x, y, classes)
 
 
+def layout_hint(a: list, b: list) -> str:
+    """Why images of shape ``a`` (H, W, C) may not match ``b``: grey vs colour, or an NCHW array."""
+    if a[:2] == b[:2]:
+        return f" (their {a[2]} and {b[2]} channels differ: grey and colour images of the same model?)"
+    return " (an NCHW array needs x.transpose(0, 2, 3, 1))" if sorted(a) == sorted(b) else ""
+
+
 def load_triggered(path: str | Path, split: str = "test") -> tuple[Images, np.ndarray | None]:
     """Triggered images (``x``, optional true labels ``y``) and, if the file has ``x_clean``, the same
     images without their trigger (which makes the shift estimate paired)."""

@@ -57,6 +57,7 @@ from typing import Callable
 
 import numpy as np
 
+from fire_onnx.data import layout_hint
 from fire_onnx.errors import FireError
 
 MIN_INPUTS = 10  # traffic inputs a predicted class needs to be scored
@@ -330,7 +331,8 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
         raise FireError(f"traffic images must be uint8 (N, H, W, C), got {traffic.dtype} {list(traffic.shape)}")
     if traffic.shape[1:] != reference.shape[1:]:
         raise FireError(f"traffic images are {list(traffic.shape[1:])} but the clean images are "
-                        f"{list(reference.shape[1:])} (H, W, C): they must be inputs of the same model")
+                        f"{list(reference.shape[1:])} (H, W, C): they must be inputs of the same model"
+                        + layout_hint(list(traffic.shape[1:]), list(reference.shape[1:])))
     reps, logits = represent(traffic)
     if logits is None or logits.ndim != 2 or logits.shape[1] < 2:
         raise FireError("--unlabeled needs the model's class scores ((N, classes) output) to group the traffic by "

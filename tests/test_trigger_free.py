@@ -169,6 +169,9 @@ def test_clean_model_guard(clean_mnist_model, mnist_path, tmp_path):
     assert summ["trigger_free"]["scan"]["anomaly_index"] <= 5
     # the test scans at 40 steps, half the full search: the all-clear says it is not to be trusted yet
     assert "before trusting 'no backdoor found'" in proc.stderr
+    assert proc.stderr.count("before trusting 'no backdoor found'") == 1  # once, with the verdict (run 11: twice)
+    assert "no backdoor found by a shortened scan (40 of 80 steps: inconclusive" in proc.stdout
+    assert summ["inconclusive"] is True
     assert summ["trigger_free"]["warnings"] and "--steps 80" in summ["trigger_free"]["warnings"][0]
 
     proc = run_cli(*_fit_args(clean_mnist_model / "model.pt", mnist_path, "-o", d, "--force"), check=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx import triggers
-from fire_onnx.data import Images, Preprocess, fit_samples, load_images, load_triggered, pool_order
+from fire_onnx.data import Images, Preprocess, fit_samples, layout_hint, load_images, load_triggered, pool_order
 from fire_onnx.errors import FireError
 
 Progress = Callable[[int, int], None]
@@ -333,9 +333,7 @@ def load_inputs(req: FitRequest) -> FitInputs:
         # else the error came from the model ("expects shape ..., check --input-layout"), about a layout
         # that is right for the clean images
         a, b = list(triggered_imgs.x.shape[1:]), list(pool.x.shape[1:])
-        hint = (f" (their {a[2]} and {b[2]} channels differ: grey and colour images of the same model?)"
-                if a[:2] == b[:2] else
-                " (an NCHW array needs x.transpose(0, 2, 3, 1))" if sorted(a) == sorted(b) else "")
+        hint = layout_hint(a, b)
         raise FireError(f"{req.triggered_path}: the triggered images are {a} but the clean images in {req.clean_path} "
                         f"are {b} (H, W, C): both must be uint8 NHWC images of the same size{hint}")
 

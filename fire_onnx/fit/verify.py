@@ -343,10 +343,19 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
     d.meta["check"] = {k: v for k, v in check.items() if k != "warnings"}
     if check.get("refuse") and not req.force:
         hint = poisoned_clean_hint(check) if check.get("refuse_clean") else None
-        raise FireError(f"not written: {check['refuse']}. "
-                        + (f"Of those, {hint}" if hint else
-                           "Check that the triggered images carry the trigger (and --target), or try "
-                           f"{_other_layers(req)}") + "; --force writes it anyway")
+        if hint:
+            what = f"Of those, {hint}"
+        elif req.trigger_free:  # neither triggered images nor a target came from the user
+            what = (f"That is the repair of the trigger the search recovered: try {_other_layers(req)}, or fit on "
+                    "triggered inputs once some are caught (fit --triggered)")
+        elif req.trigger_spec:  # the trigger is the user's own: the limit is where and how it is repaired
+            what = (f"The trigger given does not separate from clean content at this layer: try {_other_layers(req)}"
+                    + (" or --method subspace" if req.method == "mean-diff" else "")
+                    + " (or check --trigger and --target against the attack)")
+        else:
+            what = ("Check that the triggered images carry the trigger (and --target), or try "
+                    f"{_other_layers(req)}")
+        raise FireError(f"not written: {check['refuse']}. {what}; --force writes it anyway")
     d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(check.get("warnings", []))
     if check.get("refuse"):
         d.meta["checks"]["warnings"].append(f"written with --force although {check['refuse']}")
