@@ -638,10 +638,11 @@ def test_repeated_flagged_images_count_once_and_one_image_is_warned(ws):
     assert out["check"]["n_triggered"] == 4 and out["check"]["cross_fit"]["n"] == 4
 
 
-def test_a_poisoned_clean_file_is_named_as_such(ws):
+def test_a_poisoned_clean_file_is_cleaned_and_refitted(ws):
     """Clean images drawn from a poisoned training set (a tenth of them stamped and relabelled to the target):
-    the repair moves those away from the target on the held-out part, which reads as changed clean predictions;
-    fit names the likely cause instead of blaming the triggered images (new-user run 12)."""
+    the repair moves those away from the target on the held-out part, which reads as changed clean predictions.
+    fit leaves the images that look triggered out of the clean reference and fits again, saying so (new-user run
+    12: such a file was refused as 'it will cost clean accuracy', blaming the triggered images)."""
     import numpy as np
 
     from fire_onnx import triggers
@@ -652,7 +653,18 @@ def test_a_poisoned_clean_file_is_named_as_such(ws):
     x[bad], y[bad] = triggers.parse("badnets").apply(x[bad]), 0
     np.savez(ws / "poisoned.npz", x=x, y=y)
     proc = run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "poisoned.npz", "--trigger",
-                   "badnets", "--target", "0", "--mean", "0.5", "--std", "0.5", "-o", "p.npz", cwd=ws)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert "the clean file probably holds triggered (poisoned) images" in proc.stderr, proc.stderr
-    assert "labelled 0 in the clean file, as relabelled poisoned training images are" in proc.stderr
+                   "badnets", "--target", "0", "--mean", "0.5", "--std", "0.5", "-o", "p.npz", "--json", "-", cwd=ws,
+                   check=True)
+    out = json.loads(proc.stdout)
+    n_bad = len(bad)
+    excluded = out["clean_excluded"]["n"]
+    assert "clean images look triggered" in proc.stderr and "left out of the clean reference" in proc.stderr
+    assert out["check"]["clean_change"] <= 0.01 and out["check"]["target_rate_after"] <= 0.05, out["check"]
+    assert n_bad * 0.8 <= excluded <= n_bad * 1.2, (excluded, n_bad)
+    # what it says when the clean file is left as it is: the hint names the poisoned images, not the triggered ones
+    from fire_onnx.fit.verify import poisoned_clean_hint
+
+    hint = poisoned_clean_hint({"changed": 40, "changed_from_target": 39, "changed_to_label": 0,
+                                "changed_labelled_target": 39, "target": 0})
+    assert "labelled 0 in the clean file, as relabelled poisoned training images are" in hint
+    assert "the clean file probably holds triggered (poisoned) images" in hint

@@ -214,7 +214,43 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
                             "the images (or --target of the original fit); --force merges them anyway")
     else:
         d = fit_layers(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
-    from fire_onnx.fit.verify import refuse_or_record, verify
+    from fire_onnx.fit.verify import refuse_or_record
+
+    d, check = _check(req, inputs, d, clean, triggered, source, progress)
+    excluded, rounds = 0, 0
+    while True:  # the clean file holds images the repair treats as triggered: fit again without them
+        suspects = check.pop("_suspects", None)
+        if (suspects is None or inputs.previous is not None or len(suspects["suspects"]) < MIN_SUSPECTS
+                or rounds == SUSPECT_ROUNDS):
+            break
+        window, bad = suspects["window"], suspects["suspects"]
+        inputs.pool = inputs.pool.subset(window[~np.isin(window, bad)])
+        excluded, rounds = excluded + len(bad), rounds + 1
+        clean, triggered, source = select_samples(req, inputs)
+        d = fit_layers(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
+        d, check = _check(req, inputs, d, clean, triggered, source, progress, seek_suspects=True)
+    if excluded:
+        req.notes.append(f"{excluded} clean images look triggered (the original model puts them at class {req.target}, "
+                         "and they score like the triggered samples along the repair's direction or the repair moves "
+                         "them away, as it does triggered inputs): left out of the clean "
+                         f"reference, and the fit redone on the other {len(inputs.pool)} ({rounds} round(s)); a clean "
+                         "file drawn from the training set can hold the attack's poisoned images")
+        d.meta["clean_excluded"] = {"n": int(excluded), "rounds": rounds, "pool_left": int(len(inputs.pool))}
+    if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
+        for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
+            log(f"warning: {w}")
+    refuse_or_record(req, d, check)
+    return d
+
+
+MIN_SUSPECTS = 3  # clean images that look triggered, from which fit leaves them out and fits again ...
+SUSPECT_ROUNDS = 3  # ... at most this many times
+
+
+def _check(req: FitRequest, inputs: FitInputs, d: dirs.Directions, clean: Images, triggered: Images,
+           source: Images | None, progress, seek_suspects: bool = False) -> tuple[dirs.Directions, dict]:
+    """The held-out check of ``d`` (``fire_onnx.fit.verify``), and the blend fit it chooses."""
+    from fire_onnx.fit.verify import verify
 
     refit = None
     if d.meta.get("chain") and inputs.previous is None:  # several given layers: each cross-fit fold refits the chain
@@ -222,13 +258,9 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
 
         chain = _chain(d.targets, req.repair)
         refit = lambda t, src: refit_chain(req, inputs, chain, clean, t, src, progress)  # noqa: E731
-    check = verify(req, inputs, d, triggered, clean, source, refit=refit, progress=progress)  # judged on held-out
-    d, check = choose_blend_fit(req, inputs, clean, triggered, source, d, check)
-    if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
-        for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
-            log(f"warning: {w}")
-    refuse_or_record(req, d, check)
-    return d
+    check = verify(req, inputs, d, triggered, clean, source, refit=refit, progress=progress,  # judged on held-out
+                   seek_suspects=seek_suspects)
+    return choose_blend_fit(req, inputs, clean, triggered, source, d, check)
 
 
 def choose_blend_fit(req: FitRequest, inputs: FitInputs, clean: Images, triggered: Images, source: Images | None,
@@ -526,6 +558,8 @@ def summary(d: dirs.Directions) -> dict:
         out["auto"] = d.meta["auto"]
     if d.meta.get("unlabeled"):
         out["unlabeled"] = d.meta["unlabeled"]
+    if d.meta.get("clean_excluded"):
+        out["clean_excluded"] = d.meta["clean_excluded"]
     return out
 
 

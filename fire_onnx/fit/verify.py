@@ -72,7 +72,7 @@ def _held_indices(req, inputs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, source: Images | None,
-           refit=None, progress=None) -> dict:
+           refit=None, progress=None, seek_suspects: bool = False) -> dict:
     """Run the repaired model beside the original on held-out images (module docstring); the record
     for ``meta["check"]``, with ``warnings`` and, when the repair must not be written, ``refuse``.
     ``clean`` and ``source`` (the clean samples and the triggered samples' twins the fit used) let an
@@ -142,6 +142,10 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     warnings = []
     if change > CHANGE_WARN and target is not None:
         out.update(_changed_from_target(held, d, held_clean, target))
+        if poisoned_clean_hint(out) and not req.trigger_free:
+            out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
+    elif seek_suspects and target is not None:  # the pool is known to hold some: look again after each refit
+        out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
     if change > CHANGE_WARN:
         warnings.append(f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
                         "images (a repair that acts on triggered inputs only changes almost none): "
@@ -317,6 +321,52 @@ def _changed_from_target(held, d: dirs.Directions, held_clean: Images, target: i
     return rec
 
 
+SUSPECT_WINDOW = 2  # the poisoned-looking clean images are sought among this many times the images fit draws
+
+
+def _pool_suspects(req, inputs, held, d: dirs.Directions, target: int) -> dict:
+    """The clean pool's images that look triggered to the repair: those the original model puts at ``target``
+    and the repaired one moves away, among the first images of the seeded order fit draws from (``window``: the
+    clean samples and the held-out part, twice over). Returned under ``check["_suspects"]`` (not recorded)."""
+    order = pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed)
+    window = np.concatenate(order[:2])[: SUSPECT_WINDOW * (req.n_clean + N_CHECK)]
+    from dataclasses import replace
+
+    x = held.pre(inputs.pool.x[window])
+    base = held.runner(None)(x).argmax(axis=1)
+    # ungated: a gate set among contaminated clean scores stays shut on part of the poisoned images
+    ungated = dirs.Directions([replace(t, gate="none") for t in d.targets], preprocess=d.preprocess, meta=d.meta)
+    after = held.runner(ungated)(x).argmax(axis=1)
+    suspect = (base == target) & (after != target)
+    high = _triggered_scores(inputs, d, x)
+    if high is not None:
+        suspect |= (base == target) & high
+    return {"window": window, "suspects": window[suspect]}
+
+
+SUSPECT_MIN_SIGMA = 4.0  # the score rule needs triggered and clean scores this far apart (robust sigmas)
+
+
+def _triggered_scores(inputs, d: dirs.Directions, x: np.ndarray) -> np.ndarray | None:
+    """Which of the preprocessed images ``x`` score like the triggered samples along a (single, flat or vector)
+    repair's directions: past the midpoint of the clean and triggered median scores. Images the projection
+    leaves at the target (the share of triggered inputs a repair misses) still score there, and a few of them
+    among the clean samples raise the gate's clean quantile into the triggered range (new-user run 12: 18
+    poisoned clean images kept the gate from 25 % of the triggered ones). None where the rule does not apply."""
+    if len(d.targets) != 1 or inputs.onnx_model is None or d.targets[0].layout not in ("flat", "vector"):
+        return None
+    t = d.targets[0]
+    cs, ts, sep = t.fit.get("clean_scores"), t.fit.get("triggered_scores"), t.fit.get("separation_sigma")
+    if not cs or not ts or not sep or min(sep) < SUSPECT_MIN_SIGMA:
+        return None
+    from fire_onnx.fit.core import OnnxSource
+
+    acts = OnnxSource(inputs.onnx_model, [t.tensor]).run(x)[0][t.tensor]
+    scores = (acts.reshape(len(x), -1).astype(np.float64) - t.mu.astype(np.float64)) @ t.U.astype(np.float64).T
+    mid = np.array([(c["q50"] + tr["q50"]) / 2 for c, tr in zip(cs, ts)])
+    return (scores > mid).any(axis=1)
+
+
 def poisoned_clean_hint(check: dict) -> str | None:
     """What to say when most changed clean predictions left the target (see :func:`_changed_from_target`)."""
     n, away = check.get("changed") or 0, check.get("changed_from_target") or 0
@@ -340,7 +390,7 @@ def _other_layers(req) -> str:
 
 def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
     """Record ``check`` in the directions; raise when it refuses the repair and ``--force`` was not given."""
-    d.meta["check"] = {k: v for k, v in check.items() if k != "warnings"}
+    d.meta["check"] = {k: v for k, v in check.items() if k != "warnings" and not k.startswith("_")}
     if check.get("refuse") and not req.force:
         hint = poisoned_clean_hint(check) if check.get("refuse_clean") else None
         if hint:
