@@ -661,6 +661,13 @@ def test_a_poisoned_clean_file_is_cleaned_and_refitted(ws):
     assert "clean images look triggered" in proc.stderr and "left out of the clean reference" in proc.stderr
     assert out["check"]["clean_change"] <= 0.01 and out["check"]["target_rate_after"] <= 0.05, out["check"]
     assert n_bad * 0.8 <= excluded <= n_bad * 1.2, (excluded, n_bad)
+    # --layer auto: every layer that removes the trigger 'changes' the poisoned held-out images, so none was within
+    # the clean budget and it chose one that removed little (run 12: 48 % ASR); it leaves them out and chooses again
+    proc = run_cli("fit", "--onnx", "model.onnx", "--layer", "auto", "--clean", "poisoned.npz", "--trigger", "badnets",
+                   "--target", "0", "--mean", "0.5", "--std", "0.5", "-o", "pa.npz", "--json", "-", cwd=ws, check=True)
+    out = json.loads(proc.stdout)
+    assert "--layer auto:" in proc.stderr and "clean images look triggered" in proc.stderr
+    assert out["auto"]["within_budget"] and out["check"]["target_rate_after"] <= 0.05, out["check"]
     # what it says when the clean file is left as it is: the hint names the poisoned images, not the triggered ones
     from fire_onnx.fit.verify import poisoned_clean_hint
 

@@ -713,6 +713,20 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
     repairs = list(REPAIRS) if req.repair == AUTO_REPAIR else [req.repair]
     scores = score_sites(req, inputs, sites, repairs, split, held, target, [], progress, say)
     ranked, within = rank(scores, req.clean_budget)
+    from fire_onnx.fit.pipeline import SUSPECT_ROUNDS
+
+    rounds = getattr(inputs, "clean_rounds", 0)  # the pool is known to hold poisoned images from the first on
+    if (not within or rounds) and not req.trigger_free and rounds < SUSPECT_ROUNDS:
+        n_bad = _poisoned_pool(req, inputs, scores, held, split, target, pre, seek=bool(rounds))
+        if n_bad:  # the candidates that remove the trigger also 'change' the poisoned clean images: choose again
+            say(f"layer auto: {n_bad} clean images look triggered (a clean file drawn from the training set can hold "
+                "the attack's poisoned images): left out, and the candidates judged again")
+            inputs.clean_rounds, inputs.clean_excluded = rounds + 1, getattr(inputs, "clean_excluded", 0) + n_bad
+            return auto_fit(req, progress=progress, log=log, inputs=inputs)
+    if rounds:
+        req.notes.append(f"--layer auto: {inputs.clean_excluded} clean images look triggered (the original model puts "
+                         f"them at class {target}, and they score like the triggered samples or the repair moves them "
+                         f"away): left out of the clean reference and the held-out check ({rounds} round(s))")
     best = ranked[0]
     if not best.ok:
         hint = ("; its candidates are ONNX tensors: without --model, fit reads them from the --onnx model itself "
@@ -806,6 +820,31 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
                         "nothing; check that the --triggered images carry the trigger (and --target)" + layout_hint)
     req.notes.extend(notes)
     return d, check
+
+
+def _poisoned_pool(req, inputs, scores: list[Score], held: HeldOut, split, target: int, pre, seek: bool = False) -> int:
+    """When no candidate is within the clean budget, whether the candidate that removes most of the trigger
+    changes mostly held-out clean predictions at the target (as for a clean file holding poisoned images,
+    ``fire_onnx.fit.verify.poisoned_clean_hint``); then the pool's images that look triggered to it are left
+    out of ``inputs.pool`` and their number returned (0: nothing done). New-user run 12: every effective layer
+    broke the budget on such a file, and auto chose one that left 48 % ASR."""
+    from fire_onnx.fit.pipeline import MIN_SUSPECTS
+    from fire_onnx.fit.verify import _changed_from_target, _pool_suspects, poisoned_clean_hint
+
+    ok = [s for s in scores if s.ok and s.target is not None]
+    if not ok:
+        return 0
+    top = min(ok, key=lambda s: s.target_rate)
+    d = dirs.Directions([top.target], preprocess=pre.as_dict())
+    if not seek and not poisoned_clean_hint({**_changed_from_target(held, d, split.held_clean, target),
+                                             "target": target}):
+        return 0
+    sus = _pool_suspects(req, inputs, held, d, target)
+    if len(sus["suspects"]) < MIN_SUSPECTS:
+        return 0
+    window = sus["window"]
+    inputs.pool = inputs.pool.subset(window[~np.isin(window, sus["suspects"])])
+    return int(len(sus["suspects"]))
 
 
 def check_refit(req, inputs, chosen: Score, d: dirs.Directions, clean: Images, triggered: Images,

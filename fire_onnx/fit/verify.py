@@ -326,22 +326,18 @@ SUSPECT_WINDOW = 2  # the poisoned-looking clean images are sought among this ma
 
 def _pool_suspects(req, inputs, held, d: dirs.Directions, target: int) -> dict:
     """The clean pool's images that look triggered to the repair: those the original model puts at ``target``
-    and the repaired one moves away, among the first images of the seeded order fit draws from (``window``: the
-    clean samples and the held-out part, twice over). Returned under ``check["_suspects"]`` (not recorded)."""
+    and that score like the triggered samples (:func:`_triggered_scores`; where that rule does not apply, those
+    the repair moves away), among the first images of the seeded order fit draws from (``window``: the clean
+    samples and the held-out part, twice over). Returned under ``check["_suspects"]`` (not recorded)."""
     order = pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed)
     window = np.concatenate(order[:2])[: SUSPECT_WINDOW * (req.n_clean + N_CHECK)]
-    from dataclasses import replace
-
     x = held.pre(inputs.pool.x[window])
     base = held.runner(None)(x).argmax(axis=1)
-    # ungated: a gate set among contaminated clean scores stays shut on part of the poisoned images
-    ungated = dirs.Directions([replace(t, gate="none") for t in d.targets], preprocess=d.preprocess, meta=d.meta)
-    after = held.runner(ungated)(x).argmax(axis=1)
-    suspect = (base == target) & (after != target)
     high = _triggered_scores(inputs, d, x)
-    if high is not None:
-        suspect |= (base == target) & high
-    return {"window": window, "suspects": window[suspect]}
+    if high is None:  # no score rule: those the repair moves away (a gate set among contaminated clean scores
+        # stays shut on part of them, so further rounds find more)
+        high = held.runner(d)(x).argmax(axis=1) != target
+    return {"window": window, "suspects": window[(base == target) & high]}
 
 
 SUSPECT_MIN_SIGMA = 4.0  # the score rule needs triggered and clean scores this far apart (robust sigmas)
@@ -363,8 +359,9 @@ def _triggered_scores(inputs, d: dirs.Directions, x: np.ndarray) -> np.ndarray |
 
     acts = OnnxSource(inputs.onnx_model, [t.tensor]).run(x)[0][t.tensor]
     scores = (acts.reshape(len(x), -1).astype(np.float64) - t.mu.astype(np.float64)) @ t.U.astype(np.float64).T
-    mid = np.array([(c["q50"] + tr["q50"]) / 2 for c, tr in zip(cs, ts)])
-    return (scores > mid).any(axis=1)
+    # not the ungated repair's verdict: at a fully connected layer it moved ~126 genuine target-class images too
+    low = np.array([(c["q50"] + tr["q50"]) / 2 for c, tr in zip(cs, ts)])
+    return (scores >= low).any(axis=1)
 
 
 def poisoned_clean_hint(check: dict) -> str | None:
