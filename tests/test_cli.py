@@ -659,6 +659,8 @@ def test_a_poisoned_clean_file_is_cleaned_and_refitted(ws):
     n_bad = len(bad)
     excluded = out["clean_excluded"]["n"]
     assert "clean images look triggered" in proc.stderr and "left out of the clean reference" in proc.stderr
+    assert out["clean_excluded"]["carry_trigger"] >= 0.9 * excluded  # stamping leaves them as they are: a note
+    assert not [w for w in out["warnings"] if "look triggered" in w]
     assert out["check"]["clean_change"] <= 0.01 and out["check"]["target_rate_after"] <= 0.05, out["check"]
     assert n_bad * 0.8 <= excluded <= n_bad * 1.2, (excluded, n_bad)
     # --layer auto: every layer that removes the trigger 'changes' the poisoned held-out images, so none was within
@@ -668,6 +670,18 @@ def test_a_poisoned_clean_file_is_cleaned_and_refitted(ws):
     out = json.loads(proc.stdout)
     assert "--layer auto:" in proc.stderr and "clean images look triggered" in proc.stderr
     assert out["auto"]["within_budget"] and out["check"]["target_rate_after"] <= 0.05, out["check"]
+    # without the trigger to confirm them, left-out images may be genuine target-class ones: a warning says what
+    # the held-out check no longer sees
+    from types import SimpleNamespace
+
+    from fire_onnx import directions as dirs
+    from fire_onnx.data import Images
+    from fire_onnx.fit.pipeline import report_excluded
+
+    d = dirs.Directions([])
+    fake = SimpleNamespace(trigger=None, pool=Images(x[:10]))
+    report_excluded(SimpleNamespace(notes=[]), fake, d, x[bad[:5]], 1, 0)
+    assert d.meta["clean_excluded"]["n"] == 5 and "genuine class-0 images" in d.meta["checks"]["warnings"][0]
     # what it says when the clean file is left as it is: the hint names the poisoned images, not the triggered ones
     from fire_onnx.fit.verify import poisoned_clean_hint
 

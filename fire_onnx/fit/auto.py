@@ -721,12 +721,8 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
         if n_bad:  # the candidates that remove the trigger also 'change' the poisoned clean images: choose again
             say(f"layer auto: {n_bad} clean images look triggered (a clean file drawn from the training set can hold "
                 "the attack's poisoned images): left out, and the candidates judged again")
-            inputs.clean_rounds, inputs.clean_excluded = rounds + 1, getattr(inputs, "clean_excluded", 0) + n_bad
+            inputs.clean_rounds = rounds + 1
             return auto_fit(req, progress=progress, log=log, inputs=inputs)
-    if rounds:
-        req.notes.append(f"--layer auto: {inputs.clean_excluded} clean images look triggered (the original model puts "
-                         f"them at class {target}, and they score like the triggered samples or the repair moves them "
-                         f"away): left out of the clean reference and the held-out check ({rounds} round(s))")
     best = ranked[0]
     if not best.ok:
         hint = ("; its candidates are ONNX tensors: without --model, fit reads them from the --onnx model itself "
@@ -819,6 +815,11 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
                         f"{target} ({lowest:.0%} at best, original model {original_rate:.0%}): this repair removes "
                         "nothing; check that the --triggered images carry the trigger (and --target)" + layout_hint)
     req.notes.extend(notes)
+    if getattr(inputs, "clean_rounds", 0) and "clean_excluded" not in d.meta:
+        from fire_onnx.fit.pipeline import report_excluded
+
+        report_excluded(req, inputs, d, np.concatenate(inputs.clean_left_out), inputs.clean_rounds, target,
+                        "--layer auto: ")
     return d, check
 
 
@@ -843,6 +844,7 @@ def _poisoned_pool(req, inputs, scores: list[Score], held: HeldOut, split, targe
     if len(sus["suspects"]) < MIN_SUSPECTS:
         return 0
     window = sus["window"]
+    inputs.clean_left_out = getattr(inputs, "clean_left_out", []) + [inputs.pool.x[sus["suspects"]]]
     inputs.pool = inputs.pool.subset(window[~np.isin(window, sus["suspects"])])
     return int(len(sus["suspects"]))
 

@@ -217,30 +217,56 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
     from fire_onnx.fit.verify import refuse_or_record
 
     d, check = _check(req, inputs, d, clean, triggered, source, progress)
-    excluded, rounds = 0, 0
+    excluded, rounds, left_out = 0, 0, []
     while True:  # the clean file holds images the repair treats as triggered: fit again without them
         suspects = check.pop("_suspects", None)
         if (suspects is None or inputs.previous is not None or len(suspects["suspects"]) < MIN_SUSPECTS
                 or rounds == SUSPECT_ROUNDS):
             break
         window, bad = suspects["window"], suspects["suspects"]
+        left_out.append(inputs.pool.x[bad])
         inputs.pool = inputs.pool.subset(window[~np.isin(window, bad)])
         excluded, rounds = excluded + len(bad), rounds + 1
         clean, triggered, source = select_samples(req, inputs)
         d = fit_layers(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
         d, check = _check(req, inputs, d, clean, triggered, source, progress, seek_suspects=True)
     if excluded:
-        req.notes.append(f"{excluded} clean images look triggered (the original model puts them at class {req.target}, "
-                         "and they score like the triggered samples along the repair's direction or the repair moves "
-                         "them away, as it does triggered inputs): left out of the clean "
-                         f"reference, and the fit redone on the other {len(inputs.pool)} ({rounds} round(s)); a clean "
-                         "file drawn from the training set can hold the attack's poisoned images")
-        d.meta["clean_excluded"] = {"n": int(excluded), "rounds": rounds, "pool_left": int(len(inputs.pool))}
+        report_excluded(req, inputs, d, np.concatenate(left_out), rounds, check.get("target", req.target))
     if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
         for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
             log(f"warning: {w}")
     refuse_or_record(req, d, check)
     return d
+
+
+CARRIERS_SHARE = 0.9  # left-out clean images that already carry the --trigger given: poisoned, not genuine
+
+
+def report_excluded(req: FitRequest, inputs: FitInputs, d: dirs.Directions, x_out: np.ndarray, rounds: int,
+                    target: int, who: str = "") -> None:
+    """Say (and record in ``d.meta["clean_excluded"]``) which clean images fit left out as poisoned-looking.
+    They are images the original model puts at the target; were they genuine ones (a clean file not drawn
+    from the training set, a repair that moves target-class images), what the repair does to them would be a
+    cost the held-out check no longer sees. With --trigger, images that stamping leaves as they are already
+    carry it (a patch trigger's poisoned images): then a note; otherwise a warning."""
+    n = len(x_out)
+    carriers = None
+    if inputs.trigger is not None:
+        stamped = inputs.trigger.apply(x_out).astype(np.int16)
+        carriers = int((np.abs(stamped - x_out.astype(np.int16)).reshape(n, -1).max(axis=1) <= 1).sum())
+    d.meta["clean_excluded"] = {"n": int(n), "rounds": rounds, "pool_left": int(len(inputs.pool)),
+                                "carry_trigger": carriers}
+    what = (f"{who}{n} clean images look triggered (the original model puts them at class {target}, and they "
+            "score like the triggered samples along the repair's direction, or the repair moves them away): left out "
+            f"of the clean reference and the held-out check, and the fit redone on the other {len(inputs.pool)} "
+            f"({rounds} round(s)); a clean file drawn from the training set can hold the attack's poisoned images")
+    if carriers is not None and carriers >= CARRIERS_SHARE * n:
+        req.notes.append(f"{what}; {carriers} of them already carry the trigger given")
+        return
+    d.meta.setdefault("checks", {}).setdefault("warnings", []).append(
+        f"{what}. If the clean file is not drawn from the training set, they are genuine class-{target} images "
+        "that the repair moves, a cost the held-out check no longer sees: give clean images from elsewhere, or "
+        "measure with 'fire-onnx eval' on labelled images")
 
 
 MIN_SUSPECTS = 3  # clean images that look triggered, from which fit leaves them out and fits again ...
