@@ -223,7 +223,7 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         if (suspects is None or inputs.previous is not None or len(suspects["suspects"]) < MIN_SUSPECTS
                 or rounds == SUSPECT_ROUNDS):
             break
-        window, bad = suspects["window"], suspects["suspects"]
+        window, bad, target_out = suspects["window"], suspects["suspects"], suspects["target"]
         left_out.append(inputs.pool.x[bad])
         inputs.pool = inputs.pool.subset(window[~np.isin(window, bad)])
         excluded, rounds = excluded + len(bad), rounds + 1
@@ -231,7 +231,7 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         d = fit_layers(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
         d, check = _check(req, inputs, d, clean, triggered, source, progress, seek_suspects=True)
     if excluded:
-        report_excluded(req, inputs, d, np.concatenate(left_out), rounds, check.get("target", req.target))
+        report_excluded(req, inputs, d, np.concatenate(left_out), rounds, target_out)
     if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
         for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
             log(f"warning: {w}")
@@ -257,7 +257,7 @@ def report_excluded(req: FitRequest, inputs: FitInputs, d: dirs.Directions, x_ou
     d.meta["clean_excluded"] = {"n": int(n), "rounds": rounds, "pool_left": int(len(inputs.pool)),
                                 "carry_trigger": carriers}
     what = (f"{who}{n} clean images look triggered (the original model puts them at class {target}, and they "
-            "score like the triggered samples along the repair's direction, or the repair moves them away): left out "
+            "score like the triggered samples along the repair's direction): left out "
             f"of the clean reference and the held-out check, and the fit redone on the other {len(inputs.pool)} "
             f"({rounds} round(s)); a clean file drawn from the training set can hold the attack's poisoned images")
     if carriers is not None and carriers >= CARRIERS_SHARE * n:

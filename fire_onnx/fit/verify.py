@@ -326,18 +326,19 @@ SUSPECT_WINDOW = 2  # the poisoned-looking clean images are sought among this ma
 
 def _pool_suspects(req, inputs, held, d: dirs.Directions, target: int) -> dict:
     """The clean pool's images that look triggered to the repair: those the original model puts at ``target``
-    and that score like the triggered samples (:func:`_triggered_scores`; where that rule does not apply, those
-    the repair moves away), among the first images of the seeded order fit draws from (``window``: the clean
+    and that score like the triggered samples (:func:`_triggered_scores`; none where that rule does not apply),
+    among the first images of the seeded order fit draws from (``window``: the clean
     samples and the held-out part, twice over). Returned under ``check["_suspects"]`` (not recorded)."""
     order = pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed)
     window = np.concatenate(order[:2])[: SUSPECT_WINDOW * (req.n_clean + N_CHECK)]
     x = held.pre(inputs.pool.x[window])
     base = held.runner(None)(x).argmax(axis=1)
     high = _triggered_scores(inputs, d, x)
-    if high is None:  # no score rule: those the repair moves away (a gate set among contaminated clean scores
-        # stays shut on part of them, so further rounds find more)
-        high = held.runner(d)(x).argmax(axis=1) != target
-    return {"window": window, "suspects": window[(base == target) & high]}
+    if high is None:  # no evidence beyond changed predictions: leave the pool as it is (clean images given as
+        # flagged inputs on a clean model changed predictions at the class they were read as, too: leaving 142
+        # 'suspects' out took away the refusal of a repair that moved 20 % of clean inputs)
+        return {"window": window, "suspects": window[:0], "target": target}
+    return {"window": window, "suspects": window[(base == target) & high], "target": target}
 
 
 SUSPECT_MIN_SIGMA = 4.0  # the score rule needs triggered and clean scores this far apart (robust sigmas)
@@ -345,23 +346,32 @@ SUSPECT_MIN_SIGMA = 4.0  # the score rule needs triggered and clean scores this 
 
 def _triggered_scores(inputs, d: dirs.Directions, x: np.ndarray) -> np.ndarray | None:
     """Which of the preprocessed images ``x`` score like the triggered samples along a (single, flat or vector)
-    repair's directions: past the midpoint of the clean and triggered median scores. Images the projection
-    leaves at the target (the share of triggered inputs a repair misses) still score there, and a few of them
-    among the clean samples raise the gate's clean quantile into the triggered range (new-user run 12: 18
-    poisoned clean images kept the gate from 25 % of the triggered ones). None where the rule does not apply."""
+    repair's directions: past the midpoint of the images' median score and the triggered samples' median, along
+    each direction where the triggered median stands ``SUSPECT_MIN_SIGMA`` robust deviations (median absolute
+    deviation of the images' scores: poisoned images among them inflate the plain std, 3.1 sigma read where
+    the clean ones stood 35 apart) above the images' median. Images the projection leaves at the target (the
+    share of triggered inputs a repair misses) still score there, and a few of them among the clean samples
+    raise the gate's clean quantile into the triggered range (new-user run 12: 18 poisoned clean images kept the
+    gate from 25 % of the triggered ones). None where the rule does not apply: clean images given as flagged
+    inputs stand no such distance apart."""
     if len(d.targets) != 1 or inputs.onnx_model is None or d.targets[0].layout not in ("flat", "vector"):
         return None
     t = d.targets[0]
-    cs, ts, sep = t.fit.get("clean_scores"), t.fit.get("triggered_scores"), t.fit.get("separation_sigma")
-    if not cs or not ts or not sep or min(sep) < SUSPECT_MIN_SIGMA:
+    ts = t.fit.get("triggered_scores")
+    if not ts:
         return None
     from fire_onnx.fit.core import OnnxSource
 
     acts = OnnxSource(inputs.onnx_model, [t.tensor]).run(x)[0][t.tensor]
     scores = (acts.reshape(len(x), -1).astype(np.float64) - t.mu.astype(np.float64)) @ t.U.astype(np.float64).T
-    # not the ungated repair's verdict: at a fully connected layer it moved ~126 genuine target-class images too
-    low = np.array([(c["q50"] + tr["q50"]) / 2 for c, tr in zip(cs, ts)])
-    return (scores >= low).any(axis=1)
+    med = np.median(scores, axis=0)
+    mad = 1.4826 * np.median(np.abs(scores - med), axis=0)
+    trig = np.array([r["q50"] for r in ts], dtype=np.float64)
+    apart = (trig - med) >= SUSPECT_MIN_SIGMA * np.maximum(mad, 1e-12)
+    if not apart.any():
+        return None
+    mid = (med + trig) / 2
+    return ((scores > mid) & apart).any(axis=1)
 
 
 def poisoned_clean_hint(check: dict) -> str | None:
