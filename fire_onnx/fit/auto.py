@@ -716,7 +716,11 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
     from fire_onnx.fit.pipeline import SUSPECT_ROUNDS
 
     rounds = getattr(inputs, "clean_rounds", 0)  # the pool is known to hold poisoned images from the first on
-    if (not within or rounds) and not req.trigger_free and rounds < SUSPECT_ROUNDS:
+    ok = [s for s in scores if s.ok]
+    top = min(ok, key=lambda s: s.target_rate) if ok else None  # the candidate that removes most of the trigger
+    # over the budget and better than what is within it: its changes may be poisoned clean images it repairs
+    blocked = top is not None and top.clean_change > req.clean_budget and top.target_rate < ranked[0].target_rate
+    if (not within or blocked or rounds) and not req.trigger_free and rounds < SUSPECT_ROUNDS:
         n_bad = _poisoned_pool(req, inputs, scores, held, split, target, pre, seek=bool(rounds))
         if n_bad:  # the candidates that remove the trigger also 'change' the poisoned clean images: choose again
             say(f"layer auto: {n_bad} clean images look triggered (a clean file drawn from the training set can hold "
@@ -823,25 +827,28 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
     return d, check
 
 
+SUSPECT_CANDIDATES = 3  # candidates (lowest target rate first) tried for the poisoned clean images
+
+
 def _poisoned_pool(req, inputs, scores: list[Score], held: HeldOut, split, target: int, pre, seek: bool = False) -> int:
-    """When no candidate is within the clean budget, whether the candidate that removes most of the trigger
-    changes mostly held-out clean predictions at the target (as for a clean file holding poisoned images,
+    """When no candidate is within the clean budget, or the one that removes most of the trigger is not, whether
+    that candidate changes mostly held-out clean predictions at the target (as for a clean file holding poisoned images,
     ``fire_onnx.fit.verify.poisoned_clean_hint``); then the pool's images that look triggered to it are left
     out of ``inputs.pool`` and their number returned (0: nothing done). New-user run 12: every effective layer
     broke the budget on such a file, and auto chose one that left 48 % ASR."""
     from fire_onnx.fit.pipeline import MIN_SUSPECTS
     from fire_onnx.fit.verify import _changed_from_target, _pool_suspects, poisoned_clean_hint
 
-    ok = [s for s in scores if s.ok and s.target is not None]
-    if not ok:
-        return 0
-    top = min(ok, key=lambda s: s.target_rate)
-    d = dirs.Directions([top.target], preprocess=pre.as_dict())
-    if not seek and not poisoned_clean_hint({**_changed_from_target(held, d, split.held_clean, target),
-                                             "target": target}):
-        return 0
-    sus = _pool_suspects(req, inputs, held, d, target)
-    if len(sus["suspects"]) < MIN_SUSPECTS:
+    ok = sorted((s for s in scores if s.ok and s.target is not None), key=lambda s: s.target_rate)
+    for cand in ok[:SUSPECT_CANDIDATES]:  # the score rule needs a layer where the trigger stands apart
+        d = dirs.Directions([cand.target], preprocess=pre.as_dict())
+        if not seek and not poisoned_clean_hint({**_changed_from_target(held, d, split.held_clean, target),
+                                                 "target": target}):
+            return 0
+        sus = _pool_suspects(req, inputs, held, d, target)
+        if len(sus["suspects"]) >= MIN_SUSPECTS:
+            break
+    else:
         return 0
     window = sus["window"]
     inputs.clean_left_out = getattr(inputs, "clean_left_out", []) + [inputs.pool.x[sus["suspects"]]]
