@@ -192,6 +192,9 @@ def test_cli_fit_layer_auto_prints_the_ranking_and_patch_accepts_the_file(synth,
     row = next(line for line in lines if line.split()[1:2] == ["block2"])
     assert "chosen" in row and "0.0%" in row
     assert any(line.startswith("chosen block2: lowest held-out target rate") for line in lines)
+    # fit's own check of the refit comes after the ranking and says it is not the ranking's number
+    check = next(i for i, line in enumerate(lines) if line.startswith("held-out check of the chosen layer, refitted"))
+    assert check > next(i for i, line in enumerate(lines) if line.startswith("chosen block2"))
     assert "layer auto [1/2] block1" in proc.stderr and "layer auto [2/2] block2" in proc.stderr
     summ = json.loads((tmp_path / "fit.json").read_text())
     assert summ["auto"]["chosen"] == "block2"
