@@ -146,6 +146,25 @@ def test_reach_warning_does_not_contradict_itself():
     assert any("only" in s for s in w) and not any("most go to class 3" in s for s in w)
 
 
+def test_a_flagged_file_that_mixes_in_other_images_is_warned():
+    """Flagged inputs were caught going to the attack's target: 14 of 20 at one class (6 clean images of another
+    mixed in) is a mixed file; with or without --target it is said, for flagged files only (new-user run 11: no
+    warning, the repair left 13.5 % ASR). 17 of 20 and stamped images (--trigger) are not warned."""
+    from fire_onnx.fit.core import model_checks
+
+    def logits(n_top):
+        z = np.zeros((20, 5), np.float32)
+        z[np.arange(20), [0] * n_top + [3] * (20 - n_top)] = 1
+        return z
+
+    for target in (0, None):
+        w = model_checks(None, None, logits(14), target, 20, flagged=True)["warnings"]
+        assert any("only 70% of the flagged images are classified as class 0" in s for s in w), w
+        assert not [s for s in model_checks(None, None, logits(17), target, 20, flagged=True)["warnings"]
+                    if "flagged images" in s]
+        assert not [s for s in model_checks(None, None, logits(14), target, 20)["warnings"] if "flagged images" in s]
+
+
 def test_fit_names_a_flagged_file_in_another_layout(trained, digits, tmp_path):
     """Flagged images saved NCHW beside NHWC clean images: the error names the file, not the model's input
     layout (which is right for the clean images)."""
