@@ -17,8 +17,8 @@ def _input_for(sess, batch: int, seed: int = 0) -> dict:
     inp = sess.get_inputs()
     if len(inp) != 1:
         raise FireError("bench supports single-input models")
-    fixed = inp[0].shape[0]
-    if isinstance(fixed, int) and fixed > 0 and fixed != batch:
+    fixed = fixed_batch(sess)
+    if fixed and fixed != batch:
         raise FireError(f"input {inp[0].name!r} has a fixed batch of {fixed}; bench it with --batch {fixed}")
     shape = [batch] + [d if isinstance(d, int) and d > 0 else None for d in inp[0].shape[1:]]
     if any(d is None for d in shape):

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import onnx
 
 from fire_onnx.estimate import default_layout
-from fire_onnx.onnxutil import FLOAT_TYPES, ScopeIndex, infer_shapes, node_module, tensor_table
+from fire_onnx.onnxutil import (FLOAT_TYPES, ScopeIndex, batch_aligned, batch_symbol, infer_shapes, node_module,
+                                tensor_table)
 from fire_onnx.patch import ACTIVATIONS, fused_ops, is_patched, patched_targets, read_patched_targets, shown_tensor
 
 POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "LayerNormalization"}
@@ -30,14 +31,6 @@ class Candidate:
         return dict(self.__dict__)
 
 
-def _batch_symbol(model: onnx.ModelProto) -> str | None:
-    """The symbolic first dimension of the model's first (non-initializer) input, e.g. 'batch'."""
-    inits = {t.name for t in model.graph.initializer}
-    inp = next((vi for vi in model.graph.input if vi.name not in inits), None)
-    dims = inp.type.tensor_type.shape.dim if inp is not None else []
-    return dims[0].dim_param or None if dims else None
-
-
 def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candidate]:
     """Float activations of rank >= 2 in graph order, with shape, producer and module scope.
 
@@ -51,10 +44,8 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
     layers_of = ScopeIndex(graph).output_map()
     folded = folded_weights(graph)
     shapes = tensor_table(inferred)
-    batch_sym, batch_first = _batch_symbol(model), set()
+    batch_sym, batch_first = batch_symbol(model), set()
     if batch_sym and any(isinstance(d[0], str) and d[0] != batch_sym for _, d in shapes.values() if d):
-        from fire_onnx.onnxutil import batch_aligned
-
         batch_first = batch_aligned(model)  # a ViT's tokens read unk__1 x 17 x 64 under symbolic inference
     consumers: dict[str, list[str]] = {}  # tensor -> consumer op types
     for n in graph.node:

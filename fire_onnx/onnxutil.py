@@ -470,16 +470,31 @@ def module_paths(graph: onnx.GraphProto) -> list[str]:
 PROBE_BATCH = 7919  # a batch size no other dimension is likely to equal (a prime)
 
 
+def initializer_names(graph: onnx.GraphProto) -> set[str]:
+    return {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+
+
+def data_input(graph: onnx.GraphProto):
+    """The graph's first input that is not an initializer (IR < 4 lists initializers as inputs too)."""
+    inits = initializer_names(graph)
+    return next((vi for vi in graph.input if vi.name not in inits), None)
+
+
+def batch_symbol(model: onnx.ModelProto) -> str | None:
+    """The symbolic first dimension of the model's data input (e.g. 'batch'); None when it is fixed or absent."""
+    inp = data_input(model.graph)
+    dims = inp.type.tensor_type.shape.dim if inp is not None else []
+    return (dims[0].dim_param or None) if dims else None
+
+
 def batch_aligned(model: onnx.ModelProto) -> set[str]:
     """Tensors of ``model`` whose first dimension is the batch, by shape inference with the input's batch
     fixed to PROBE_BATCH: symbolic inference loses the batch symbol where a graph computes shapes (a ViT's
     class token expanded to Shape(x)[0] gives ``unk__1``), while data propagation carries a number through.
     Empty when the model has no symbolic batch or inference fails."""
-    g = model.graph
-    inits = {t.name for t in g.initializer}
-    inp = next((vi for vi in g.input if vi.name not in inits), None)
-    if inp is None or not inp.type.tensor_type.shape.dim or not inp.type.tensor_type.shape.dim[0].dim_param:
+    if batch_symbol(model) is None:
         return set()
+    inp = data_input(model.graph)
     try:
         m = light_copy(model)
         del m.graph.value_info[:]
@@ -519,8 +534,8 @@ def downstream_model(model: onnx.ModelProto, start: str, value_infos: onnx.Model
     out = g.output[0].name
     table = {**(tensor_table(value_infos) if value_infos is not None else {}), **tensor_table(model)}
     inputs = {vi.name for vi in g.input}
-    inits = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
-    first_input = next((vi for vi in g.input if vi.name not in inits), None)
+    inits = initializer_names(g)
+    first_input = data_input(g)
     if first_input is None:
         raise ValueError("no graph input")
     batch = (table.get(first_input.name, (None, None))[1] or [None])[0]

@@ -111,10 +111,23 @@ def message(rec: dict, given: Preprocess, advice: str = FIT_ADVICE) -> str:
             f"{best['options']}: {advice}")
 
 
-def probe(images) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``N_PROBE`` labelled images (seeded: a file sorted by class still gives every class)."""
+def probe(images) -> tuple[np.ndarray, np.ndarray | None]:
+    """Up to ``N_PROBE`` images and their labels, None when unlabelled (seeded: a file sorted by class still
+    gives every class)."""
     idx = np.sort(np.random.default_rng(0).permutation(len(images))[:N_PROBE])
-    return images.x[idx], images.y[idx]
+    return images.x[idx], None if images.y is None else images.y[idx]
+
+
+def _safe(predict):
+    """``predict`` with a FireError for an input (e.g. a fixed-batch model and a probe that does not divide into
+    its batches) read as no scores for it."""
+    def run(z):
+        try:
+            return predict(z)
+        except FireError:
+            return None
+
+    return run
 
 
 def assess(predict, images, given: Preprocess, labels_in_range: bool = False) -> dict | None:
@@ -123,14 +136,7 @@ def assess(predict, images, given: Preprocess, labels_in_range: bool = False) ->
     model and a probe that does not divide into its batches) counts as no scores for it."""
     if images.y is None or len(images) < 20:
         return None
-
-    def safe(z):
-        try:
-            return predict(z)
-        except FireError:
-            return None
-
-    return check(safe, *probe(images), given, labels_in_range)
+    return check(_safe(predict), *probe(images), given, labels_in_range)
 
 
 def clearly_better(rec: dict) -> bool:
@@ -170,14 +176,11 @@ def assess_unlabeled(predict, images, given: Preprocess) -> dict | None:
     file of one class would collapse under every preprocessing, so it is never flagged."""
     if len(images) < 20:
         return None
-    idx = np.sort(np.random.default_rng(0).permutation(len(images))[:N_PROBE])
-    x = images.x[idx]
+    x, _ = probe(images)
+    predict = _safe(predict)
 
     def share(pre):
-        try:
-            return _top_share(predict(pre(x)))
-        except FireError:
-            return None
+        return _top_share(predict(pre(x)))
 
     top = share(given)
     if top is None:

@@ -679,8 +679,8 @@ def test_a_poisoned_clean_file_is_cleaned_and_refitted(ws):
     from fire_onnx.fit.pipeline import report_excluded
 
     d = dirs.Directions([])
-    fake = SimpleNamespace(trigger=None, pool=Images(x[:10]))
-    report_excluded(SimpleNamespace(notes=[]), fake, d, x[bad[:5]], 1, 0)
+    fake = SimpleNamespace(trigger=None, pool=Images(x[:10]), clean_left_out=[x[bad[:5]]])  # one round, 5 images
+    report_excluded(SimpleNamespace(notes=[]), fake, d, 0)
     assert d.meta["clean_excluded"]["n"] == 5 and "genuine class-0 images" in d.meta["checks"]["warnings"][0]
     # what it says when the clean file is left as it is: the hint names the poisoned images, not the triggered ones
     from fire_onnx.fit.verify import poisoned_clean_hint

@@ -27,7 +27,6 @@ and ``<out>/results.md``. Example::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile

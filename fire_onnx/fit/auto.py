@@ -282,12 +282,15 @@ class HeldOut:
         """(held-out target rate, clean change rate, clean shift) of the model patched with ``d``: the share
         of held-out triggered images it classifies as ``target``, the share of held-out clean images whose
         class it changes, and the mean total-variation distance of their softmax outputs (the tie-breaker)."""
-        run = self.runner(d)
-        pc = run(self.x_clean)
-        pt = run(self.x_trig) if len(self.x_trig) else None
-        return self._rates(pc, pt, target)
+        return self.rates(*self.outputs(d), target)
 
-    def _rates(self, pc: np.ndarray, pt: np.ndarray | None, target: int) -> tuple[float, float, float]:
+    def outputs(self, d: dirs.Directions) -> tuple[np.ndarray, np.ndarray | None]:
+        """The softmax outputs of the model patched with ``d`` on the held-out clean and triggered images."""
+        run = self.runner(d)
+        return run(self.x_clean), (run(self.x_trig) if len(self.x_trig) else None)
+
+    def rates(self, pc: np.ndarray, pt: np.ndarray | None, target: int) -> tuple[float, float, float]:
+        """:meth:`score` of the outputs ``pc`` (clean) and ``pt`` (triggered) of a patched model."""
         rate = float((pt.argmax(axis=1) == target).mean()) if pt is not None and len(pt) else 0.0
         change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
         shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
@@ -446,7 +449,7 @@ class HeldOut:
         self.suffix_stats["suffix"] += 1
         self.suffix_stats["rows_run"] += f["rows"]
         self.suffix_stats["rows"] += len(f["out"])
-        return self._rates(f["out"][:n_c], f["out"][n_c:] if has_trig else None, target)
+        return self.rates(f["out"][:n_c], f["out"][n_c:] if has_trig else None, target)
 
 
 def _gate_fires(h: np.ndarray, t: dirs.Target) -> np.ndarray:
@@ -715,17 +718,16 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
     ranked, within = rank(scores, req.clean_budget)
     from fire_onnx.fit.pipeline import SUSPECT_ROUNDS
 
-    rounds = getattr(inputs, "clean_rounds", 0)  # the pool is known to hold poisoned images from the first on
+    rounds = len(inputs.clean_left_out)  # the pool is known to hold poisoned images from the first on
     ok = [s for s in scores if s.ok]
     top = min(ok, key=lambda s: s.target_rate) if ok else None  # the candidate that removes most of the trigger
     # over the budget and better than what is within it: its changes may be poisoned clean images it repairs
     blocked = top is not None and top.clean_change > req.clean_budget and top.target_rate < ranked[0].target_rate
     if (not within or blocked or rounds) and not req.trigger_free and rounds < SUSPECT_ROUNDS:
-        n_bad = _poisoned_pool(req, inputs, scores, held, split, target, pre, seek=bool(rounds))
-        if n_bad:  # the candidates that remove the trigger also 'change' the poisoned clean images: choose again
-            say(f"layer auto: {n_bad} clean images look triggered (a clean file drawn from the training set can hold "
-                "the attack's poisoned images): left out, and the candidates judged again")
-            inputs.clean_rounds = rounds + 1
+        if _poisoned_pool(req, inputs, scores, held, split, target, pre, seek=bool(rounds)):
+            # the candidates that remove the trigger also 'change' the poisoned clean images: choose again
+            say(f"layer auto: {len(inputs.clean_left_out[-1])} clean images look triggered (a clean file drawn from "
+                "the training set can hold the attack's poisoned images): left out, and the candidates judged again")
             return auto_fit(req, progress=progress, log=log, inputs=inputs)
     best = ranked[0]
     if not best.ok:
@@ -819,24 +821,23 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
                         f"{target} ({lowest:.0%} at best, original model {original_rate:.0%}): this repair removes "
                         "nothing; check that the --triggered images carry the trigger (and --target)" + layout_hint)
     req.notes.extend(notes)
-    if getattr(inputs, "clean_rounds", 0) and "clean_excluded" not in d.meta:
+    if inputs.clean_left_out and "clean_excluded" not in d.meta:
         from fire_onnx.fit.pipeline import report_excluded
 
-        report_excluded(req, inputs, d, np.concatenate(inputs.clean_left_out), inputs.clean_rounds, target,
-                        "--layer auto: ")
+        report_excluded(req, inputs, d, target, "--layer auto: ")
     return d, check
 
 
 SUSPECT_CANDIDATES = 3  # candidates (lowest target rate first) tried for the poisoned clean images
 
 
-def _poisoned_pool(req, inputs, scores: list[Score], held: HeldOut, split, target: int, pre, seek: bool = False) -> int:
+def _poisoned_pool(req, inputs, scores: list[Score], held: HeldOut, split, target: int, pre, seek: bool = False) -> bool:
     """When no candidate is within the clean budget, or the one that removes most of the trigger is not, whether
     that candidate changes mostly held-out clean predictions at the target (as for a clean file holding poisoned images,
     ``fire_onnx.fit.verify.poisoned_clean_hint``); then the pool's images that look triggered to it are left
-    out of ``inputs.pool`` and their number returned (0: nothing done). New-user run 12: every effective layer
-    broke the budget on such a file, and auto chose one that left 48 % ASR."""
-    from fire_onnx.fit.pipeline import MIN_SUSPECTS
+    out of ``inputs.pool`` (``fire_onnx.fit.pipeline.leave_out``; False: nothing done). New-user run 12: every
+    effective layer broke the budget on such a file, and auto chose one that left 48 % ASR."""
+    from fire_onnx.fit.pipeline import MIN_SUSPECTS, leave_out
     from fire_onnx.fit.verify import _changed_from_target, _pool_suspects, poisoned_clean_hint
 
     ok = sorted((s for s in scores if s.ok and s.target is not None), key=lambda s: s.target_rate)
@@ -844,16 +845,11 @@ def _poisoned_pool(req, inputs, scores: list[Score], held: HeldOut, split, targe
         d = dirs.Directions([cand.target], preprocess=pre.as_dict())
         if not seek and not poisoned_clean_hint({**_changed_from_target(held, d, split.held_clean, target),
                                                  "target": target}):
-            return 0
+            return False
         sus = _pool_suspects(req, inputs, held, d, target)
         if len(sus["suspects"]) >= MIN_SUSPECTS:
-            break
-    else:
-        return 0
-    window = sus["window"]
-    inputs.clean_left_out = getattr(inputs, "clean_left_out", []) + [inputs.pool.x[sus["suspects"]]]
-    inputs.pool = inputs.pool.subset(window[~np.isin(window, sus["suspects"])])
-    return int(len(sus["suspects"]))
+            return leave_out(inputs, sus)
+    return False
 
 
 def check_refit(req, inputs, chosen: Score, d: dirs.Directions, clean: Images, triggered: Images,

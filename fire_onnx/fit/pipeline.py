@@ -184,6 +184,7 @@ class FitInputs:
     meta: dict
     k: int
     previous: dirs.Directions | None = None
+    clean_left_out: list = field(default_factory=list)  # pool images left out as poisoned-looking, per round
 
 
 UPDATE_MIN_REACH = 0.5  # fit --update: the share of new triggered images that must reach the target
@@ -217,21 +218,16 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
     from fire_onnx.fit.verify import refuse_or_record
 
     d, check = _check(req, inputs, d, clean, triggered, source, progress)
-    excluded, rounds, left_out = 0, 0, []
     while True:  # the clean file holds images the repair treats as triggered: fit again without them
         suspects = check.pop("_suspects", None)
-        if (suspects is None or inputs.previous is not None or len(suspects["suspects"]) < MIN_SUSPECTS
-                or rounds == SUSPECT_ROUNDS):
+        if inputs.previous is not None or not leave_out(inputs, suspects):
             break
-        window, bad, target_out = suspects["window"], suspects["suspects"], suspects["target"]
-        left_out.append(inputs.pool.x[bad])
-        inputs.pool = inputs.pool.subset(window[~np.isin(window, bad)])
-        excluded, rounds = excluded + len(bad), rounds + 1
+        target_out = suspects["target"]
         clean, triggered, source = select_samples(req, inputs)
         d = fit_layers(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
         d, check = _check(req, inputs, d, clean, triggered, source, progress, seek_suspects=True)
-    if excluded:
-        report_excluded(req, inputs, d, np.concatenate(left_out), rounds, target_out)
+    if inputs.clean_left_out:
+        report_excluded(req, inputs, d, target_out)
     if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
         for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
             log(f"warning: {w}")
@@ -242,13 +238,25 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
 CARRIERS_SHARE = 0.9  # left-out clean images that already carry the --trigger given: poisoned, not genuine
 
 
-def report_excluded(req: FitRequest, inputs: FitInputs, d: dirs.Directions, x_out: np.ndarray, rounds: int,
-                    target: int, who: str = "") -> None:
+def leave_out(inputs: FitInputs, suspects: dict | None) -> bool:
+    """Take ``suspects`` (``fire_onnx.fit.verify._pool_suspects``) out of the pool: the pool becomes the rest of
+    their window, and they are kept in ``inputs.clean_left_out``. False (nothing done) when there are fewer than
+    MIN_SUSPECTS or SUSPECT_ROUNDS rounds have left images out already."""
+    if suspects is None or len(suspects["suspects"]) < MIN_SUSPECTS or len(inputs.clean_left_out) >= SUSPECT_ROUNDS:
+        return False
+    window, bad = suspects["window"], suspects["suspects"]
+    inputs.clean_left_out.append(inputs.pool.x[bad])
+    inputs.pool = inputs.pool.subset(window[~np.isin(window, bad)])
+    return True
+
+
+def report_excluded(req: FitRequest, inputs: FitInputs, d: dirs.Directions, target: int, who: str = "") -> None:
     """Say (and record in ``d.meta["clean_excluded"]``) which clean images fit left out as poisoned-looking.
     They are images the original model puts at the target; were they genuine ones (a clean file not drawn
     from the training set, a repair that moves target-class images), what the repair does to them would be a
     cost the held-out check no longer sees. With --trigger, images that stamping leaves as they are already
     carry it (a patch trigger's poisoned images): then a note; otherwise a warning."""
+    x_out, rounds = np.concatenate(inputs.clean_left_out), len(inputs.clean_left_out)
     n = len(x_out)
     carriers = None
     if inputs.trigger is not None:
@@ -347,13 +355,15 @@ def _same_input_or_explain(req: FitRequest, onnx_model, model, pre: Preprocess, 
     (its preprocessing inside the graph) beside a PyTorch model that takes normalized floats has no
     preprocessing that suits both: say so and how to fit it, instead of one model's shape or dtype error
     after following the other's advice (new-user run 10)."""
-    if onnx_model is None or not onnx_model.graph.input:
-        return
-    from onnx import TensorProto
+    from fire_onnx.onnxutil import data_input
 
-    elem = onnx_model.graph.input[0].type.tensor_type.elem_type
-    if elem not in (TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16, TensorProto.INT32,
-                    TensorProto.INT64):
+    inp = data_input(onnx_model.graph) if onnx_model is not None else None
+    if inp is None:
+        return
+    from onnx import TensorProto, helper
+
+    elem = inp.type.tensor_type.elem_type
+    if elem == TensorProto.UNDEFINED or not np.issubdtype(helper.tensor_dtype_to_np_dtype(elem), np.integer):
         return
     raw = pre.scale == 1 and all(m == 0 for m in pre.mean) and all(v == 1 for v in pre.std)
     if raw:  # a factory that wraps the graph's preprocessing takes the raw pixels too

@@ -117,7 +117,8 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     target = req.target
     if target is None and held.base_trig is not None and len(held.base_trig):
         target = int(np.bincount(held.base_trig).argmax())
-    rate, change, _ = held.score(d, -1 if target is None else target)
+    pc, pt = held.outputs(d)
+    rate, change, _ = held.rates(pc, pt, -1 if target is None else target)
     before = float((held.base_trig == target).mean()) if target is not None and len(held_trig) else None
     floor = None  # held-out clean images of other classes the original model already puts at the target
     if target is not None and held_clean.y is not None and held.base_clean is not None:
@@ -141,7 +142,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                             if len(held_trig) < SMALL_CROSS else "") + ")")
     warnings = []
     if change > CHANGE_WARN and target is not None:
-        out.update(_changed_from_target(held, d, held_clean, target))
+        out.update(_changed_from_target(held, d, held_clean, target, after=pc.argmax(axis=1)))
         if poisoned_clean_hint(out) and not req.trigger_free:
             out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
     elif seek_suspects and target is not None:  # the pool is known to hold some: look again after each refit
@@ -305,13 +306,16 @@ def describe(check: dict) -> str:
 POISONED_SHARE = 0.5  # changed clean predictions mostly away from the target: the clean file looks poisoned
 
 
-def _changed_from_target(held, d: dirs.Directions, held_clean: Images, target: int) -> dict:
+def _changed_from_target(held, d: dirs.Directions, held_clean: Images, target: int,
+                         after: np.ndarray | None = None) -> dict:
     """Of the held-out clean predictions the repair changes, how many were at ``target`` before (and, with
     labels, now match them): a clean file drawn from a poisoned training set holds triggered images, and the
     repair moving those away from the target is it working, not a cost (new-user run 12: such a file was refused
-    as 'it will cost clean accuracy', and the repair forced through cost none)."""
+    as 'it will cost clean accuracy', and the repair forced through cost none). ``after``: the patched model's
+    predictions on them, when already computed."""
     base = held.base_clean.argmax(axis=1)
-    after = held.runner(d)(held.x_clean).argmax(axis=1)
+    if after is None:
+        after = held.runner(d)(held.x_clean).argmax(axis=1)
     changed = after != base
     rec = {"changed": int(changed.sum()), "changed_from_target": int((base[changed] == target).sum())}
     if held_clean.y is not None:
@@ -331,22 +335,20 @@ def _pool_suspects(req, inputs, held, d: dirs.Directions, target: int) -> dict:
     samples and the held-out part, twice over). Returned under ``check["_suspects"]`` (not recorded)."""
     order = pool_order(inputs.pool, n_clean=req.n_clean, seed=req.seed)
     window = np.concatenate(order[:2])[: SUSPECT_WINDOW * (req.n_clean + N_CHECK)]
-    x = held.pre(inputs.pool.x[window])
-    base = held.runner(None)(x).argmax(axis=1)
-    high = _triggered_scores(inputs, d, x)
-    if high is None:  # no evidence beyond changed predictions: leave the pool as it is (clean images given as
+    suspect = _triggered_scores(inputs, d, held.pre(inputs.pool.x[window]), target)
+    if suspect is None:  # no evidence beyond changed predictions: leave the pool as it is (clean images given as
         # flagged inputs on a clean model changed predictions at the class they were read as, too: leaving 142
         # 'suspects' out took away the refusal of a repair that moved 20 % of clean inputs)
         return {"window": window, "suspects": window[:0], "target": target}
-    return {"window": window, "suspects": window[(base == target) & high], "target": target}
+    return {"window": window, "suspects": window[suspect], "target": target}
 
 
 SUSPECT_MIN_SIGMA = 4.0  # the score rule needs triggered and clean scores this far apart (robust sigmas)
 
 
-def _triggered_scores(inputs, d: dirs.Directions, x: np.ndarray) -> np.ndarray | None:
-    """Which of the preprocessed images ``x`` score like the triggered samples along a (single, flat or vector)
-    repair's directions: past the midpoint of the images' median score and the triggered samples' median, along
+def _triggered_scores(inputs, d: dirs.Directions, x: np.ndarray, target: int) -> np.ndarray | None:
+    """Which of the preprocessed images ``x`` the original model puts at ``target`` and score like the triggered
+    samples along a (single, flat or vector) repair's directions (one pass of the model reads both): past the midpoint of the images' median score and the triggered samples' median, along
     each direction where the triggered median stands ``SUSPECT_MIN_SIGMA`` robust deviations (median absolute
     deviation of the images' scores: poisoned images among them inflate the plain std, 3.1 sigma read where
     the clean ones stood 35 apart) above the images' median. Images the projection leaves at the target (the
@@ -362,7 +364,10 @@ def _triggered_scores(inputs, d: dirs.Directions, x: np.ndarray) -> np.ndarray |
         return None
     from fire_onnx.fit.core import OnnxSource
 
-    acts = OnnxSource(inputs.onnx_model, [t.tensor]).run(x)[0][t.tensor]
+    acts, logits = OnnxSource(inputs.onnx_model, [t.tensor]).run(x)
+    if logits is None:
+        return None
+    acts = acts[t.tensor]
     scores = (acts.reshape(len(x), -1).astype(np.float64) - t.mu.astype(np.float64)) @ t.U.astype(np.float64).T
     med = np.median(scores, axis=0)
     mad = 1.4826 * np.median(np.abs(scores - med), axis=0)
@@ -371,7 +376,7 @@ def _triggered_scores(inputs, d: dirs.Directions, x: np.ndarray) -> np.ndarray |
     if not apart.any():
         return None
     mid = (med + trig) / 2
-    return ((scores > mid) & apart).any(axis=1)
+    return ((scores > mid) & apart).any(axis=1) & (logits.argmax(axis=1) == target)
 
 
 def poisoned_clean_hint(check: dict) -> str | None:
