@@ -837,7 +837,7 @@ def _poisoned_pool(req, inputs, scores: list[Score], held: HeldOut, split, targe
     ``fire_onnx.fit.verify.poisoned_clean_hint``); then the pool's images that look triggered to it are left
     out of ``inputs.pool`` (``fire_onnx.fit.pipeline.leave_out``; False: nothing done). New-user run 12: every
     effective layer broke the budget on such a file, and auto chose one that left 48 % ASR."""
-    from fire_onnx.fit.pipeline import MIN_SUSPECTS, leave_out
+    from fire_onnx.fit.pipeline import leave_out
     from fire_onnx.fit.verify import _changed_from_target, _pool_suspects, poisoned_clean_hint
 
     ok = sorted((s for s in scores if s.ok and s.target is not None), key=lambda s: s.target_rate)
@@ -847,7 +847,7 @@ def _poisoned_pool(req, inputs, scores: list[Score], held: HeldOut, split, targe
                                                  "target": target}):
             return False
         sus = _pool_suspects(req, inputs, held, d, target)
-        if len(sus["suspects"]) >= MIN_SUSPECTS:
+        if sus["applies"]:  # the first layer with evidence decides: a later one also read 47 genuine images
             return leave_out(inputs, sus)
     return False
 

@@ -339,8 +339,8 @@ def _pool_suspects(req, inputs, held, d: dirs.Directions, target: int) -> dict:
     if suspect is None:  # no evidence beyond changed predictions: leave the pool as it is (clean images given as
         # flagged inputs on a clean model changed predictions at the class they were read as, too: leaving 142
         # 'suspects' out took away the refusal of a repair that moved 20 % of clean inputs)
-        return {"window": window, "suspects": window[:0], "target": target}
-    return {"window": window, "suspects": window[suspect], "target": target}
+        return {"window": window, "suspects": window[:0], "target": target, "applies": False}
+    return {"window": window, "suspects": window[suspect], "target": target, "applies": True}
 
 
 SUSPECT_MIN_SIGMA = 4.0  # the score rule needs triggered and clean scores this far apart (robust sigmas)
