@@ -122,7 +122,7 @@ def run_cell(dataset, attack, args):
     model = load_model(onnx_path)
     src = OnnxSource(model, [layer])
     acts = lambda x: src.run(pre(x))  # noqa: E731
-    (ac, lc), (at, lt), (ap, _) = acts(clean.x), acts(xf), acts(xf_clean)
+    (ac, _), (at, _), (ap, _) = acts(clean.x), acts(xf), acts(xf_clean)
     C, T, Pd = ac[layer], at[layer], ap[layer]
     shape = C.shape
     trig_test = Images(trig.apply(test.x), test.y)

@@ -138,7 +138,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
             trig_from = (f"the {len(held_trig)} triggered images when each is held out of the fit ({cross['folds']}-fold "
                          f"cross-fit; {in_rate:.0%} on the images fitted on; on unseen triggered inputs up to "
                          f"{cross['upper_bound']:.0%} at {BOUND_LEVEL:.0%} confidence"
-                         + (f"; from so few, each fit left out a fifth of them and is weaker than the one written"
+                         + ("; from so few, each fit left out a fifth of them and is weaker than the one written"
                             if len(held_trig) < SMALL_CROSS else "") + ")")
     warnings = []
     if change > CHANGE_WARN and target is not None:
