@@ -83,6 +83,14 @@ def _write_json(dest: str, payload: dict) -> None:
         write_text_atomic(dest, text)
 
 
+def _sigma(sep: float) -> str:
+    """A separation in clean standard deviations; clean scores (nearly) constant along the direction make it huge
+    (new-user run 14 read 9791363952766.5 sigma)."""
+    if sep > 1000:
+        return "> 1000 sigma (the clean scores barely vary along the direction)"
+    return f"{sep:.1f} sigma"
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -314,7 +322,7 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
             + (f" repair={t['repair']}" if t["repair"] != "project" else "")
             + (f" (update {t['updates']}, " if t["updates"] else " (") + f"{t['reference']} "
             f"shift{', shrunk' if t.get('shrunk') else ''}, {t['n_triggered']} triggered / {t['n_clean']} clean), separation "
-            f"{t['separation_sigma'][0]:.1f} sigma, "
+            + _sigma(t['separation_sigma'][0]) + ", "
             + ("no gate (acts on every input)" if t["gate"] == "none" else
                f"gate fires on {t['gate_fires_triggered']:.0%} triggered / {t['gate_fires_clean']:.1%} clean")
             + (f", tensor {t['tensor']}" if t["tensor"] else ""))
@@ -495,9 +503,6 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
                                 f"(0..{info.classes - 1})")
     trigger = triggers.parse(trigger_spec) if trigger_spec else None
     clean = load_images(data_path, split)
-    if clean.x.shape[1] in (1, 3) and clean.x.shape[3] > 4:  # (N, C, H, W) read as (N, H, W, C)
-        raise FireError(f"{data_path}: the images are {list(clean.x.shape[1:])}, which looks like an NCHW array "
-                        "(channels first); fire-onnx reads uint8 NHWC images: save x.transpose(0, 2, 3, 1)")
     if limit:
         clean = clean.subset(slice(0, limit))
     trig = None
@@ -513,7 +518,7 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
             raise FireError(f"{opt} needs at least one number")
     choices, lines = ev.choose_preprocess(infos, given, clean.x.shape[1:])
     lines += ev.attack_warnings(infos, target, triggers.describe(trigger) if trigger else None)
-    results = {}
+    results, misread = {}, {}
     for info, choice in zip(infos, choices):
         sess = ev.session(info.path, provider)
         note = ev.outputs_note(sess, info.path)
@@ -543,10 +548,11 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
                                                  choice.preprocess)
             if hint:
                 lines.append(f"warning: {info.path}: {hint}")
+                misread[info.path] = hint
         results[info.path] = {**metrics.as_dict(), "patched": info.patched, "preprocess": choice.as_dict()}
     for line in lines:
         click.echo(line, err=True)
-    checks = ev.threshold_checks(results, infos, fail_asr, fail_ca, fail_ca_drop)
+    checks = ev.threshold_checks(results, infos, fail_asr, fail_ca, fail_ca_drop, misread)
     if json_out != "-":  # with --json - stdout carries the JSON alone
         click.echo("| model | CA | ASR | RA | ASR floor | clean | triggered | preprocessing |")
         click.echo("|---|---|---|---|---|---|---|---|")

@@ -36,11 +36,17 @@ def load_images(path: str | Path, split: str = "test") -> Images:
     else:
         raise FireError(f"{path} has no 'x' or 'x_{split}' array (keys: {', '.join(sorted(arrays))})")
     if x.dtype != np.uint8:
-        raise FireError(f"{path}: images must be uint8 (raw pixels), got {x.dtype}")
+        how = (": for images in [0, 1] save np.round(x * 255).astype(np.uint8) (the default --scale 1/255 undoes it)"
+               if x.dtype.kind == "f" else "")
+        raise FireError(f"{path}: images must be uint8 raw pixels 0..255, got {x.dtype}{how}")
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[0] == 0:
-        raise FireError(f"{path}: images must have shape (N, H, W[, C]) with N > 0, got {x.shape}")
+        raise FireError(f"{path}: images must have shape (N, H, W[, C]) with N > 0, got {x.shape}"
+                        + (" (fire-onnx feeds image models only)" if x.ndim == 2 else ""))
+    if x.shape[3] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):  # (N, C, H, W) would be read as C = W channels
+        raise FireError(f"{path}: the images are {list(x.shape[1:])}, which looks like an NCHW array (channels "
+                        "first); fire-onnx reads uint8 NHWC images: save x.transpose(0, 2, 3, 1)")
     if y is not None:
         y = np.asarray(y).reshape(-1)
         if y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":

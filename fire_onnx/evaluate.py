@@ -92,6 +92,12 @@ def single_input(sess, x: np.ndarray) -> str:
     if len(inp) != 1:
         raise FireError(f"the model has {len(inp)} inputs; fire-onnx feeds single-input image models")
     expect = inp[0].shape
+    if len(expect) != 4 and x.ndim == 4:  # (N, D), (N, C, T), ...: no image layout can feed it
+        raise FireError(
+            f"model input {inp[0].name!r} has shape {expect} (rank {len(expect)}): fire-onnx feeds images, (N, C, H, W) "
+            "or (N, H, W, C) inputs only. For a vector or sequence model, export it with an image-shaped input (a "
+            "reshape inside the model), fit and check that export, then patch the directions into the original "
+            "(the repaired tensor is the same)")
     if len(expect) != x.ndim or any(isinstance(e, int) and e != s for e, s in zip(expect[1:], x.shape[1:])):
         raise FireError(
             f"model input {inp[0].name!r} expects shape {expect}, the preprocessed images are {list(x.shape)} "
@@ -556,12 +562,16 @@ _EPS = 1e-9  # metrics are ratios of counts: do not fail on float rounding at th
 
 
 def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | None = None,
-                     fail_ca: float | None = None, fail_ca_drop: float | None = None) -> list[dict]:
+                     fail_ca: float | None = None, fail_ca_drop: float | None = None,
+                     misread: dict | None = None) -> list[dict]:
     """The --fail-* checks on ``results`` (model path -> Metrics dict).
 
     Checked models: the patched ones; when no model is patched, every model. --fail-ca-drop compares
-    with the one unpatched model (the baseline). Call :func:`check_threshold_args` first.
-    """
+    with the one unpatched model (the baseline). Call :func:`check_threshold_args` first. ``misread``
+    (model path -> why): models that the preprocessing check says read the images wrongly; when any --fail-*
+    is given, such a model fails a ``preprocessing`` check, since every number measured through it is
+    meaningless (new-user run 14: a repair that removed nothing passed --fail-asr 0.02 on a model that
+    classified 12 % of the images, every input at one class, so 0 % ASR)."""
     patched = [i.path for i in infos if i.patched]
     checked = patched or [i.path for i in infos]
     baseline = next((i.path for i in infos if not i.patched), None)
@@ -570,8 +580,13 @@ def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | No
     def add(model, name, value, limit, passed, **extra):
         checks.append({"model": model, "check": name, "value": value, "limit": limit, "passed": bool(passed), **extra})
 
+    misread = misread or {}
     for m in checked:
         r = results[m]
+        if any(v is not None for v in (fail_asr, fail_ca, fail_ca_drop)):
+            who = next((w for w in (m, baseline if fail_ca_drop is not None else None) if w in misread), None)
+            if who is not None:  # once per model: its own reading, else its baseline's
+                add(m, "preprocessing", None, None, False, model_misread=who, why=misread[who])
         if fail_asr is not None:
             add(m, "asr", r["asr"], fail_asr, r["asr"] <= fail_asr + _EPS)
         if fail_ca is not None:
@@ -594,6 +609,10 @@ def check_threshold_args(infos: list[ModelInfo], fail_asr, fail_ca_drop, has_tri
 
 
 def format_check(c: dict) -> str:
+    if c["check"] == "preprocessing":
+        who = "" if c["model_misread"] == c["model"] else f" (its baseline {c['model_misread']})"
+        return (f"check FAILED: {c['model']}: the images are read wrongly{who}, so no number measured through it "
+                f"can pass: {c['why']}")
     name = {"asr": "ASR", "ca": "CA", "ca_drop": "CA drop"}[c["check"]]
     op = (">=" if c["check"] == "ca" else "<=") if c["passed"] else ("<" if c["check"] == "ca" else ">")
     opt = {"asr": "--fail-asr", "ca": "--fail-ca", "ca_drop": "--fail-ca-drop"}[c["check"]]

@@ -152,6 +152,18 @@ class TensorReader:
         return acts, logits
 
 
+def _as_model_input(model, x: np.ndarray) -> np.ndarray:
+    """The preprocessed probe images reshaped to a vector or sequence input of the same size per sample (a repair
+    fitted on the image-input export of a model, patched into the original, whose first layer flattens them)."""
+    from fire_onnx.onnxutil import data_input
+
+    inp = data_input(model.graph)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim] if inp else []
+    if len(dims) in (2, 3) and all(dims[1:]) and int(np.prod(dims[1:])) == int(np.prod(x.shape[1:])):
+        return x.reshape(len(x), *dims[1:])
+    return x
+
+
 def check_fingerprints(model, directions, tensors: Sequence[str]) -> tuple[list[str], list[str]]:
     """Compare each target's recorded fingerprint with ``model`` (an unpatched ModelProto) at the
     tensors the targets resolved to. Returns (mismatch messages, notes)."""
@@ -171,7 +183,7 @@ def check_fingerprints(model, directions, tensors: Sequence[str]) -> tuple[list[
     except ImportError:
         return [], ["onnxruntime is not installed: the model fingerprint was not checked"]
     pre = Preprocess.from_dict(directions.preprocess or {})
-    x = pre(probe)
+    x = _as_model_input(model, pre(probe))
     try:
         acts, _ = TensorReader(model, [name for _, name in recorded], batch_size=len(x))(x)
     except FireError as e:

@@ -197,7 +197,7 @@ def test_cli_bad_traffic_is_a_one_line_error(demo_run, mnist, mnist_path, tmp_pa
     nchw = tmp_path / "nchw.npz"  # grey NCHW: (N, 1, 28, 28) against the clean (N, 28, 28, 1)
     np.savez(nchw, x=test.x[:50].transpose(0, 3, 1, 2))
     cases = [(no_x, "has no 'x'"), (flat, "must have shape"), (other_size, "traffic images are [32, 32, 3]"),
-             (nchw, "an NCHW array needs x.transpose(0, 2, 3, 1)"), (tmp_path / "missing.npz", "not found")]
+             (nchw, "x.transpose(0, 2, 3, 1)"), (tmp_path / "missing.npz", "not found")]
     for path, what in cases:
         proc = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", clean, "--unlabeled",
                        path, *PRE, "-o", tmp_path / "d.npz")

@@ -489,11 +489,12 @@ def select_samples(req: FitRequest, inputs: FitInputs):
     clean, triggered, source = fit_samples(
         inputs.pool, n_clean=req.n_clean, n_triggered=req.n_triggered, seed=req.seed, target=req.target,
         trigger=inputs.trigger, triggered=inputs.triggered, triggered_clean=inputs.triggered_clean)
+    note = lambda text: text in req.notes or req.notes.append(text)  # noqa: E731 - once: a refit selects again
     if len(clean) < req.n_clean:
-        req.notes.append(f"{req.clean_path} has only {len(clean)} clean images")
+        note(f"{req.clean_path} has only {len(clean)} clean images")
     if inputs.triggered is not None and inputs.trigger is None and len(inputs.triggered) > len(triggered) \
             and not req.update_path:
-        req.notes.append(f"fitting on {len(triggered)} of the {len(inputs.triggered)} images of "
+        note(f"fitting on {len(triggered)} of the {len(inputs.triggered)} images of "
                          f"{Path(req.triggered_path).name} (--n-triggered); the others check the repair. "
                          f"--n-triggered {len(inputs.triggered)} fits on all of them (the check is then cross-fitted)")
     return clean, triggered, source

@@ -235,7 +235,7 @@ def collect(
                 except (RuntimeError, ValueError) as e:
                     msg = first_line(e)
                     raise FireError(f"the model rejects the preprocessed images of shape {list(x.shape[1:])}: "
-                                    f"{msg} (check --input-layout, the image size and the channels)") from None
+                                    f"{msg} ({_other_layout(model, x[i : i + 1])})") from None
                 if isinstance(y, (tuple, list)) and y:
                     y = y[0]
                 outs.append(y.detach().to(torch.float32).cpu().numpy()
@@ -365,3 +365,20 @@ def apply_in_torch(model, directions: dirs.Directions) -> list:
             h.remove()
         raise
     return handles
+
+
+def _other_layout(model, x) -> str:
+    """What to check when the model rejects the images ``x`` (one preprocessed image): the other layout, when the
+    model accepts that (a model that permutes NHWC input itself), else the generic hint."""
+    import torch
+
+    if x.ndim == 4:
+        nhwc = x.shape[1] in (1, 3, 4)  # the images were fed channels first: try them channels last, and back
+        alt, name = (x.transpose(0, 2, 3, 1), "NHWC") if nhwc else (x.transpose(0, 3, 1, 2), "NCHW")
+        try:
+            with torch.no_grad():
+                model(torch.from_numpy(alt.copy()))
+            return f"the model accepts them as {name}: pass --input-layout {name}"
+        except Exception:  # noqa: BLE001 - any failure: no better hint than the generic one
+            pass
+    return "check --input-layout, the image size and the channels"

@@ -49,6 +49,7 @@ N_CHECK = 500  # held-out clean (and stamped) images the check runs at most
 CHANGE_WARN = 0.02  # warn when the repair changes more than this share of held-out clean predictions
 CHANGE_REFUSE = 0.05  # ... and refuse to write it (without --force) above this share
 MIN_REFUSE_CLEAN = 200  # refuse only on at least this many held-out clean images
+NO_BACKDOOR = 0.2  # refuse when the original model sends fewer held-out triggered images than this to --target
 WEAK = 0.5  # warn when the repair leaves more than this share of the triggered images at the target
 PARTIAL = 0.1  # ... and, in other words, above this share (the repair removes the trigger only partly)
 MIN_TRIGGERED = 10  # held-out triggered images a file must have beyond the fitted ones to use them
@@ -145,6 +146,8 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         out.update(_changed_from_target(held, d, held_clean, target, after=pc.argmax(axis=1)))
         if poisoned_clean_hint(out) and not req.trigger_free:
             out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
+            if "genuine" in out["_suspects"]:
+                out["genuine_target"] = out["_suspects"]["genuine"]
     elif seek_suspects and target is not None:  # the pool is known to hold some: look again after each refit
         out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
     if change > CHANGE_WARN:
@@ -195,6 +198,14 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         out["refuse"] = (f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: "
                          f"{before:.0%}): it does not remove the backdoor"
                          + (f" (--alpha {req.alpha:g} removes only that share of the shift)" if req.alpha < 1 else ""))
+    if (before is not None and req.target is not None and "refuse" not in out and n_trig >= MIN_TRIGGERED
+            and before < NO_BACKDOOR):
+        # nothing to remove: the original model does not send these triggered images to the target (new-user run
+        # 14: read with the wrong --scale, every image went to one class, 0 % -> 0 %, and the repair was written)
+        out["refuse"] = (f"the original model sends only {before:.0%} of {trig_from} to class {target}: with these "
+                         "triggered images and this preprocessing it shows no backdoor, so the repair has nothing to "
+                         "remove")
+        out["refuse_no_backdoor"] = True
     if in_sample and not crossed and target is not None:  # judged only on the images it was fitted on
         warnings.append(f"the repair is checked only on the {len(held_trig)} triggered image(s) it was fitted on, too "
                         f"few to hold some out (at least {MIN_CROSS}): nothing shows it carries over to other triggered "
@@ -340,7 +351,75 @@ def _pool_suspects(req, inputs, held, d: dirs.Directions, target: int) -> dict:
         # flagged inputs on a clean model changed predictions at the class they were read as, too: leaving 142
         # 'suspects' out took away the refusal of a repair that moved 20 % of clean inputs)
         return {"window": window, "suspects": window[:0], "target": target, "applies": False}
+    share = carried_share(inputs, inputs.pool.x[window], suspect)
+    if share is not None and share < CARRY_SHARE:  # most of them carry less than half of the trigger: a class, not poison
+        # (new-user run 14: a repair at a penultimate layer read 126 of 143 genuine class-0 digits as triggered;
+        # left out, the held-out check read 0.0 % changed while the repair cost 8.1 pt of CA)
+        return {"window": window, "suspects": window[:0], "target": target, "applies": False,
+                "genuine": {"n": int(suspect.sum()), "carried_share": round(share, 3)}}
     return {"window": window, "suspects": window[suspect], "target": target, "applies": True}
+
+
+CARRY_SHARE = 0.5  # poisoned-looking clean images must carry at least this share of the trigger's pixel change
+SHIFT_Z = 3.0  # flagged images alone: the pixels of their mean difference kept for the trigger's change
+MIN_CARRIED = 0.2  # flagged images alone: below this share of their own change (cross-halves) pixels tell nothing
+
+
+def _shift(t: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Mean pixel difference of flagged images ``t`` from clean images ``r`` (float), kept where it stands out:
+    without twins it also holds the flagged images' own content (a 3x3 MNIST patch was 60 % of the raw difference)."""
+    v = t.mean(axis=0) - r.mean(axis=0)
+    z = np.abs(v) / np.sqrt(t.var(axis=0, ddof=1) / len(t) + r.var(axis=0, ddof=1) / len(r) + 1e-12)
+    sig = z > SHIFT_Z
+    return np.where(sig, v, 0.0) if sig.any() else v
+
+
+def _shares(x: np.ndarray, origin: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Each image's difference from ``origin`` along ``v``, as a share of ``v`` (all flattened float)."""
+    norm = float(np.linalg.norm(v))
+    if norm < 1e-9:
+        return np.zeros(len(x))
+    return (x - origin) @ (v / norm) / norm
+
+
+def carried_share(inputs, x: np.ndarray, suspect: np.ndarray) -> float | None:
+    """How much of the trigger's pixel change the ``suspect`` images of ``x`` (uint8 pool images) carry, relative to
+    the triggered images themselves: the suspects' median difference from the other images of ``x`` along the
+    trigger's mean change, as a share of what a triggered image shows. A clean file's poisoned images carry the
+    trigger (about 1); genuine target-class images that a repair at a class-specific layer reads as triggered do
+    not (about 0): in pixel space a class's content and a trigger are different things, where at a late layer
+    they are not. The change is exact with --trigger (stamped minus unstamped images) or twins (x_clean); from
+    flagged images alone it is estimated on each half of them and judged on the other half, whose median share is
+    what a triggered image shows (the noise of 20 images' content shrinks it; blends and SIG read 0.4-0.6).
+    None where there is nothing to compare with, or the flagged images' change does not show in pixels (a warp)."""
+    rest = ~suspect
+    if not suspect.any() or not rest.any():
+        return None
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    origin = flat[rest].mean(axis=0)
+    if inputs.trigger is not None:
+        ref = x[rest][:N_CHECK]
+        v = (inputs.trigger.apply(ref).astype(np.float64) - ref.astype(np.float64)).reshape(len(ref), -1).mean(axis=0)
+        return float(np.median(_shares(flat[suspect], origin, v)))
+    if inputs.triggered is None or len(inputs.triggered) < 2:
+        return None
+    t = np.asarray(inputs.triggered.x, np.float64).reshape(len(inputs.triggered), -1)
+    if inputs.triggered_clean is not None:
+        v = t.mean(axis=0) - np.asarray(inputs.triggered_clean, np.float64).reshape(len(t), -1).mean(axis=0)
+        return float(np.median(_shares(flat[suspect], origin, v)))
+    if len(t) < 4:
+        return None
+    r = flat[rest][:N_CHECK]
+    half = np.arange(len(t)) % 2 == 0
+    own, sus = [], []
+    for a, b in ((half, ~half), (~half, half)):
+        v = _shift(t[a], r)
+        own.append(_shares(t[b], origin, v))
+        sus.append(_shares(flat[suspect], origin, v))
+    level = float(np.median(np.concatenate(own)))
+    if level < MIN_CARRIED:
+        return None
+    return float(np.median((sus[0] + sus[1]) / 2)) / level
 
 
 SUSPECT_MIN_SIGMA = 4.0  # the score rule needs triggered and clean scores this far apart (robust sigmas)
@@ -385,6 +464,14 @@ def poisoned_clean_hint(check: dict) -> str | None:
     if not n or away < POISONED_SHARE * n:
         return None
     fixed, relabelled = check.get("changed_to_label"), check.get("changed_labelled_target")
+    if check.get("genuine_target"):  # they score like triggered inputs but carry nothing of the trigger
+        g = check["genuine_target"]
+        return (f"{away} of the {n} it changes were at class {check['target']} and move away from it. Of the clean "
+                f"images this repair reads as triggered, the {g['n']} at class {check['target']} carry "
+                f"{max(g['carried_share'], 0):.0%} of the trigger's pixel change (poisoned images carry as much as the triggered "
+                f"images do): "
+                f"they are genuine class-{check['target']} images, and the repair removes the class's own features "
+                f"at this layer; try an earlier layer (--layer auto)")
     why = ("" if fixed is None else
            f" ({relabelled} of them labelled {check['target']} in the clean file, as relabelled poisoned training "
            "images are)" if relabelled and relabelled >= fixed else f" ({fixed} of them to their labels)" if fixed else "")
@@ -407,6 +494,9 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
         hint = poisoned_clean_hint(check) if check.get("refuse_clean") else None
         if hint:
             what = f"Of those, {hint}"
+        elif check.get("refuse_no_backdoor"):
+            what = ("Check --trigger/--triggered and --target against the attack, and the preprocessing (--scale, "
+                    "--mean, --std: see the warnings above)")
         elif req.trigger_free:  # neither triggered images nor a target came from the user
             what = (f"That is the repair of the trigger the search recovered: try {_other_layers(req)}, or fit on "
                     "triggered inputs once some are caught (fit --triggered)")
