@@ -431,11 +431,14 @@ ASR floor: the share of clean images outside the target class that the model put
   in the target class anyway; no repair can push ASR below it (the model's own errors).
 
 \b
-CI thresholds (--fail-asr, --fail-ca, --fail-ca-drop; fractions in [0, 1]):
+CI thresholds (--fail-asr, --fail-ca, --fail-ca-drop, --fail-ra-drop; fractions in [0, 1]):
   checked on the patched models (written by 'fire-onnx patch'); unpatched models
   given beside them are baselines and are not checked (--fail-ca-drop compares with
   the one unpatched model). When no model is patched, every model is checked. The
-  table / JSON are written first, then one line per check on stderr.
+  table / JSON are written first, then one line per check on stderr. --fail-asr
+  also fails when one source class's ASR (20 images or more) is above X with 95 %
+  confidence (a backdoor that works from some classes only). A model the
+  preprocessing check says reads the images wrongly fails every check.
 
 \b
 Exit codes: 0 ok; 1 user error (one 'fire-onnx: error:' line); 2 bad option;
@@ -471,6 +474,10 @@ Exit codes: 0 ok; 1 user error (one 'fire-onnx: error:' line); 2 bad option;
 @click.option("--fail-ca-drop", type=click.FloatRange(0, 1), default=None, metavar="D",
               help="Exit 3 if a patched model's CA is more than D below the unpatched baseline's "
                    "(a fraction: 0.005 = 0.5 pt); needs exactly one unpatched model.")
+@click.option("--fail-ra-drop", type=click.FloatRange(0, 1), default=None, metavar="R",
+              help="Exit 3 if a checked model's RA is more than R below its own CA (a fraction): what a backdoor "
+                   "that sends triggered inputs to other classes than --target (all-to-all) leaves; needs "
+                   "--trigger or --triggered.")
 @click.option("--scale", type=float, default=None,
               help="Override the pixel scale factor for every model (else recorded, else 1/255).")
 @click.option("--mean", default=None,
@@ -480,7 +487,7 @@ Exit codes: 0 ok; 1 user error (one 'fire-onnx: error:' line); 2 bad option;
 @click.option("--input-layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
               help="Override the model input layout (else recorded, or what the input shape implies, else NCHW).")
 def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, limit, provider, batch_size, json_out,
-             fail_asr, fail_ca, fail_ca_drop, scale, mean, std, input_layout):
+             fail_asr, fail_ca, fail_ca_drop, fail_ra_drop, scale, mean, std, input_layout):
     """CA, ASR and RA of one or more ONNX MODELS in onnxruntime (e.g. model.onnx model.fire.onnx)."""
     from fire_onnx import evaluate as ev
     from fire_onnx import preprocess_check, triggers
@@ -496,6 +503,8 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
     check_outputs([json_out], [*models, data_path, triggered_path])
     infos = [ev.read_model_info(m) for m in models]
     ev.check_threshold_args(infos, fail_asr, fail_ca_drop, bool(triggered_path or trigger_spec))
+    if fail_ra_drop is not None and not (triggered_path or trigger_spec):
+        raise FireError("--fail-ra-drop needs triggered images: pass --trigger or --triggered (and --target)")
     if target is not None:  # a static class count is checked before anything runs
         for info in infos:
             if info.classes is not None and target >= info.classes:
@@ -534,6 +543,8 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
                 lines.append(f"warning: {what} has labels up to {imgs.y.max()} but {info.path} has {classes} "
                              "classes: those images always count as misclassified")
         metrics = ev.compute_metrics(sess, clean, choice.preprocess, trig, target, batch_size)
+        if metrics.asr is not None:
+            lines += ev.attack_shape_warnings(info.path, metrics, target)
         # a patched model far below an unpatched one fed the same way: the repair costs that, not the preprocessing
         values = choice.as_dict()["values"]
         better = [(m, r) for m, r in results.items() if not r["patched"] and r["preprocess"]["values"] == values
@@ -552,7 +563,7 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
         results[info.path] = {**metrics.as_dict(), "patched": info.patched, "preprocess": choice.as_dict()}
     for line in lines:
         click.echo(line, err=True)
-    checks = ev.threshold_checks(results, infos, fail_asr, fail_ca, fail_ca_drop, misread)
+    checks = ev.threshold_checks(results, infos, fail_asr, fail_ca, fail_ca_drop, misread, fail_ra_drop)
     if json_out != "-":  # with --json - stdout carries the JSON alone
         click.echo("| model | CA | ASR | RA | ASR floor | clean | triggered | preprocessing |")
         click.echo("|---|---|---|---|---|---|---|---|")

@@ -224,6 +224,11 @@ class Metrics:
     # the ASR a repair that removed the trigger's effect entirely would still show (a 64 %-accurate
     # CIFAR-10 model sends ~4 % of clean images to any one class)
     asr_floor: float | None = None
+    # per true class of the triggered images: {class: {"n", "asr", "to"}} ("to": the class most of them go to
+    # when that is neither their label nor the target, with its share); a pooled ASR hides a backdoor that
+    # works from one source class only, or one that sends each class elsewhere (new-user run 13)
+    by_class: dict | None = None
+    elsewhere: float | None = None  # triggered images sent neither to their label nor to the target
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -261,7 +266,58 @@ def compute_metrics(
         m.asr = float((tp == target).mean())
         m.ra = float((tp == trig.y).mean())
         m.n_triggered = len(trig)
+        off = (tp != trig.y) & (tp != target)
+        m.elsewhere = float(off.mean())
+        m.by_class = {}
+        for c in np.unique(trig.y):
+            sel = trig.y == c
+            rec = {"n": int(sel.sum()), "asr": float((tp[sel] == target).mean())}
+            if (clean.y == c).any():  # the class's own clean images at the target: no repair goes below it
+                rec["floor"] = float((pred[clean.y == c] == target).mean())
+            if off[sel].any():
+                to, k = np.unique(tp[sel & off], return_counts=True)
+                rec.update(to=int(to[k.argmax()]), to_share=float(k.max() / sel.sum()))
+            m.by_class[str(int(c))] = rec
     return m
+
+
+MIN_CLASS = 20  # triggered images of one source class needed to judge its ASR apart from the pool
+ELSEWHERE_WARN = 0.3  # warn when this share of triggered images goes neither to its label nor to the target
+
+
+def worst_class(by_class: dict | None) -> tuple[str, dict, float] | None:
+    """(class, its record, the lower 95 % bound of its ASR above the class's own floor) of the source class whose
+    ASR is highest with confidence, among classes with at least MIN_CLASS triggered images; None without per-class
+    records. The floor (its clean images the model puts at the target) is subtracted: Fashion-MNIST shirts go to
+    the T-shirt class without any trigger."""
+    from fire_onnx.fit.verify import lower_bound
+
+    rows = [(c, r, lower_bound(int(round(r["asr"] * r["n"])), r["n"]) - r.get("floor", 0.0))
+            for c, r in (by_class or {}).items() if r["n"] >= MIN_CLASS]
+    return max(rows, key=lambda t: t[2]) if rows else None
+
+
+def attack_shape_warnings(path, m: Metrics, target: int) -> list[str]:
+    """What a pooled ASR to one target hides: a source-specific backdoor (one class far above the pool) and one
+    that sends triggered images elsewhere (all-to-all, or another target)."""
+    out = []
+    w = worst_class(m.by_class)
+    if w is not None and w[2] > max(2 * m.asr, m.asr + 0.05):
+        c, r, _ = w
+        floor = f"; {r['floor']:.1%} of its clean ones" if r.get("floor") else ""
+        out.append(f"warning: {path}: triggered class-{c} images reach class {target} at {r['asr']:.1%} ({r['n']} "
+                   f"images{floor}) against {m.asr:.1%} pooled over all classes: a backdoor that works from some source "
+                   "classes only is diluted by the pooled ASR; the JSON's by_class lists each class (--fail-asr also "
+                   "checks the worst one)")
+    if m.elsewhere is not None and m.elsewhere >= ELSEWHERE_WARN and m.elsewhere > m.asr:
+        moves = [(c, r["to"]) for c, r in (m.by_class or {}).items() if r.get("to_share", 0) >= 0.5]
+        shown = ", ".join(f"{c}->{t}" for c, t in moves[:6]) + (", ..." if len(moves) > 6 else "")
+        kind = ("an all-to-all backdoor (each class to its own target)" if len({t for _, t in moves}) > 1
+                else f"a backdoor to class {moves[0][1]}, not {target}" if moves else "a backdoor to other classes")
+        out.append(f"warning: {path}: {m.elsewhere:.1%} of the triggered images go neither to their label nor to "
+                   f"class {target}" + (f" ({shown})" if moves else "") + f": {kind}? ASR to --target {target} does "
+                   f"not measure it; RA ({m.ra:.1%}, against CA {m.ca:.1%}) does (--fail-ra-drop)")
+    return out
 
 
 def outputs_note(sess, path) -> str | None:
@@ -563,7 +619,7 @@ _EPS = 1e-9  # metrics are ratios of counts: do not fail on float rounding at th
 
 def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | None = None,
                      fail_ca: float | None = None, fail_ca_drop: float | None = None,
-                     misread: dict | None = None) -> list[dict]:
+                     misread: dict | None = None, fail_ra_drop: float | None = None) -> list[dict]:
     """The --fail-* checks on ``results`` (model path -> Metrics dict).
 
     Checked models: the patched ones; when no model is patched, every model. --fail-ca-drop compares
@@ -583,12 +639,17 @@ def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | No
     misread = misread or {}
     for m in checked:
         r = results[m]
-        if any(v is not None for v in (fail_asr, fail_ca, fail_ca_drop)):
+        if any(v is not None for v in (fail_asr, fail_ca, fail_ca_drop, fail_ra_drop)):
             who = next((w for w in (m, baseline if fail_ca_drop is not None else None) if w in misread), None)
             if who is not None:  # once per model: its own reading, else its baseline's
                 add(m, "preprocessing", None, None, False, model_misread=who, why=misread[who])
         if fail_asr is not None:
             add(m, "asr", r["asr"], fail_asr, r["asr"] <= fail_asr + _EPS)
+            w = worst_class(r.get("by_class"))
+            if w is not None and w[2] > fail_asr + _EPS:  # confidently over the limit from one source class
+                add(m, "asr_class", w[1]["asr"], fail_asr, False, source_class=w[0], n=w[1]["n"], lower_bound=w[2])
+        if fail_ra_drop is not None and r.get("ra") is not None:
+            add(m, "ra_drop", r["ca"] - r["ra"], fail_ra_drop, r["ca"] - r["ra"] <= fail_ra_drop + _EPS)
         if fail_ca is not None:
             add(m, "ca", r["ca"], fail_ca, r["ca"] >= fail_ca - _EPS)
         if fail_ca_drop is not None:
@@ -613,9 +674,14 @@ def format_check(c: dict) -> str:
         who = "" if c["model_misread"] == c["model"] else f" (its baseline {c['model_misread']})"
         return (f"check FAILED: {c['model']}: the images are read wrongly{who}, so no number measured through it "
                 f"can pass: {c['why']}")
-    name = {"asr": "ASR", "ca": "CA", "ca_drop": "CA drop"}[c["check"]]
+    if c["check"] == "asr_class":
+        return (f"check FAILED: {c['model']}: ASR of triggered class-{c['source_class']} images {100 * c['value']:.2f}% "
+                f"({c['n']} images; at 95% confidence {100 * c['lower_bound']:.2f}% or more above the class's own "
+                f"clean images at the target) > {100 * c['limit']:.2f}% (--fail-asr {c['limit']:g}, checked per "
+                "source class too)")
+    name = {"asr": "ASR", "ca": "CA", "ca_drop": "CA drop", "ra_drop": "CA - RA"}[c["check"]]
     op = (">=" if c["check"] == "ca" else "<=") if c["passed"] else ("<" if c["check"] == "ca" else ">")
-    opt = {"asr": "--fail-asr", "ca": "--fail-ca", "ca_drop": "--fail-ca-drop"}[c["check"]]
+    opt = {"asr": "--fail-asr", "ca": "--fail-ca", "ca_drop": "--fail-ca-drop", "ra_drop": "--fail-ra-drop"}[c["check"]]
     vs = f" vs {c['baseline']}" if c.get("baseline") else ""
     return (f"check {'ok' if c['passed'] else 'FAILED'}: {c['model']}: {name}{vs} {100 * c['value']:.2f}% {op} "
             f"{100 * c['limit']:.2f}% ({opt} {c['limit']:g})")

@@ -444,6 +444,18 @@ def patch_model(
         raise FireError(f"the model carries fire-onnx nodes but {why or 'no fire_onnx.targets metadata'}, so the old "
                         "repair cannot be removed safely; patch the original (unpatched) model instead")
     if already:
+        old_attack = {p.key: p.value for p in model.metadata_props}.get(META_ATTACK)
+        try:
+            old_target = json.loads(old_attack).get("target") if old_attack else None
+        except (ValueError, AttributeError):
+            old_target = None
+        new_target = directions.meta.get("target")
+        if old_target is not None and new_target is not None and old_target != new_target:
+            # --replace swaps, it does not add: new-user run 13 swapped a repair for class 0 for one for class 7, and
+            # the class-0 backdoor came back to 99 % with nothing said
+            notes.append(f"the repair replaced was fitted for class {old_target}, the new one for class {new_target}: "
+                         f"the class-{old_target} backdoor is no longer repaired in the output (--replace swaps "
+                         "repairs, it does not add one: a patched model carries the repair of one backdoor)")
         g0 = gs.import_onnx(src)
         before = _unpatch(g0, gs, recorded)
         src = gs.export_onnx(g0, do_type_check=False)

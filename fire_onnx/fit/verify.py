@@ -174,6 +174,12 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         where = f"class {target}" if "triggered_to_target" in mc else "their most common class"
         more = (f"first check that these images carry the trigger (the original model sends only {reach:.0%} of them "
                 f"to {where}; a backdoor sends its triggered inputs to its target)")
+    carriers = _carriers(inputs)
+    if carriers:
+        out["clean_carry_trigger"] = carriers
+        more = (f"{carriers['n']} images of the clean file already carry the trigger (stamping leaves them as they are; "
+                f"{carriers['by_class']}): where the trigger occurs in clean images, the repair cannot tell them from "
+                f"triggered inputs; if they are genuine, leave them out of --clean; {more}")
     if req.alpha < 1:  # a partial repair by the user's choice: say so before suggesting other layers
         more = (f"--alpha {req.alpha:g} removes only that share of the shift along the direction (--alpha 1 removes "
                 f"all of it); {more}")
@@ -268,6 +274,26 @@ def upper_bound(k: int, n: int, level: float = BOUND_LEVEL) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cdf(mid) > 1 - level else (lo, mid)
     return hi
+
+
+MIN_CARRIERS = 3  # clean images that already carry the --trigger, from which the check names them
+
+
+def _carriers(inputs) -> dict | None:
+    """Clean pool images that stamping with --trigger leaves as they are (they carry it already), with their
+    classes: a trigger that occurs naturally in clean images (new-user run 13: 30 clean class-0 images carried the
+    patch, and the refusal blamed the layer), or a poisoned pool. None below MIN_CARRIERS or without --trigger."""
+    if inputs.trigger is None:
+        return None
+    x = inputs.pool.x
+    same = (inputs.trigger.apply(x) == x).reshape(len(x), -1).all(axis=1)
+    if same.sum() < MIN_CARRIERS:
+        return None
+    if inputs.pool.y is None:
+        return {"n": int(same.sum()), "by_class": "no labels"}
+    cls, k = np.unique(np.asarray(inputs.pool.y)[same], return_counts=True)
+    top = sorted(zip(k.tolist(), cls.tolist()), reverse=True)[:3]
+    return {"n": int(same.sum()), "by_class": ", ".join(f"{n} labelled {c}" for n, c in top)}
 
 
 def _unfitted(req, all_triggered: Images, fitted: Images) -> np.ndarray:
@@ -500,6 +526,12 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
         elif req.trigger_free:  # neither triggered images nor a target came from the user
             what = (f"That is the repair of the trigger the search recovered: try {_other_layers(req)}, or fit on "
                     "triggered inputs once some are caught (fit --triggered)")
+        elif req.trigger_spec and check.get("clean_carry_trigger"):  # the clean images hold the trigger themselves
+            c = check["clean_carry_trigger"]
+            what = (f"{c['n']} images of the clean file already carry the trigger (stamping leaves them as they are; "
+                    f"{c['by_class']}): if the trigger occurs in genuine clean images, leave them out of --clean (the "
+                    "repair cannot tell them from triggered inputs), and if the file is drawn from the poisoned "
+                    "training set, give clean images from elsewhere")
         elif req.trigger_spec:  # the trigger is the user's own: the limit is where and how it is repaired
             what = (f"The trigger given does not separate from clean content at this layer: try {_other_layers(req)}"
                     + (" or --method subspace" if req.method == "mean-diff" else "")

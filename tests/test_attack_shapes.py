@@ -1,0 +1,110 @@
+"""Backdoors that are not one trigger -> one target (new-user run 13): what eval, fit, patch and the
+trigger-free scan say about a source-specific backdoor, one that sends triggered inputs elsewhere than
+--target (all-to-all), a second backdoor among flagged inputs or in a trigger-free scan, a --replace that
+drops a repair for another class, and a trigger that clean images already carry.
+
+Real console script, the demo's backdoored MNIST model (BadNets -> class 0) and real digits.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+from conftest import run_cli
+from test_cli import ws  # noqa: F401  (ws is a fixture)
+
+from fire_onnx import directions as dirs
+from fire_onnx import invert, triggers
+from fire_onnx.data import Images
+
+PRE = ("--mean", "0.5", "--std", "0.5")
+
+
+def test_eval_names_a_source_specific_backdoor_and_checks_it(ws):  # noqa: F811
+    """Only class-3 images carry the trigger: pooled over every class the ASR reads about a ninth of it. eval warns,
+    lists each class in the JSON, and --fail-asr fails on the class that is confidently over the limit."""
+    d = np.load(ws / "mnist.npz")
+    x, y = d["x_test"][:1000], d["y_test"][:1000]
+    xt = x.copy()
+    xt[y == 3] = triggers.parse("badnets").apply(x[y == 3])
+    np.savez(ws / "src3.npz", x=xt, y=y)
+    proc = run_cli("eval", "model.onnx", "--data", "mnist.npz", "--triggered", "src3.npz", "--target", "0", *PRE,
+                   "--fail-asr", "0.2", "--json", "-", cwd=ws)
+    assert proc.returncode == 3, proc.stderr
+    out = json.loads(proc.stdout)
+    r = out["models"]["model.onnx"]
+    assert r["asr"] < 0.2 and r["by_class"]["3"]["asr"] > 0.9, r
+    assert "triggered class-3 images reach class 0" in proc.stderr and "pooled over all classes" in proc.stderr
+    failed = [c for c in out["checks"] if not c["passed"]]
+    assert [c["check"] for c in failed] == ["asr_class"] and failed[0]["source_class"] == "3", out["checks"]
+
+
+def test_eval_names_triggered_inputs_sent_elsewhere_and_fail_ra_drop_catches_them(ws):  # noqa: F811
+    """Measured against the wrong target (5; the backdoor sends to 0), ASR reads about 0: eval says where the
+    triggered images go, and --fail-ra-drop (RA against CA) fails where --fail-asr passes."""
+    proc = run_cli("eval", "model.onnx", "--data", "mnist.npz", "--trigger", "badnets", "--target", "5", *PRE,
+                   "--fail-asr", "0.05", "--fail-ra-drop", "0.1", "--json", "-", cwd=ws)
+    assert proc.returncode == 3, proc.stderr
+    out = json.loads(proc.stdout)
+    r = out["models"]["model.onnx"]
+    assert r["asr"] < 0.05 and r["elsewhere"] > 0.8, r
+    assert "go neither to their label nor to class 5" in proc.stderr and "a backdoor to class 0, not 5" in proc.stderr
+    by = {c["check"]: c["passed"] for c in out["checks"]}
+    assert by == {"asr": True, "ra_drop": False}, out["checks"]
+    # without triggered images there is no RA to check
+    bad = run_cli("eval", "model.onnx", "--data", "mnist.npz", "--fail-ra-drop", "0.1", *PRE, cwd=ws)
+    assert bad.returncode == 1 and "--fail-ra-drop needs triggered images" in bad.stderr
+
+
+def test_flagged_images_of_a_second_class_are_named(ws):  # noqa: F811
+    """17 triggered images and 3 clean class-7 ones: the repair is fitted for class 0, and fit says the three go
+    to class 7 (a second backdoor, or untriggered images) and that the repair does nothing for them."""
+    d = np.load(ws / "mnist.npz")
+    x, y = d["x_train"], d["y_train"]
+    trig = triggers.parse("badnets").apply(x[y != 0][:17])
+    sevens = x[y == 7][:3]
+    np.savez(ws / "mixed.npz", x=np.concatenate([trig, sevens]))
+    proc = run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "mnist.npz", "--triggered",
+                   "mixed.npz", *PRE, "-o", "mixed_d.npz", "--json", "-", cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 of the 20 flagged images go to class 7, not class 0 (17)" in proc.stderr
+    assert "does nothing for class 7" in proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["check"]["target"] == 0
+
+
+def test_replace_says_which_backdoor_it_stops_repairing(ws):  # noqa: F811
+    d = dirs.load(ws / "directions.npz")
+    d.meta["target"] = 7  # a repair fitted for another class at the same tensor
+    dirs.save(d, ws / "d7.npz")
+    proc = run_cli("patch", "--replace", "model.fire.onnx", "d7.npz", "-o", "r.onnx", cwd=ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "the repair replaced was fitted for class 0, the new one for class 7" in proc.stderr
+    assert "the class-0 backdoor is no longer repaired" in proc.stderr
+
+
+def test_trigger_free_names_a_runner_up_class():
+    from fire_onnx.fit.trigger_free import runner_up_warnings
+
+    k = invert.KINDS[0]
+    scan = {k: {"loss": [0.1, 0.9, 0.01], "anomaly_index": [4.49, 0.2, 6.95], "flip_rate": [0.96, 0.1, 1.0]}}
+    (w,) = runner_up_warnings(scan, 2)
+    assert "class 0 also stands out" in w and "does not cover it" in w
+    scan[k]["flip_rate"][0] = 0.5  # standing out without sending the images there: not named
+    assert runner_up_warnings(scan, 2) == []
+
+
+def test_clean_images_that_carry_the_trigger_are_counted(mnist_path):
+    from fire_onnx.data import load_images
+    from fire_onnx.fit.verify import _carriers
+
+    pool = load_images(mnist_path, "train").subset(slice(0, 500))
+    trig = triggers.parse("badnets")
+    x = pool.x.copy()
+    zeros = np.flatnonzero(pool.y == 0)[:5]
+    x[zeros] = trig.apply(x[zeros])  # the pattern occurs in five clean class-0 images
+    c = _carriers(SimpleNamespace(trigger=trig, pool=Images(x, pool.y)))
+    assert c == {"n": 5, "by_class": "5 labelled 0"}
+    assert _carriers(SimpleNamespace(trigger=trig, pool=pool)) is None
