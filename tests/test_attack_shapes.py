@@ -108,3 +108,17 @@ def test_clean_images_that_carry_the_trigger_are_counted(mnist_path):
     c = _carriers(SimpleNamespace(trigger=trig, pool=Images(x, pool.y)))
     assert c == {"n": 5, "by_class": "5 labelled 0"}
     assert _carriers(SimpleNamespace(trigger=trig, pool=pool)) is None
+
+
+def test_a_source_specific_backdoor_is_not_refused_as_no_backdoor():
+    """13 % of held-out stamped images reach the target, 91 % of class 3's (new-user run 13): that is a backdoor
+    from one source class, not none; the check names the class instead of refusing."""
+    from fire_onnx.fit.verify import _source_classes
+
+    y = np.repeat(np.arange(10), 40)
+    base = np.where(y == 3, 8, y)  # the original model: class 3 stamped -> 8, every other class keeps its label
+    base[np.flatnonzero(y == 3)[:4]] = 3  # 36 of 40 reach the target
+    got = _source_classes(Images(np.zeros((400, 2, 2, 1), np.uint8), y), base, 8)
+    assert [(c, n) for c, _, n in got] == [(3, 40)] and got[0][1] == 0.9
+    assert _source_classes(Images(np.zeros((400, 2, 2, 1), np.uint8), y), np.where(y == 3, 1, y), 8) == []
+    assert _source_classes(Images(np.zeros((400, 2, 2, 1), np.uint8)), base, 8) == []  # no labels

@@ -204,8 +204,16 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         out["refuse"] = (f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: "
                          f"{before:.0%}): it does not remove the backdoor"
                          + (f" (--alpha {req.alpha:g} removes only that share of the shift)" if req.alpha < 1 else ""))
+    source = _source_classes(held_trig, held.base_trig, target) if before is not None and before < NO_BACKDOOR else None
+    if source:  # a backdoor that works from some source classes only: the pooled rate hides it (new-user run 13)
+        out["source_classes"] = source
+        shown = ", ".join(f"class {c} {r:.0%} of {n}" for c, r, n in source[:4])
+        warnings.append(f"the original model sends {before:.0%} of {trig_from} to class {target}, but most of some "
+                        f"source classes' ({shown}): a backdoor that works from those classes only. Judge the repair on "
+                        f"them ('fire-onnx eval' lists the ASR per source class; --fail-asr checks the worst one); "
+                        "fitted on triggered images of those classes alone (--triggered) its direction is sharper")
     if (before is not None and req.target is not None and "refuse" not in out and n_trig >= MIN_TRIGGERED
-            and before < NO_BACKDOOR):
+            and before < NO_BACKDOOR and not source):
         # nothing to remove: the original model does not send these triggered images to the target (new-user run
         # 14: read with the wrong --scale, every image went to one class, 0 % -> 0 %, and the repair was written)
         out["refuse"] = (f"the original model sends only {before:.0%} of {trig_from} to class {target}: with these "
@@ -274,6 +282,21 @@ def upper_bound(k: int, n: int, level: float = BOUND_LEVEL) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cdf(mid) > 1 - level else (lo, mid)
     return hi
+
+
+def _source_classes(held_trig: Images, base: np.ndarray | None, target: int) -> list[tuple[int, float, int]]:
+    """(class, share at the target, images) of the labelled held-out triggered images' source classes that the
+    original model sends to ``target`` for the most part (at least WEAK of MIN_TRIGGERED images or more), highest
+    first; empty without labels."""
+    if held_trig.y is None or base is None or not len(base):
+        return []
+    y = np.asarray(held_trig.y)
+    out = []
+    for c in np.unique(y[y != target]):
+        sel = y == c
+        if sel.sum() >= MIN_TRIGGERED and (rate := float((base[sel] == target).mean())) >= WEAK:
+            out.append((int(c), rate, int(sel.sum())))
+    return sorted(out, key=lambda t: -t[1])
 
 
 MIN_CARRIERS = 3  # clean images that already carry the --trigger, from which the check names them
