@@ -561,6 +561,7 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
                 lines.append(f"warning: {info.path}: {hint}")
                 misread[info.path] = hint
         results[info.path] = {**metrics.as_dict(), "patched": info.patched, "preprocess": choice.as_dict()}
+    lines += ev.repair_left(results, infos)
     for line in lines:
         click.echo(line, err=True)
     checks = ev.threshold_checks(results, infos, fail_asr, fail_ca, fail_ca_drop, misread, fail_ra_drop)

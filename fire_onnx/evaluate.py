@@ -363,6 +363,7 @@ class ModelInfo:
     attack_error: str | None = None
     input_dims: list | None = None  # the single graph input's dims, None for a dynamic one
     classes: int | None = None  # static class count of the first output (N, K)
+    problems: list = field(default_factory=list)  # fire_onnx.patch.repair_problems: why its repair may not work
 
 
 def parse_recorded_preprocess(text: str) -> Preprocess:
@@ -395,9 +396,9 @@ def read_model_info(path: str | Path) -> ModelInfo:
 def model_info(m, path: str = "") -> ModelInfo:
     """:func:`read_model_info` of a loaded ModelProto (``path`` names it in the record)."""
     from fire_onnx.fileio import is_int, loads_json
-    from fire_onnx.patch import META_ATTACK, META_PREPROCESS, is_patched
+    from fire_onnx.patch import META_ATTACK, META_PREPROCESS, is_patched, repair_problems
 
-    info = ModelInfo(path=path, patched=is_patched(m))
+    info = ModelInfo(path=path, patched=is_patched(m), problems=repair_problems(m))
     props = {q.key: q.value for q in m.metadata_props}
     if META_PREPROCESS in props:
         try:
@@ -587,10 +588,25 @@ def _trigger_diff(recorded: dict, given: dict) -> str:
     return ", ".join(f"{k}={show(given.get(k))} given, {show(recorded.get(k))} recorded" for k in keys)
 
 
+def repair_left(results: dict, infos: list[ModelInfo]) -> list[str]:
+    """Warning lines for patched models that remove little of the ASR an unpatched one beside them shows: a trigger
+    other than the one fitted, or a repair a later tool broke (static INT8 quantization turned the gate off and eval
+    printed 99.9 % ASR without a word, new-user run 16)."""
+    base = [i.path for i in infos if not i.patched and results.get(i.path, {}).get("asr") is not None]
+    if len(base) != 1 or results[base[0]]["asr"] < 0.5:
+        return []
+    b = results[base[0]]["asr"]
+    return [f"warning: {i.path}: ASR {results[i.path]['asr']:.1%} against {b:.1%} for {base[0]}: the repair removes "
+            "little of this trigger (a trigger other than the one fitted, or a repair a later tool changed: see "
+            "'fire-onnx inspect')" for i in infos
+            if i.patched and results.get(i.path, {}).get("asr") is not None and results[i.path]["asr"] >= 0.5 * b]
+
+
 def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | None) -> list[str]:
     """Warning lines where ``target`` / ``trigger`` (a triggers.describe() dict) differ from what a
-    patched model records as the attack it was fitted for."""
-    lines = []
+    patched model records as the attack it was fitted for, and what makes a patched model's repair not work
+    (:func:`fire_onnx.patch.repair_problems`)."""
+    lines = [f"warning: {info.path}: {w}" for info in infos for w in info.problems]
     for info in infos:
         if info.attack_error:
             lines.append(f"warning: {info.path}: {info.attack_error}; cannot compare --target/--trigger with it")

@@ -9,7 +9,8 @@ import onnx
 from fire_onnx.estimate import default_layout
 from fire_onnx.onnxutil import (FLOAT_TYPES, ScopeIndex, batch_aligned, batch_symbol, infer_shapes, node_module,
                                 tensor_table)
-from fire_onnx.patch import ACTIVATIONS, fused_ops, is_patched, patched_targets, read_patched_targets, shown_tensor
+from fire_onnx.patch import (ACTIVATIONS, fused_ops, is_patched, patched_targets, read_patched_targets, repair_problems,
+                              shown_tensor)
 
 POST_OPS = ACTIVATIONS | {"MaxPool", "AveragePool", "GlobalAveragePool", "LayerNormalization"}
 
@@ -137,6 +138,7 @@ def summary(model: onnx.ModelProto) -> dict:
         "fire_onnx_targets": patched_targets(model),
         "fire_onnx_targets_error": read_patched_targets(model)[1],
         "fire_onnx": _recorded(model),
+        "repair_problems": repair_problems(model),
     }
 
 
@@ -166,7 +168,10 @@ def describe_repair(summ: dict) -> list[str]:
     """Text lines on the repair a patched model carries (from :func:`summary`)."""
     rec = summ.get("fire_onnx") or {}
     sha = str(rec.get("directions_sha256") or "")[:12]
-    lines = [f"repaired by fire-onnx {rec.get('version') or '?'}" + (f" (directions sha256 {sha})" if sha else "") + ":"]
+    problems = summ.get("repair_problems") or []
+    lines = [f"warning: {w}" for w in problems]
+    lines.append(f"repaired by fire-onnx {rec.get('version') or '?'}" + (f" (directions sha256 {sha})" if sha else "")
+                 + (" as recorded, NOT WORKING (see the warning above)" if problems else "") + ":")
     targets = summ.get("fire_onnx_targets") or []
     if not targets:
         lines.append(f"  ({summ.get('fire_onnx_targets_error') or 'no targets recorded'})")

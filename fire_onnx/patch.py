@@ -107,6 +107,71 @@ def is_patched(model: onnx.ModelProto) -> bool:
     )
 
 
+def has_repair_nodes(model: onnx.ModelProto) -> bool:
+    return any(n.name.startswith(PREFIX + "/") for n in model.graph.node)
+
+
+# static quantization (calibrated ranges); dynamic quantization (DynamicQuantizeLinear + MatMulInteger) sets the
+# range per batch from the inputs themselves and kept the repair (run 16: ASR 0.4 %), so it is not listed
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QGemm", "QLinearMatMul", "QLinearConv", "QLinearAdd", "QLinearMul"}
+
+
+def repair_problems(model: onnx.ModelProto) -> list[str]:
+    """What makes a model that looks repaired not carry a working repair (new-user run 16):
+
+    - fire-onnx metadata without any fire-onnx node (a pipeline that copied the metadata onto the unrepaired
+      model: inspect said "repaired", the model kept 99.9 % ASR);
+    - quantized repair nodes: static INT8 quantization calibrated on clean images sets the score tensor's range
+      from clean scores, so the gate's scores saturate below tau and it never fires (ASR 0.4 -> 99.9 %). Where the
+      scale and zero point are readable, the largest representable score is compared with tau.
+    """
+    from onnx import numpy_helper
+
+    out = []
+    nodes = [n for n in model.graph.node if n.name.startswith(PREFIX + "/")]
+    if not nodes:
+        if any(p.key in (META_VERSION, META_TARGETS) for p in model.metadata_props):
+            out.append("the model's metadata records a fire-onnx repair, but the graph has no fire-onnx nodes: it is "
+                       "not repaired (the metadata was copied onto another model?); patch the original model again")
+        return out
+    inits = {i.name: i for i in model.graph.initializer}
+    # weights stored in INT8 and dequantized (dynamic quantization) keep the repair in float: not a problem
+    quant = [n for n in nodes if n.op_type in QUANT_OPS
+             and not (n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits)]
+    if not quant:
+        return out
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def value(name):
+        t = inits.get(name)
+        if t is None or (t.data_location == onnx.TensorProto.EXTERNAL):
+            return None
+        return numpy_helper.to_array(t)
+
+    closed = []
+    for gate in (n for n in nodes if n.name.endswith("/gate_mask") and n.op_type == "Greater"):
+        dq = producer.get(gate.input[0])
+        tau = value(gate.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or tau is None or len(dq.input) < 3:
+            continue
+        scale, zp = value(dq.input[1]), value(dq.input[2])
+        if scale is None or zp is None:
+            continue
+        qmax = float(np.iinfo(zp.dtype).max) if zp.dtype.kind in "iu" else None
+        if qmax is None:
+            continue
+        top = float(np.max((qmax - zp.astype(np.float64)) * scale.astype(np.float64)))
+        if top <= float(np.min(tau)):
+            closed.append(f"{gate.name.rsplit('/', 1)[0]}: scores quantized to at most {top:.4g}, tau {float(np.min(tau)):.4g}")
+    what = (f"the repair's scores cannot reach the gate's threshold ({'; '.join(closed)}): the gate never fires and "
+            "the repair does nothing" if closed else
+            "its correction and gate are computed in integers, which can clip the scores and the correction")
+    out.append(f"the repair's nodes are quantized ({len(quant)} quantization nodes among the fire_onnx/ ones): {what}. "
+               "Quantize with the fire_onnx/ nodes excluded (onnxruntime's quantize_static(..., nodes_to_exclude=[...])) "
+               "and check with 'fire-onnx eval --fail-asr'")
+    return out
+
+
 def patched_targets(model: onnx.ModelProto) -> list[dict]:
     """The targets an earlier patch recorded (``fire_onnx.targets``); [] when absent or unreadable."""
     return read_patched_targets(model)[0]
@@ -428,7 +493,21 @@ def patch_model(
     notes: list[str] = []
     if tensor and len(directions.targets) != 1:
         raise FireError("--tensor needs a directions file with exactly one target")
-    already = is_patched(model)
+    already = has_repair_nodes(model)
+    if is_patched(model) and not already:  # metadata copied onto an unrepaired model: patch it as one
+        notes.append("the model carries fire-onnx metadata but no repair nodes (copied from a repaired model?): it is "
+                     "patched as the unrepaired model it is, and the stale metadata is replaced")
+        if replace:
+            raise FireError("--replace swaps the repair of a model patched by fire-onnx, but this model has fire-onnx "
+                            "metadata and no repair nodes: it is not repaired; patch it without --replace")
+    if already and any(n.op_type in QUANT_OPS for n in model.graph.node if n.name.startswith(PREFIX + "/")):
+        # the quantizer names its nodes after the repair's (fire_onnx/0/scores_QuantizeLinear): removing the old
+        # repair by name cut the graph apart and failed on an unrelated lookup (new-user run 16)
+        raise FireError("the model's fire-onnx repair was quantized (quantization nodes among its fire_onnx/ nodes): it "
+                        "cannot be removed safely; replace the repair in the float model, then quantize again with the "
+                        "fire_onnx/ nodes excluded" if replace else
+                        "model is already patched by fire-onnx, and its repair was quantized; patch the float model "
+                        "(before quantization) instead")
     if already and not replace:
         raise FireError("model is already patched by fire-onnx; pass --replace to swap in the new directions")
     if replace and not already:

@@ -125,3 +125,45 @@ def test_nchw_float_and_vector_inputs_get_one_line_errors(ws):  # noqa: F811
     before = snapshot(ws)
     assert_user_error(run_cli("eval", "mlp.onnx", "--data", "mnist.npz", cwd=ws), ws, before, "(rank 2)",
                       "fire-onnx feeds images", "image-shaped input")
+
+
+def test_a_repair_broken_after_patching_is_named(ws):  # noqa: F811
+    """New-user run 16: static INT8 quantization calibrated on clean images turns the gate off (ASR 0.4 -> 99.9 %)
+    and fire-onnx metadata copied onto the unrepaired model both read "repaired" in inspect. Now inspect and eval
+    say why the repair does not work, patch --replace refuses the quantized one instead of cutting its graph apart,
+    and the metadata-only model is patched as the unrepaired model it is."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    d = np.load(ws / "mnist.npz")
+    x = ((d["x_train"][:100].astype(np.float32) / 255).transpose(0, 3, 1, 2) - 0.5) / 0.5
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": x[i:i + 20]} for i in range(0, len(x), 20)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(ws / "model.fire.onnx"), str(ws / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ)
+    proc = run_cli("inspect", "q.onnx", cwd=ws)
+    assert proc.returncode == 0 and "cannot reach the gate's threshold" in proc.stdout, proc.stdout
+    assert "NOT WORKING" in proc.stdout and "nodes_to_exclude" in proc.stdout
+    ev = run_cli("eval", "model.onnx", "q.onnx", "--data", "mnist.npz", "--trigger", "badnets", "--target", "0",
+                 "--json", "-", cwd=ws)
+    assert ev.returncode == 0, ev.stderr
+    assert "q.onnx: the repair's nodes are quantized" in ev.stderr
+    if json.loads(ev.stdout)["models"]["q.onnx"]["asr"] > 0.5:  # the gate is off, as measured in run 16
+        assert "the repair removes little of this trigger" in ev.stderr
+    before = snapshot(ws)
+    assert_user_error(run_cli("patch", "--replace", "q.onnx", "directions.npz", "-o", "r.onnx", cwd=ws), ws, before,
+                      "repair was quantized", "fire_onnx/ nodes excluded")
+    # the unrepaired model with a repaired one's metadata
+    plain, fixed = onnx.load(str(ws / "model.onnx")), onnx.load(str(ws / "model.fire.onnx"))
+    del plain.metadata_props[:]
+    plain.metadata_props.extend(fixed.metadata_props)
+    onnx.save(plain, str(ws / "meta_only.onnx"))
+    proc = run_cli("inspect", "meta_only.onnx", cwd=ws)
+    assert "the graph has no fire-onnx nodes: it is not repaired" in proc.stdout, proc.stdout
+    proc = run_cli("patch", "meta_only.onnx", "directions.npz", "-o", "mo.fire.onnx", cwd=ws)
+    assert proc.returncode == 0 and "metadata but no repair nodes" in proc.stderr, proc.stderr
+    assert "NOT WORKING" not in run_cli("inspect", "mo.fire.onnx", cwd=ws).stdout

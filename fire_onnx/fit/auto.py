@@ -663,14 +663,14 @@ def run_auto(req, *, progress=None, log: Log | None = None, inputs=None) -> dirs
 def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tuple[dirs.Directions, dict]:
     """:func:`run_auto` without recording the check: (directions, fit's held-out check of them)."""
     from fire_onnx.fit.pipeline import load_inputs, select_samples
-    from fire_onnx.patch import is_patched
+    from fire_onnx.patch import has_repair_nodes
 
     say = log or (lambda msg: None)
     if inputs is None:
         inputs = load_inputs(req)
     if inputs.onnx_model is None:
         raise FireError("--layer auto judges each candidate by patching the ONNX model: give --onnx MODEL.onnx")
-    if is_patched(inputs.onnx_model):
+    if has_repair_nodes(inputs.onnx_model):
         raise FireError("--layer auto needs the original model, and this one is already patched by fire-onnx: give "
                         "the unpatched model to --onnx")
     sites, skipped = candidate_sites(inputs.onnx_model, torch_model=inputs.model)

@@ -410,9 +410,9 @@ def load_inputs(req: FitRequest) -> FitInputs:
         from fire_onnx.onnxutil import load_model as load_onnx
 
         onnx_model = load_onnx(req.onnx_path)
-        from fire_onnx.patch import is_patched
+        from fire_onnx.patch import has_repair_nodes
 
-        if is_patched(onnx_model):  # its activations would be the repaired ones: the fit would see no backdoor
+        if has_repair_nodes(onnx_model):  # its activations would be the repaired ones: the fit would see no backdoor
             raise FireError(f"{req.onnx_path} is already repaired by fire-onnx: fit on the original model it was patched "
                             "from, then 'fire-onnx patch --replace' swaps the new directions into the repaired one")
     layout = req.input_layout
