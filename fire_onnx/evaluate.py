@@ -229,6 +229,10 @@ class Metrics:
     # works from one source class only, or one that sends each class elsewhere (new-user run 13)
     by_class: dict | None = None
     elsewhere: float | None = None  # triggered images sent neither to their label nor to the target
+    # triggered images of the target class itself still classified as it, and its clean images' recall: a repair
+    # can move target-class inputs that carry the trigger (new-user run 15: 59 % against 85.5 %)
+    target_kept: float | None = None
+    target_recall: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -261,6 +265,10 @@ def compute_metrics(
         keep = triggered.y != target
         if not keep.any():
             raise FireError("every triggered image is of the target class; ASR is undefined")
+        if (~keep).any() and (clean.y == target).any():
+            own = triggered.subset(~keep)
+            m.target_kept = float((predict_logits(sess, preprocess(own.x), batch_size).argmax(axis=1) == target).mean())
+            m.target_recall = float((pred[clean.y == target] == target).mean())
         trig = triggered.subset(keep)
         tp = predict_logits(sess, preprocess(trig.x), batch_size).argmax(axis=1)
         m.asr = float((tp == target).mean())
@@ -282,6 +290,7 @@ def compute_metrics(
 
 
 MIN_CLASS = 20  # triggered images of one source class needed to judge its ASR apart from the pool
+TARGET_KEPT_GAP = 0.1  # warn when triggered target-class images keep their class this much less than clean ones
 ELSEWHERE_WARN = 0.3  # warn when this share of triggered images goes neither to its label nor to the target
 
 
@@ -309,6 +318,10 @@ def attack_shape_warnings(path, m: Metrics, target: int) -> list[str]:
                    f"images{floor}) against {m.asr:.1%} pooled over all classes: a backdoor that works from some source "
                    "classes only is diluted by the pooled ASR; the JSON's by_class lists each class (--fail-asr also "
                    "checks the worst one)")
+    if m.target_kept is not None and m.target_kept < m.target_recall - TARGET_KEPT_GAP:
+        out.append(f"warning: {path}: triggered images of class {target} itself stay at class {target} only "
+                   f"{m.target_kept:.1%} of the time, against {m.target_recall:.1%} of its clean images: the model "
+                   "(or its repair) moves target-class inputs that carry the trigger (target_kept in the JSON)")
     if m.elsewhere is not None and m.elsewhere >= ELSEWHERE_WARN and m.elsewhere > m.asr:
         moves = [(c, r["to"]) for c, r in (m.by_class or {}).items() if r.get("to_share", 0) >= 0.5]
         shown = ", ".join(f"{c}->{t}" for c, t in moves[:6]) + (", ..." if len(moves) > 6 else "")

@@ -50,6 +50,9 @@ def test_eval_names_triggered_inputs_sent_elsewhere_and_fail_ra_drop_catches_the
     out = json.loads(proc.stdout)
     r = out["models"]["model.onnx"]
     assert r["asr"] < 0.05 and r["elsewhere"] > 0.8, r
+    # triggered class-5 images (the --target's own) keep class 5 only as far as the backdoor (to 0) lets them
+    assert r["target_kept"] < 0.2 and r["target_recall"] > 0.9, r
+    assert "triggered images of class 5 itself stay at class 5 only" in proc.stderr
     assert "go neither to their label nor to class 5" in proc.stderr and "a backdoor to class 0, not 5" in proc.stderr
     by = {c["check"]: c["passed"] for c in out["checks"]}
     assert by == {"asr": True, "ra_drop": False}, out["checks"]
