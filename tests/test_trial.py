@@ -152,16 +152,24 @@ def test_a_flagged_file_that_mixes_in_other_images_is_warned():
     warning, the repair left 13.5 % ASR). 17 of 20 and stamped images (--trigger) are not warned."""
     from fire_onnx.fit.core import model_checks
 
-    def logits(n_top):
+    def logits(n_top, others=(3,)):
         z = np.zeros((20, 5), np.float32)
-        z[np.arange(20), [0] * n_top + [3] * (20 - n_top)] = 1
+        rest = [others[i % len(others)] for i in range(20 - n_top)]
+        z[np.arange(20), [0] * n_top + rest] = 1
         return z
 
     for target in (0, None):
-        w = model_checks(None, None, logits(14), target, 20, flagged=True)["warnings"]
+        # the 6 others spread over four classes: a mixed file
+        w = model_checks(None, None, logits(14, (1, 2, 3, 4)), target, 20, flagged=True)["warnings"]
         assert any("only 70% of the flagged images are classified as class 0" in s for s in w), w
-        assert not [s for s in model_checks(None, None, logits(17), target, 20, flagged=True)["warnings"]
-                    if "flagged images" in s]
+        # the 6 others all at class 3: a second backdoor or untriggered class-3 images, named as such (run 13: 3 of
+        # 20 from a second backdoor were fitted silently)
+        w = model_checks(None, None, logits(14), target, 20, flagged=True)["warnings"]
+        assert any("6 of the 20 flagged images go to class 3, not class 0 (14)" in s for s in w), w
+        w = model_checks(None, None, logits(17), target, 20, flagged=True)["warnings"]
+        assert any("3 of the 20 flagged images go to class 3" in s for s in w), w
+        assert not [s for s in model_checks(None, None, logits(18, (1, 2)), target, 20, flagged=True)["warnings"]
+                    if "flagged images" in s]  # two strays, at two classes
         assert not [s for s in model_checks(None, None, logits(14), target, 20)["warnings"] if "flagged images" in s]
 
 
@@ -173,7 +181,8 @@ def test_fit_names_a_flagged_file_in_another_layout(trained, digits, tmp_path):
     proc = run_cli("fit", "--onnx", onnx_path, "--layer", "act", "--clean", DIGITS, "--triggered",
                    tmp_path / "nchw.npz", "-o", tmp_path / "d.npz")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "nchw.npz: the triggered images are [1, 8, 8]" in proc.stderr and "transpose" in proc.stderr
+    assert "nchw.npz: the images are [1, 8, 8], which looks like an NCHW array" in proc.stderr
+    assert "transpose(0, 2, 3, 1)" in proc.stderr
     assert not (tmp_path / "d.npz").exists()
 
 

@@ -211,7 +211,8 @@ def _output_difference(model, onnx_model, x: np.ndarray) -> float | None:
     return None if logits is None else relative_difference(out.float().numpy(), logits)
 
 
-SECOND_GROUP = 0.1  # flagged images agreeing on a second class: at least this share of them (and 2)
+SECOND_GROUP = 0.1  # flagged images agreeing on a second class: at least this share of them ...
+SECOND_MIN = 3  # ... and this many (two stray images often share a class by chance)
 FLAGGED_AGREE = 0.8  # flagged inputs (caught misbehaving) reaching one class less often than this: a mixed file
 
 
@@ -282,7 +283,7 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
         cls = target if target is not None else out["triggered_top_class"]
         others = np.bincount(tp[tp != cls], minlength=trig_logits.shape[1])
         second, n_second = int(others.argmax()), int(others.max())
-        if flagged and share >= TRIGGER_REACH_WARN and n_second >= max(2, SECOND_GROUP * n_trig):
+        if flagged and share >= TRIGGER_REACH_WARN and n_second >= max(SECOND_MIN, SECOND_GROUP * n_trig):
             # a group of them agreeing on another class is not scatter (new-user run 13: 3 of 20 flagged images from a
             # second backdoor to class 7 were fitted as class-0 ones without a word, and that backdoor stayed at 100 %)
             out["second_class"], out["second_count"] = second, n_second
