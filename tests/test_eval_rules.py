@@ -238,10 +238,12 @@ def test_patch_records_the_attack_and_eval_warns_on_a_different_one(ws):
     assert not [n for n in notes if n.startswith("warning:")]
     _, notes = run_eval(ws, "model.onnx", "model.fire.onnx", "--trigger", "badnets:size=4", "--target", "1",
                         "--limit", "200")
-    warnings = [n for n in notes if n.startswith("warning:")]
+    warnings = [n for n in notes if n.startswith("warning:") and ("was repaired for" in n or "another trigger" in n)]
     assert len(warnings) == 2, notes  # only the patched model records an attack
     assert "model.fire.onnx was repaired for target 0, --target is 1" in warnings[0]
     assert "model.fire.onnx was fitted with another trigger" in warnings[1] and "size=4 given, 3 recorded" in warnings[1]
+    # and the original model's triggered images go to class 0, not to the --target given: eval says where
+    assert any(n.startswith("warning: model.onnx:") and "a backdoor to class 0, not 1" in n for n in notes), notes
     _, notes = run_eval(ws, "model.fire.onnx", "--trigger", "blended", "--target", "0", "--limit", "200")
     assert len(notes) == 1 and "blended given, badnets recorded" in notes[0]
 
