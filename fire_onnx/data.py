@@ -25,6 +25,40 @@ class Images:
         return Images(self.x[idx], None if self.y is None else self.y[idx], self.classes)
 
 
+def check_images(images: Images, what: str = "images") -> Images:
+    """``images`` built in Python, checked as load_images checks a file's (new-user run 17: float pixels in [0, 1]
+    gave CA 10 % and a repair that did nothing, labels shaped (N, 1) broadcast to an N x N comparison, a list
+    reached numpy as an AttributeError): uint8 (N, H, W[, C]) pixels, N > 0, and integer labels, one per image
+    ((N, 1) labels are flattened). Returns the images with a channel axis and int64 labels."""
+    x = images.x
+    if not isinstance(x, np.ndarray):
+        raise FireError(f"{what}: x must be a numpy array of uint8 pixels, got {type(x).__name__}")
+    if x.dtype != np.uint8:
+        how = (": for pixels in [0, 1] pass np.round(x * 255).astype(np.uint8) (Preprocess(scale=1/255) undoes it)"
+               if x.dtype.kind == "f" else ": pass x.astype(np.uint8)" if x.dtype.kind in "iu" else "")
+        raise FireError(f"{what}: images must be uint8 raw pixels 0..255, got {x.dtype}{how}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise FireError(f"{what}: images must have shape (N, H, W[, C]) with N > 0, got {images.x.shape}")
+    y = images.y
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1 or len(y) != len(x):
+            raise FireError(f"{what}: labels must be one per image, shape ({len(x)},), got {np.shape(images.y)}")
+        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        if y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+            raise FireError(f"{what}: labels must be class indices (integers >= 0)")
+        if y.dtype != np.int64:
+            y = y.astype(np.int64)
+    if x is images.x and y is images.y:
+        return images
+    return Images(x, y, images.classes)
+
+
 def load_images(path: str | Path, split: str = "test") -> Images:
     """Load images from an npz: keys ``x`` (+ optional ``y``), or the benchmark format
     ``x_train``/``y_train``/``x_test``/``y_test`` (``split`` picks one)."""

@@ -44,7 +44,7 @@ STATS_PREFIX = "stats."
 ORTHO_TOL = 1e-3
 
 
-@dataclass
+@dataclass(eq=False)  # arrays inside: compare fields, not objects
 class Target:
     """The repair at one tensor. Arrays are float32; ``U`` rows are orthonormal."""
 
@@ -136,7 +136,7 @@ def _brief(v, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@dataclass
+@dataclass(eq=False)  # arrays inside: the generated == raised 'truth value of an array is ambiguous'
 class Directions:
     targets: list[Target]
     preprocess: dict[str, Any] = field(default_factory=dict)

@@ -246,6 +246,15 @@ def compute_metrics(
     target: int | None = None,
     batch_size: int = 256,
 ) -> Metrics:
+    from fire_onnx.data import check_images
+
+    if isinstance(sess, (str, Path)):  # a path where a session was meant: open it
+        sess = session(sess)
+    clean = check_images(clean, "clean images")
+    triggered = None if triggered is None else check_images(triggered, "triggered images")
+    preprocess.validate()  # Preprocess(std=[0.0]) gave CA 10 % through numpy's divide-by-zero warnings
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer))):
+        raise FireError(f"target must be a class index (an integer), got {target!r}")
     if clean.y is None:
         raise FireError("the clean images have no labels (key y / y_test); CA needs labels")
     logits = predict_logits(sess, preprocess(clean.x), batch_size)

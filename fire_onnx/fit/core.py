@@ -446,9 +446,16 @@ def fit_directions(
     update statistics: the result is the fit on its triggered samples and ``triggered`` together
     (see :mod:`fire_onnx.streaming`); the model must match its fingerprint.
     """
+    from fire_onnx.data import check_images
+
+    if isinstance(layers, str):  # iterated as characters: "module 'b' not found" (new-user run 17)
+        raise FireError(f"layers must be a list of module or tensor names, e.g. [{layers!r}]")
     if not layers:
         raise FireError("no layer to fit: give at least one (a module path or an ONNX tensor name)")
     preprocess.validate()  # Preprocess(std=[0.0]) or layout="CHW" from Python failed only later, and obscurely
+    clean, triggered = check_images(clean, "clean images"), check_images(triggered, "triggered images")
+    if triggered_source is not None:
+        triggered_source = check_images(triggered_source, "the triggered images' clean originals")
     if triggered_source is not None and triggered_source.x.shape != triggered.x.shape:
         raise FireError("the clean originals of the triggered images do not match them in shape")
     meta = dict(meta or {})

@@ -88,8 +88,14 @@ class FitRequest:
         elif self.repair == AUTO:
             raise FireError("--repair auto tries both operators at every candidate of --layer auto; with a given "
                             "--layer, choose --repair project or translate")
+        if isinstance(self.layers, str):  # iterated as characters: "module 'b' not found" (new-user run 17)
+            raise FireError(f"layers must be a list of module or tensor names, e.g. [{self.layers!r}]")
         if not self.layers and not self.update_path:
             raise FireError("give --layer (the module or tensor to repair), or --update DIRECTIONS")
+        for name, low in (("n_clean", 2), ("n_triggered", 1), ("batch_size", 1), ("k", 1)):
+            v = getattr(self, name, None)  # the CLI's ranges, for run_fit callers (n_triggered=-1 fitted on 3148)
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low):
+                raise FireError(f"{name} must be an integer >= {low}, got {v!r}")
         if not (np.isfinite(self.alpha) and self.alpha >= 0):  # before any work, not after the fit
             raise FireError(f"--alpha must be a finite number >= 0, got {self.alpha}")
         if self.trigger_free:

@@ -352,14 +352,26 @@ def apply_in_torch(model, directions: dirs.Directions) -> list:
                 raise FireError(f"module {t.module!r} is called more than once per forward pass: its repair was fitted "
                                 f"at one call ({t.tensor or 'one tensor'}) and cannot be applied by module in PyTorch; "
                                 "run the patched ONNX model")
-            return repair(mod, inp, out)
+            try:
+                return repair(mod, inp, out)
+            except RuntimeError as e:  # another model's module: sizes differ (was a raw torch error at forward time)
+                shape = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+                raise FireError(f"target {t.label}: module {t.module!r} outputs {shape}, which the directions (D="
+                                f"{t.U.shape[1]}) do not fit: they were fitted on another model or module "
+                                f"({first_line(e)})") from None
+        hook._fire_onnx = True
         return hook
 
     try:
         for t in directions.targets:
             if not t.module:
                 raise FireError(f"target {t.label} has no module path; it can only be applied to the ONNX model")
-            handles.append(find_module(model, t.module).register_forward_hook(once(t, repair_module_output(t))))
+            mod = find_module(model, t.module)
+            if any(getattr(h, "_fire_onnx", False) for h in mod._forward_hooks.values()):
+                # a second call stacked the hooks: a translation moved inputs twice (new-user run 17: CA 74.5 -> 35 %)
+                raise FireError(f"module {t.module!r} already carries a fire-onnx repair (apply_in_torch was called "
+                                "before): remove those hooks first (h.remove() for each handle it returned)")
+            handles.append(mod.register_forward_hook(once(t, repair_module_output(t))))
     except BaseException:
         for h in handles:
             h.remove()
