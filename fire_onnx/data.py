@@ -25,6 +25,24 @@ class Images:
         return Images(self.x[idx], None if self.y is None else self.y[idx], self.classes)
 
 
+def _pixels(x: np.ndarray, what, float_hint: str, int_hint: str = "") -> np.ndarray:
+    """``x`` checked as uint8 NHWC images (a grey (N, H, W) array gets its channel axis), N > 0; ``what`` names
+    them in the error, ``float_hint`` says how to convert float pixels in [0, 1] (a file is saved, an array passed)."""
+    if x.dtype != np.uint8:
+        how = f": for images in [0, 1] {float_hint}" if x.dtype.kind == "f" else int_hint if x.dtype.kind in "iu" else ""
+        raise FireError(f"{what}: images must be uint8 raw pixels 0..255, got {x.dtype}{how}")
+    shape = x.shape
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise FireError(f"{what}: images must have shape (N, H, W[, C]) with N > 0, got {shape}"
+                        + (" (fire-onnx feeds image models only)" if x.ndim == 2 else ""))
+    if x.shape[3] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):  # (N, C, H, W) would be read as C = W channels
+        raise FireError(f"{what}: the images are {list(x.shape[1:])}, which looks like an NCHW array (channels "
+                        "first); fire-onnx reads uint8 NHWC images: save x.transpose(0, 2, 3, 1)")
+    return x
+
+
 def check_images(images: Images, what: str = "images") -> Images:
     """``images`` built in Python, checked as load_images checks a file's (new-user run 17: float pixels in [0, 1]
     gave CA 10 % and a repair that did nothing, labels shaped (N, 1) broadcast to an N x N comparison, a list
@@ -33,14 +51,8 @@ def check_images(images: Images, what: str = "images") -> Images:
     x = images.x
     if not isinstance(x, np.ndarray):
         raise FireError(f"{what}: x must be a numpy array of uint8 pixels, got {type(x).__name__}")
-    if x.dtype != np.uint8:
-        how = (": for pixels in [0, 1] pass np.round(x * 255).astype(np.uint8) (Preprocess(scale=1/255) undoes it)"
-               if x.dtype.kind == "f" else ": pass x.astype(np.uint8)" if x.dtype.kind in "iu" else "")
-        raise FireError(f"{what}: images must be uint8 raw pixels 0..255, got {x.dtype}{how}")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise FireError(f"{what}: images must have shape (N, H, W[, C]) with N > 0, got {images.x.shape}")
+    x = _pixels(x, what, "pass np.round(x * 255).astype(np.uint8) (Preprocess(scale=1/255) undoes it)",
+                ": pass x.astype(np.uint8)")
     y = images.y
     if y is not None:
         y = np.asarray(y)
@@ -69,18 +81,7 @@ def load_images(path: str | Path, split: str = "test") -> Images:
         x, y = arrays[f"x_{split}"], arrays.get(f"y_{split}")
     else:
         raise FireError(f"{path} has no 'x' or 'x_{split}' array (keys: {', '.join(sorted(arrays))})")
-    if x.dtype != np.uint8:
-        how = (": for images in [0, 1] save np.round(x * 255).astype(np.uint8) (the default --scale 1/255 undoes it)"
-               if x.dtype.kind == "f" else "")
-        raise FireError(f"{path}: images must be uint8 raw pixels 0..255, got {x.dtype}{how}")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise FireError(f"{path}: images must have shape (N, H, W[, C]) with N > 0, got {x.shape}"
-                        + (" (fire-onnx feeds image models only)" if x.ndim == 2 else ""))
-    if x.shape[3] not in (1, 3, 4) and x.shape[1] in (1, 3, 4):  # (N, C, H, W) would be read as C = W channels
-        raise FireError(f"{path}: the images are {list(x.shape[1:])}, which looks like an NCHW array (channels "
-                        "first); fire-onnx reads uint8 NHWC images: save x.transpose(0, 2, 3, 1)")
+    x = _pixels(x, path, "save np.round(x * 255).astype(np.uint8) (the default --scale 1/255 undoes it)")
     if y is not None:
         y = np.asarray(y).reshape(-1)
         if y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":

@@ -45,6 +45,7 @@ from fire_onnx.onnxutil import (
     check_written_model,
     external_data_threshold,
     infer_shapes,
+    initializer_names,
     keep_source_inputs,
     load_model,
     module_outputs,
@@ -102,9 +103,12 @@ class PatchResult:
 
 
 def is_patched(model: onnx.ModelProto) -> bool:
-    return any(p.key == META_VERSION for p in model.metadata_props) or any(
-        n.name.startswith(PREFIX + "/") for n in model.graph.node
-    )
+    """Recorded as repaired (metadata) or carrying repair nodes; :func:`has_repair_nodes` for the nodes alone."""
+    return any(p.key == META_VERSION for p in model.metadata_props) or has_repair_nodes(model)
+
+
+def repair_nodes(model: onnx.ModelProto) -> list:
+    return [n for n in model.graph.node if n.name.startswith(PREFIX + "/")]
 
 
 def has_repair_nodes(model: onnx.ModelProto) -> bool:
@@ -114,6 +118,15 @@ def has_repair_nodes(model: onnx.ModelProto) -> bool:
 # static quantization (calibrated ranges); dynamic quantization (DynamicQuantizeLinear + MatMulInteger) sets the
 # range per batch from the inputs themselves and kept the repair (run 16: ASR 0.4 %), so it is not listed
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QGemm", "QLinearMatMul", "QLinearConv", "QLinearAdd", "QLinearMul"}
+
+
+def quantized_repair_nodes(model: onnx.ModelProto, weights: bool = True) -> list:
+    """The repair's nodes that a quantizer added or replaced (``QUANT_OPS`` among the ``fire_onnx/`` nodes: the
+    quantizers name theirs after the node they quantize). ``weights=False`` leaves out DequantizeLinear nodes of
+    stored weights, which keep the repair computed in float."""
+    inits = initializer_names(model.graph)
+    return [n for n in repair_nodes(model) if n.op_type in QUANT_OPS
+            and (weights or not (n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits))]
 
 
 def repair_problems(model: onnx.ModelProto) -> list[str]:
@@ -128,18 +141,17 @@ def repair_problems(model: onnx.ModelProto) -> list[str]:
     from onnx import numpy_helper
 
     out = []
-    nodes = [n for n in model.graph.node if n.name.startswith(PREFIX + "/")]
+    nodes = repair_nodes(model)
     if not nodes:
         if any(p.key in (META_VERSION, META_TARGETS) for p in model.metadata_props):
             out.append("the model's metadata records a fire-onnx repair, but the graph has no fire-onnx nodes: it is "
                        "not repaired (the metadata was copied onto another model?); patch the original model again")
         return out
-    inits = {i.name: i for i in model.graph.initializer}
-    # weights stored in INT8 and dequantized (dynamic quantization) keep the repair in float: not a problem
-    quant = [n for n in nodes if n.op_type in QUANT_OPS
-             and not (n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits)]
+    # weights stored in INT8 and dequantized keep the repair in float: not a problem
+    quant = quantized_repair_nodes(model, weights=False)
     if not quant:
         return out
+    inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
 
     def value(name):
@@ -500,7 +512,7 @@ def patch_model(
         if replace:
             raise FireError("--replace swaps the repair of a model patched by fire-onnx, but this model has fire-onnx "
                             "metadata and no repair nodes: it is not repaired; patch it without --replace")
-    if already and any(n.op_type in QUANT_OPS for n in model.graph.node if n.name.startswith(PREFIX + "/")):
+    if already and quantized_repair_nodes(model):
         # the quantizer names its nodes after the repair's (fire_onnx/0/scores_QuantizeLinear): removing the old
         # repair by name cut the graph apart and failed on an unrelated lookup (new-user run 16)
         raise FireError("the model's fire-onnx repair was quantized (quantization nodes among its fire_onnx/ nodes): it "

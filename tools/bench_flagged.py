@@ -416,16 +416,19 @@ def main(argv=None) -> int:
             log(f"[{arch} / {ds} / {att} / seed {seed}]")
             # written after every cell, so an interrupted run keeps what it measured
             save_records(results_path, run_cell(ds, att, seed, args, modes, arch=arch), key)
-    records = load_records(results_path)
+    write_table(out / "results.md", markdown(load_records(results_path)),
+                f"{round(time.perf_counter() - t0)} s for this run (training included unless cached).")
+    return 0
+
+
+def write_table(path: Path, md: str, tail: str) -> None:
+    """Write a benchmark's markdown table with the footer every results file ends with (fire-onnx and python
+    versions, then ``tail``: the run's time and what it includes), and print the table."""
     from fire_onnx import __version__
     from fire_onnx.fileio import write_text_atomic
 
-    md = markdown(records)
-    meta = (f"\n\nfire-onnx {__version__}, python {platform.python_version()}, "
-            f"{round(time.perf_counter() - t0)} s for this run (training included unless cached).")
-    write_text_atomic(out / "results.md", md + meta + "\n")
+    write_text_atomic(path, md + f"\n\nfire-onnx {__version__}, python {platform.python_version()}, {tail}\n")
     print(md)
-    return 0
 
 
 def load_records(path: Path) -> list[dict]:

@@ -27,7 +27,6 @@ and ``<out>/results.md``. Example::
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -154,6 +153,9 @@ def main(argv=None) -> int:
     for a in args.attacks.split(","):
         if a not in bf.ATTACKS:
             ap.error(f"unknown attack {a!r} (known: {', '.join(bf.ATTACKS)})")
+    for m in args.modes.split(","):  # an unknown one ran as a poisoned fit and replaced the 'original' record
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r} (known: {', '.join(MODES)}; 'original' is always measured)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
@@ -163,13 +165,8 @@ def main(argv=None) -> int:
         for att in args.attacks.split(","):
             bf.log(f"[{ds} / {att}]")
             bf.save_records(results, run_cell(ds, att, args, args.modes.split(",")), key)
-    from fire_onnx import __version__
-    from fire_onnx.fileio import write_text_atomic
-
-    md = markdown(bf.load_records(results))
-    write_text_atomic(out / "results.md", md + f"\n\nfire-onnx {__version__}, python {platform.python_version()}, "
-                      f"{round(time.perf_counter() - t0)} s for this run (training included unless cached).\n")
-    print(md)
+    bf.write_table(out / "results.md", markdown(bf.load_records(results)),
+                   f"{round(time.perf_counter() - t0)} s for this run (training included unless cached).")
     return 0
 
 

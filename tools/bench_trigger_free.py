@@ -18,7 +18,6 @@ models: null). A markdown table goes to ``--out``/results.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_flagged import (ATTACKS, TARGET, flagged_split, load_cell, load_records, log, make_recipe,  # noqa: E402
-                           save_records, train_or_reuse)
+                           save_records, train_or_reuse, write_table)
 
 DATASETS = ["mnist5k", "cifar10", "gtsrb32"]
 TF_ATTACKS = ["badnets", "blended", "sig"]
@@ -196,13 +195,7 @@ def main(argv=None) -> int:
     for ds, attack, seed, layer in cells:
         log(f"[{ds} / {attack or 'clean model'} / seed {seed}]")
         save_records(path, [run(ds, attack, seed, layer, args)], key)
-    from fire_onnx import __version__
-    from fire_onnx.fileio import write_text_atomic
-
-    md = markdown(load_records(path))
-    write_text_atomic(out / "results.md", md + f"\n\nfire-onnx {__version__}, python {platform.python_version()}, "
-                      f"{round(time.perf_counter() - t0)} s for this run.\n")
-    print(md)
+    write_table(out / "results.md", markdown(load_records(path)), f"{round(time.perf_counter() - t0)} s for this run.")
     return 0
 
 

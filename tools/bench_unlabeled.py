@@ -19,7 +19,6 @@ Writes ``<out>/results.json`` (records keyed by dataset, model, attack, mode, la
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_flagged import (ATTACKS, N_CLEAN, TARGET, flagged_split, load_cell, load_records,  # noqa: E402
-                           make_recipe, save_records, train_or_reuse)
+                           make_recipe, save_records, train_or_reuse, write_table)
 
 CELLS = [("cifar10", "badnets"), ("cifar10", "blended"), ("gtsrb32", "badnets"), ("gtsrb32", "blended"),
          ("mnist5k", "badnets"), ("mnist5k", "blended")]
@@ -236,16 +235,11 @@ def main(argv=None) -> int:
         save_records(results, run_cell(ds, att, args, args.layers.split(",")), key)
         if args.clean_traffic:
             save_records(results, run_cell(ds, att, args, ["bench"], rate=0.0, mode=CLEAN_MODE), key)
-    from fire_onnx import __version__
-    from fire_onnx.fileio import write_text_atomic
-
     md = markdown(load_records(results))
     notes = out / "unlabeled_notes.md"  # the reading, kept by hand beside the generated table
     if notes.is_file():
         md += "\n\n" + notes.read_text().strip()
-    write_text_atomic(out / "unlabeled.md", md + f"\n\nfire-onnx {__version__}, python {platform.python_version()}, "
-                      f"{round(time.perf_counter() - t0)} s for the last run.\n")
-    print(md)
+    write_table(out / "unlabeled.md", md, f"{round(time.perf_counter() - t0)} s for the last run.")
     return 0
 
 
