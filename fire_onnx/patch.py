@@ -680,15 +680,21 @@ def check_model_fingerprint(result: PatchResult, directions: dirs.Directions, *,
 
 def default_output(model_path: str | os.PathLike) -> Path:
     """``m.onnx`` -> ``m.fire.onnx``; an already patched ``m.fire.onnx`` (``--replace``) -> ``m.fire.r1.onnx``,
-    ``m.fire.r1.onnx`` -> ``m.fire.r2.onnx`` (never the input itself, never ``m.fire.fire.onnx``)."""
+    ``m.fire.r1.onnx`` -> ``m.fire.r2.onnx``, or the next free ``rN`` when that exists (never the input itself,
+    never ``m.fire.fire.onnx``, never an earlier round's result)."""
     import re
 
     p = Path(model_path)
     stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
     m = re.fullmatch(r"(.*\.fire)(?:\.r(\d+))?", stem)
-    if m:
-        return p.with_name(f"{m.group(1)}.r{int(m.group(2) or 0) + 1}.onnx")
-    return p.with_name(stem + ".fire.onnx")
+    if not m:
+        return p.with_name(stem + ".fire.onnx")
+    n = int(m.group(2) or 0) + 1
+    # the next free name: replacing the repair of m.fire.onnx each round wrote m.fire.r1.onnx over the last
+    # round's result (new-user run 19)
+    while p.with_name(f"{m.group(1)}.r{n}.onnx").exists():
+        n += 1
+    return p.with_name(f"{m.group(1)}.r{n}.onnx")
 
 
 def verify_in_onnxruntime(path: str | os.PathLike, original: str | os.PathLike) -> str | None:

@@ -419,6 +419,7 @@ def fit_directions(
     previous: dirs.Directions | None = None,
     pair_blend: bool = False,
     weak_floor: bool = True,
+    merge: bool = True,
 ) -> dirs.Directions:
     """Fit one target per layer and return the directions, with the checks' results in
     ``meta["checks"]`` and each target's fingerprint.
@@ -444,7 +445,9 @@ def fit_directions(
 
     ``previous`` (``fit --update``) is an earlier fit of the same layers on the same model, with its
     update statistics: the result is the fit on its triggered samples and ``triggered`` together
-    (see :mod:`fire_onnx.streaming`); the model must match its fingerprint.
+    (see :mod:`fire_onnx.streaming`); the model must match its fingerprint. ``merge=False``: ``triggered``
+    already holds the earlier samples (flagged images the file keeps, :mod:`fire_onnx.fit.update`), so the
+    statistics are not merged; the fingerprint is still checked and the update counted.
     """
     from fire_onnx.data import check_images
 
@@ -521,6 +524,8 @@ def fit_directions(
     for name in layers:
         is_tensor = model is None and tensor_of.get(name) == name
         prior, prior_fit, old_target = priors.get(name, (None, None, None))
+        if not merge:
+            prior, prior_fit = None, None
         t = fit_target(acts_c[name], acts_t[name], layout=layout, method=method, k=k, gate=gate,
                        quantile=quantile, alpha=alpha, module="" if is_tensor else name,
                        tensor=tensor_of.get(name, ""),
@@ -531,6 +536,8 @@ def fit_directions(
                        prior=prior, prior_fit=prior_fit,
                        prior_direction=None if old_target is None else old_target.U[0])
         t.fingerprint = probes.fingerprint(acts_probe[name])
+        if old_target is not None and not merge:
+            t.fit["updates"] = int(old_target.fit.get("updates", 0)) + 1
         if inferred is not None:
             from fire_onnx.onnxutil import tensor_info
             from fire_onnx.patch import check_layout

@@ -191,6 +191,11 @@ class FitInputs:
     k: int
     previous: dirs.Directions | None = None
     clean_left_out: list = field(default_factory=list)  # pool images left out as poisoned-looking, per round
+    # --update of a file that keeps its flagged images (fire_onnx.fit.update.merge_flagged): ``triggered`` holds
+    # them and the new ones, fitted together instead of merged into the statistics
+    refit_all: bool = False
+    new_flagged: Images | None = None  # the new images among them
+    flagged_seen: list | None = None  # hashes of every flagged image merged so far
 
 
 UPDATE_MIN_REACH = 0.5  # fit --update: the share of new triggered images that must reach the target
@@ -201,24 +206,35 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
     """Load everything ``req`` names, fit, and return the directions (not yet saved). ``log`` gets
     progress lines of ``--layer auto`` (one per candidate)."""
     req.validate()
+    from fire_onnx.fit.update import store_flagged
+
     if req.auto:
         from fire_onnx.fit.auto import run_auto
 
-        return run_auto(req, progress=progress, log=log)
+        inputs = load_inputs(req)
+        d = run_auto(req, progress=progress, log=log, inputs=inputs)
+        store_flagged(d, req, inputs)
+        return d
     inputs = load_inputs(req)
     clean, triggered, source = select_samples(req, inputs)
     if inputs.previous is not None:  # --update: each target with its own recorded settings (a chain in order)
-        from fire_onnx.fit.update import update_targets
+        from fire_onnx.fit.update import new_reach, update_targets
 
+        if inputs.refit_all:  # stored flagged images + new ones: the reach of the new ones is what tells
+            reach, n_new = new_reach(inputs, req.target), len(inputs.new_flagged)
         d = update_targets(req, inputs, clean, triggered, source, progress=progress)
-        reach = d.meta.get("checks", {}).get("triggered_to_target")
-        if reach is not None and reach < UPDATE_MIN_REACH and not req.force:
+        if not inputs.refit_all:
+            reach, n_new = d.meta.get("checks", {}).get("triggered_to_target"), len(triggered)
+        if reach is not None and reach < UPDATE_MIN_REACH:
             # merged, such images pull the estimate off the trigger: a ViT repair went from 0.9 % to 3.8 % ASR
             # and lost 2.5 pt CA, while the held-out check (judged on the new images only) looked harmless
-            raise FireError(f"not written: only {reach:.0%} of the {len(triggered)} new triggered images reach the "
-                            f"repair's target class {req.target} on this model: they do not carry the trigger of the "
-                            f"backdoor {Path(req.update_path).name} repairs, and merging them would weaken it; check "
-                            "the images (or --target of the original fit); --force merges them anyway")
+            what = (f"only {reach:.0%} of the {n_new} new triggered images reach the repair's target class "
+                    f"{req.target} on this model: they do not carry the trigger of the backdoor "
+                    f"{Path(req.update_path).name} repairs, and merging them would weaken it")
+            if not req.force:
+                raise FireError(f"not written: {what}; check the images (or --target of the original fit); --force "
+                                "merges them anyway")
+            d.meta.setdefault("checks", {}).setdefault("warnings", []).append(f"{what} (merged anyway: --force)")
     else:
         d = fit_layers(req, inputs, list(req.layers), clean, triggered, source, progress=progress)
     from fire_onnx.fit.verify import refuse_or_record
@@ -234,6 +250,7 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         d, check = _check(req, inputs, d, clean, triggered, source, progress, seek_suspects=True)
     if inputs.clean_left_out:
         report_excluded(req, inputs, d, target_out)
+    store_flagged(d, req, inputs)
     if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
         for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
             log(f"warning: {w}")
@@ -468,6 +485,10 @@ def load_inputs(req: FitRequest) -> FitInputs:
         from fire_onnx.fit.unlabeled import attach
 
         attach(req, inputs)
+    if previous is not None:
+        from fire_onnx.fit.update import merge_flagged
+
+        merge_flagged(req, inputs)
     return inputs
 
 
@@ -531,7 +552,8 @@ def fit_inputs(req: FitRequest, inputs: FitInputs, layers: list[str], clean: Ima
                        batch_size=req.batch_size, onnx_model=inputs.onnx_model, meta=dict(inputs.meta),
                        triggered_source=source, progress=progress, tensors=tensors, target=req.target,
                        onnx_name=inputs.onnx_name, reconstruct=reconstruct, held=held, shrink=req.shrink,
-                       repair=req.repair, previous=inputs.previous, pair_blend=req.blend_fit == "pseudo-pairs",
+                       repair=req.repair, previous=inputs.previous, merge=not inputs.refit_all,
+                       pair_blend=req.blend_fit == "pseudo-pairs",
                        weak_floor=not req.trigger_free)
     if inputs.previous is not None:
         from fire_onnx.fit.update import stamp_update

@@ -170,10 +170,140 @@ def stamp_update(d: dirs.Directions, previous: dirs.Directions, update_path: str
 
 
 def default_update_output(update_path: str) -> Path:
-    """``directions.npz`` -> ``directions.u1.npz``; ``directions.u1.npz`` -> ``directions.u2.npz`` (the
-    update never overwrites the file it refines)."""
+    """``directions.npz`` -> ``directions.u1.npz``; ``directions.u1.npz`` -> ``directions.u2.npz``, or the next
+    free ``uN`` when that exists (the update never overwrites the file it refines, nor an earlier update)."""
     p = Path(update_path)
     stem = p.name[:-4] if p.name.endswith(".npz") else p.name
     m = re.fullmatch(r"(.*)\.u(\d+)", stem)
     base, n = (m.group(1), int(m.group(2)) + 1) if m else (stem, 1)
+    # the next free name: updating directions.npz each round wrote directions.u1.npz over the last round's
+    # update, so only the newest batch was ever merged (new-user run 19)
+    while p.with_name(f"{base}.u{n}.npz").exists():
+        n += 1
     return p.with_name(f"{base}.u{n}.npz")
+
+
+# Flagged images without twins are fitted through a trigger reconstruction, which needs the images themselves:
+# statistics merged per batch made an update depend on how the images arrived (new-user run 19: 20 one-image
+# batches left 18.4 % ASR where one fit on the same 20 images left 0.3 %, and the same image sent six times took
+# a 0.3 % repair to 73.5 %). So such a fit keeps its flagged images in the directions file (target 0's
+# ``stats.flagged_x``, which readers without this code ignore), and an update refits on all of them plus the
+# new ones: the result is the fit on every distinct flagged image seen so far.
+STORE_MAX_IMAGES = 256  # flagged images a directions file keeps at most ...
+STORE_MAX_BYTES = 8 << 20  # ... and at most this many bytes of them (a uniform sample of the images beyond)
+
+
+def flagged_mode(req, inputs) -> bool:
+    """Whether this fit reconstructs the trigger from flagged images (no trigger, no twins)."""
+    return (inputs.trigger is None and inputs.triggered is not None and inputs.triggered_clean is None
+            and req.reconstruct == "auto")
+
+
+def digests(x: np.ndarray) -> list[str]:
+    """A short content hash per image (repeats across updates are recognised by it)."""
+    import hashlib
+
+    x = np.ascontiguousarray(x)
+    return [hashlib.sha1(x[i].tobytes() + str(x[i].shape).encode()).hexdigest()[:16] for i in range(len(x))]
+
+
+def stored_flagged(previous: dirs.Directions):
+    """The flagged images a directions file keeps (``Images``), or None."""
+    from fire_onnx.data import Images
+
+    st = previous.targets[0].stats
+    x = st.get("flagged_x")
+    if x is None:
+        return None
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or x.ndim != 4 or len(x) == 0:
+        raise FireError("the directions file's stored flagged images (stats.flagged_x) are not uint8 (N, H, W, C) "
+                        "images: a damaged file; fit again on the flagged images you have")
+    y = st.get("flagged_y")
+    if y is not None:
+        y = np.asarray(y)
+        if y.dtype.kind not in "iu" or y.shape != (len(x),):
+            raise FireError("the directions file's stored flagged labels (stats.flagged_y) do not match its images")
+        y = y.astype(np.int64)
+    return Images(x, y)
+
+
+def merge_flagged(req, inputs) -> None:
+    """``--update`` of a file that keeps its flagged images, with new flagged images: ``inputs.triggered``
+    becomes the stored images and the new ones not seen before, fitted all together (``inputs.refit_all``)."""
+    from fire_onnx.data import Images
+
+    previous = inputs.previous
+    stored = stored_flagged(previous)
+    if stored is None:
+        if flagged_mode(req, inputs):
+            req.notes.append(f"{Path(req.update_path).name} keeps no flagged images (written by an older fire-onnx, or "
+                             "fitted on a trigger or twins): the new images' trigger is reconstructed from them alone "
+                             "and merged into its statistics")
+        return
+    if not flagged_mode(req, inputs):
+        return
+    if stored.x.shape[1:] != inputs.triggered.x.shape[1:]:
+        raise FireError(f"the new flagged images are {list(inputs.triggered.x.shape[1:])} but the ones "
+                        f"{Path(req.update_path).name} was fitted on are {list(stored.x.shape[1:])} (H, W, C)")
+    seen = list(previous.meta.get("flagged_seen") or digests(stored.x))
+    known = set(seen)
+    new_keys = digests(inputs.triggered.x)
+    keep = [i for i, k in enumerate(new_keys) if k not in known]
+    name = Path(req.triggered_path).name
+    if not keep:
+        raise FireError(f"every image of {name} was already merged into {Path(req.update_path).name} (an earlier "
+                        "update or its fit): sent again, the same images would only weigh more; nothing to update")
+    if len(keep) < len(new_keys):
+        req.notes.append(f"{name}: {len(new_keys) - len(keep)} of its {len(new_keys)} images were already merged "
+                         f"into {Path(req.update_path).name} and are left out ({len(keep)} new)")
+    new = inputs.triggered.subset(np.asarray(keep))
+    y = None if stored.y is None or new.y is None else np.concatenate([stored.y, new.y])
+    inputs.new_flagged = new
+    inputs.triggered = Images(np.concatenate([stored.x, new.x]), y, new.classes)
+    inputs.flagged_seen = seen + [new_keys[i] for i in keep]
+    inputs.refit_all = True
+    req.n_triggered = len(inputs.triggered)
+    req.notes.append(f"refitted on the {len(stored)} flagged images {Path(req.update_path).name} keeps and the "
+                     f"{len(new)} new ones ({len(inputs.triggered)} in all), as one fit on all of them would be")
+
+
+def store_flagged(d: dirs.Directions, req, inputs) -> None:
+    """Keep the flagged images of a reconstruction fit in ``d`` (see STORE_MAX_*), and the hashes of every
+    flagged image merged so far in ``d.meta["flagged_seen"]``."""
+    if not flagged_mode(req, inputs):
+        for t in d.targets:  # a paired update of a file that kept flagged images: they no longer describe it
+            t.stats.pop("flagged_x", None)
+            t.stats.pop("flagged_y", None)
+        d.meta.pop("flagged_seen", None)
+        return
+    imgs = inputs.triggered
+    seen = inputs.flagged_seen or digests(imgs.x)
+    per = max(int(imgs.x[0].nbytes), 1)
+    cap = max(1, min(STORE_MAX_IMAGES, STORE_MAX_BYTES // per))
+    idx = np.arange(len(imgs))
+    if len(idx) > cap:  # deterministic, like the statistics' row sample
+        idx = np.sort(np.random.default_rng(len(seen)).choice(len(idx), cap, replace=False))
+        d.meta.setdefault("checks", {}).setdefault("warnings", []).append(
+            f"the directions file keeps {cap} of the {len(imgs)} flagged images (at most {STORE_MAX_IMAGES}, "
+            f"{STORE_MAX_BYTES >> 20} MiB): a later --update refits on those and the new ones")
+    t0 = d.targets[0]
+    t0.stats["flagged_x"] = np.ascontiguousarray(imgs.x[idx], dtype=np.uint8)
+    if imgs.y is not None:
+        t0.stats["flagged_y"] = np.asarray(imgs.y[idx], dtype=np.int64)
+    else:
+        t0.stats.pop("flagged_y", None)
+    d.meta["flagged_seen"] = list(seen)
+
+
+def new_reach(inputs, target: int) -> float | None:
+    """The share of the new flagged images (``inputs.new_flagged``) the model classifies as ``target``."""
+    if inputs.new_flagged is None or target is None:
+        return None
+    from fire_onnx.fit.core import OnnxSource, TorchSource
+
+    src = TorchSource(inputs.model, []) if inputs.model is not None else OnnxSource(inputs.onnx_model, [])
+    logits = src.run(inputs.preprocess(inputs.new_flagged.x))[1]
+    if logits is None:
+        return None
+    return float((logits.argmax(axis=1) == int(target)).mean())
