@@ -233,6 +233,9 @@ class Metrics:
     # can move target-class inputs that carry the trigger (new-user run 15: 59 % against 85.5 %)
     target_kept: float | None = None
     target_recall: float | None = None
+    # clean accuracy per true class {class: {"n", "ca"}}: a repair fitted without a class's clean images took it from
+    # 84.9 % to 3.4 % while the pooled CA moved 4 pt and every --fail-* check passed (new-user run 20)
+    ca_by_class: dict | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -264,6 +267,8 @@ def compute_metrics(
     pred = logits.argmax(axis=1)
     check_labels_in_range(pred, clean.y, logits.shape[1], [o.name for o in sess.get_outputs()])
     m = Metrics(ca=float((pred == clean.y).mean()), n_clean=len(clean))
+    m.ca_by_class = {str(int(c)): {"n": int((clean.y == c).sum()), "ca": float((pred[clean.y == c] == c).mean())}
+                     for c in np.unique(clean.y)}
     if target is not None and (clean.y != target).any():
         m.asr_floor = float((pred[clean.y != target] == target).mean())
     if triggered is not None:
@@ -298,20 +303,30 @@ def compute_metrics(
     return m
 
 
-MIN_CLASS = 20  # triggered images of one source class needed to judge its ASR apart from the pool
+MIN_CLASS = 20  # triggered images of one source class judged at 95 % confidence, each on its own
+# ... smaller classes (from MIN_SMALL_CLASS images) are judged too, at 95 % over all of them together (Bonferroni):
+# skipped, a GTSRB backdoor working only from six 10-image classes (10 of 10 at the target for one) passed
+# --fail-asr 0.06 at 5.5 % pooled, without a warning (new-user run 20; 16 of GTSRB's 43 classes have < 20 images)
+MIN_SMALL_CLASS = 5
 TARGET_KEPT_GAP = 0.1  # warn when triggered target-class images keep their class this much less than clean ones
 ELSEWHERE_WARN = 0.3  # warn when this share of triggered images goes neither to its label nor to the target
 
 
 def worst_class(by_class: dict | None) -> tuple[str, dict, float] | None:
     """(class, its record, the lower 95 % bound of its ASR above the class's own floor) of the source class whose
-    ASR is highest with confidence, among classes with at least MIN_CLASS triggered images; None without per-class
-    records. The floor (its clean images the model puts at the target) is subtracted: Fashion-MNIST shirts go to
+    ASR is highest with confidence, among classes with at least MIN_SMALL_CLASS triggered images (those under
+    MIN_CLASS at 95 % jointly: each at 1 - 0.05 / their number); None without per-class records. The floor (its clean images the model puts at the target) is subtracted: Fashion-MNIST shirts go to
     the T-shirt class without any trigger."""
     from fire_onnx.fit.verify import lower_bound
 
-    rows = [(c, r, lower_bound(int(round(r["asr"] * r["n"])), r["n"]) - r.get("floor", 0.0))
-            for c, r in (by_class or {}).items() if r["n"] >= MIN_CLASS]
+    by_class = by_class or {}
+    n_small = sum(1 for r in by_class.values() if MIN_SMALL_CLASS <= r["n"] < MIN_CLASS)
+
+    def level(n: int) -> float:
+        return 0.95 if n >= MIN_CLASS else 1 - 0.05 / n_small
+
+    rows = [(c, r, lower_bound(int(round(r["asr"] * r["n"])), r["n"], level(r["n"])) - r.get("floor", 0.0))
+            for c, r in by_class.items() if r["n"] >= MIN_SMALL_CLASS]
     return max(rows, key=lambda t: t[2]) if rows else None
 
 
@@ -351,6 +366,34 @@ def outputs_note(sess, path) -> str | None:
     names = ", ".join(f"{o.name} {list(o.shape)}" for o in outs)
     return (f"note: {path} has {len(outs)} outputs ({names}); CA, ASR and RA use the first, {outs[0].name!r}, as "
             "the class scores (export the class scores as the first output if that is not them)")
+
+
+def other_output_hint(sess, clean: Images, preprocess: Preprocess, ca: float, batch_size: int = 256) -> str | None:
+    """When another output of a several-output model classifies the clean images much better than the first (the
+    one scored), say so: (features[:, :10], logits) read 7.8 % CA with exit 0 and a note only (new-user run 18)."""
+    from fire_onnx import preprocess_check
+
+    outs = sess.get_outputs()
+    if len(outs) < 2 or clean.y is None or ca >= preprocess_check.PROBE_BELOW:
+        return None
+    names = [o.name for o in outs[1:] if len(o.shape) == 2]
+    if not names:
+        return None
+    n = min(len(clean), 1000)
+    parts = run_batches(sess, preprocess(clean.x[:n]), names, batch_size)
+    best = None
+    for name, p in zip(names, parts):
+        z = np.concatenate(p)
+        if z.ndim != 2 or z.shape[1] < 2 or clean.y[:n].max() >= z.shape[1]:
+            continue
+        acc = float((z.argmax(axis=1) == clean.y[:n]).mean())
+        if acc >= ca + preprocess_check.WARN_GAP and (best is None or acc > best[1]):
+            best = (name, acc)
+    if best is None:
+        return None
+    return (f"its output {best[0]!r} classifies {best[1]:.1%} of the first {n} clean images correctly, against "
+            f"{ca:.1%} for the first output {outs[0].name!r}, which CA, ASR and RA use: the class scores are probably "
+            f"{best[0]!r}; export them as the model's first output")
 
 
 def num_classes(sess, sample: np.ndarray | None = None) -> int:
@@ -624,6 +667,45 @@ def repair_left(results: dict, infos: list[ModelInfo]) -> list[str]:
             if i.patched and results.get(i.path, {}).get("asr") is not None and results[i.path]["asr"] >= 0.5 * b]
 
 
+CLASS_DROP_WARN = 0.05  # warn when a class's CA drop is confidently above this
+
+
+def class_drops(base: dict | None, patched: dict | None) -> list[tuple[str, float, int, float]]:
+    """(class, CA drop, its clean images, lower 95 % bound of the drop) per class of ``base``/``patched``
+    ``ca_by_class`` records with at least MIN_SMALL_CLASS images, worst bound first. The bound treats the net loss
+    as lost images (conservative), at 95 % over all those classes together (Bonferroni)."""
+    from fire_onnx.fit.verify import lower_bound
+
+    rows = [(c, b["ca"] - patched[c]["ca"], b["n"]) for c, b in (base or {}).items()
+            if c in (patched or {}) and b["n"] >= MIN_SMALL_CLASS]
+    level = 1 - 0.05 / max(len(rows), 1)
+    out = [(c, drop, n, lower_bound(int(round(drop * n)), n, level)) for c, drop, n in rows]
+    return sorted(out, key=lambda t: -t[3])
+
+
+def class_drop_warnings(results: dict, infos: list[ModelInfo]) -> list[str]:
+    """Warning lines for patched models under which one class loses much more clean accuracy than the pool, against
+    the one unpatched model beside them."""
+    base = [i.path for i in infos if not i.patched and results.get(i.path, {}).get("ca_by_class")]
+    if len(base) != 1:
+        return []
+    b = results[base[0]]
+    out = []
+    for i in infos:
+        r = results.get(i.path) or {}
+        if not i.patched or not r.get("ca_by_class"):
+            continue
+        drops = class_drops(b["ca_by_class"], r["ca_by_class"])
+        if drops and drops[0][3] > CLASS_DROP_WARN:
+            c, drop, n, _ = drops[0]
+            out.append(f"warning: {i.path}: class {c} loses {drop:.1%} of clean accuracy ({n} images: "
+                       f"{b['ca_by_class'][c]['ca']:.1%} -> {r['ca_by_class'][c]['ca']:.1%}) against {b['ca'] - r['ca']:.1%} "
+                       f"overall vs {base[0]}: the repair removes features of that class (fitted without its clean "
+                       "images, or at a layer where the class resembles triggered inputs); --fail-ca-drop also "
+                       "checks each class")
+    return out
+
+
 def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | None) -> list[str]:
     """Warning lines where ``target`` / ``trigger`` (a triggers.describe() dict) differ from what a
     patched model records as the attack it was fitted for, and what makes a patched model's repair not work
@@ -693,6 +775,10 @@ def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | No
         if fail_ca_drop is not None:
             drop = results[baseline]["ca"] - r["ca"]
             add(m, "ca_drop", drop, fail_ca_drop, drop <= fail_ca_drop + _EPS, baseline=baseline)
+            drops = class_drops(results[baseline].get("ca_by_class"), r.get("ca_by_class"))
+            if drops and drops[0][3] > fail_ca_drop + _EPS:  # confidently over the limit on one class
+                c, d_c, n, lb = drops[0]
+                add(m, "ca_drop_class", d_c, fail_ca_drop, False, baseline=baseline, clean_class=c, n=n, lower_bound=lb)
     return checks
 
 
@@ -717,6 +803,10 @@ def format_check(c: dict) -> str:
                 f"({c['n']} images; at 95% confidence {100 * c['lower_bound']:.2f}% or more above the class's own "
                 f"clean images at the target) > {100 * c['limit']:.2f}% (--fail-asr {c['limit']:g}, checked per "
                 "source class too)")
+    if c["check"] == "ca_drop_class":
+        return (f"check FAILED: {c['model']}: CA drop vs {c['baseline']} on class-{c['clean_class']} clean images "
+                f"{100 * c['value']:.2f}% ({c['n']} images; at 95% confidence {100 * c['lower_bound']:.2f}% or more) > "
+                f"{100 * c['limit']:.2f}% (--fail-ca-drop {c['limit']:g}, checked per class too)")
     name = {"asr": "ASR", "ca": "CA", "ca_drop": "CA drop", "ra_drop": "CA - RA"}[c["check"]]
     op = (">=" if c["check"] == "ca" else "<=") if c["passed"] else ("<" if c["check"] == "ca" else ">")
     opt = {"asr": "--fail-asr", "ca": "--fail-ca", "ca_drop": "--fail-ca-drop", "ra_drop": "--fail-ra-drop"}[c["check"]]

@@ -686,6 +686,14 @@ def test_a_poisoned_clean_file_is_cleaned_and_refitted(ws):
     from fire_onnx.fit.verify import poisoned_clean_hint
 
     hint = poisoned_clean_hint({"changed": 40, "changed_from_target": 39, "changed_to_label": 0,
-                                "changed_labelled_target": 39, "target": 0})
+                                "changed_labelled_target": 39, "target": 0,
+                                "poison_evidence": {"n": 35, "carried_share": 0.97}})
     assert "labelled 0 in the clean file, as relabelled poisoned training images are" in hint
+    assert "carry 97% of the trigger's pixel change" in hint
     assert "the clean file probably holds triggered (poisoned) images" in hint
+    # without pixel evidence (no clean image scores like the triggered ones, or no trigger estimate) it names both
+    # causes: a test split's genuine class-0 images were blamed as poisoned (new-user runs 18 and 20)
+    hint = poisoned_clean_hint({"changed": 40, "changed_from_target": 39, "changed_to_label": 0,
+                                "changed_labelled_target": 39, "target": 0})
+    assert "probably holds" not in hint and "as relabelled poisoned" not in hint
+    assert "either the repair removes features that genuine class-0 images share" in hint

@@ -313,3 +313,47 @@ def test_a_model_fitted_from_triggered_images_gets_a_note_that_the_trigger_is_no
     same = ModelInfo(path="s.fire.onnx", patched=True, attack={"target": 7, "trigger": given})
     assert attack_warnings([same], 7, given) == []
     assert attack_warnings([ModelInfo(path="orig.onnx")], 7, given) == []  # an unpatched model records nothing
+
+
+def test_small_source_classes_are_judged_together():
+    """A backdoor that works from a few small classes only (new-user run 20: six GTSRB classes of 10 test images,
+    one at 10 of 10, 5.5 % pooled) fails --fail-asr through its worst class; classes under MIN_CLASS are judged at
+    95 % over all of them (Bonferroni), so scatter across many small classes does not."""
+    from fire_onnx.evaluate import ModelInfo, threshold_checks, worst_class
+
+    by_class = {str(c): {"n": 10, "asr": 0.0, "floor": 0.0} for c in range(40)}
+    by_class["37"] = {"n": 10, "asr": 1.0, "floor": 0.0}
+    by_class["5"] = {"n": 300, "asr": 0.02, "floor": 0.0}
+    c, rec, bound = worst_class(by_class)
+    assert c == "37" and 0.4 < bound < 0.75  # 10 of 10 at 1 - 0.05/41
+    results = {"m.fire.onnx": {"asr": 0.055, "ca": 0.8, "ra": 0.78, "by_class": by_class}}
+    checks = threshold_checks(results, [ModelInfo(path="m.fire.onnx", patched=True)], fail_asr=0.06)
+    assert [ch["check"] for ch in checks if not ch["passed"]] == ["asr_class"]
+    # one image of ten at the target in each small class: nothing to fail on
+    scattered = {str(c): {"n": 10, "asr": 0.1, "floor": 0.0} for c in range(40)}
+    assert worst_class(scattered)[2] < 0.02
+    results["m.fire.onnx"]["by_class"] = scattered
+    checks = threshold_checks(results, [ModelInfo(path="m.fire.onnx", patched=True)], fail_asr=0.06)
+    assert all(ch["passed"] for ch in checks if ch["check"] == "asr_class") and not [
+        ch for ch in checks if ch["check"] == "asr_class"]
+
+
+def test_a_class_losing_its_clean_accuracy_fails_the_ca_drop_check():
+    """A repair fitted without the target class's clean images took that class from 84.9 % to 71.4 % (119 images)
+    while the pooled CA moved 0.6 pt and --fail-ca-drop 0.01 passed (new-user run 20): the drop is checked per class
+    too, and eval warns; a repair that costs every class a little passes."""
+    from fire_onnx.evaluate import ModelInfo, class_drop_warnings, threshold_checks
+
+    base = {str(c): {"n": 50, "ca": 0.8} for c in range(42)}
+    base["2"] = {"n": 119, "ca": 0.849}
+    hurt = dict(base, **{"2": {"n": 119, "ca": 0.714}})
+    infos = [ModelInfo(path="m.onnx"), ModelInfo(path="m.fire.onnx", patched=True)]
+    results = {"m.onnx": {"ca": 0.784, "ca_by_class": base}, "m.fire.onnx": {"ca": 0.778, "ca_by_class": hurt}}
+    checks = threshold_checks(results, infos, fail_ca_drop=0.01)
+    failed = [ch for ch in checks if not ch["passed"]]
+    assert [ch["check"] for ch in failed] == ["ca_drop_class"] and failed[0]["clean_class"] == "2"
+    assert any("class 2 loses 13.5% of clean accuracy" in w for w in class_drop_warnings(results, infos))
+    even = {c: {"n": r["n"], "ca": r["ca"] - 0.01} for c, r in base.items()}
+    results["m.fire.onnx"] = {"ca": 0.774, "ca_by_class": even}
+    assert all(ch["passed"] for ch in threshold_checks(results, infos, fail_ca_drop=0.02))
+    assert class_drop_warnings(results, infos) == []

@@ -169,6 +169,21 @@ def stamp_update(d: dirs.Directions, previous: dirs.Directions, update_path: str
             d.meta[key] = previous.meta[key]
 
 
+def earlier_updates(update_path: str) -> list[Path]:
+    """Updates of ``update_path`` already written under the default names (``.u1`` ... up to the first free one):
+    a script that runs ``fit --update directions.npz`` every round starts from the same file each time, and
+    merges only its newest batch (new-user run 19)."""
+    p = Path(update_path)
+    stem = p.name[:-4] if p.name.endswith(".npz") else p.name
+    m = re.fullmatch(r"(.*)\.u(\d+)", stem)
+    base, n = (m.group(1), int(m.group(2)) + 1) if m else (stem, 1)
+    out = []
+    while p.with_name(f"{base}.u{n}.npz").exists():
+        out.append(p.with_name(f"{base}.u{n}.npz"))
+        n += 1
+    return out
+
+
 def default_update_output(update_path: str) -> Path:
     """``directions.npz`` -> ``directions.u1.npz``; ``directions.u1.npz`` -> ``directions.u2.npz``, or the next
     free ``uN`` when that exists (the update never overwrites the file it refines, nor an earlier update)."""

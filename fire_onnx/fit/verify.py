@@ -107,7 +107,11 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
             trig_from = f"{len(held_trig)} triggered images of the file not fitted on"
         else:
             held_trig, in_sample = Images(triggered.x), True
-            trig_from = f"the {len(held_trig)} triggered images fitted on (in-sample: the file has no others)"
+            # the file's few other images are too few to judge on (new-user run 20 read "no others" beside "fitting on
+            # 20 of the 22 images ... the others check the repair")
+            others = (f"its {len(extra)} other image{'s are' if len(extra) > 1 else ' is'} too few to judge on, at "
+                      f"least {MIN_TRIGGERED}" if len(extra) else "the file has no others")
+            trig_from = f"the {len(held_trig)} triggered images fitted on (in-sample: {others})"
     try:
         if inputs.onnx_model is not None:
             held = HeldOut(inputs.onnx_model, inputs.preprocess, held_clean, held_trig, batch_size=req.batch_size)
@@ -145,9 +149,11 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     if change > CHANGE_WARN and target is not None:
         out.update(_changed_from_target(held, d, held_clean, target, after=pc.argmax(axis=1)))
         if poisoned_clean_hint(out) and not req.trigger_free:
-            out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
-            if "genuine" in out["_suspects"]:
-                out["genuine_target"] = out["_suspects"]["genuine"]
+            out["_suspects"] = sus = _pool_suspects(req, inputs, held, d, target)
+            if "genuine" in sus:
+                out["genuine_target"] = sus["genuine"]
+            elif sus["applies"] and len(sus["suspects"]) and sus.get("carried_share") is not None:
+                out["poison_evidence"] = {"n": int(len(sus["suspects"])), "carried_share": sus["carried_share"]}
     elif seek_suspects and target is not None:  # the pool is known to hold some: look again after each refit
         out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
     if change > CHANGE_WARN:
@@ -187,7 +193,8 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         + ("it does not carry over to triggered inputs it was not fitted on; give "
                            f"{more}, or {_other_layers(req)}" if crossed else
-                           (f"this layer does not remove the trigger; try {_other_layers(req)} or --method subspace"
+                           (f"this layer does not remove the trigger; try {_other_layers(req)}"
+                            + (" or --method subspace" if not req.update_path else "")
                             if req.alpha >= 1 else
                             f"--alpha {req.alpha:g} removes only that share of the shift along the direction (--alpha 1 "
                             "removes all of it)")))
@@ -220,6 +227,9 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                          "triggered images and this preprocessing it shows no backdoor, so the repair has nothing to "
                          "remove")
         out["refuse_no_backdoor"] = True
+        few = _few_source_classes(held_trig, held.base_trig, target)
+        if few:
+            out["few_source"] = few
     if in_sample and not crossed and target is not None:  # judged only on the images it was fitted on
         warnings.append(f"the repair is checked only on the {len(held_trig)} triggered image(s) it was fitted on, too "
                         f"few to hold some out (at least {MIN_CROSS}): nothing shows it carries over to other triggered "
@@ -297,6 +307,22 @@ def _source_classes(held_trig: Images, base: np.ndarray | None, target: int) -> 
         if sel.sum() >= MIN_TRIGGERED and (rate := float((base[sel] == target).mean())) >= WEAK:
             out.append((int(c), rate, int(sel.sum())))
     return sorted(out, key=lambda t: -t[1])
+
+
+def _few_source_classes(held_trig: Images, base: np.ndarray | None, target: int) -> list[tuple[int, int, int]]:
+    """(class, images at the target, images) of source classes with too few held-out triggered images for
+    :func:`_source_classes` (2 to MIN_TRIGGERED - 1) that the original model sends to ``target`` for the most part:
+    a GTSRB backdoor from six 10-image classes showed 6 % pooled and was refused as no backdoor (new-user run 20)."""
+    if held_trig.y is None or base is None or not len(base):
+        return []
+    y = np.asarray(held_trig.y)
+    out = []
+    for c in np.unique(y[y != target]):
+        sel = y == c
+        k = int((base[sel] == target).sum())
+        if 2 <= sel.sum() < MIN_TRIGGERED and k >= WEAK * sel.sum() and k >= 2:
+            out.append((int(c), k, int(sel.sum())))
+    return sorted(out, key=lambda t: (-t[1] / t[2], -t[2]))
 
 
 MIN_CARRIERS = 3  # clean images that already carry the --trigger, from which the check names them
@@ -406,7 +432,8 @@ def _pool_suspects(req, inputs, held, d: dirs.Directions, target: int) -> dict:
         # left out, the held-out check read 0.0 % changed while the repair cost 8.1 pt of CA)
         return {"window": window, "suspects": window[:0], "target": target, "applies": False,
                 "genuine": {"n": int(suspect.sum()), "carried_share": round(share, 3)}}
-    return {"window": window, "suspects": window[suspect], "target": target, "applies": True}
+    return {"window": window, "suspects": window[suspect], "target": target, "applies": True,
+            "carried_share": None if share is None else round(share, 3)}
 
 
 CARRY_SHARE = 0.5  # poisoned-looking clean images must carry at least this share of the trigger's pixel change
@@ -521,16 +548,30 @@ def poisoned_clean_hint(check: dict) -> str | None:
                 f"images do): "
                 f"they are genuine class-{check['target']} images, and the repair removes the class's own features "
                 f"at this layer; try an earlier layer (--layer auto)")
-    why = ("" if fixed is None else
-           f" ({relabelled} of them labelled {check['target']} in the clean file, as relabelled poisoned training "
-           "images are)" if relabelled and relabelled >= fixed else f" ({fixed} of them to their labels)" if fixed else "")
-    return (f"{away} of the {n} it changes were at class {check['target']} and move away from it{why}"
-            + ", as triggered inputs do: the clean file probably holds triggered (poisoned) images, e.g. drawn from "
-            "the training set; give clean images from elsewhere (a validation split)")
+    t = check["target"]
+    if check.get("poison_evidence"):  # clean images that score like triggered ones carry the trigger in pixels too
+        e = check["poison_evidence"]
+        why = ("" if fixed is None else
+               f" ({relabelled} of them labelled {t} in the clean file, as relabelled poisoned training images are)"
+               if relabelled and relabelled >= fixed else f" ({fixed} of them to their labels)" if fixed else "")
+        return (f"{away} of the {n} it changes were at class {t} and move away from it{why}, as triggered inputs do, "
+                f"and the {e['n']} clean images the repair reads as triggered carry {e['carried_share']:.0%} of the "
+                "trigger's pixel change: the clean file probably holds triggered (poisoned) images, e.g. drawn from "
+                "the training set; give clean images from elsewhere (a validation split)")
+    # no pixel evidence either way (no trigger estimate, or no clean image scores like the triggered ones): a test
+    # split's genuine class-0 images were blamed as poisoned (new-user runs 18 and 20), so say both
+    why = f" ({relabelled} of them labelled {t} in the clean file)" if relabelled else ""
+    return (f"{away} of the {n} it changes were at class {t} and move away from it{why}, as triggered inputs do: "
+            f"either the repair removes features that genuine class-{t} images share with triggered ones at this "
+            "layer (try another layer: --layer auto), or the clean file holds triggered (poisoned) images, e.g. "
+            "drawn from the training set (give clean images from elsewhere, a validation split)")
 
 
 def _other_layers(req) -> str:
     """What to try instead of this layer: --layer auto, unless that is what chose it."""
+    if req.update_path:  # --update keeps the file's layers and settings (new-user run 19 was told to try options
+        # that --update refuses)
+        return "a fit from scratch (without --update) at another layer (--layer auto)"
     if not (req.auto or req.chosen_by_auto):
         return "--layer auto"
     return "a larger --max-layers or --clean-budget" if req.max_layers <= 1 else "a larger --clean-budget"
@@ -543,9 +584,17 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
         hint = poisoned_clean_hint(check) if check.get("refuse_clean") else None
         if hint:
             what = f"Of those, {hint}"
+        elif check.get("refuse_no_backdoor") and req.trigger_free:  # the user gave no trigger to check
+            what = ("The search named a class but the trigger it recovered is not the backdoor's (held-out clean images "
+                    "stamped with it rarely reach that class): no repair can be fitted from it. Fit on triggered "
+                    "inputs once some are caught (fit --triggered), or give a larger --budget")
         elif check.get("refuse_no_backdoor"):
             what = ("Check --trigger/--triggered and --target against the attack, and the preprocessing (--scale, "
-                    "--mean, --std: see the warnings above)")
+                    "--mean, --std: see the warnings above)"
+                    + (f". Some source classes with few held-out images do reach class {check['target']} ("
+                       + ", ".join(f"class {c}: {k} of {n}" for c, k, n in check["few_source"][:4])
+                       + "): a backdoor from those classes only needs more of their images in --clean to be judged"
+                       if check.get("few_source") else ""))
         elif req.trigger_free:  # neither triggered images nor a target came from the user
             what = (f"That is the repair of the trigger the search recovered: try {_other_layers(req)}, or fit on "
                     "triggered inputs once some are caught (fit --triggered)")
