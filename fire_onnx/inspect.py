@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import onnx
 
 from fire_onnx.estimate import default_layout
-from fire_onnx.onnxutil import (FLOAT_TYPES, ScopeIndex, batch_aligned, batch_symbol, infer_shapes, node_module,
-                                tensor_table)
+from fire_onnx.onnxutil import (FLOAT_TYPES, PROBE_BATCH, ScopeIndex, batch_symbol, data_input, infer_shapes,
+                                light_copy, node_module, tensor_table)
 from fire_onnx.patch import (ACTIVATIONS, fused_ops, is_patched, patched_targets, read_patched_targets, repair_problems,
                               shown_tensor)
 
@@ -45,9 +45,8 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
     layers_of = ScopeIndex(graph).output_map()
     folded = folded_weights(graph)
     shapes = tensor_table(inferred)
-    batch_sym, batch_first = batch_symbol(model), set()
-    if batch_sym and any(isinstance(d[0], str) and d[0] != batch_sym for _, d in shapes.values() if d):
-        batch_first = batch_aligned(model)  # a ViT's tokens read unk__1 x 17 x 64 under symbolic inference
+    batch_sym = batch_symbol(model)
+    batch_first, later = batch_axes(model, shapes)
     consumers: dict[str, list[str]] = {}  # tensor -> consumer op types
     for n in graph.node:
         for i in n.input:
@@ -76,6 +75,10 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 folded_note = f"; weights folded by the exporter: not the output of {own}"
             if name in repaired:
                 note = "repaired by fire-onnx"
+            elif name in later and (layers or n.op_type in POST_OPS):
+                tbd = " ([T, B, D])" if later[name] == 1 and dims is not None and len(dims) == 3 else ""
+                note = (f"{BATCH_LATER_NOTE} {later[name]}{tbd}: not repairable, fit needs the batch first "
+                        "(the CLS token or pooled features: inspect --all)")
             elif pair:
                 note = f"splits {pair[0]}+{pair[1]} fusion"
             elif name in outputs:
@@ -88,12 +91,13 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
             if unknown:
                 what = "type and shape" if elem is None and dims is None else ("type" if elem is None else "shape")
                 note += f"; {what} unknown" if note else f"{what} unknown"
-            if not include_all and not note.startswith(("candidate", "graph", "repaired")) and not ((layers or folded_note) and pair):
+            if not include_all and not note.startswith(("candidate", "graph", "repaired", BATCH_LATER_NOTE)) \
+                    and not ((layers or folded_note) and pair):
                 continue
             out.append(Candidate(
                 tensor=name,
-                shape=None if dims is None else [batch_sym if i == 0 and name in batch_first else "?" if d is None else d
-                                                 for i, d in enumerate(dims)],
+                shape=None if dims is None else [batch_sym if (i == 0 and name in batch_first) or later.get(name) == i
+                                                 else "?" if d is None else d for i, d in enumerate(dims)],
                 dtype=FLOAT_TYPES.get(elem, "?"),
                 op=n.op_type,
                 module=own,
@@ -104,6 +108,59 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
                 note=note,
             ))
     return out
+
+
+BATCH_LATER_NOTE = "batch on axis"  # the note of a tensor whose batch is not its first axis
+
+
+def batch_axes(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[set[str], dict[str, int]]:
+    """(tensors whose first dimension is the batch, {tensor: axis} for those that hold it on a later axis).
+
+    Symbolic shape inference loses the batch symbol where a graph computes shapes (a ViT's class token expanded
+    to Shape(x)[0] reads unk__1 x 17 x 64), so where a dimension other than the batch symbol is symbolic the
+    shapes are inferred again with the input's batch fixed to PROBE_BATCH (data propagation carries a number
+    through; as :func:`fire_onnx.onnxutil.batch_aligned`). A later axis is the batch where it is dynamic in the
+    model and reads PROBE_BATCH with the batch fixed while the first axis does not: the [T, B, D] blocks of
+    nn.TransformerEncoderLayer(batch_first=False) read 17 x unk__1 x 64 (TorchScript export) or 17 x batch x 64
+    (dynamo export), and were listed as candidates that fit could only refuse or misread (new-user run 18).
+    Both are empty when the batch is fixed (nothing tells it from another dimension then)."""
+    batch_sym = batch_symbol(model)
+    if not batch_sym:
+        return set(), {}
+    if shapes is None:
+        shapes = tensor_table(infer_shapes(model, weights=False))
+    first = {name for name, (_, d) in shapes.items() if d and d[0] == batch_sym}
+    later = {name: d.index(batch_sym, 1) for name, (_, d) in shapes.items() if d and d[0] != batch_sym
+             and batch_sym in d[1:]}
+    if not any(isinstance(v, str) and v != batch_sym for _, d in shapes.values() if d for v in d):
+        return first, later
+    inp = data_input(model.graph)
+    try:
+        m = light_copy(model)
+        del m.graph.value_info[:]
+        for vi in m.graph.input:
+            if vi.name == inp.name:
+                vi.type.tensor_type.shape.dim[0].Clear()
+                vi.type.tensor_type.shape.dim[0].dim_value = PROBE_BATCH
+        for vi in m.graph.output:
+            if vi.type.tensor_type.shape.dim:
+                vi.type.tensor_type.shape.dim[0].Clear()
+        fixed = tensor_table(onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True))
+    except Exception:  # noqa: BLE001 - then only the symbolic rule applies
+        return first, later
+    for name, (_, d) in fixed.items():
+        if not d:
+            continue
+        if d[0] == PROBE_BATCH:
+            first.add(name)
+            later.pop(name, None)
+            continue
+        sym = shapes.get(name, (None, None))[1]
+        axis = next((i for i, v in enumerate(d) if i and v == PROBE_BATCH
+                     and sym is not None and len(sym) == len(d) and not isinstance(sym[i], int)), None)
+        if axis is not None and name not in first:
+            later[name] = axis
+    return first, later
 
 
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}

@@ -42,6 +42,7 @@ from fire_onnx.onnxutil import (
     FLOAT_TYPES,
     approx_size,
     atomic_model_path,
+    batch_symbol,
     check_written_model,
     external_data_threshold,
     infer_shapes,
@@ -52,6 +53,7 @@ from fire_onnx.onnxutil import (
     module_paths,
     opset_of,
     tensor_info,
+    tensor_table,
     write_model,
 )
 
@@ -283,6 +285,13 @@ def _refuse_subgraph_tensor(model: onnx.ModelProto, name: str) -> None:
     if inner:
         raise FireError(f"tensor {name!r} is made inside the body of the {inner}: fire-onnx repairs tensors of the "
                         "main graph only (the If/Loop output, or a tensor before it, holds what the body computed)")
+
+
+def batch_later_message(name: str, axis: int, dims) -> str:
+    tbd = " ([T, B, D], as nn.TransformerEncoderLayer(batch_first=False) does)" if axis == 1 and len(dims) == 3 else ""
+    return (f"tensor {name!r} (shape {_fmt(dims)}) holds the batch on axis {axis}{tbd}: fire-onnx repairs tensors "
+            "whose first axis is the batch; pick a tensor where the model has moved the batch first (the CLS token or "
+            "pooled features: `fire-onnx inspect --all` lists them), or build the encoder with batch_first=True")
 
 
 def check_layout(target: dirs.Target, name: str, dims, model: onnx.ModelProto | None = None,
@@ -557,11 +566,21 @@ def patch_model(
     inferred = infer_shapes(src, weights=False)  # names, shapes and types only
 
     plan = []
+    later = None  # tensors with the batch on a later axis, found once when a target's first axis is not the batch
     for t in directions.targets:
         name = resolve_target(inferred, t, tensor)
         elem, dims = tensor_info(inferred, name)
         if elem is not None and elem not in FLOAT_TYPES:
             raise FireError(f"tensor {name!r} has element type {onnx.TensorProto.DataType.Name(elem)}; fire-onnx repairs float tensors only")
+        if dims and dims[0] != batch_symbol(src):
+            if later is None:
+                from fire_onnx.inspect import batch_axes
+
+                later = batch_axes(src, tensor_table(inferred))[1]
+            if name in later:
+                # a file fitted there before fit refused such tensors has no fingerprint or a wrong one; patched, its
+                # Reshape to (N, D) took the T token positions as N (new-user run 18: written with exit 0)
+                raise FireError(f"cannot patch the directions: {batch_later_message(name, later[name], dims)}")
         dims = check_layout(t, name, dims, inferred, notes)
         if any(p[1] == name for p in plan):
             raise FireError(f"two targets resolve to the same tensor {name!r}")
@@ -678,6 +697,35 @@ def check_model_fingerprint(result: PatchResult, directions: dirs.Directions, *,
                            "the backdoor (patched anyway: --force)" for b in bad)
 
 
+def _batch_later_target(model: onnx.ModelProto, directions_path) -> str | None:
+    """Why a directions file's fingerprint has more rows than probe images, when it is because its target holds the
+    batch on a later axis: fit before it refused such tensors recorded one fingerprint row per token position (17
+    rows for 3 probes, new-user run 18), which ``directions.load`` can only call a damaged file. None otherwise."""
+    from fire_onnx.fileio import load_npz
+    from fire_onnx.inspect import batch_axes
+
+    try:
+        header = json.loads(str(load_npz(directions_path, "directions file")["header"][()]))
+        names = [t.get("tensor") for t in header.get("targets", []) if isinstance(t, dict)]
+        inferred = infer_shapes(model, weights=False)
+        modules = [t.get("module") for t in header.get("targets", []) if isinstance(t, dict) and not t.get("tensor")]
+        for module in modules:
+            try:
+                names.append(resolve_tensor(inferred, module=module))
+            except FireError:
+                pass
+        later = batch_axes(model, tensor_table(inferred))[1]
+    except Exception:  # noqa: BLE001 - only a better message is at stake: keep the original one
+        return None
+    for name in names:
+        if isinstance(name, str) and name in later:
+            dims = tensor_table(inferred)[name][1]
+            return (f"{directions_path}: it was fitted at tensor {name!r} before fit refused such tensors, so it holds a "
+                    f"wrong repair (token positions taken as samples), not a damaged one; "
+                    f"{batch_later_message(name, later[name], dims)}")
+    return None
+
+
 def default_output(model_path: str | os.PathLike) -> Path:
     """``m.onnx`` -> ``m.fire.onnx``; an already patched ``m.fire.onnx`` (``--replace``) -> ``m.fire.r1.onnx``,
     ``m.fire.r1.onnx`` -> ``m.fire.r2.onnx``, or the next free ``rN`` when that exists (never the input itself,
@@ -741,7 +789,12 @@ def patch_file(
     out_path = Path(output) if output else default_output(model_path)
     check_outputs([out_path], [model_path, directions_path], special_ok=False)
     model = load_model(model_path)
-    d = dirs.load(directions_path)
+    try:
+        d = dirs.load(directions_path)
+    except FireError as e:
+        if "model fingerprint has" in str(e) and (hint := _batch_later_target(model, directions_path)):
+            raise FireError(hint) from None
+        raise
     result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))
     check_model_fingerprint(result, d, force=force)
     with atomic_model_path(out_path) as tmp:  # the model and its .data file (past ~1.9 GB), or neither

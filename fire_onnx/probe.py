@@ -93,6 +93,50 @@ def valid_fingerprint(fp) -> bool:
             and bool(np.all(np.abs(arr[np.isfinite(arr)]) <= 1e39)))
 
 
+# ----------------------------------------------------------------------------- the batch axis
+class BatchAxisError(FireError):
+    """A tensor (or module output) whose first axis is not the batch: fit refuses it, and patch's fingerprint
+    check passes the message on rather than blaming the probe images."""
+
+
+def batch_axis_error(what: str, shape, n: int) -> BatchAxisError:
+    """The error for ``what`` (e.g. "module 'blocks.0'") that gave ``shape`` for a batch of ``n`` images."""
+    shape = [int(v) for v in shape]
+    axis = next((i for i, v in enumerate(shape) if i and v == n), None)
+    if axis is not None:
+        form = " ([T, B, D], as nn.TransformerEncoderLayer(batch_first=False) does)" if axis == 1 and len(shape) == 3 else ""
+        return BatchAxisError(
+            f"{what} holds the batch on axis {axis}{form}: it has shape {shape} for a batch of {n} images, and "
+            "fire-onnx repairs tensors whose first axis is the batch; pick a tensor where the model has moved the "
+            "batch first (the CLS token or pooled features: `fire-onnx inspect --all` lists them), or build the "
+            "encoder with batch_first=True")
+    return BatchAxisError(
+        f"{what} has shape {shape} for a batch of {n} images: its first axis is not the batch (the model folds or "
+        "moves the batch there), and fire-onnx repairs tensors whose first axis is the batch; pick another tensor "
+        "(`fire-onnx inspect` lists candidates)")
+
+
+def check_batch_axis(what: str, arr, n: int) -> None:
+    """Refuse an activation of a batch of ``n`` images whose first axis is not that batch. Concatenating such
+    batches along axis 0 either failed with a numpy shape error (a [T, B, D] encoder block, batches of 128 and
+    116) or, when every batch had the same size, silently took the T token positions as samples and B x D as
+    features (new-user run 18: a repair with feature_shape [20, 64] written with exit 0)."""
+    if getattr(arr, "ndim", 0) >= 2 and arr.shape[0] != n:
+        raise batch_axis_error(what, arr.shape, n)
+
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    return [min(batch_size, n - i) for i in range(0, n, batch_size)]
+
+
+def second_size_batch(x: np.ndarray, n: int) -> np.ndarray:
+    """A batch of another size than ``n`` from ``x`` (2 images, or 3 when ``n`` is 2; repeated when ``x`` is
+    short), to tell a [T, B, D] tensor whose T equals ``n``. Not 1 image: a model that squeezes its tensors
+    drops the batch axis at batch 1 ([1, T, D] -> [T, D] read as T samples)."""
+    m = 3 if n == 2 else 2
+    return x[np.arange(m) % len(x)]
+
+
 # ----------------------------------------------------------------------------- ONNX tensors
 def session_reading(model, tensors: Sequence[str], extra_outputs: Sequence[str] = ()):
     """An onnxruntime session of a copy of ``model`` whose outputs are ``tensors`` (plus the model's
@@ -140,16 +184,40 @@ class TensorReader:
         self.sess = session_reading(model, self.tensors, extra)
         self.names = [o.name for o in self.sess.get_outputs()]
         self.batch_size = batch_size
+        self.batch_checked: set[str] = set()  # tensors seen with the batch first at two batch sizes
 
     def __call__(self, x: np.ndarray, progress: Progress | None = None):
         """(activations by tensor name, logits or None) for preprocessed inputs ``x``."""
         from fire_onnx.evaluate import run_batches
 
         parts = run_batches(self.sess, x, self.names, self.batch_size, progress)
+        self._check_batch_axis(x, parts)
         out = {name: np.concatenate(p) for name, p in zip(self.names, parts)}
         acts = {t: out[t].astype(np.float32) for t in self.tensors}
         logits = out.get(self.logits_name) if self.logits_name else None
         return acts, logits
+
+    def _check_batch_axis(self, x: np.ndarray, parts) -> None:
+        """Every batch's activation must have the batch's image count first (see :func:`check_batch_axis`). One
+        batch size cannot tell a [T, B, D] tensor whose T happens to equal it: when all batches had the same size,
+        a batch of another size is run once more (a tensor is checked so once per reader)."""
+        from fire_onnx.evaluate import run_batches
+
+        static = self.sess.get_inputs()[0].shape[0]
+        fixed = isinstance(static, int) and static > 0  # run_batches feeds exactly that many (padded)
+        sizes = batch_sizes(len(x), static if fixed else self.batch_size)
+        for name, p in zip(self.names, parts):
+            if name in self.tensors and len(p) == len(sizes):
+                for n, a in zip(sizes, p):
+                    check_batch_axis(f"tensor {name!r}", a, n)
+        if len(set(sizes)) > 1:
+            self.batch_checked.update(self.tensors)
+        todo = [t for t in self.tensors if t not in self.batch_checked]
+        if todo and not fixed and sizes:
+            xb = second_size_batch(x, sizes[0])
+            for name, p in zip(todo, run_batches(self.sess, xb, todo, len(xb))):
+                check_batch_axis(f"tensor {name!r}", p[0], len(xb))
+            self.batch_checked.update(todo)
 
 
 def _as_model_input(model, x: np.ndarray) -> np.ndarray:
@@ -186,6 +254,8 @@ def check_fingerprints(model, directions, tensors: Sequence[str]) -> tuple[list[
     x = _as_model_input(model, pre(probe))
     try:
         acts, _ = TensorReader(model, [name for _, name in recorded], batch_size=len(x))(x)
+    except BatchAxisError:  # not the probe images' fault, nor another model's: no repair fits that tensor
+        raise
     except FireError as e:
         return [f"the directions' probe images do not run through this model ({e}); they were fitted on a model "
                 "with another input"], notes

@@ -18,9 +18,9 @@ kept of it in the directions file (``t{i}.stats.*`` arrays, ignored by readers t
   ``MAX_ROWS_BYTES`` (float32). Up to that many, an update equals a fit on all inputs seen so far;
   beyond, a uniform sample of the rows is kept (reservoir) and the gate's quantiles are estimates.
 
-With trigger reconstruction (flagged images without twins), each batch's trigger is reconstructed from
-that batch alone and its pseudo-pairs enter the statistics; an update is then not the same as one
-reconstruction from all batches together.
+With trigger reconstruction (flagged images without twins) the directions file also keeps the flagged images
+themselves (:mod:`fire_onnx.fit.update`), and an update refits on them and the new ones instead of merging
+these statistics; files that keep none (written before) merge each batch's reconstruction as before.
 
 The clean side (mean, clean-score quantile for tau) is recomputed from the clean images at every update:
 fit needs them anyway and they are not the scarce part.

@@ -147,7 +147,7 @@ class Score:
 
 def candidate_sites(onnx_model, *, torch_model=None) -> tuple[list[Site], list[tuple[str, str]]]:
     """(candidate sites in graph order, [(tensor, why skipped)]) from ``inspect``'s likely targets."""
-    from fire_onnx.inspect import candidates
+    from fire_onnx.inspect import BATCH_LATER_NOTE, candidates
 
     head = head_tensors(onnx_model.graph)
     sites, skipped = [], []
@@ -157,6 +157,9 @@ def candidate_sites(onnx_model, *, torch_model=None) -> tuple[list[Site], list[t
             continue
         if c.breaks_fusion:
             skipped.append((c.tensor, "between an op and the activation fused into it"))
+            continue
+        if c.note.startswith(BATCH_LATER_NOTE):  # [T, B, D]: fit would refuse it (new-user run 18: auto crashed)
+            skipped.append((c.tensor, c.note.split(":")[0]))
             continue
         if not c.note.startswith("candidate"):
             continue

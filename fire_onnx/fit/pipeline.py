@@ -373,6 +373,27 @@ def _distinct_triggered(req: FitRequest, images: Images, twins: np.ndarray | Non
     return images.subset(keep), (None if twins is None else twins[keep])
 
 
+TARGET_SAMPLE = 1000  # pool images run to see whether the model gives --target to clean inputs at all
+
+
+def _target_in_pool(req: FitRequest, pool: Images, pre: Preprocess, source) -> None:
+    """A labelled clean file without any image of --target: the held-out check cannot see what the repair does to
+    that class (new-user run 20: a GTSRB repair fitted without class-2 images took that class from 84.9 % to 71.4 %,
+    3.4 % with one class in the file, while the check read 0.0 % changed). Refused unless --force, where the model
+    gives the target to some clean images (a class that exists apart from the trigger)."""
+    if req.target is None or pool.y is None or (pool.y == req.target).any() or req.force:
+        return
+    logits = source.run(pre(pool.x[:TARGET_SAMPLE]))[1]
+    if logits is not None and not (logits.argmax(axis=1) == req.target).any():
+        req.notes.append(f"{req.clean_path} has no image labelled {req.target} (--target), and the model gives that "
+                         "class to none of its first images: fitted without clean inputs of the target class")
+        return
+    raise FireError(f"{req.clean_path} has no image labelled {req.target} (--target): the repair acts on what "
+                    f"triggered inputs share with class {req.target}, and without its clean images neither the clean "
+                    "reference nor the held-out check sees what it does to that class; add clean images of class "
+                    f"{req.target} (--force fits anyway)")
+
+
 def _same_input_or_explain(req: FitRequest, onnx_model, model, pre: Preprocess, x: np.ndarray) -> None:
     """--model and --onnx are fed the same preprocessed images. An ONNX model that takes raw integer pixels
     (its preprocessing inside the graph) beside a PyTorch model that takes normalized floats has no
@@ -478,14 +499,7 @@ def load_inputs(req: FitRequest) -> FitInputs:
         rec = preprocess_check.run(req, pool, pre, source)
         if rec is not None:
             meta["preprocess_check"] = rec
-    if req.target is not None and pool.y is not None and not (pool.y == req.target).any() and not req.force:
-        # the held-out check cannot see what the repair does to the class the trigger imitates: a GTSRB repair fitted
-        # without class-2 images took that class from 84.9 % to 71.4 % (3.4 % with one class in the file) while the
-        # check read 0.0 % changed (new-user run 20)
-        raise FireError(f"{req.clean_path} has no image labelled {req.target} (--target): the repair acts on what "
-                        f"triggered inputs share with class {req.target}, and without its clean images neither the "
-                        "clean reference nor the held-out check sees what it does to that class; add clean images "
-                        f"of class {req.target} (--force fits anyway)")
+        _target_in_pool(req, pool, pre, source)
     inputs = FitInputs(pool=pool, trigger=trig, triggered=triggered_imgs, triggered_clean=triggered_clean,
                        preprocess=pre, model=model, onnx_model=onnx_model, onnx_name=onnx_name, meta=meta, k=k,
                        previous=previous)

@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from fire_onnx import directions as dirs
 from fire_onnx.errors import FireError, first_line, suggest
+from fire_onnx.probe import batch_sizes, check_batch_axis, second_size_batch
 
 Progress = Callable[[int, int], None]
 
@@ -230,12 +232,17 @@ def collect(
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
+                seen = {name: len(parts) for name, parts in store.items()}
                 try:
                     y = model(torch.from_numpy(x[i : i + batch_size]))
                 except (RuntimeError, ValueError) as e:
                     msg = first_line(e)
                     raise FireError(f"the model rejects the preprocessed images of shape {list(x.shape[1:])}: "
                                     f"{msg} ({_other_layout(model, x[i : i + 1])})") from None
+                n = len(x[i : i + batch_size])
+                for name, parts in store.items():
+                    for part in parts[seen[name]:]:
+                        check_batch_axis(f"module {name!r}", part, n)
                 if isinstance(y, (tuple, list)) and y:
                     y = y[0]
                 outs.append(y.detach().to(torch.float32).cpu().numpy()
@@ -251,11 +258,36 @@ def collect(
             raise FireError(f"module {name!r} was never called in the forward pass")
         if len(parts) != -(-len(x) // batch_size):
             raise FireError(f"module {name!r} is called more than once per forward pass; choose a module called once")
+    _check_batch_first(model, list(layers), x, batch_size)
+    for name, parts in store.items():
         out[name] = np.concatenate(parts)
     if not logits:
         return out
     scores = np.concatenate(outs) if outs and all(o is not None for o in outs) else None
     return out, scores
+
+
+_BATCH_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> modules seen with the batch first
+
+
+def _check_batch_first(model, layers: list[str], x: np.ndarray, batch_size: int) -> None:
+    """``collect`` checked each batch's output against its image count; with one batch size only, a [T, B, D]
+    output whose T equals that size passes (17 images, or batches of 17, through a 17-token encoder), so each
+    module is checked once per model at a second size (probe.second_size_batch)."""
+    sizes = batch_sizes(len(x), batch_size)
+    if len(set(sizes)) > 1:
+        _BATCH_CHECKED.setdefault(model, set()).update(layers)
+        return
+    todo = [name for name in layers if name not in _BATCH_CHECKED.get(model, set())]
+    if todo and sizes:
+        checked = _BATCH_CHECKED.setdefault(model, set())
+        checked.update(todo)  # before: collect on the second batch (one size too) would check it again, endlessly
+        xb = second_size_batch(x, sizes[0])
+        try:
+            collect(model, todo, xb, batch_size=len(xb))
+        except BaseException:
+            checked.difference_update(todo)
+            raise
 
 
 def torchscript_to_onnx(path: str | Path, sample: np.ndarray):

@@ -451,7 +451,12 @@ def _shift(t: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def _shares(x: np.ndarray, origin: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Each image's difference from ``origin`` along ``v``, as a share of ``v`` (all flattened float)."""
+    """Each image's difference from ``origin`` along ``v`` with its mean over the pixels taken out, as a share of
+    that ``v`` (all flattened float). The mean goes because brightness is content: SIG and blend changes are mostly
+    of one sign, so any brighter-than-average image 'carried' them (genuine MNIST zeros read 0.71 of SIG's change
+    and were left out of the clean pool as poisoned, at --layer auto's fc1_act: 1.8 % of the test predictions
+    changed); without it they read about 0 and poisoned images still about 1."""
+    v = v - v.mean()
     norm = float(np.linalg.norm(v))
     if norm < 1e-9:
         return np.zeros(len(x))
