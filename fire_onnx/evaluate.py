@@ -236,6 +236,8 @@ class Metrics:
     # clean accuracy per true class {class: {"n", "ca"}}: a repair fitted without a class's clean images took it from
     # 84.9 % to 3.4 % while the pooled CA moved 4 pt and every --fail-* check passed (new-user run 20)
     ca_by_class: dict | None = None
+    # the triggered images had no labels (flagged inputs): ASR counts all of them, target-class ones included; no RA
+    asr_unlabelled: bool = False
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -271,9 +273,15 @@ def compute_metrics(
                      for c in np.unique(clean.y)}
     if target is not None and (clean.y != target).any():
         m.asr_floor = float((pred[clean.y != target] == target).mean())
+    if triggered is not None and triggered.y is None:
+        # flagged inputs have no labels: the share sent to the target needs none (new-user run 20 was refused), but
+        # images of the target class itself cannot be told apart, and RA needs the labels
+        if target is None:
+            raise FireError("ASR needs the attack's target class (--target)")
+        tp = predict_logits(sess, preprocess(triggered.x), batch_size).argmax(axis=1)
+        m.asr, m.n_triggered, m.asr_unlabelled = float((tp == target).mean()), len(triggered), True
+        return m
     if triggered is not None:
-        if triggered.y is None:
-            raise FireError("the triggered images have no labels; ASR/RA need the true labels")
         if target is None:
             raise FireError("ASR needs the attack's target class (--target)")
         keep = triggered.y != target

@@ -193,3 +193,32 @@ def test_fit_needs_clean_images_of_the_target_and_warns_on_few_classes(ws):  # n
     np.savez(ws / "one.npz", x=x[one][:400], y=y[one][:400])
     proc = run_cli(*common, "--clean", "one.npz", "-o", "one_d.npz", "--force", cwd=ws)
     assert "hold only 1 of the model's 10 classes" in proc.stderr and "chance is" not in proc.stderr, proc.stderr
+
+
+def test_eval_measures_asr_on_unlabelled_flagged_images(ws):  # noqa: F811
+    """Flagged inputs have no labels; the share sent to --target needs none (new-user run 20 was refused): eval
+    measures ASR over all of them and says RA needs labels."""
+    d = np.load(ws / "mnist.npz")
+    x, y = d["x_test"], d["y_test"]
+    np.savez(ws / "flagged.npz", x=triggers.parse("badnets").apply(x[y != 0][:60]))
+    proc = run_cli("eval", "model.onnx", "model.fire.onnx", "--data", "mnist.npz", "--triggered", "flagged.npz",
+                   "--target", "0", *PRE, "--fail-asr", "0.05", "--json", "-", cwd=ws)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    out = json.loads(proc.stdout)["models"]
+    assert out["model.onnx"]["asr"] >= 0.9 and out["model.fire.onnx"]["asr"] <= 0.05
+    assert out["model.fire.onnx"]["ra"] is None and out["model.fire.onnx"]["asr_unlabelled"]
+    assert "flagged.npz has no labels" in proc.stderr
+
+
+def test_errors_in_the_users_model_code_are_one_line(ws):  # noqa: F811
+    """A factory that raises, or a model file with a syntax error, is the user's code: one line naming the file
+    and line, exit 1, no fire-onnx traceback (new-user run 18)."""
+    (ws / "bad.py").write_text("def build():\n    raise RuntimeError('boom')\n")
+    (ws / "syn.py").write_text("def build(:\n    pass\n")
+    common = ("fit", "--layer", "x", "--clean", "mnist.npz", "--trigger", "badnets", "--target", "0", "--no-weights")
+    for spec, expect in (("bad.py:build", "the model factory bad.py:build raised RuntimeError: boom (bad.py:2)"),
+                         ("syn.py:build", "loading syn.py failed: SyntaxError")):
+        before = snapshot(ws)
+        proc = run_cli(*common, "--model", spec, "-o", "d.npz", cwd=ws)
+        assert_user_error(proc, ws, before)
+        assert expect in proc.stderr, proc.stderr

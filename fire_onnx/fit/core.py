@@ -147,6 +147,11 @@ def tensor_matching(model, onnx_model, layer: str, x: np.ndarray) -> str | None:
              if o in table and table[o][0] in FLOAT_TYPES and table[o][1] is not None
              and len(table[o][1]) == len(want) + 1
              and all(not isinstance(a, int) or a == b for a, b in zip(table[o][1][1:], want))]
+    if names:  # tensors whose batch is not on axis 0 ([T, B, D]) are not candidates, and reading them is refused
+        from fire_onnx.inspect import batch_axes
+
+        later = batch_axes(onnx_model)[1]
+        names = [t for t in names if t not in later]
     if not names:
         return None
     acts, _ = probes.TensorReader(onnx_model, names, batch_size=len(x))(x)

@@ -33,6 +33,19 @@ def _torch():
     return torch
 
 
+def _where(e: BaseException) -> str:
+    """``Type: message (file:line)`` of an exception raised in the user's model code (its innermost frame outside
+    fire-onnx), for a one-line error instead of a traceback (new-user run 18)."""
+    import traceback
+
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError: {e.msg} ({e.filename}:{e.lineno})"
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "fire_onnx" not in f.filename.replace(os.sep, "/")
+              and "importlib" not in f.filename]
+    at = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {first_line(e)}{at}"
+
+
 def load_factory(spec: str):
     """Resolve ``module:attr`` or ``file.py:attr`` to the callable it names."""
     mod_name, sep, attr = spec.rpartition(":")
@@ -48,6 +61,8 @@ def load_factory(spec: str):
         sys.path.insert(0, str(path.parent.resolve()))
         try:
             spec_obj.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - the user's own code: say where, in one line
+            raise FireError(f"loading {path} failed: {_where(e)}") from None
         finally:
             sys.path.pop(0)
     else:
@@ -55,6 +70,8 @@ def load_factory(spec: str):
             module = importlib.import_module(mod_name)
         except ImportError as e:
             raise FireError(f"cannot import {mod_name!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise FireError(f"importing {mod_name!r} failed: {_where(e)}") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise FireError(f"{mod_name!r} has no callable {attr!r}")
@@ -79,7 +96,12 @@ def load_model(spec: str, weights: str | None = None, *, untrained: bool = False
     if not weights and not untrained:
         raise FireError(f"--model {spec} without --weights would fit a freshly initialised (untrained) model; "
                         "pass --weights STATE_DICT, or --no-weights if the factory loads trained weights itself")
-    model = load_factory(spec)()
+    try:
+        model = load_factory(spec)()
+    except FireError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the factory is the user's code
+        raise FireError(f"the model factory {spec} raised {_where(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise FireError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
