@@ -120,7 +120,8 @@ def test_inspect_and_auto_pass_over_batch_on_axis_1(seq_model):
     assert by_name["/embed/Conv_output_0"].note == "candidate"
     sites, skipped = candidate_sites(model)
     assert BLOCK in dict(skipped) and dict(skipped)[BLOCK].startswith("batch on axis 1")
-    assert [s.tensor for s in sites] == ["/embed/Conv_output_0"]
+    # and the CLS token, the tensor such a model can be repaired at (run 18: ASR 98 -> 6.7 %), is a candidate
+    assert [s.tensor for s in sites] == ["/embed/Conv_output_0", "/Gather_1_output_0"]
 
 
 def test_patch_refuses_a_target_with_batch_on_axis_1(seq_model):
