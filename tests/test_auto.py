@@ -400,9 +400,7 @@ def test_update_of_a_chain_reads_later_targets_with_the_earlier_repairs_applied(
     updated on activations with the (updated) first repair applied, as the chain was fitted; the
     statistics it merges then agree with what it recorded, and the updated chain still removes both
     triggers on unseen images without touching clean ones."""
-    from fire_onnx.fit.auto import chained_inputs
     from fire_onnx.fit.update import chain_of
-    from fire_onnx.probe import TensorReader
 
     d = run_fit(request(two, n_triggered=40, max_layers=3))
     assert chain_of(d) == ["fc1_act", "fc2_act"]
