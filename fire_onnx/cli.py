@@ -214,7 +214,10 @@ def cli():
                    "--unlabeled: write directions even when no triggered inputs are confirmed (fitted on the closest "
                    "candidate class's outliers).")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
-              help="--trigger-free: seconds the search may take (the scan's steps adapt to it).")
+              help="--trigger-free: seconds the whole run may take (scan, repair fit, later rounds). The scan's "
+                   "steps adapt to it; short of the full 80 steps, every class is searched with fewer and the most "
+                   "anomalous ones again with 80; what it shortened is noted. With --steps the scan runs in full and "
+                   "only the later rounds stop at it.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="--trigger-free: gradient steps per class and search (default: as many as --budget allows, at "
                    "most 80); fixing it makes the search independent of the machine's speed.")
@@ -236,9 +239,14 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
             raise FireError(f"--update takes {', '.join(given)} from {update_path} (the repair being refined); "
                             "drop them, or fit from scratch without --update to change them")
     if output is None:
-        from fire_onnx.fit.update import default_update_output
+        from fire_onnx.fit.update import default_update_output, earlier_updates
 
         output = str(default_update_output(update_path)) if update_path else "directions.npz"
+        done = earlier_updates(update_path) if update_path else []
+        if done:
+            click.echo(f"warning: {done[-1].name} (an earlier update of {Path(update_path).name}) exists: this update "
+                       f"starts from {Path(update_path).name} and does not include it; to build on it, pass --update "
+                       f"{done[-1].name} (writing {Path(output).name})", err=True)
     check_outputs([output, json_out], [clean_path, triggered_path, weights, onnx_path, model_spec, update_path,
                                        unlabeled_path])
     req = FitRequest(
@@ -543,6 +551,10 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
                 lines.append(f"warning: {what} has labels up to {imgs.y.max()} but {info.path} has {classes} "
                              "classes: those images always count as misclassified")
         metrics = ev.compute_metrics(sess, clean, choice.preprocess, trig, target, batch_size)
+        if metrics.asr_unlabelled and info is infos[0]:
+            lines.append(f"note: {triggered_path} has no labels: ASR is the share of all its images classified as "
+                         f"--target {target} (images of class {target} itself included); RA and the per-class "
+                         "numbers need labels (key y)")
         if metrics.asr is not None:
             lines += ev.attack_shape_warnings(info.path, metrics, target)
         # a patched model far below an unpatched one fed the same way: the repair costs that, not the preprocessing
@@ -555,13 +567,14 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
                          "same preprocessing: the repair costs clean accuracy (a repair with --gate none moves every "
                          "input; fit's held-out check says how many clean predictions it changes)")
         elif clean.y is not None and metrics.ca < preprocess_check.PROBE_BELOW:
-            hint = preprocess_check.eval_warning(lambda z: ev.predict_logits(sess, z, batch_size), clean,
-                                                 choice.preprocess)
+            hint = (ev.other_output_hint(sess, clean, choice.preprocess, metrics.ca, batch_size)
+                    or preprocess_check.eval_warning(lambda z: ev.predict_logits(sess, z, batch_size), clean,
+                                                     choice.preprocess))
             if hint:
                 lines.append(f"warning: {info.path}: {hint}")
                 misread[info.path] = hint
         results[info.path] = {**metrics.as_dict(), "patched": info.patched, "preprocess": choice.as_dict()}
-    lines += ev.repair_left(results, infos)
+    lines += ev.repair_left(results, infos) + ev.class_drop_warnings(results, infos)
     for line in lines:
         click.echo(line, err=True)
     checks = ev.threshold_checks(results, infos, fail_asr, fail_ca, fail_ca_drop, misread, fail_ra_drop)

@@ -33,6 +33,8 @@ class Mlp(nn.Module):
             return torch.sigmoid(z[:, :1])
         if self.head == "features-first":
             return h, torch.softmax(z, dim=1)
+        if self.head == "scores-second":  # ten feature columns first: within the labels' range
+            return h[:, :10], z
         return z
 
 
@@ -110,6 +112,17 @@ def test_eval_names_the_output_it_scores(trained, tmp_path):
     proc = run_cli("eval", onnx_path, "--data", DIGITS)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "beyond the labels' range 0..9" in proc.stderr and "2 outputs (feat, probs)" in proc.stderr
+
+
+def test_eval_names_the_output_that_holds_the_class_scores(trained, tmp_path):
+    """(features[:, :10], logits): the first output is within the labels' range, so eval used to print 7.8 % CA
+    with exit 0 and a note only (new-user run 18). The output that classifies the images is named, and --fail-*
+    checks fail on a model read this way."""
+    onnx_path = _export(_variant(trained, "scores-second"), tmp_path / "rev.onnx", ["feat", "logits"])
+    proc = run_cli("eval", onnx_path, "--data", DIGITS, "--fail-ca", "0.5")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+    assert "its output 'logits' classifies" in proc.stderr and "export them as the model's first output" in proc.stderr
+    assert "the images are read wrongly" in proc.stderr
 
 
 def test_fit_warns_when_flagged_images_are_spread_over_classes(trained, digits, tmp_path):

@@ -2,6 +2,9 @@
 
 1. Scan (:mod:`fire_onnx.invert`): every class, three parametrisations (patch, blend, additive), one shared
    change per class within a fixed size; the anomaly index of the classes' losses names the suspected target.
+   ``--budget`` bounds the whole run: the scan is planned into ``SCAN_SHARE`` of it from a timing of each search
+   (``invert.budgeted_scan``: fewer steps for every class, then the full steps for the most anomalous ones), stops
+   searching at ``SCAN_HARD`` of it, and the later searches leave the fit ``FIT_SHARE`` of it.
 2. No class above the threshold: "no backdoor found", and no directions unless ``--force`` (which repairs
    the most anomalous class anyway).
 3. The suspect's patch is refined (shrunk to the pixels that still flip the images); a blend or additive
@@ -30,8 +33,10 @@ from fire_onnx.data import fit_samples, pool_order
 from fire_onnx.errors import FireError
 
 MAX_ROUNDS = 3
-MIN_STEPS = 20  # the scan's steps per class never go below this, whatever --budget says
-SCAN_SHARE = 0.6  # share of --budget the first scan may take (the rest: refinement, fits, later rounds)
+SCAN_SHARE = 0.7  # share of --budget the scan is planned to take (the rest: refinement, fits, later rounds; on
+# new-user run 20's GTSRB model all that after the scan took 10 s of a 180 s budget)
+FIT_SHARE = 0.2  # share of --budget kept for the first round's fit and held-out check
+SCAN_HARD = 0.8  # ... and past this share of it the scan searches no further class (a busy machine)
 PSEUDO_PAIRS = 200  # clean pool images stamped with the recovered trigger(s) for the paired fit
 # searches of the suspect whose triggers the fit averages: each blend search finds the backdoor plus
 # its own adversarial pattern, and averaging keeps what they share (CIFAR-10 Blended SmallCNN, ASR
@@ -75,20 +80,29 @@ class TriggerFreeResult:
     evidence: dict = field(default_factory=dict)
 
 
-def _steps(net, x: np.ndarray, n_classes: int, budget: float, notes: list) -> int:
-    """Steps per class and parametrisation that let the scan fit in ``SCAN_SHARE`` of ``budget``."""
-    invert.search_class(net, x[: invert.BATCH], 0, "patch", steps=1)  # warm-up (first-call costs)
-    t0 = time.perf_counter()
-    for kind in invert.KINDS:
-        invert.search_class(net, x[: invert.BATCH], 0, kind, steps=4)
-    per_step = (time.perf_counter() - t0) / 4 / len(invert.KINDS)
-    steps = int(SCAN_SHARE * budget / max(per_step * n_classes * len(invert.KINDS), 1e-9))
-    if steps < MIN_STEPS:
-        notes.append(f"--budget {budget:g} s leaves the scan ({SCAN_SHARE:.0%} of it) less than its minimum of {MIN_STEPS} "
-                     f"steps per class, which a timing of a few steps puts at about "
-                     f"{per_step * n_classes * len(invert.KINDS) * MIN_STEPS:.0f} s on this machine now: the run takes "
-                     "longer than --budget")
-    return int(np.clip(steps, MIN_STEPS, invert.STEPS))
+def _costs(net, x: np.ndarray) -> dict:
+    """``kind -> (fixed seconds, seconds per step)`` of one search, timed here and now (``invert.search_cost``)."""
+    return {kind: invert.search_cost(net, x, kind) for kind in invert.KINDS}
+
+
+def _scan_note(scan, n_classes: int) -> str | None:
+    """What the budget shortened in the scan, in words (None: every class had the full steps)."""
+    if not scan.passes and not scan.skipped:
+        return None
+    parts = []
+    for kind, p in scan.passes.items():
+        if p.get("searched_again"):
+            parts.append(f"{kind}: every class at {p['first_steps']} steps, then the {len(p['searched_again'])} most "
+                         f"anomalous and {len(p['references'])} reference classes at the full {p['full_steps']} (the "
+                         f"others' losses mapped onto the references' full-step ones)")
+        elif p["first_steps"] < invert.STEPS:
+            parts.append(f"{kind}: {p['first_steps']} steps per class" + (", its second pass cut short by --budget"
+                                                                           if p.get("unfinished") else ""))
+    if scan.skipped:
+        kinds = sorted({k for k, _ in scan.skipped}, key=invert.KINDS.index)
+        parts.append(f"{len(scan.skipped)} of {n_classes * len(invert.KINDS)} class searches ({', '.join(kinds)}) "
+                     "left out when the time ran out")
+    return "; ".join(parts)
 
 
 def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> TriggerFreeResult:
@@ -124,17 +138,33 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
                          "as the logits")
     if n_classes < 3:
         raise FireError(f"--trigger-free compares the classes with each other; the model has {n_classes} outputs")
-    steps = req.steps or _steps(net, x_search, n_classes, req.budget, req.notes)
-    say(f"trigger-free: scanning {n_classes} classes x {len(invert.KINDS)} searches ({steps} steps each) on "
-        f"{len(x_search)} clean images")
+    deadline = t_start + req.budget
+    if req.steps:  # fixed steps: a scan that does not depend on the machine
+        steps = req.steps
+        say(f"trigger-free: scanning {n_classes} classes x {len(invert.KINDS)} searches ({steps} steps each) on "
+            f"{len(x_search)} clean images")
+        scan = invert.scan(net, x_search, y_search, steps=steps, seed=req.seed, progress=progress)
+    else:
+        cost = _costs(net, x_search)
+        seconds = SCAN_SHARE * req.budget - (time.perf_counter() - t_start)
+        say(f"trigger-free: scanning {n_classes} classes x {len(invert.KINDS)} searches on {len(x_search)} clean "
+            f"images in about {max(seconds, 0):.0f} s of --budget {req.budget:g} s (one search here: "
+            + ", ".join(f"{k} {f:.2f} s + {p * 1000:.0f} ms a step" for k, (f, p) in cost.items()) + ")")
+        scan = invert.budgeted_scan(net, x_search, y_search, cost=cost, seconds=seconds,
+                                    deadline=t_start + SCAN_HARD * req.budget, seed=req.seed, progress=progress)
+        steps = scan.steps
+        if (note := _scan_note(scan, n_classes)) is not None:
+            req.notes.append(f"--budget {req.budget:g} s shortened the scan ({note})")
+        if scan.passes and all(p.get("searched_again") or p["first_steps"] >= invert.STEPS
+                               for p in scan.passes.values()):
+            steps = invert.STEPS  # the suspects of every form had the full search
     short = None
-    if steps < invert.STEPS:  # fewer steps find a backdoor less surely (see invert.STEPS)
-        short = (f"the scan ran {steps} gradient steps per class and search, not its full {invert.STEPS} "
+    if steps < invert.STEPS or scan.skipped:  # fewer steps find a backdoor less surely (see invert.STEPS)
+        short = (f"the scan ran {scan.steps} gradient steps per class and search, not its full {invert.STEPS} "
                  f"({'--steps' if req.steps else '--budget ' + format(req.budget, 'g') + ' s on this machine'}): a backdoor "
                  "reached with fewer steps can stay under the threshold (a CIFAR-10 target's loss was 0.42-0.45 at 60 "
                  f"steps against 0.17-0.20 at 80); before trusting 'no backdoor found', run again with --steps "
                  f"{invert.STEPS} or a larger --budget")
-    scan = invert.scan(net, x_search, y_search, steps=steps, seed=req.seed, progress=progress)
     cls, kind, index = scan.suspect
     evidence = {"scan": scan.describe(), "rounds": [], "backdoor_found": bool(scan.found),
                 "target": cls if scan.found or req.force else None, "forced": bool(req.force and not scan.found)}
@@ -145,6 +175,9 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
         evidence["warnings"] = [short]  # printed once, with the verdict it qualifies
     if not scan.found and (warning := preprocess_check.warning_of(inputs.meta)):
         evidence.setdefault("warnings", []).insert(0, warning)
+    if cls is None and req.force:
+        raise FireError("the scan searched no class (too few clean images of other classes, or --budget spent "
+                        "before the first search): nothing to repair; give a larger --budget or --clean pool")
     if not scan.found and not req.force:
         evidence["seconds"] = round(time.perf_counter() - t_start, 1)
         return TriggerFreeResult(None, evidence)
@@ -157,6 +190,8 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
                              "to reach the recovered trigger: that kept a forced repair of a clean CIFAR-10 model from "
                              "costing 4.3 points of clean accuracy")
 
+    if not req.steps and (p := scan.passes.get(kind)) and not p.get("searched_again"):
+        steps = p["first_steps"]  # the suspect's form as the scan searched it (the later rounds compare with it)
     pred = net.logits(x_search).argmax(1)
     x_cls = invert.class_images(x_search, pred, y_search, cls)
     req.target = cls
@@ -164,9 +199,25 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
     others = scan.losses(kind).copy()
     cands = []
     d = None
+    # the fit after the searches cannot be cut short: the searches before it stop in time to leave it FIT_SHARE
+    # of --budget (its first round took 20 s of rare0's 172 s, new-user run 20), later rounds their measured time
+    fit_by = None if req.steps else deadline - FIT_SHARE * req.budget
+    # the trigger the repair is fitted on comes from the full search even where the scan had fewer steps: one more
+    # search (a second or two). New-user run 20's 31-step scan named class 0 but its patch sent only 4-11 % of the
+    # held-out images there, and the fit refused it; the full-step search's patch sent 85 % (repair: 85 % -> 4 %)
+    post_steps = steps if req.steps else invert.STEPS
+    p = scan.passes.get(kind, {})
+    if (post_steps > steps and cls not in p.get("searched_again", []) + p.get("references", [])
+            and time.perf_counter() < fit_by):
+        full = invert.search_class(net, x_cls, cls, kind, steps=post_steps, seed=req.seed)
+        found = full if full.loss < found.loss else found
     for r in range(MAX_ROUNDS):
+        t_round = time.perf_counter()
         trig = invert.refine_patch(net, x_cls, found, seed=req.seed) if found.kind == "patch" else found
-        group = _group(net, x_cls, cls, trig, found.kind, steps, req.seed, r)
+        group = _group(net, x_cls, cls, trig, found.kind, post_steps, req.seed, r, fit_by)
+        if len(group) < ENSEMBLE[found.kind]:
+            req.notes.append(f"--budget {req.budget:g} s left time for {len(group)} of the {ENSEMBLE[found.kind]} "
+                             f"searches of class {cls} whose triggers the fit averages (round {r + 1})")
         cand = group[0]
         cands.append(group)
         evidence["rounds"].append({"round": r + 1, "kind": trig.kind, "loss": round(found.loss, 4),
@@ -181,8 +232,9 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
         if r + 1 == MAX_ROUNDS:
             evidence["stopped"] = f"reached {MAX_ROUNDS} rounds"
             break
-        if time.perf_counter() - t_start > req.budget:
-            evidence["stopped"] = f"--budget {req.budget:.0f} s spent"
+        if time.perf_counter() + (time.perf_counter() - t_round) > deadline:  # another round would overrun
+            evidence["stopped"] = (f"--budget {req.budget:g} s leaves no time for another round (this one took "
+                                   f"{time.perf_counter() - t_round:.0f} s)")
             break
         if any(not t.module for t in d.targets):
             evidence["stopped"] = "a repaired target has no module path, so it cannot be searched again in PyTorch"
@@ -228,13 +280,19 @@ def _companion(scan, cls: int, kind: str):
     return None
 
 
-def _group(net, x_cls: np.ndarray, cls: int, trig, kind: str, steps: int, seed: int, r: int) -> list:
+def _group(net, x_cls: np.ndarray, cls: int, trig, kind: str, steps: int, seed: int, r: int,
+           stop_by: float | None = None) -> list:
     """The round's recovered trigger and ``ENSEMBLE[kind] - 1`` more searches of the suspect (the fit
-    averages them)."""
+    averages them); none that would end past ``stop_by`` (a ``time.perf_counter`` time; None: all of them)."""
     group = [trig.candidate(f"trigger-free {trig.kind}, round {r + 1}")]
+    took = 0.0
     for e in range(1, ENSEMBLE[kind]):
+        if stop_by is not None and time.perf_counter() + took > stop_by:
+            break
+        t0 = time.perf_counter()
         more = invert.search_class(net, x_cls, cls, kind, steps=steps, seed=seed + 101 * (r + 1) + e)
         group.append(more.candidate(f"trigger-free {more.kind}, round {r + 1}, search {e + 1}"))
+        took = time.perf_counter() - t0
     return group
 
 
