@@ -200,9 +200,19 @@ def test_cli_update_and_replace(ws):
     assert "update 1" in proc.stdout and "19 triggered" in proc.stdout and "wrote d.u1.npz" in proc.stdout
     proc = run_cli("fit", *common, "--update", "d.u1.npz", "--triggered", "flag_c.npz", cwd=ws, check=True)
     assert "wrote d.u2.npz" in proc.stdout and sha(ws / "d.npz") == before
+    # the same input updated again: the next free name, not d.u1.npz over the first update (new-user run 19),
+    # and a warning that this update does not build on the earlier one
+    u1 = sha(ws / "d.u1.npz")
+    proc = run_cli("fit", *common, "--update", "d.npz", "--triggered", "flag_c.npz", cwd=ws, check=True)
+    assert "wrote d.u3.npz" in proc.stdout and sha(ws / "d.u1.npz") == u1
+    assert "d.u2.npz (an earlier update of d.npz) exists" in proc.stderr and "pass --update d.u2.npz" in proc.stderr
     run_cli("patch", "model.onnx", "d.npz", "-o", "p1.onnx", cwd=ws, check=True)
     p1 = sha(ws / "p1.onnx")
     run_cli("patch", "p1.onnx", "d.u2.npz", "--replace", "-o", "p2.onnx", cwd=ws, check=True)
+    run_cli("patch", "model.onnx", "d.npz", "-o", "model.fire.onnx", cwd=ws, check=True)
+    for want in ("model.fire.r1.onnx", "model.fire.r2.onnx"):  # each round its own file (run 19: r1 overwritten)
+        proc = run_cli("patch", "model.fire.onnx", "d.u2.npz", "--replace", cwd=ws, check=True)
+        assert want in proc.stdout and (ws / want).is_file(), proc.stdout
     run_cli("patch", "model.onnx", "d.u2.npz", "-o", "fresh.onnx", cwd=ws, check=True)
     assert sha(ws / "p1.onnx") == p1
     p2, fresh = onnx.load(str(ws / "p2.onnx")), onnx.load(str(ws / "fresh.onnx"))
