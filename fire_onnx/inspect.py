@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import onnx
 
 from fire_onnx.estimate import default_layout
-from fire_onnx.onnxutil import (FLOAT_TYPES, PROBE_BATCH, ScopeIndex, batch_symbol, data_input, infer_shapes,
-                                light_copy, node_module, tensor_table)
+from fire_onnx.onnxutil import (FLOAT_TYPES, PROBE_BATCH, ScopeIndex, batch_symbol, infer_shapes, node_module,
+                                shapes_at_probe_batch, tensor_table)
 from fire_onnx.patch import (ACTIVATIONS, fused_ops, is_patched, patched_targets, read_patched_targets, repair_problems,
                               shown_tensor)
 
@@ -140,19 +140,8 @@ def batch_axes(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[set[
              and batch_sym in d[1:]}
     if not any(isinstance(v, str) and v != batch_sym for _, d in shapes.values() if d for v in d):
         return first, later
-    inp = data_input(model.graph)
-    try:
-        m = light_copy(model)
-        del m.graph.value_info[:]
-        for vi in m.graph.input:
-            if vi.name == inp.name:
-                vi.type.tensor_type.shape.dim[0].Clear()
-                vi.type.tensor_type.shape.dim[0].dim_value = PROBE_BATCH
-        for vi in m.graph.output:
-            if vi.type.tensor_type.shape.dim:
-                vi.type.tensor_type.shape.dim[0].Clear()
-        fixed = tensor_table(onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True))
-    except Exception:  # noqa: BLE001 - then only the symbolic rule applies
+    fixed = shapes_at_probe_batch(model)
+    if fixed is None:
         return first, later
     for name, (_, d) in fixed.items():
         if not d:

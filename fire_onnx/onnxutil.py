@@ -494,6 +494,13 @@ def batch_aligned(model: onnx.ModelProto) -> set[str]:
     Empty when the model has no symbolic batch or inference fails."""
     if batch_symbol(model) is None:
         return set()
+    table = shapes_at_probe_batch(model)
+    return {name for name, (_, dims) in (table or {}).items() if dims and dims[0] == PROBE_BATCH}
+
+
+def shapes_at_probe_batch(model: onnx.ModelProto) -> dict | None:
+    """:func:`tensor_table` of ``model`` inferred with its data input's batch fixed to PROBE_BATCH (data
+    propagation carries the number where symbolic inference loses the batch symbol); None when inference fails."""
     inp = data_input(model.graph)
     try:
         m = light_copy(model)
@@ -505,10 +512,9 @@ def batch_aligned(model: onnx.ModelProto) -> set[str]:
         for vi in m.graph.output:
             if vi.type.tensor_type.shape.dim:
                 vi.type.tensor_type.shape.dim[0].Clear()
-        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        return tensor_table(onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True))
     except Exception:  # noqa: BLE001 - then only the symbolic rule applies
-        return set()
-    return {name for name, (_, dims) in tensor_table(inferred).items() if dims and dims[0] == PROBE_BATCH}
+        return None
 
 
 def downstream_model(model: onnx.ModelProto, start: str, value_infos: onnx.ModelProto | None = None,

@@ -294,18 +294,20 @@ def upper_bound(k: int, n: int, level: float = BOUND_LEVEL) -> float:
     return hi
 
 
+def _class_reach(held_trig: Images, base: np.ndarray | None, target: int) -> list[tuple[int, int, int]]:
+    """(class, images at ``target``, images) per source class of the labelled held-out triggered images (the
+    original model's classes ``base``); empty without labels."""
+    if held_trig.y is None or base is None or not len(base):
+        return []
+    y = np.asarray(held_trig.y)
+    return [(int(c), int((base[y == c] == target).sum()), int((y == c).sum())) for c in np.unique(y[y != target])]
+
+
 def _source_classes(held_trig: Images, base: np.ndarray | None, target: int) -> list[tuple[int, float, int]]:
     """(class, share at the target, images) of the labelled held-out triggered images' source classes that the
     original model sends to ``target`` for the most part (at least WEAK of MIN_TRIGGERED images or more), highest
     first; empty without labels."""
-    if held_trig.y is None or base is None or not len(base):
-        return []
-    y = np.asarray(held_trig.y)
-    out = []
-    for c in np.unique(y[y != target]):
-        sel = y == c
-        if sel.sum() >= MIN_TRIGGERED and (rate := float((base[sel] == target).mean())) >= WEAK:
-            out.append((int(c), rate, int(sel.sum())))
+    out = [(c, k / n, n) for c, k, n in _class_reach(held_trig, base, target) if n >= MIN_TRIGGERED and k / n >= WEAK]
     return sorted(out, key=lambda t: -t[1])
 
 
@@ -313,15 +315,8 @@ def _few_source_classes(held_trig: Images, base: np.ndarray | None, target: int)
     """(class, images at the target, images) of source classes with too few held-out triggered images for
     :func:`_source_classes` (2 to MIN_TRIGGERED - 1) that the original model sends to ``target`` for the most part:
     a GTSRB backdoor from six 10-image classes showed 6 % pooled and was refused as no backdoor (new-user run 20)."""
-    if held_trig.y is None or base is None or not len(base):
-        return []
-    y = np.asarray(held_trig.y)
-    out = []
-    for c in np.unique(y[y != target]):
-        sel = y == c
-        k = int((base[sel] == target).sum())
-        if 2 <= sel.sum() < MIN_TRIGGERED and k >= WEAK * sel.sum() and k >= 2:
-            out.append((int(c), k, int(sel.sum())))
+    out = [(c, k, n) for c, k, n in _class_reach(held_trig, base, target)
+           if 2 <= n < MIN_TRIGGERED and k >= max(2, WEAK * n)]
     return sorted(out, key=lambda t: (-t[1] / t[2], -t[2]))
 
 
