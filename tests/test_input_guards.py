@@ -172,17 +172,17 @@ def test_a_repair_broken_after_patching_is_named(ws):  # noqa: F811
 def test_fit_needs_clean_images_of_the_target_and_warns_on_few_classes(ws):  # noqa: F811
     """A clean file without --target's class: neither the clean reference nor the held-out check sees what the
     repair does to that class (new-user run 20: a GTSRB class went from 84.9 % to 71.4 %, 3.4 % with a one-class
-    file, while the check read 0.0 % changed): refused unless --force. A file holding few of the model's classes
-    is fitted with a warning, and a one-class file is not blamed on the preprocessing."""
+    file, while the check read 0.0 % changed): a warning that points to eval's per-class --fail-ca-drop (a
+    refusal cannot tell such a file from a class that exists only through the trigger). A file holding few of
+    the model's classes gets a warning, and a one-class file is not blamed on the preprocessing."""
     d = np.load(ws / "mnist.npz")
     x, y = d["x_train"], d["y_train"]
     keep = y != 0
     np.savez(ws / "no_target.npz", x=x[keep][:800], y=y[keep][:800])
-    before = snapshot(ws)
     common = ("fit", "--onnx", "model.onnx", "--layer", "block2", "--trigger", "badnets", "--target", "0", *PRE)
-    proc = run_cli(*common, "--clean", "no_target.npz", "-o", "nt.npz", cwd=ws)
-    assert_user_error(proc, ws, before, "has no image labelled 0 (--target)")
-    assert "add clean images of class 0 (--force fits anyway)" in proc.stderr
+    proc = run_cli(*common, "--clean", "no_target.npz", "-o", "nt.npz", "--json", "-", cwd=ws, check=True)
+    assert "has no image labelled 0 (--target)" in proc.stderr and "--fail-ca-drop" in proc.stderr
+    assert any("has no image labelled 0" in w for w in json.loads(proc.stdout)["warnings"])
     few = np.isin(y, [0, 1, 2])
     np.savez(ws / "few.npz", x=x[few][:800], y=y[few][:800])
     proc = run_cli(*common, "--clean", "few.npz", "-o", "few_d.npz", "--json", "-", cwd=ws)
