@@ -77,6 +77,8 @@ REPAIRS = ("project", "translate")
 
 RECONSTRUCT_POOL = 300  # pool images kept away from the held-out set for the trigger reconstruction
 FEW_HELD_CLEAN = 200  # warn below this many held-out clean images
+FEW_HELD_TRIGGERED = 50  # ... and say when candidates this few held-out triggered images rank differ by little
+NOISE_IMAGES = 1  # held-out triggered images between two candidates' target rates that count as no difference
 REFIT_SLACK = 0.005  # warn when the refitted single-layer repair exceeds the clean budget by more than this
 SHIFT_TIE = 1e-6  # clean shifts closer than this count as equal (then the earlier tensor wins)
 WEAK_REPAIR = 0.5  # warn when the chosen repair leaves this held-out target rate (and more than half the original)
@@ -525,6 +527,18 @@ def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
     return over + failed, False
 
 
+def too_close(ranked: list[Score], within: bool, budget: float, n_triggered: int) -> list[Score]:
+    """The candidates after the winner of ``ranked`` (within the budget when the winner is) whose held-out target
+    rate is at most NOISE_IMAGES of ``n_triggered`` held-out images above the winner's, when those are fewer than
+    FEW_HELD_TRIGGERED: the ranking cannot tell them apart."""
+    best = ranked[0] if ranked else None
+    if best is None or not best.ok or best.target_rate is None or not 0 < n_triggered < FEW_HELD_TRIGGERED:
+        return []
+    return [s for s in ranked[1:] if s.ok and s.target_rate is not None
+            and (not within or s.clean_change <= budget)
+            and round((s.target_rate - best.target_rate) * n_triggered) <= NOISE_IMAGES]
+
+
 def _name(s: Score) -> str:
     return s.site.label + ("" if s.repair == "project" else f" ({s.repair})")
 
@@ -752,6 +766,15 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
                 "(PyTorch needs a module called once per candidate)" if inputs.model is not None else "")
         raise FireError(f"--layer auto could not fit any candidate (first error: {best.error}){hint}")
     reason = why(ranked, within, req.clean_budget, len(split.held_clean), original_rate)
+    n_t = len(split.held_triggered)
+    close = too_close(ranked, within, req.clean_budget, n_t)
+    if close:
+        # new-user run 20: 10 held-out flagged images, fc at 0 % against 10 % (one image) elsewhere; fc left 4.9 % ASR
+        # where c1.1 left 2.4 %: a one-image difference decided the layer, and nothing said so
+        notes.append(f"--layer auto ranked on only {n_t} held-out triggered images (one image is {1 / n_t:.0%}): "
+                     f"{_name(best)} ({best.target_rate:.0%}) and {_names(close)} differ by at most {NOISE_IMAGES} "
+                     "image(s), which so few cannot tell apart; give more triggered images, or compare them with "
+                     "fit --layer ... and eval")
     chain, steps, stopped = [best], [], ""
     if req.max_layers > 1:
         if within:
