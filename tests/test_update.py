@@ -311,3 +311,18 @@ def test_update_refuses_images_that_do_not_reach_the_target(ws, mnist_path):
         run_fit(FitRequest(**upd))
     forced = run_fit(FitRequest(**upd, force=True))
     assert forced.targets[0].fit["updates"] == 1
+
+
+def test_update_refuses_clean_images_the_model_reads_near_chance(ws):
+    """The update replaces the repair's clean reference with the clean images given: a clean file the model reads at
+    chance (run 19: Fashion-MNIST images for an MNIST repair, 10 % right; ASR 0.6 -> 13.3 % with a warning only) is
+    refused; --force writes it."""
+    d = run_fit(request(ws, "flag_a.npz"))
+    dirs.save(d, ws / "r0.npz")
+    m = np.load(ws / "mnist.npz")
+    rng = np.random.default_rng(0)
+    np.savez(ws / "wrong.npz", x_train=m["x_train"], y_train=rng.permutation(m["y_train"]))  # labels of other images
+    with pytest.raises(FireError, match=r"not written: the model classifies only .* of the clean images correctly"):
+        run_fit(request(ws, "flag_b.npz", layers=[], update_path=str(ws / "r0.npz"), clean_path=str(ws / "wrong.npz")))
+    run_fit(request(ws, "flag_b.npz", layers=[], update_path=str(ws / "r0.npz"), clean_path=str(ws / "wrong.npz"),
+                    force=True))

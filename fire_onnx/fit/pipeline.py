@@ -225,6 +225,18 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         if inputs.refit_all:  # stored flagged images + new ones: the reach of the new ones is what tells
             reach, n_new = new_reach(inputs, req.target), len(inputs.new_flagged)
         d = update_targets(req, inputs, clean, triggered, source, progress=progress)
+        from fire_onnx.fit.core import NEAR_CHANCE
+
+        checks = d.meta.get("checks", {})
+        acc, chance = checks.get("clean_accuracy"), checks.get("chance")
+        if acc is not None and chance is not None and chance < 1 and acc < chance + NEAR_CHANCE * (1 - chance) \
+                and not req.force:
+            # the update replaces the repair's clean reference with these images: Fashion-MNIST clean images given
+            # to an MNIST repair's update (10 % right) took it from 0.6 % to 13.3 % ASR with a warning (new-user run 19)
+            raise FireError(f"not written: the model classifies only {acc:.1%} of the clean images correctly (chance "
+                            f"{chance:.1%}): the clean file or the preprocessing does not match the model, and the "
+                            f"update would replace the clean reference of {Path(req.update_path).name} with them; "
+                            "check --clean (--force writes it anyway)")
         if not inputs.refit_all:
             reach, n_new = d.meta.get("checks", {}).get("triggered_to_target"), len(triggered)
         if reach is not None and reach < UPDATE_MIN_REACH:
