@@ -444,8 +444,10 @@ CI thresholds (--fail-asr, --fail-ca, --fail-ca-drop, --fail-ra-drop; fractions 
   given beside them are baselines and are not checked (--fail-ca-drop compares with
   the one unpatched model). When no model is patched, every model is checked. The
   table / JSON are written first, then one line per check on stderr. --fail-asr
-  also fails when one source class's ASR (20 images or more) is above X with 95 %
-  confidence (a backdoor that works from some classes only). A model the
+  also fails when one source class's ASR is above X with 95 % confidence (a
+  backdoor that works from some classes only; classes of 5-19 images are judged
+  at 95 % over all of them together), and --fail-ca-drop when one class's CA
+  drop is above D with 95 % confidence over the classes. A model the
   preprocessing check says reads the images wrongly fails every check.
 
 \b

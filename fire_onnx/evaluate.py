@@ -273,17 +273,15 @@ def compute_metrics(
                      for c in np.unique(clean.y)}
     if target is not None and (clean.y != target).any():
         m.asr_floor = float((pred[clean.y != target] == target).mean())
+    if triggered is not None and target is None:
+        raise FireError("ASR needs the attack's target class (--target)")
     if triggered is not None and triggered.y is None:
         # flagged inputs have no labels: the share sent to the target needs none (new-user run 20 was refused), but
         # images of the target class itself cannot be told apart, and RA needs the labels
-        if target is None:
-            raise FireError("ASR needs the attack's target class (--target)")
         tp = predict_logits(sess, preprocess(triggered.x), batch_size).argmax(axis=1)
         m.asr, m.n_triggered, m.asr_unlabelled = float((tp == target).mean()), len(triggered), True
         return m
     if triggered is not None:
-        if target is None:
-            raise FireError("ASR needs the attack's target class (--target)")
         keep = triggered.y != target
         if not keep.any():
             raise FireError("every triggered image is of the target class; ASR is undefined")
@@ -323,8 +321,9 @@ ELSEWHERE_WARN = 0.3  # warn when this share of triggered images goes neither to
 def worst_class(by_class: dict | None) -> tuple[str, dict, float] | None:
     """(class, its record, the lower 95 % bound of its ASR above the class's own floor) of the source class whose
     ASR is highest with confidence, among classes with at least MIN_SMALL_CLASS triggered images (those under
-    MIN_CLASS at 95 % jointly: each at 1 - 0.05 / their number); None without per-class records. The floor (its clean images the model puts at the target) is subtracted: Fashion-MNIST shirts go to
-    the T-shirt class without any trigger."""
+    MIN_CLASS at 95 % jointly: each at 1 - 0.05 / their number); None without per-class records. The floor (its
+    clean images the model puts at the target) is subtracted: Fashion-MNIST shirts go to the T-shirt class without
+    any trigger."""
     from fire_onnx.fit.verify import lower_bound
 
     by_class = by_class or {}

@@ -79,7 +79,7 @@ def candidates(model: onnx.ModelProto, include_all: bool = False) -> list[Candid
             elif name in later and (layers or n.op_type in POST_OPS):
                 tbd = " ([T, B, D])" if later[name] == 1 and dims is not None and len(dims) == 3 else ""
                 note = (f"{BATCH_LATER_NOTE} {later[name]}{tbd}: not repairable, fit needs the batch first "
-                        "(the CLS token or pooled features: candidate (pooled features) where inspect finds them)")
+                        "(the CLS token or pooled features: 'candidate (pooled features)' below, where the model has them)")
             elif pair:
                 note = f"splits {pair[0]}+{pair[1]} fusion"
             elif name in outputs:

@@ -288,10 +288,9 @@ def _refuse_subgraph_tensor(model: onnx.ModelProto, name: str) -> None:
 
 
 def batch_later_message(name: str, axis: int, dims) -> str:
-    tbd = " ([T, B, D], as nn.TransformerEncoderLayer(batch_first=False) does)" if axis == 1 and len(dims) == 3 else ""
-    return (f"tensor {name!r} (shape {_fmt(dims)}) holds the batch on axis {axis}{tbd}: fire-onnx repairs tensors "
-            "whose first axis is the batch; pick a tensor where the model has moved the batch first (the CLS token or "
-            "pooled features: `fire-onnx inspect --all` lists them), or build the encoder with batch_first=True")
+    from fire_onnx.probe import batch_later_text
+
+    return batch_later_text(f"tensor {name!r} (shape {_fmt(dims)})", axis, dims)
 
 
 def check_layout(target: dirs.Target, name: str, dims, model: onnx.ModelProto | None = None,
@@ -714,12 +713,13 @@ def _batch_later_target(model: onnx.ModelProto, directions_path) -> str | None:
                 names.append(resolve_tensor(inferred, module=module))
             except FireError:
                 pass
-        later = batch_axes(model, tensor_table(inferred))[1]
+        table = tensor_table(inferred)
+        later = batch_axes(model, table)[1]
     except Exception:  # noqa: BLE001 - only a better message is at stake: keep the original one
         return None
     for name in names:
         if isinstance(name, str) and name in later:
-            dims = tensor_table(inferred)[name][1]
+            dims = table[name][1]
             return (f"{directions_path}: it was fitted at tensor {name!r} before fit refused such tensors, so it holds a "
                     f"wrong repair (token positions taken as samples), not a damaged one; "
                     f"{batch_later_message(name, later[name], dims)}")

@@ -99,17 +99,20 @@ class BatchAxisError(FireError):
     check passes the message on rather than blaming the probe images."""
 
 
+def batch_later_text(what: str, axis: int, shape) -> str:
+    """``what`` (a tensor or module, with its shape) holds the batch on ``axis``: the sentence fit and patch share."""
+    form = " ([T, B, D], as nn.TransformerEncoderLayer(batch_first=False) does)" if axis == 1 and len(shape) == 3 else ""
+    return (f"{what} holds the batch on axis {axis}{form}: fire-onnx repairs tensors whose first axis is the batch; "
+            "pick a tensor where the model has moved the batch first (the CLS token or pooled features, which "
+            "`fire-onnx inspect` lists as 'candidate (pooled features)'), or build the encoder with batch_first=True")
+
+
 def batch_axis_error(what: str, shape, n: int) -> BatchAxisError:
     """The error for ``what`` (e.g. "module 'blocks.0'") that gave ``shape`` for a batch of ``n`` images."""
     shape = [int(v) for v in shape]
     axis = next((i for i, v in enumerate(shape) if i and v == n), None)
     if axis is not None:
-        form = " ([T, B, D], as nn.TransformerEncoderLayer(batch_first=False) does)" if axis == 1 and len(shape) == 3 else ""
-        return BatchAxisError(
-            f"{what} holds the batch on axis {axis}{form}: it has shape {shape} for a batch of {n} images, and "
-            "fire-onnx repairs tensors whose first axis is the batch; pick a tensor where the model has moved the "
-            "batch first (the CLS token or pooled features: `fire-onnx inspect --all` lists them), or build the "
-            "encoder with batch_first=True")
+        return BatchAxisError(batch_later_text(f"{what} (shape {shape} for a batch of {n} images)", axis, shape))
     return BatchAxisError(
         f"{what} has shape {shape} for a batch of {n} images: its first axis is not the batch (the model folds or "
         "moves the batch there), and fire-onnx repairs tensors whose first axis is the batch; pick another tensor "

@@ -253,6 +253,7 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
             if present == 1:
                 pass  # chance is 100 %: the warning above says what is wrong with the file, not the preprocessing
             elif acc < chance + NEAR_CHANCE * (1 - chance):
+                out["near_chance"] = True  # fit --update refuses such clean images (fire_onnx.fit.pipeline.run_fit)
                 warn.append(f"the model classifies only {acc:.1%} of the clean fitting images correctly (chance is "
                             f"{chance:.1%}): the preprocessing (--scale/--mean/--std/--input-layout), the model/"
                             "weights, the clean file (its labels, or images of another kind than the model's "

@@ -207,38 +207,31 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
     """Load everything ``req`` names, fit, and return the directions (not yet saved). ``log`` gets
     progress lines of ``--layer auto`` (one per candidate)."""
     req.validate()
-    from fire_onnx.fit.update import store_flagged
-
     if req.auto:
         from fire_onnx.fit.auto import run_auto
 
         inputs = load_inputs(req)
         d = run_auto(req, progress=progress, log=log, inputs=inputs)
-        store_flagged(d, req, inputs)
-        d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(inputs.warnings)
+        _record_inputs(d, req, inputs)
         return d
     inputs = load_inputs(req)
     clean, triggered, source = select_samples(req, inputs)
     if inputs.previous is not None:  # --update: each target with its own recorded settings (a chain in order)
         from fire_onnx.fit.update import new_reach, update_targets
 
-        if inputs.refit_all:  # stored flagged images + new ones: the reach of the new ones is what tells
-            reach, n_new = new_reach(inputs, req.target), len(inputs.new_flagged)
         d = update_targets(req, inputs, clean, triggered, source, progress=progress)
-        from fire_onnx.fit.core import NEAR_CHANCE
-
         checks = d.meta.get("checks", {})
-        acc, chance = checks.get("clean_accuracy"), checks.get("chance")
-        if acc is not None and chance is not None and chance < 1 and acc < chance + NEAR_CHANCE * (1 - chance) \
-                and not req.force:
+        if checks.get("near_chance") and not req.force:
             # the update replaces the repair's clean reference with these images: Fashion-MNIST clean images given
             # to an MNIST repair's update (10 % right) took it from 0.6 % to 13.3 % ASR with a warning (new-user run 19)
-            raise FireError(f"not written: the model classifies only {acc:.1%} of the clean images correctly (chance "
-                            f"{chance:.1%}): the clean file or the preprocessing does not match the model, and the "
-                            f"update would replace the clean reference of {Path(req.update_path).name} with them; "
-                            "check --clean (--force writes it anyway)")
-        if not inputs.refit_all:
-            reach, n_new = d.meta.get("checks", {}).get("triggered_to_target"), len(triggered)
+            raise FireError(f"not written: the model classifies only {checks['clean_accuracy']:.1%} of the clean images "
+                            f"correctly (chance {checks['chance']:.1%}): the clean file or the preprocessing does not "
+                            f"match the model, and the update would replace the clean reference of "
+                            f"{Path(req.update_path).name} with them; check --clean (--force writes it anyway)")
+        if inputs.refit_all:  # stored flagged images + new ones: the reach of the new ones is what tells
+            reach, n_new = new_reach(inputs, req.target), len(inputs.new_flagged)
+        else:
+            reach, n_new = checks.get("triggered_to_target"), len(triggered)
         if reach is not None and reach < UPDATE_MIN_REACH:
             # merged, such images pull the estimate off the trigger: a ViT repair went from 0.9 % to 3.8 % ASR
             # and lost 2.5 pt CA, while the held-out check (judged on the new images only) looked harmless
@@ -264,13 +257,20 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         d, check = _check(req, inputs, d, clean, triggered, source, progress, seek_suspects=True)
     if inputs.clean_left_out:
         report_excluded(req, inputs, d, target_out)
-    store_flagged(d, req, inputs)
-    d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(inputs.warnings)
+    _record_inputs(d, req, inputs)
     if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
         for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
             log(f"warning: {w}")
     refuse_or_record(req, d, check)
     return d
+
+
+def _record_inputs(d: dirs.Directions, req: FitRequest, inputs: FitInputs) -> None:
+    """What a fit keeps of its inputs: the flagged images (for a later --update) and the warnings about them."""
+    from fire_onnx.fit.update import store_flagged
+
+    store_flagged(d, req, inputs)
+    d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(inputs.warnings)
 
 
 CARRIERS_SHARE = 0.9  # left-out clean images that already carry the --trigger given: poisoned, not genuine
@@ -397,12 +397,11 @@ def _target_in_pool(req: FitRequest, pool: Images) -> str | None:
     --fail-ca-drop measures the cost."""
     if req.target is None or pool.y is None or (pool.y == req.target).any():
         return None
-    return (f"{req.clean_path} has no image labelled {req.target} (--target): the repair acts on what "
-                        f"triggered inputs share with class {req.target}, and without its clean images neither the "
-                        "clean reference nor the held-out check sees what it does to that class (a GTSRB repair "
-                        "fitted so took the class from 84.9 % to 71.4 % while the check read 0.0 % changed); add "
-            f"clean images of class {req.target}, and check the repair with 'fire-onnx eval --fail-ca-drop', which "
-            "checks each class")
+    return (f"{req.clean_path} has no image labelled {req.target} (--target): the repair acts on what triggered "
+            f"inputs share with class {req.target}, and without its clean images neither the clean reference nor the "
+            "held-out check sees what it does to that class (a GTSRB repair fitted so took the class from 84.9 % to "
+            f"71.4 % while the check read 0.0 % changed); add clean images of class {req.target}, and check the repair "
+            "with 'fire-onnx eval --fail-ca-drop', which checks each class")
 
 
 def _same_input_or_explain(req: FitRequest, onnx_model, model, pre: Preprocess, x: np.ndarray) -> None:

@@ -169,14 +169,20 @@ def stamp_update(d: dirs.Directions, previous: dirs.Directions, update_path: str
             d.meta[key] = previous.meta[key]
 
 
-def earlier_updates(update_path: str) -> list[Path]:
-    """Updates of ``update_path`` already written under the default names (``.u1`` ... up to the first free one):
-    a script that runs ``fit --update directions.npz`` every round starts from the same file each time, and
-    merges only its newest batch (new-user run 19)."""
+def _first_update(update_path: str) -> tuple[Path, str, int]:
+    """(path, base name, n) of the first default update name of ``update_path``: ``base.u{n}.npz``."""
     p = Path(update_path)
     stem = p.name[:-4] if p.name.endswith(".npz") else p.name
     m = re.fullmatch(r"(.*)\.u(\d+)", stem)
     base, n = (m.group(1), int(m.group(2)) + 1) if m else (stem, 1)
+    return p, base, n
+
+
+def earlier_updates(update_path: str) -> list[Path]:
+    """Updates of ``update_path`` already written under the default names (``.u1`` ... up to the first free one):
+    a script that runs ``fit --update directions.npz`` every round starts from the same file each time, and
+    merges only its newest batch (new-user run 19)."""
+    p, base, n = _first_update(update_path)
     out = []
     while p.with_name(f"{base}.u{n}.npz").exists():
         out.append(p.with_name(f"{base}.u{n}.npz"))
@@ -186,16 +192,10 @@ def earlier_updates(update_path: str) -> list[Path]:
 
 def default_update_output(update_path: str) -> Path:
     """``directions.npz`` -> ``directions.u1.npz``; ``directions.u1.npz`` -> ``directions.u2.npz``, or the next
-    free ``uN`` when that exists (the update never overwrites the file it refines, nor an earlier update)."""
-    p = Path(update_path)
-    stem = p.name[:-4] if p.name.endswith(".npz") else p.name
-    m = re.fullmatch(r"(.*)\.u(\d+)", stem)
-    base, n = (m.group(1), int(m.group(2)) + 1) if m else (stem, 1)
-    # the next free name: updating directions.npz each round wrote directions.u1.npz over the last round's
-    # update, so only the newest batch was ever merged (new-user run 19)
-    while p.with_name(f"{base}.u{n}.npz").exists():
-        n += 1
-    return p.with_name(f"{base}.u{n}.npz")
+    free ``uN`` when that exists (the update never overwrites the file it refines, nor an earlier update: updating
+    directions.npz each round wrote directions.u1.npz over the last round's update, new-user run 19)."""
+    p, base, n = _first_update(update_path)
+    return p.with_name(f"{base}.u{n + len(earlier_updates(update_path))}.npz")
 
 
 # Flagged images without twins are fitted through a trigger reconstruction, which needs the images themselves:
