@@ -52,10 +52,15 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
 
     spec, fixed_layer = bf.ATTACKS[attack]
     data_path = Path(args.data_dir) / f"{dataset}.npz"
-    recipe = bf.make_recipe(data_path, "small_cnn", spec, args.epochs, 0)
+    recipe = bf.make_recipe(data_path, args.arch, spec, args.epochs, 0)
+    model_name = "small_cnn"
+    if args.arch == "preact18":  # bench_flagged's PreAct-ResNet18 (width 16, 12 epochs) and its fixed layers
+        recipe, fixed_layer = bf.preact_recipe(recipe, dataset), bf.PREACT["layers"][attack]
+        model_name = f"preact18-w{bf.PREACT['width']}"
     onnx_path = Path(args.cache) / bf.recipe_key(recipe) / "model.onnx"
     if not onnx_path.is_file():
-        log(f"  {dataset} {attack}: no cached model ({onnx_path.parent.name}); skipped (this tool does not train)")
+        log(f"  {dataset} {attack}: no cached model ({onnx_path.parent.name}); skipped (this tool does not train: "
+            f"tools/bench_flagged.py --archs {args.arch} trains it)")
         return []
     train, test, pre, trig, trig_test = bf.load_cell(data_path, spec, args.limit)
     c = train.x.shape[-1]
@@ -66,7 +71,7 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
         clean_x, clean_y = test.x[:n], test.y[:n]
     if args.clean_from == "test" or args.eval_tail:  # evaluated on the rest
         test, trig_test = test.subset(np.arange(n, len(test))), trig_test.subset(np.arange(n, len(trig_test)))
-    base = {"dataset": dataset, "model": "small_cnn", "attack": attack, "trigger": spec, "seed": 0,
+    base = {"dataset": dataset, "model": model_name, "attack": attack, "trigger": spec, "seed": 0,
             "epochs": recipe["epochs"], "n_triggered": 20, "n_clean_test": len(test), "clean_from": args.clean_from,
             "eval_tail": bool(args.clean_from == "test" or args.eval_tail)}
     original = session(onnx_path)
@@ -137,13 +142,17 @@ def markdown(records: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     cells: dict = {}
     for r in records:
-        cells.setdefault((r["dataset"], r["attack"]), []).append(r)
+        cells.setdefault((r["dataset"], r.get("model", "small_cnn"), r["attack"]), []).append(r)
 
     def fmt(r):
         return (f"{100 * r['ca']:.1f} / {100 * r['asr']:.1f} / {100 * r['ra']:.1f} / "
                 f"{100 * r['clean_change']:.2f}")
 
-    for (ds, att), rs in cells.items():
+    def name(ds, model):
+        return ds if model == "small_cnn" else f"{ds} ({model})"
+
+    for (ds, model, att), rs in cells.items():
+        ds = name(ds, model)
         orig = next(r for r in rs if r["mode"] == "original")
         fixed = next((r for r in rs if r["mode"] == "fixed"), None)
         auto = next((r for r in rs if r["mode"] == "auto"), None)
@@ -156,7 +165,8 @@ def markdown(records: list[dict]) -> str:
     lines += ["", "Every single layer (CA / ASR / RA / clean change, %):", "",
               "| dataset | attack | layer | test CA / ASR / RA / change | auto's held-out target rate | auto's held-out "
               "clean change |", "|---|---|---|---|---|---|"]
-    for (ds, att), rs in cells.items():
+    for (ds, model, att), rs in cells.items():
+        ds = name(ds, model)
         auto = next((r for r in rs if r["mode"] == "auto"), None)
         held = {row["layer"]: row for row in (auto or {}).get("ranking", [])}
         for r in rs:
@@ -174,7 +184,7 @@ def markdown(records: list[dict]) -> str:
                   "", "| dataset | attack | mode | chosen | test CA / ASR / RA / change |", "|---|---|---|---|---|"]
         for r in extra:
             chosen = " -> ".join(r["layers"]) + ("" if r.get("repair", "project") == "project" else f" ({r['repair']})")
-            lines.append(f"| {r['dataset']} | {r['attack']} | {r['mode']} | {chosen} | {fmt(r)} |")
+            lines.append(f"| {name(r['dataset'], r.get('model', 'small_cnn'))} | {r['attack']} | {r['mode']} | {chosen} | {fmt(r)} |")
     return "\n".join(lines)
 
 
@@ -186,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="mnist5k,cifar10,gtsrb32")
     ap.add_argument("--attacks", default="badnets,blended,sig")
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--arch", choices=["small_cnn", "preact18"], default="small_cnn",
+                    help="the cached models' architecture (preact18: bench_flagged's width-16 PreAct-ResNet18, CIFAR-10)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     ap.add_argument("--budgets", default="0.005",
                     help="clean budgets: the first for mode auto, each further one adds a mode auto@BUDGET")
@@ -222,7 +234,7 @@ def main(argv=None) -> int:
                 continue
             if not new:
                 continue
-            key = lambda r: (r["dataset"], r["attack"], r["mode"], tuple(r["layers"]) if r["mode"] == "layer" else ())  # noqa: E731
+            key = lambda r: (r["dataset"], r.get("model", "small_cnn"), r["attack"], r["mode"], tuple(r["layers"]) if r["mode"] == "layer" else ())  # noqa: E731
             records = bf.save_records(path, new, key)
     md = markdown(records)
     write_text_atomic(out / "results.md", md + f"\n\n{round(time.perf_counter() - t0)} s for this run.\n")
