@@ -104,6 +104,29 @@ def test_eval_refuses_a_single_score_model(trained, digits, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_fit_refuses_unchecked_flagged_repair_of_a_single_score_model(trained, digits, tmp_path):
+    """(N, 1) output and flagged images: neither the trigger reconstruction nor the held-out check can run, and
+    the unpaired repair was written with exit 0 (new-user run 21: a single-logit model, 100 % -> 61 % ASR). Now it
+    is refused (one line naming the two-score export, nothing written) unless --force; --trigger still fits."""
+    from fire_onnx import triggers
+
+    onnx_path = _export(_variant(trained, "sigmoid"), tmp_path / "bin.onnx", ["p"])
+    x_test = digits[2]
+    np.savez(tmp_path / "flagged.npz", x=triggers.parse("badnets:size=2").apply(x_test[:20]))
+    out = tmp_path / "d.npz"
+    args = ["fit", "--onnx", onnx_path, "--layer", "/act/Relu_output_0", "--clean", DIGITS, "--triggered",
+            tmp_path / "flagged.npz", "--scale", str(1 / 255), "-o", out]
+    proc = run_cli(*args)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "cannot be checked" in err and "[-z, z]" in err and not out.exists()
+    proc = run_cli(*args, "--force")
+    assert proc.returncode == 0 and out.exists(), proc.stderr
+    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "/act/Relu_output_0", "--clean", DIGITS, "--trigger",
+                   "badnets:size=2", "--target", "0", "--scale", str(1 / 255), "-o", tmp_path / "t.npz")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_eval_names_the_output_it_scores(trained, tmp_path):
     """(features, probabilities): eval scores the first output. It used to say so in a note and print CA
     of the features' argmax (15 %); predictions mostly beyond the labels' range now stop it, naming the

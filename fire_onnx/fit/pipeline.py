@@ -259,7 +259,7 @@ def run_fit(req: FitRequest, progress: Progress | None = None, log: Callable[[st
         report_excluded(req, inputs, d, target_out)
     _record_inputs(d, req, inputs)
     if check.get("refuse") and not req.force and log:  # what the fit saw, before the one-line refusal
-        for w in d.meta.get("checks", {}).get("warnings", []) + check["warnings"]:
+        for w in d.meta.get("checks", {}).get("warnings", []) + check.get("warnings", []):
             log(f"warning: {w}")
     refuse_or_record(req, d, check)
     return d

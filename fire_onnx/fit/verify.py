@@ -118,7 +118,14 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         else:  # fitted from the PyTorch model alone: the repair runs as forward hooks
             held = TorchHeldOut(inputs.model, inputs.preprocess, held_clean, held_trig, batch_size=req.batch_size)
     except FireError as e:  # not a classifier (no (N, classes) first output): nothing to count predictions on
-        return {"skipped": f"the model's predictions cannot be compared ({e})"}
+        out = {"skipped": f"the model's predictions cannot be compared ({e})"}
+        if inputs.trigger is None and source is None:
+            # flagged images without twins: no reconstruction can be confirmed either, so the repair is an unpaired
+            # estimate nothing has checked (new-user run 21: a single-logit model, 100 % -> 61 % ASR, "wrote")
+            out.update(refuse="the repair of flagged images cannot be checked on this model: its first output is not "
+                              "class scores, so neither the trigger reconstruction nor the held-out check can run",
+                       refuse_unchecked=True)
+        return out
     target = req.target
     if target is None and held.base_trig is not None and len(held.base_trig):
         target = int(np.bincount(held.base_trig).argmax())
@@ -584,6 +591,9 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
         hint = poisoned_clean_hint(check) if check.get("refuse_clean") else None
         if hint:
             what = f"Of those, {hint}"
+        elif check.get("refuse_unchecked"):
+            what = ("Export the model with two class scores ([-z, z] for a logit z, [1 - p, p] for a probability) and "
+                    "fit, patch and evaluate that model, or give --trigger (or the flagged images' clean twins, x_clean)")
         elif check.get("refuse_no_backdoor") and req.trigger_free:  # the user gave no trigger to check
             what = ("The search named a class but the trigger it recovered is not the backdoor's (held-out clean images "
                     "stamped with it rarely reach that class): no repair can be fitted from it. Fit on triggered "
