@@ -771,7 +771,7 @@ def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | No
             if who is not None:  # once per model: its own reading, else its baseline's
                 add(m, "preprocessing", None, None, False, model_misread=who, why=misread[who])
         if fail_asr is not None:
-            add(m, "asr", r["asr"], fail_asr, r["asr"] <= fail_asr + _EPS)
+            add(m, "asr", r["asr"], fail_asr, r["asr"] <= fail_asr + _EPS, floor=r.get("asr_floor"))
             w = worst_class(r.get("by_class"))
             if w is not None and w[2] > fail_asr + _EPS:  # confidently over the limit from one source class
                 add(m, "asr_class", w[1]["asr"], fail_asr, False, source_class=w[0], n=w[1]["n"], lower_bound=w[2])
@@ -818,5 +818,11 @@ def format_check(c: dict) -> str:
     op = (">=" if c["check"] == "ca" else "<=") if c["passed"] else ("<" if c["check"] == "ca" else ">")
     opt = {"asr": "--fail-asr", "ca": "--fail-ca", "ca_drop": "--fail-ca-drop", "ra_drop": "--fail-ra-drop"}[c["check"]]
     vs = f" vs {c['baseline']}" if c.get("baseline") else ""
+    floor = c.get("floor")
+    # a limit under the model's own floor fails every repair (new-user run 21: a binary model's floor of 12.2 % against
+    # --fail-asr 0.05, "check FAILED: ASR 12.40%" and nothing said why)
+    below = (f"; the limit is below this model's ASR floor {100 * floor:.2f}% (clean non-target images it puts at the "
+             "target itself), which no repair goes under" if not c["passed"] and floor is not None
+             and floor > c["limit"] + _EPS else "")
     return (f"check {'ok' if c['passed'] else 'FAILED'}: {c['model']}: {name}{vs} {100 * c['value']:.2f}% {op} "
-            f"{100 * c['limit']:.2f}% ({opt} {c['limit']:g})")
+            f"{100 * c['limit']:.2f}% ({opt} {c['limit']:g}){below}")

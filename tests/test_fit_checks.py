@@ -669,6 +669,19 @@ def test_held_out_line_names_the_models_own_floor():
     assert "94% -> 5% at class 0 (the model's floor: 4.4% of the held-out clean images of other classes" in describe(check)
     assert "floor" not in describe({**check, "target_floor": 0.004})
     assert "floor" not in describe({**check, "target_floor": None})
+    assert "the repair is at it" in describe({**check, "at_floor": True})
+    assert "the repair is at it" not in describe(check)
+
+
+def test_a_failed_asr_limit_under_the_models_floor_says_so():
+    """--fail-asr below the model's own ASR floor fails every repair: the FAILED line names the floor (new-user run
+    21: a binary model at a 12.2 % floor against --fail-asr 0.05), and only then."""
+    from fire_onnx.evaluate import format_check
+
+    c = {"model": "m.fire.onnx", "check": "asr", "value": 0.124, "limit": 0.05, "passed": False, "floor": 0.122}
+    assert "below this model's ASR floor 12.20%" in format_check(c)
+    assert "floor" not in format_check({**c, "floor": 0.01})
+    assert "floor" not in format_check({**c, "value": 0.03, "passed": True})
 
 
 def test_unlabelled_clean_images_collapsing_onto_one_class_warn_of_the_preprocessing():

@@ -51,6 +51,7 @@ CHANGE_REFUSE = 0.05  # ... and refuse to write it (without --force) above this 
 MIN_REFUSE_CLEAN = 200  # refuse only on at least this many held-out clean images
 NO_BACKDOOR = 0.2  # refuse when the original model sends fewer held-out triggered images than this to --target
 WEAK = 0.5  # warn when the repair leaves more than this share of the triggered images at the target
+FLOOR_MARGIN = 0.01  # a rate within this (plus two standard errors) of the target floor is the model's own errors
 PARTIAL = 0.1  # ... and, in other words, above this share (the repair removes the trigger only partly)
 MIN_TRIGGERED = 10  # held-out triggered images a file must have beyond the fitted ones to use them
 CROSS_FOLDS = 5  # in-sample: hold out each of this many folds of the triggered samples from a fit on the rest
@@ -196,7 +197,15 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     if req.alpha < 1:  # a partial repair by the user's choice: say so before suggesting other layers
         more = (f"--alpha {req.alpha:g} removes only that share of the shift along the direction (--alpha 1 removes "
                 f"all of it); {more}")
-    if before is not None and rate > WEAK and rate > 0.5 * before:
+    n_trig = len(held_trig)
+    # at the model's own floor: no repair can go below the share of clean images the model already puts at the target
+    # (new-user run 21: a binary model's "leaves 11 % ... removes the trigger only partly" beside a floor of 11.4 %)
+    at_floor = (floor is not None and n_trig > 0
+                and rate <= floor + FLOOR_MARGIN + 2 * np.sqrt(max(floor * (1 - floor), 1e-4) / n_trig))
+    out["at_floor"] = bool(at_floor)
+    if at_floor:
+        pass
+    elif before is not None and rate > WEAK and rate > 0.5 * before:
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         + ("it does not carry over to triggered inputs it was not fitted on; give "
                            f"{more}, or {_other_layers(req)}" if crossed else
@@ -209,8 +218,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
         warnings.append(f"the repair leaves {rate:.0%} of {trig_from} at class {target} (original model: {before:.0%}): "
                         + ("it removes nothing there" if rate >= before else "it removes the trigger only partly")
                         + f"; {more}, or {_other_layers(req)}, may do better")
-    n_trig = len(held_trig)
-    if (before is not None and "refuse" not in out and (crossed or not in_sample) and rate > 0.5 * before
+    if (before is not None and "refuse" not in out and not at_floor and (crossed or not in_sample) and rate > 0.5 * before
             and lower_bound(int(round(rate * n_trig)), n_trig) > WEAK):
         # confidently more than half of the held-out triggered images stay at the target: written with exit 0,
         # such a repair (a sample-specific trigger: 94-100 % left, 92-97 % ASR measured) was deployable by
@@ -377,7 +385,7 @@ def describe(check: dict) -> str:
         if floor is not None and floor >= FLOOR_SHOWN:  # what no repair goes below (new-user run 10 read 2 % here
             # and measured 4.8 % on test images the model itself puts at the target 4.4 % of the time)
             line += (f" (the model's floor: {floor:.1%} of the held-out clean images of other classes already go to "
-                     f"class {check['target']})")
+                     f"class {check['target']}" + ("; the repair is at it" if check.get("at_floor") else "") + ")")
         cross = check.get("cross_fit", {})
         if "target_rate_after" in cross:
             line += (f"; each held out of a fit on the others ({cross['folds']} folds): "
