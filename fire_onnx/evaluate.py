@@ -192,6 +192,8 @@ def check_labels_in_range(pred: np.ndarray, y: np.ndarray, n_scores: int, output
         raise FireError(f"the labels go up to {top} but the model's output has {n_scores} class scores (classes 0.."
                         f"{n_scores - 1}); {share:.0%} of the labelled images have a label the model cannot predict: "
                         "the labels belong to other data or another class numbering"
+                        + (f" (they run from 1 to {top}: numbered from 1? fire-onnx numbers classes from 0, as the "
+                           "model's outputs are)" if int(np.min(y)) == 1 and top == n_scores else "")
                         + (f" (or the class scores are not the first of the model's outputs {', '.join(outputs)})"
                            if outputs and len(outputs) > 1 else ""))
     beyond = pred > top

@@ -75,6 +75,9 @@ def check(predict, x: np.ndarray, y: np.ndarray, given: Preprocess, labels_in_ra
     out: dict = {"accuracy": acc, "n": int(len(y)), "alternatives": [], "gap": 0.0}
     if acc >= PROBE_BELOW:
         return out
+    if (ren := renumbered(scores.argmax(axis=1), y, scores.shape[1])) is not None:
+        out["renumbered"] = ren  # another class numbering explains it, not the preprocessing (alternatives not scored)
+        return out
     n0 = min(N_FIRST, len(y))
     for options, pre in candidates(x, given.layout):
         if _same(pre, given, x.shape[-1]):
@@ -95,6 +98,38 @@ def check(predict, x: np.ndarray, y: np.ndarray, given: Preprocess, labels_in_ra
         best = max(out["alternatives"], key=lambda r: (r["n"], r["gap"]))
         out["best"], out["gap"] = best, best["gap"]
     return out
+
+
+RENUMBERED = 0.8  # predictions that match the labels this often under another class numbering ...
+RENUMBERED_GAIN = 0.3  # ... and this much more often than as they are: the labels are numbered differently
+
+
+def renumbered(pred: np.ndarray, y: np.ndarray, n_classes: int) -> dict | None:
+    """The labels under another numbering than the model's: each labelled class's images mostly go to one class,
+    a different one for each label, and not their own (new-user run 21: a binary model's labels inverted, 3 % right,
+    was told to change --scale, which only gave chance). ``{mapping, agreement, accuracy}`` or None."""
+    pred, y = np.asarray(pred), np.asarray(y)
+    classes = [int(c) for c in np.unique(y)]
+    if len(classes) < 2:
+        return None
+    mapping = {c: int(np.bincount(pred[y == c], minlength=n_classes).argmax()) for c in classes}
+    if len(set(mapping.values())) < len(mapping) or all(k == v for k, v in mapping.items()):
+        return None
+    agreement = float((np.array([mapping[int(c)] for c in y]) == pred).mean())
+    accuracy = float((pred == y).mean())
+    if agreement < RENUMBERED or agreement - accuracy < RENUMBERED_GAIN:
+        return None
+    return {"mapping": mapping, "agreement": agreement, "accuracy": accuracy}
+
+
+def renumbered_message(rec: dict) -> str:
+    r = rec["renumbered"]
+    moved = [(k, v) for k, v in r["mapping"].items() if k != v]
+    shown = ", ".join(f"{k} -> {v}" for k, v in moved[:6]) + (", ..." if len(moved) > 6 else "")
+    return (f"the model classifies only {r['accuracy']:.1%} of {rec['n']} labelled clean images correctly, but "
+            f"{r['agreement']:.1%} of them match their label under another class numbering (label -> the model's "
+            f"class: {shown}): the clean file's labels are numbered differently from the model's classes (inverted "
+            "binary labels, another class order); renumber them")
 
 
 FIT_ADVICE = ("directions fitted on inputs the model does not see in deployment give a wrong repair; pass the "
@@ -155,6 +190,8 @@ def eval_warning(predict, images, given: Preprocess) -> str | None:
     """``eval``'s use: the warning line when an alternative clearly beats ``given`` on ``images``
     (labelled), else None. It measures; it refuses nothing."""
     rec = assess(predict, images, given)
+    if rec is not None and "renumbered" in rec:
+        return renumbered_message(rec)
     return message(rec, given, EVAL_ADVICE) if rec is not None and clearly_better(rec) else None
 
 
@@ -220,7 +257,12 @@ def run(req, pool, given: Preprocess, source) -> dict | None:
     rec = assess(lambda z: source.run(z)[1], pool, given, labels_in_range=True)
     if rec is None:
         return None
-    if rec["gap"] >= REFUSE_GAP:
+    if "renumbered" in rec:
+        text = renumbered_message(rec)
+        if not req.force:
+            raise FireError(f"not fitted: {text} (--force fits with these labels anyway)")
+        rec["warning"] = f"fitted with --force although {text}"
+    elif rec["gap"] >= REFUSE_GAP:
         text = message(rec, given)
         if not req.force:
             raise FireError(f"not fitted: {text} (--force fits with the given preprocessing anyway)")

@@ -127,6 +127,30 @@ def test_fit_refuses_unchecked_flagged_repair_of_a_single_score_model(trained, d
     assert proc.returncode == 0, proc.stderr
 
 
+def test_labels_under_another_numbering_are_named_as_such(trained, digits, tmp_path):
+    """Labels shifted by one class (the model is right, the file's numbering is not): fit and eval used to blame the
+    preprocessing (new-user run 21: inverted binary labels, 3 % right, "pass the preprocessing the model was trained
+    with"). Now fit refuses naming the renumbering and eval warns so; 1-based labels are named as such."""
+    from fire_onnx.preprocess_check import renumbered
+
+    onnx_path = _export(trained, tmp_path / "mlp.onnx", ["logits"])
+    x, y = digits[2], digits[3]
+    np.savez(tmp_path / "shifted.npz", x_train=x, y_train=(y + 1) % 10, x_test=x, y_test=(y + 1) % 10)
+    proc = run_cli("fit", "--onnx", onnx_path, "--layer", "/act/Relu_output_0", "--clean", tmp_path / "shifted.npz",
+                   "--trigger", "badnets:size=2", "--target", "0", "--scale", str(1 / 255), "-o", tmp_path / "d.npz")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "another class numbering" in proc.stderr and "1 -> 0" in proc.stderr and "--scale" not in proc.stderr
+    proc = run_cli("eval", onnx_path, "--data", tmp_path / "shifted.npz", "--scale", str(1 / 255))
+    assert proc.returncode == 0 and "another class numbering" in proc.stderr, proc.stderr
+    np.savez(tmp_path / "one_based.npz", x_test=x, y_test=y + 1)
+    proc = run_cli("eval", onnx_path, "--data", tmp_path / "one_based.npz", "--scale", str(1 / 255))
+    assert proc.returncode == 1 and "numbered from 1?" in proc.stderr, proc.stderr
+    pred = np.array([1, 1, 1, 0, 0, 0, 1])
+    assert renumbered(pred, np.array([0, 0, 0, 1, 1, 1, 0]), 2)["mapping"] == {0: 1, 1: 0}
+    assert renumbered(pred, 1 - np.array([0, 0, 0, 1, 1, 1, 0]), 2) is None  # right as they are
+    assert renumbered(np.zeros(7, int), np.array([0, 0, 0, 1, 1, 1, 0]), 2) is None  # one class: no renumbering
+
+
 def test_eval_names_the_output_it_scores(trained, tmp_path):
     """(features, probabilities): eval scores the first output. It used to say so in a note and print CA
     of the features' argmax (15 %); predictions mostly beyond the labels' range now stop it, naming the
