@@ -518,6 +518,8 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
     if target is not None:  # a static class count is checked before anything runs
         for info in infos:
             if info.classes is not None and target >= info.classes:
+                if info.classes == 1:  # a single score: say that, not "1 classes (0..0)" (new-user run 21)
+                    ev.check_class_scores(["N", 1])
                 raise FireError(f"--target {target} is out of range: {info.path} has {info.classes} classes "
                                 f"(0..{info.classes - 1})")
     trigger = triggers.parse(trigger_spec) if trigger_spec else None
@@ -547,6 +549,8 @@ def eval_cmd(models, data_path, split, triggered_path, trigger_spec, target, lim
         sample = choice.preprocess(clean.x[: fixed if isinstance(fixed, int) and fixed > 0 else 1])
         classes = info.classes or ev.num_classes(sess, sample)  # dynamic: from one batch, before the full run
         if target is not None and target >= classes:
+            if classes == 1:
+                ev.check_class_scores(["N", 1])
             raise FireError(f"--target {target} is out of range: {info.path} has {classes} classes (0..{classes - 1})")
         for what, imgs in ((data_path, clean), (triggered_path, trig if triggered_path else None)):
             if imgs is not None and imgs.y is not None and imgs.y.max() >= classes:

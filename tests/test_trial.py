@@ -102,6 +102,9 @@ def test_eval_refuses_a_single_score_model(trained, digits, tmp_path):
     assert proc.returncode == 1, proc.stdout
     assert "one score per input" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # --target 1 (the positive class of a binary model) read "out of range: 1 classes (0..0)" (new-user run 21)
+    proc = run_cli("eval", onnx_path, "--data", DIGITS, "--trigger", "badnets:size=2", "--target", "1")
+    assert proc.returncode == 1 and "one score per input" in proc.stderr and "[-z, z]" in proc.stderr, proc.stderr
 
 
 def test_fit_refuses_unchecked_flagged_repair_of_a_single_score_model(trained, digits, tmp_path):
