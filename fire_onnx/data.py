@@ -83,7 +83,14 @@ def load_images(path: str | Path, split: str = "test") -> Images:
         raise FireError(f"{path} has no 'x' or 'x_{split}' array (keys: {', '.join(sorted(arrays))})")
     x = _pixels(x, path, "save np.round(x * 255).astype(np.uint8) (the default --scale 1/255 undoes it)")
     if y is not None:
-        y = np.asarray(y).reshape(-1)
+        raw = np.asarray(y)
+        if (raw.ndim == 2 and raw.shape[0] == x.shape[0] and raw.shape[1] > 1 and raw.dtype.kind in "iufb"
+                and np.isin(raw, (0, 1)).all() and (raw.sum(axis=1) == 1).all()):
+            raise FireError(f"{path}: the labels are one-hot ({list(raw.shape)}); fire-onnx reads one class index per "
+                            "image: save y.argmax(axis=1)")
+        y = raw.reshape(-1)
+        if y.dtype.kind == "f" and y.shape[0] == x.shape[0] and np.isfinite(y).all() and (y == np.round(y)).all():
+            y = y.astype(np.int64)  # whole numbers stored as floats: the class indices they spell (as check_images)
         if y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
             raise FireError(f"{path}: labels must be integers, one per image")
         if len(y) and y.min() < 0:

@@ -96,3 +96,19 @@ def test_apply_in_torch_twice_is_refused_and_another_model_is_named(demo_run):
     finally:
         for h in hs:
             h.remove()
+
+
+def test_label_files_in_other_forms(tmp_path):
+    """One-hot labels get a one-line error that says what to save (new-user run 21 got 'labels must be integers');
+    whole numbers stored as floats are read as the class indices they spell, as check_images reads them."""
+    test = load_images(bundled_mnist(), "test").subset(slice(0, 50))
+    onehot = np.eye(10, dtype=np.float32)[test.y]
+    np.savez(tmp_path / "onehot.npz", x=test.x, y=onehot)
+    with pytest.raises(FireError, match=r"one-hot \(\[50, 10\]\).*y.argmax\(axis=1\)"):
+        load_images(tmp_path / "onehot.npz")
+    np.savez(tmp_path / "float.npz", x=test.x, y=test.y.astype(np.float32))
+    got = load_images(tmp_path / "float.npz")
+    assert got.y.dtype == np.int64 and (got.y == test.y).all()
+    np.savez(tmp_path / "frac.npz", x=test.x, y=test.y + 0.5)
+    with pytest.raises(FireError, match="labels must be integers"):
+        load_images(tmp_path / "frac.npz")
