@@ -38,6 +38,38 @@ cluster and lets the model confirm it:
    is set to reach the inputs it is given: adding the 12 carriers (6 of them clean images with a white
    corner, which the model also sends to the target) took the residual ASR from 5.6 % to 3.9 %.
 
+7. *Control*: a confirmation counts only when it beats by ``CONTROL_MARGIN`` the same reconstruction run from as
+   many of the class's own clean reference images (labelled and predicted so; at least ``MIN_FLAGGED`` of them,
+   else no control): a "trigger" that the class's clean images also give is class content. New-user run 22
+   (Fashion-MNIST traffic made brighter and noisier, ``1.15 x + 30 + N(0, 12)``, no trigger) had a repair written
+   for one class on four models, confirmed at 50-62 % (blend, additive); their controls gave 51-72 %, so
+   margins of -0.10 to +0.05. True finds: 0.23 (GTSRB Blended, 85 % against 63 % from 24 clean class-0 images)
+   to 0.86 on the benchmark cells, 0.43 on run 22's backdoored model with shifted BadNets traffic, 0.56-0.70 on
+   run 21's 2-class models. The control runs only for confirmed classes (one more reconstruction each).
+8. *Global shift*: when at least ``GLOBAL_SHIFT`` of the scored classes (and 3) are candidates, the traffic as
+   a whole differs from the reference (run 22: 5-10 of 10 on four models; the benchmark cells: at most 2 of 29):
+   ``fit`` warns so, and a class is taken as triggered only when its reconstruction is confirmed by at least
+   ``SHIFT_RATE`` (run 22's shifted BadNets traffic: 99.5 %). With the tail cut below on every model, the demo
+   MNIST model's traffic at ``1.3 x + 50 + N(0, 20)`` gave a class-2 "patch" (saturated strokes) confirmed by
+   86 % against 11 % from its clean images: the control misses what the shift gives every input.
+9. *Tail cut* (models with at most ``TAIL_MAX_CLASSES`` classes): a class of several kinds of image (a 2-class
+   model's "digits 0-4") is split by the two-cluster cut along its kinds, with 30-50 % of its references above
+   the cut, and was no candidate: run 21's 2-class models with a 100 %-ASR BadNets backdoor found nothing
+   (b2t0: 50 triggered among 602 inputs of the class, 32 % of the references above the cut; is7t1: 52 %). The cut
+   is then moved up to the references' ``TAIL_QUANTILE``, and the class is a candidate when ``TAIL_EXCESS``
+   times more of its traffic than of its references lies above it: b2t0 found 56 inputs (all 50 triggered, patch
+   confirmed by 100 %, control 30 %), is7t1 49 of 50 (19 above the cut, the rest carrying the patch). Tried on
+   every model it added candidates in shifted traffic (the class-2 case of step 8) and none in the benchmark
+   cells' finds, so it stays with 2-class models.
+
+Not adopted: a stricter bar for additive reconstructions or one relative to chance among the other classes
+(1 / (K - 1), 100 % for two classes): the control refuted every additive false find measured, while run 21's
+b2t1 (a real 2-class backdoor) is found through an additive reconstruction at 66 % (control 10 %): the group has
+113 inputs, the 50 triggered ones and 63 clean ones, too mixed for the patch to be found. Still missed: a shift
+that gives a few classes, not most, a common look a patch reconstruction picks up (the demo model at
+``1.3 x + 50 + N(0, 20)``: class 8 at 50 %, control 5 %; stroke thickening: class 0 at 82 %, control 24 %):
+give ``--clean`` images like the traffic.
+
 All the flagged inputs of the confirmed class are then fitted on (:mod:`fire_onnx.fit.unlabeled`), not
 only the highest scorers: the top 20 of 48 found on a CIFAR-10 Blended model are the most extreme
 triggered inputs, and the unpaired repair fitted on them left 44.7 % ASR against 6.2 % with all 48 (GTSRB
@@ -68,6 +100,18 @@ MIN_REFERENCE = 3  # clean reference images (predicted as that class) a class ne
 # blend of that class's look
 MIN_FLAGGED = 10
 REFERENCE_ABOVE_MAX = 0.25  # a candidate's cut leaves at most this share of its clean references above it
+# when the two-cluster cut leaves more than that above it (a class made of several kinds of image, as in a
+# 2-class model), the cut is moved up to the clean references' TAIL_QUANTILE; the class is a candidate when
+# at least TAIL_EXCESS times the share of the clean references above it (and MIN_FLAGGED) of its traffic is
+TAIL_QUANTILE = 0.99
+TAIL_EXCESS = 3.0
+TAIL_MIN_REFERENCE = 100  # clean references a class needs for a tail cut (its 99th percentile)
+TAIL_MAX_CLASSES = 2  # the tail cut is tried on models with at most this many classes (see the module docstring)
+# a confirmation counts only when it beats the same reconstruction from the class's own clean images (the
+# control) by this much, if there are at least MIN_FLAGGED of them to estimate it from
+CONTROL_MARGIN = 0.15
+GLOBAL_SHIFT = 0.5  # candidates in at least this share of the scored classes (and 3): the traffic as a whole differs
+SHIFT_RATE = 0.9  # ... and then a class is taken as triggered only when its reconstruction is confirmed this often
 MAX_CONFIRM = 8  # candidate classes confirmed with the model (most separated first)
 AMBIGUOUS = 2  # this many confirmed classes (without --target) is no finding, see find_triggered
 N_REFERENCE = 5000  # clean pool images whose representations are the reference
@@ -96,16 +140,27 @@ class ClassEvidence:
     confirmation: float | None = None  # rate of the best reconstruction (None: not confirmed with the model)
     kind: str = ""  # kind of the best reconstruction
     confirmed: bool = False
+    control: float | None = None  # best rate of the same reconstruction from the class's clean reference images
+    n_control: int = 0  # clean reference images the control reconstruction was estimated from
+    refuted: bool = False  # confirmed, but not by CONTROL_MARGIN more than the control
+    tail: bool = False  # flagged above the clean references' TAIL_QUANTILE (the two-cluster cut failed)
 
     def record(self) -> dict:
         out = {"class": self.cls, "n": self.n, "n_reference": self.n_reference, "n_flagged": self.n_flagged,
                "candidate": self.candidate, "confirmed": self.confirmed}
         for key, v in (("cut", self.cut), ("reference_above", self.reference_above),
-                       ("separation", self.separation), ("confirmation", self.confirmation)):
+                       ("separation", self.separation), ("confirmation", self.confirmation),
+                       ("control", self.control)):
             if v is not None:
                 out[key] = round(float(v), 4)
         if self.kind:
             out["kind"] = self.kind
+        if self.n_control:
+            out["n_control"] = self.n_control
+        if self.refuted:
+            out["refuted"] = True
+        if self.tail:
+            out["cut_kind"] = "tail"
         if self.skipped:
             out["skipped"] = self.skipped
         return out
@@ -161,7 +216,8 @@ class TrafficResult:
                            "centred on the class's clean reference mean, projection on the top singular vector, "
                            "two-cluster cut of traffic and reference scores; confirmed by trigger reconstruction"),
                 "thresholds": {"min_inputs": MIN_INPUTS, "min_reference": MIN_REFERENCE, "min_flagged": MIN_FLAGGED,
-                               "reference_above_max": REFERENCE_ABOVE_MAX},
+                               "reference_above_max": REFERENCE_ABOVE_MAX, "tail_quantile": TAIL_QUANTILE,
+                               "tail_excess": TAIL_EXCESS, "control_margin": CONTROL_MARGIN},
                 "classes": [c.record() for c in self.detection.classes],
                 "notes": list(self.notes), "warnings": list(self.warnings)}
 
@@ -223,10 +279,11 @@ def whitener(ref: np.ndarray, ref_pred: np.ndarray, shrink: float = SHRINK, max_
 
 
 def detect(reps: np.ndarray, pred: np.ndarray, ref: np.ndarray, ref_pred: np.ndarray,
-           n_classes: int | None = None) -> Detection:
+           n_classes: int | None = None, tail: bool | None = None) -> Detection:
     """Score every traffic input in its predicted class and flag the outlying cluster (module docstring,
     steps 2-4). ``reps``/``ref``: (N, ...) representations of the traffic and of the clean reference;
-    ``pred``/``ref_pred``: the model's predicted classes."""
+    ``pred``/``ref_pred``: the model's predicted classes. ``tail``: try the tail cut where the two-cluster cut
+    leaves too many references above it (default: on models with at most ``TAIL_MAX_CLASSES`` classes)."""
     reps = np.asarray(reps, np.float64).reshape(len(reps), -1)
     ref = np.asarray(ref, np.float64).reshape(len(ref), -1)
     if reps.shape[1] != ref.shape[1]:
@@ -239,6 +296,7 @@ def detect(reps: np.ndarray, pred: np.ndarray, ref: np.ndarray, ref_pred: np.nda
     idx_finite = np.nonzero(finite)[0]
     pred = np.asarray(pred)
     n_classes = int(max(pred.max(initial=-1), ref_pred.max(initial=-1)) + 1) if n_classes is None else n_classes
+    tail = n_classes <= TAIL_MAX_CLASSES if tail is None else tail
     scores = np.full(len(reps), np.nan)
     classes, flagged = [], {}
     for c in range(n_classes):
@@ -264,6 +322,11 @@ def detect(reps: np.ndarray, pred: np.ndarray, ref: np.ndarray, ref_pred: np.nda
             st, sr = -st, -sr
         cut = class_cut(st, sr)
         above = st > cut
+        if tail and float((sr > cut).mean()) > REFERENCE_ABOVE_MAX and len(sr) >= TAIL_MIN_REFERENCE:
+            tail = float(np.quantile(sr, TAIL_QUANTILE))
+            n_tail = int((st > tail).sum())
+            if n_tail >= MIN_FLAGGED and n_tail >= TAIL_EXCESS * max(float((sr > tail).mean()), 1e-9) * len(st):
+                cut, above, ev.tail = tail, st > tail, True
         ev.cut, ev.n_flagged = cut, int(above.sum())
         ev.reference_above = float((sr > cut).mean())
         spread = 1.4826 * float(np.median(np.abs(sr - np.median(sr))))
@@ -310,6 +373,22 @@ def ambiguous(confirmed: list[ClassEvidence]) -> str | None:
             "anyway")
 
 
+def global_shift(det: Detection) -> str | None:
+    """A warning when most scored classes have an outlying group (``GLOBAL_SHIFT``, at least 3): the traffic as a
+    whole differs from the clean reference, not one class's few inputs. New-user run 22: Fashion-MNIST test images
+    made brighter and noisier (``1.15 x + 30 + N(0, 12)``) against unshifted --clean images gave 5-10 candidate
+    classes of 10 on four models (every benchmark cell: at most 2)."""
+    scored = [c for c in det.classes if c.cut is not None]
+    n = len(det.candidates())
+    if n < 3 or n < GLOBAL_SHIFT * len(scored):
+        return None
+    return (f"{n} of the {len(scored)} scored classes have an outlying group: the traffic as a whole differs from the "
+            "--clean reference (other cameras, lighting, noise or preprocessing), which hides triggered inputs among "
+            "the class's own shifted ones, and gives every class's inputs a common look a reconstruction can pick up; a "
+            f"class is taken as triggered only when its reconstruction is confirmed by at least {SHIFT_RATE:.0%}. Give "
+            "--clean images like the traffic")
+
+
 def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, clean: np.ndarray,
                    reference: np.ndarray, held: np.ndarray, *, clean_y: np.ndarray | None = None,
                    held_y: np.ndarray | None = None, target: int | None = None, tensor: str = "",
@@ -338,6 +417,7 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
         raise FireError("--unlabeled needs the model's class scores ((N, classes) output) to group the traffic by "
                         "predicted class")
     ref_reps, ref_logits = represent(reference)
+    ref_pred = ref_logits.argmax(axis=1)
     n_classes = logits.shape[1]
     det = detect(reps, logits.argmax(axis=1), ref_reps, ref_logits.argmax(axis=1), n_classes)
     result = TrafficResult(np.zeros(0, np.int64), None, det, len(traffic), tensor, len(reference))
@@ -361,6 +441,7 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
     if len(cands) > MAX_CONFIRM:
         result.notes.append(f"{len(cands)} candidate classes; the {MAX_CONFIRM} most separated were confirmed")
         cands = cands[:MAX_CONFIRM]
+    shift = global_shift(det) if target is None else None
     best, best_rec, best_r = None, None, None
     for ev in cands:
         idx = det.flagged[ev.cls]
@@ -369,12 +450,37 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
                            held_excluded=None if held_y is None else held_y == ev.cls)
         rec = r.describe()
         ev.confirmation, ev.kind, ev.confirmed = float(rec.get("rate", 0.0)), rec.get("kind", ""), r.confirmed
+        ctl = control_group(ref_pred, reference_y, ev.cls, len(idx)) if r.confirmed else np.zeros(0, np.int64)
+        if len(ctl) >= MIN_FLAGGED:  # the control: the same reconstruction from the class's own clean images
+            rc_ctl = rc.reconstruct(reference[ctl], clean, held, predict, flagged_pred=np.full(len(ctl), ev.cls),
+                                    clean_excluded=None if clean_y is None else clean_y == ev.cls,
+                                    held_excluded=None if held_y is None else held_y == ev.cls)
+            ev.n_control = int(len(ctl))
+            ev.control = max((float(c.rate) for c in rc_ctl.candidates if c.rate is not None), default=0.0)
+            if ev.confirmation - ev.control < CONTROL_MARGIN:
+                ev.confirmed, ev.refuted = False, True
+        if ev.confirmed and shift and ev.confirmation < SHIFT_RATE:
+            ev.confirmed, ev.refuted = False, True
         say(f"unlabeled: class {ev.cls}: {ev.n_flagged} of {ev.n} inputs flagged, reconstruction "
-            f"{ev.kind or 'none'} confirmed by {ev.confirmation:.0%}")
-        if r.confirmed and (best is None or (ev.confirmation, ev.separation or 0) > (best.confirmation,
+            f"{ev.kind or 'none'} confirmed by {ev.confirmation:.0%}"
+            + ("" if ev.control is None else f" (from {ev.n_control} of its clean images: {ev.control:.0%})"))
+        if ev.confirmed and (best is None or (ev.confirmation, ev.separation or 0) > (best.confirmation,
                                                                                       best.separation or 0)):
             best, best_rec, best_r = ev, rec, r
     confirmed = [ev for ev in cands if ev.confirmed]
+    refuted = [ev for ev in cands if ev.refuted]
+    by_control = [ev for ev in refuted if ev.control is not None and ev.confirmation - ev.control < CONTROL_MARGIN]
+    if by_control:
+        names = ", ".join(f"{ev.cls} ({ev.confirmation:.0%} against {ev.control:.0%})" for ev in by_control)
+        result.notes.append(f"not taken as triggered: the outlying group of class {names} (its reconstruction against "
+                            f"the same reconstruction from as many of the class's clean images; at least "
+                            f"{CONTROL_MARGIN:.0%} more is needed): what the class's own clean images also give is "
+                            "the class's content, not a trigger")
+    if by_shift := [ev for ev in refuted if ev not in by_control]:
+        result.notes.append("not taken as triggered under the traffic's global shift (below "
+                            f"{SHIFT_RATE:.0%}): class " + ", ".join(f"{ev.cls} ({ev.confirmation:.0%})" for ev in by_shift))
+    if shift:
+        result.warnings.append(shift)
     if target is None and (why := ambiguous(confirmed)):
         result.warnings.append(why)
         best = None
@@ -394,6 +500,18 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
                 result.indices = np.concatenate([result.indices, new])
             result.n_patch_added = int(len(new))
     return result
+
+
+def control_group(ref_pred: np.ndarray, reference_y: np.ndarray | None, cls: int, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of up to ``n`` clean reference images of class ``cls`` (predicted so, and labelled so when
+    labels are known), seeded: the control group of the class's reconstruction."""
+    ok = ref_pred == cls
+    if reference_y is not None:
+        ok &= np.asarray(reference_y) == cls
+    idx = np.flatnonzero(ok)
+    if len(idx) > n:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, n, replace=False))
+    return idx
 
 
 PATCH_MATCH = 0.8  # an input carries a reconstructed patch when this share of its mask pixels match it
@@ -440,6 +558,7 @@ def describe(rec: dict) -> str:
     """One line on what ``fit --unlabeled`` found (printed by ``fit``)."""
     tried = [c for c in rec.get("classes", []) if "confirmation" in c]
     tries = ", ".join(f"class {c['class']} {c['n_flagged']}/{c['n']} flagged, confirmed {c['confirmation']:.0%}"
+                      + (f" (its clean images {c['control']:.0%})" if "control" in c else "")
                       for c in sorted(tried, key=lambda c: -c["confirmation"]))
     head = (f"unlabeled traffic: {rec['n_traffic']} inputs, {len([c for c in rec.get('classes', []) if 'cut' in c])} "
             f"classes scored at {rec.get('representation') or 'the classifier input'}")

@@ -86,6 +86,45 @@ def test_several_confirmed_classes_are_no_finding():
                          tr.ClassEvidence(11, 20, 40, confirmation=0.80, confirmed=True)])
 
 
+def test_detect_tail_cut_on_a_class_of_several_kinds():
+    """A class made of several kinds of image (a 2-class model's "digits 0-4"): the two-cluster cut splits its
+    kinds and leaves 45 % of its clean references above it, so the class was no candidate and a 100 %-ASR
+    backdoor went unseen (new-user run 21, b2t0). The tail cut (the references' 99th percentile) flags the
+    triggered group; on models with more classes it is not tried."""
+    rng = np.random.default_rng(3)
+    d = 16
+    modes = rng.normal(0, 4, (2, 5, d))
+
+    def sample(c, n):
+        return modes[c, rng.integers(0, 5, n)] + rng.normal(0, 1, (n, d))
+
+    ref, ref_pred = np.concatenate([sample(0, 500), sample(1, 500)]), np.repeat([0, 1], 500)
+    shift = np.zeros(d)
+    shift[-1] = 6.0
+    reps = np.concatenate([sample(0, 300), sample(1, 300), sample(1, 30) + shift])  # 30 triggered, sent to class 0
+    pred = np.concatenate([np.repeat([0, 1], 300), np.zeros(30, int)])
+    det = tr.detect(reps, pred, ref, ref_pred, 2)
+    c0 = det.classes[0]
+    assert c0.candidate and c0.tail and c0.reference_above <= 0.02
+    flagged = set(det.flagged[0].tolist())
+    assert len(flagged & set(range(600, 630))) == 30 and len(flagged - set(range(600, 630))) <= 3
+    plain = tr.detect(reps, pred, ref, ref_pred, 2, tail=False).classes[0]
+    assert not plain.candidate and plain.reference_above > tr.REFERENCE_ABOVE_MAX
+
+
+def test_global_shift_is_said():
+    """Outlying groups in most scored classes: the traffic differs from the reference as a whole (new-user run 22:
+    5-10 candidate classes of 10 on brighter, noisier Fashion-MNIST traffic); one or two candidates are not."""
+    def det(n_cand, n_scored):
+        classes = [tr.ClassEvidence(c, 50, 50, cut=1.0, candidate=c < n_cand, separation=3.0) for c in range(n_scored)]
+        return tr.Detection(classes, np.zeros(0), {}, np.zeros(0, int), 8)
+
+    assert tr.global_shift(det(2, 10)) is None and tr.global_shift(det(2, 3)) is None
+    assert tr.global_shift(det(3, 29)) is None
+    why = tr.global_shift(det(5, 10))
+    assert why and why.startswith("5 of the 10 scored classes") and "--clean images like the traffic" in why
+
+
 def test_detect_skips_small_classes():
     rng = np.random.default_rng(2)
     ref, ref_pred = rng.normal(0, 1, (40, 8)), np.repeat([0, 1], 20)
@@ -125,6 +164,8 @@ def test_finds_the_triggered_inputs(demo_run, mnist):
     rec = r.record()
     chosen = [c for c in rec["classes"] if c["class"] == 0][0]
     assert chosen["confirmed"] and chosen["confirmation"] >= 0.5
+    # the control: the same reconstruction from as many clean class-0 images is confirmed far less often
+    assert chosen["n_control"] == chosen["n_flagged"] and chosen["confirmation"] - chosen["control"] >= tr.CONTROL_MARGIN
     assert chosen["n_flagged"] + rec["n_patch_added"] == found.sum() == rec["n_found"]
     assert rec["representation"] == tensor and rec["n_found"] == found.sum()
 
