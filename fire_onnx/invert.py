@@ -290,6 +290,12 @@ class Scan:
     passes: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)  # (form, class) left unsearched when the scan ran out of time
 
+    def unsearched(self) -> list[tuple[str, int]]:
+        """(form, class) of every search without a result: left out when the time ran out (``skipped``) or with
+        fewer than ``MIN_IMAGES`` images of other classes; a form missing from ``results`` counts whole."""
+        return [(k, c) for k in KINDS for c in range(self.n_classes)
+                if k not in self.results or self.results[k][c] is None]
+
     def losses(self, kind: str) -> np.ndarray:
         return np.array([np.nan if r is None else r.loss for r in self.results[kind]])
 
@@ -397,13 +403,14 @@ MIN_TWO_PASS = 10
 FLOOR_STEPS = 5  # no search runs fewer steps than this: a scan that cannot afford them stops where its time ends
 
 
-def search_cost(net: Model, x: np.ndarray, kind: str) -> tuple[float, float]:
+def search_cost(net: Model, x: np.ndarray, kind: str, warm_up: bool = True) -> tuple[float, float]:
     """(fixed seconds, seconds per gradient step) of one ``search_class`` of ``kind`` on ``x``, here and now. The
     fixed part (judging every restart on all of ``x``) is not small: on a 43-class GTSRB SmallCNN a patch search's
     judge cost as much as 15-20 steps (0.2-0.5 s against 12-35 ms a step). The earlier estimate (4 steps on 32
     images, divided by 4) read 28 ms a step where the scan then took 21 ms a step, judge included: 30 of 80 steps in
     80 s of a 180 s budget (new-user run 20)."""
-    search_class(net, x, 0, kind, steps=1)  # warm-up (first-call costs)
+    if warm_up:  # first-call costs (once per model: the later forms' timings skip it)
+        search_class(net, x, 0, kind, steps=1)
     t0 = time.perf_counter()
     search_class(net, x, 0, kind, steps=1)
     t1 = time.perf_counter()

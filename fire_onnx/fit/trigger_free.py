@@ -6,7 +6,10 @@
    (``invert.budgeted_scan``: fewer steps for every class, then the full steps for the most anomalous ones), stops
    searching at ``SCAN_HARD`` of it, and the later searches leave the fit ``FIT_SHARE`` of it.
 2. No class above the threshold: "no backdoor found", and no directions unless ``--force`` (which repairs
-   the most anomalous class anyway).
+   the most anomalous class anyway). Only where it could have found one: a scan that left classes or forms
+   unsearched (``--budget``), or a model with fewer than ``MIN_CLASSES`` classes, is inconclusive instead (a
+   ``FireError`` that says why and what decides it; ``--force`` repairs the most anomalous class searched), and a
+   budget that cannot give every class ``invert.FLOOR_STEPS`` steps is refused before the scan.
 3. The suspect's patch is refined (shrunk to the pixels that still flip the images); a blend or additive
    suspect is searched ``ENSEMBLE[kind]`` times in all, and the fit averages the patterns. The recovered trigger(s)
    stamp pseudo-pairs on clean pool images: the same paired fit as ``--trigger`` or as flagged inputs
@@ -80,9 +83,95 @@ class TriggerFreeResult:
     evidence: dict = field(default_factory=dict)
 
 
-def _costs(net, x: np.ndarray) -> dict:
-    """``kind -> (fixed seconds, seconds per step)`` of one search, timed here and now (``invert.search_cost``)."""
-    return {kind: invert.search_cost(net, x, kind) for kind in invert.KINDS}
+# fewest classes for which the anomaly index is trusted to say "no backdoor": on the benchmark's 10 clean SmallCNN
+# scans (results.json), random subsets of 3, 4 and 5 classes gave a false alarm (index > 5) in 26, 12 and 17 % of
+# subsets, 6-9 classes in 6-12 %; and with 3 classes the median absolute deviation is the smaller of the two other
+# classes' gaps to the middle one, so a clear target (new-user run 21: MNIST digits 0-2, class 0's patch sent 96 % of
+# the images there, loss 0.166 against 1.84 and 8.08) read index 1.10. Below it a scan that names no class is
+# inconclusive, not "no backdoor found"
+MIN_CLASSES = 6
+# a budget whose scan window the floor scan's estimate exceeds by this factor is refused before the scan; below it the
+# scan runs (the estimate is a timing of a few steps: on a busy 2-core machine one form's read 53 and 609 ms a step in
+# two runs a minute apart, new-user run 22's model) and its verdict is inconclusive only if classes stay unsearched
+UPFRONT_MARGIN = 1.5
+
+
+def _costs(net, x: np.ndarray, stop_by: float) -> dict:
+    """``kind -> (fixed seconds, seconds per step)`` of one search, timed here and now (``invert.search_cost``; one
+    warm-up for all forms). Past ``stop_by`` (a ``time.perf_counter`` time) the forms not yet timed take the costliest
+    timed one's: the timing itself took most of a --budget 15 s run on a busy machine (new-user run 22)."""
+    out = {}
+    for kind in invert.KINDS:
+        if out and time.perf_counter() > stop_by:
+            worst = max(out.values(), key=lambda c: c[0] + invert.STEPS * c[1])
+            out.update({k: worst for k in invert.KINDS if k not in out})
+            break
+        out[kind] = invert.search_cost(net, x, kind, warm_up=not out)
+    return out
+
+
+def _scan_seconds(cost: dict, n: int, steps: int) -> float:
+    """Seconds of a one-pass scan of ``n`` classes in every form at ``steps`` steps, from ``cost``."""
+    return sum(n * (f + steps * p) for f, p in cost.values())
+
+
+def _budget_for(before: float, scan_seconds: float) -> int:
+    """The --budget (seconds, rounded up to 10) whose scan share holds ``scan_seconds`` after ``before`` seconds."""
+    return int(np.ceil((before + scan_seconds) / SCAN_SHARE / 10) * 10)
+
+
+def _ranges(classes) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    out, run = [], []
+    for c in sorted(classes):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+    return ", ".join(out)
+
+
+def _unsearched_text(scan, n_classes: int) -> str | None:
+    """What the scan never searched, in words (None: every class in every form)."""
+    missing = scan.unsearched()
+    if not missing:
+        return None
+    by_kind = {k: {c for kk, c in missing if kk == k} for k in invert.KINDS}
+    nowhere = sorted(set.intersection(*by_kind.values()))
+    whole = [k for k in invert.KINDS if len(by_kind[k]) == n_classes]
+    part = [f"in the {k} form classes {_ranges(by_kind[k] - set(nowhere))}" for k in invert.KINDS
+            if by_kind[k] - set(nowhere) and k not in whole]
+    skipped = set(scan.skipped)
+    why = ("when --budget ran out" if all(m in skipped for m in missing) else
+           f"for lack of clean images of other classes (a class is searched with at least {invert.MIN_IMAGES})"
+           if not skipped else f"when --budget ran out or for lack of clean images of other classes")
+    text = f"{len(missing)} of {n_classes * len(invert.KINDS)} class searches never ran ({why})"
+    if len(whole) == len(invert.KINDS):
+        return text + ": no class was searched at all"
+    if nowhere:
+        text += f"; class{'es' if len(nowhere) > 1 else ''} {_ranges(nowhere)} never searched in any form"
+    if whole:
+        text += f"; the {' and '.join(whole)} form{'s' if len(whole) > 1 else ''} never searched"
+    if part:
+        text += f"; also {'; '.join(part)}" if nowhere or whole else f": {'; '.join(part)}"
+    return text
+
+
+def _standout(scan) -> str:
+    """The most anomalous class's evidence: its loss and flip rate against the other classes' losses in its form."""
+    cls, kind, index = scan.suspect
+    if cls is None:
+        return ""
+    r = scan.results[kind][cls]
+    others = [v for c, v in enumerate(scan.losses(kind)) if c != cls and np.isfinite(v)]
+    rest = f"; the other classes {min(others):.3g}-{max(others):.3g}" if others else ""
+    idx = f", anomaly index {index:.2f}" if np.isfinite(index) else ""
+    return (f"the most anomalous class searched is {cls} ({kind}{idx}: loss {r.loss:.3g}, its change sends "
+            f"{r.rate:.0%} of the clean images to it{rest})")
 
 
 def _scan_note(scan, n_classes: int) -> str | None:
@@ -137,19 +226,51 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
         req.notes.append("the model outputs probabilities (it ends in a Softmax): the search takes their logarithm "
                          "as the logits")
     if n_classes < 3:
-        raise FireError(f"--trigger-free compares the classes with each other; the model has {n_classes} outputs")
+        raise FireError(f"--trigger-free compares the classes with each other and needs a model with at least 3 "
+                        f"outputs (this one has {n_classes}; the anomaly index needs {MIN_CLASSES} or more to say 'no "
+                        "backdoor'): with triggered inputs fit on them instead (--triggered FLAGGED.npz, or --trigger "
+                        "SPEC --target CLASS for a known trigger)")
+    few = n_classes < MIN_CLASSES
+    if few:
+        say(f"trigger-free: with {n_classes} classes the anomaly index is unreliable (it needs {MIN_CLASSES} or more): "
+            f"a class above {invert.ANOMALY_THRESHOLD} is still reported, otherwise the verdict is inconclusive")
     deadline = t_start + req.budget
+    t_scan = None
     if req.steps:  # fixed steps: a scan that does not depend on the machine
         steps = req.steps
         say(f"trigger-free: scanning {n_classes} classes x {len(invert.KINDS)} searches ({steps} steps each) on "
             f"{len(x_search)} clean images")
         scan = invert.scan(net, x_search, y_search, steps=steps, seed=req.seed, progress=progress)
     else:
-        cost = _costs(net, x_search)
-        seconds = SCAN_SHARE * req.budget - (time.perf_counter() - t_start)
+        cost = _costs(net, x_search, t_start + SCAN_SHARE * req.budget)
+        before = time.perf_counter() - t_start  # loading, timing: charged to --budget like the scan
+        seconds = SCAN_SHARE * req.budget - before
         say(f"trigger-free: scanning {n_classes} classes x {len(invert.KINDS)} searches on {len(x_search)} clean "
-            f"images in about {max(seconds, 0):.0f} s of --budget {req.budget:g} s (one search here: "
+            f"images in about {max(seconds, 0):.0f} s of --budget {req.budget:g} s ({before:.0f} s spent loading and "
+            "timing; one search here: "
             + ", ".join(f"{k} {f:.2f} s + {p * 1000:.0f} ms a step" for k, (f, p) in cost.items()) + ")")
+        pred = net.logits(x_search).argmax(1)
+        n_search = sum(len(invert.class_images(x_search, pred, y_search, c)) >= invert.MIN_IMAGES
+                       for c in range(n_classes))
+        floor = _scan_seconds(cost, n_search, invert.FLOOR_STEPS)
+        # some class or form would never be searched, even by the scan's hard stop: say so now, not after the budget
+        if floor > SCAN_HARD * req.budget - before:
+            again = min(invert.TOP + invert.REF, n_search)  # budgeted_scan's two passes: the suspects at full steps
+            full = (_scan_seconds(cost, n_search, invert.MIN_TWO_PASS) + _scan_seconds(cost, again, invert.STEPS)
+                    if n_search > invert.TOP + invert.REF + 2 else _scan_seconds(cost, n_search, invert.STEPS))
+            need = (f"--budget {_budget_for(before, floor)} or more (about {_budget_for(before, full)} s for the most "
+                    f"anomalous classes at the full {invert.STEPS} steps)")
+            why = (f"--budget {req.budget:g} s cannot search every class: {n_search} classes x {len(invert.KINDS)} "
+                   f"forms at the fewest {invert.FLOOR_STEPS} steps take about {floor:.0f} s on this machine now, "
+                   f"{max(SCAN_HARD * req.budget - before, 0):.0f} s are left for the scan")
+            if not req.force and floor > UPFRONT_MARGIN * (SCAN_HARD * req.budget - before):
+                raise FireError(f"trigger-free scan inconclusive before it started, nothing written: {why}, and a scan "
+                                f"that leaves classes unsearched cannot say 'no backdoor'. Give {need}, or --steps "
+                                f"{invert.FLOOR_STEPS} to search every class however long it takes; --force scans what "
+                                "the budget allows and repairs its most anomalous class")
+            say(f"trigger-free: warning: {why}; the scan searches what it can ({need} would search every class), "
+                "and unless it finds a class above the threshold its verdict is inconclusive")
+        t_scan = time.perf_counter()
         scan = invert.budgeted_scan(net, x_search, y_search, cost=cost, seconds=seconds,
                                     deadline=t_start + SCAN_HARD * req.budget, seed=req.seed, progress=progress)
         steps = scan.steps
@@ -168,19 +289,56 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
     cls, kind, index = scan.suspect
     evidence = {"scan": scan.describe(), "rounds": [], "backdoor_found": bool(scan.found),
                 "target": cls if scan.found or req.force else None, "forced": bool(req.force and not scan.found)}
-    say(f"trigger-free: most anomalous class {cls} ({kind}, anomaly index {index:.2f}, threshold "
-        f"{scan.threshold}); scan took {scan.seconds:.0f} s")
+    say(f"trigger-free: most anomalous class {cls} ({kind}, anomaly index "
+        + (f"{index:.2f}" if np.isfinite(index) else "n/a") + f", threshold {scan.threshold}); scan took "
+        f"{scan.seconds:.0f} s" if cls is not None else
+        f"trigger-free: the scan searched no class in {scan.seconds:.0f} s")
     evidence["steps"], evidence["full_steps"] = steps, invert.STEPS
+    # an incomplete scan (classes or forms never searched) or too few classes for the index: no "no backdoor" verdict
+    inconclusive = [t for t in (_unsearched_text(scan, n_classes),) if t]
+    if few:
+        inconclusive.append(f"with {n_classes} classes the anomaly index cannot tell a backdoor from the classes' "
+                            f"natural spread (it needs {MIN_CLASSES} or more)")
+    if inconclusive:
+        evidence["inconclusive"] = inconclusive
+        if scan.found:  # a class stands out anyway: reported, and what the scan missed is said
+            req.notes.append(f"class {cls} stands out although the scan could not decide for every class: "
+                             + "; ".join(inconclusive))
     if short and not scan.found:
         evidence["warnings"] = [short]  # printed once, with the verdict it qualifies
     if not scan.found and (warning := preprocess_check.warning_of(inputs.meta)):
         evidence.setdefault("warnings", []).insert(0, warning)
-    if cls is None and req.force:
+    if not scan.found and inconclusive and (not req.force or cls is None):
+        if cls is not None:
+            for line in describe_scan({"scan": evidence["scan"]}):  # the evidence, before the one-line error
+                say(line)
+        todo = []
+        if scan.skipped:  # out of time: the budget that would search every class, from what a search took here
+            done = sum(r is not None for k in scan.results for r in scan.results[k])
+            total = n_search * len(invert.KINDS)
+            need = (_scan_seconds(cost, n_search, invert.FLOOR_STEPS) if not done else
+                    scan.seconds / done * total)
+            todo.append(f"--budget {_budget_for(t_scan - t_start, need)} or more (from "
+                        + (f"the {scan.seconds / done:.1f} s a search took here" if done else "the timing")
+                        + f"), or --steps {invert.FLOOR_STEPS} to search every class however long it takes")
+        if len(scan.unsearched()) > len(scan.skipped):
+            todo.append(f"a --clean pool with at least {invert.MIN_IMAGES} images of other classes for every class")
+        if few:
+            todo.append("with triggered inputs, fit on them (--triggered FLAGGED.npz, or --trigger SPEC --target "
+                        "CLASS for a known trigger)")
+        if cls is not None:
+            todo.append(f"--force repairs class {cls} anyway")
+        standout = _standout(scan)
+        raise FireError("trigger-free scan inconclusive, nothing written: " + "; ".join(inconclusive)
+                        + (f"; {standout}" if standout else "") + ". To decide: " + "; or ".join(todo))
+    if cls is None:
         raise FireError("the scan searched no class (too few clean images of other classes, or --budget spent "
                         "before the first search): nothing to repair; give a larger --budget or --clean pool")
     if not scan.found and not req.force:
         evidence["seconds"] = round(time.perf_counter() - t_start, 1)
         return TriggerFreeResult(None, evidence)
+    if not scan.found and inconclusive:
+        req.notes.append("the scan was inconclusive (" + "; ".join(inconclusive) + ")")
     if not scan.found:
         req.notes.append(f"no class is anomalous (highest index {index:.2f} <= {scan.threshold}); --force repairs "
                          f"the most anomalous one, class {cls}, anyway")
@@ -258,7 +416,17 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
     evidence["seconds"] = round(time.perf_counter() - t_start, 1)
     from fire_onnx.fit.verify import refuse_or_record
 
-    refuse_or_record(req, d, check)  # the last round's repair, judged on held-out images (refused above 5 % changed)
+    try:
+        refuse_or_record(req, d, check)  # the last round's repair, judged on held-out images (refused over 5 % changed)
+    except FireError as e:
+        if not scan.found:
+            raise
+        # the scan's verdict is not to be lost in the refusal (new-user run 22: "backdoor suspected" was one early line,
+        # the per-class table never printed)
+        for line in describe_scan(evidence):
+            say(line)
+        raise FireError(f"backdoor found: class {cls} ({kind} search, anomaly index {index:.2f} > {scan.threshold}); "
+                        f"only its repair was refused, {e}") from None
     if scan.found:
         d.meta.setdefault("checks", {}).setdefault("warnings", []).append(RECOVERED_ONLY)
         d.meta["checks"]["warnings"] += runner_up_warnings(evidence["scan"], cls)
@@ -374,7 +542,9 @@ def describe_scan(evidence: dict) -> list[str]:
             cells = []
             for k in kinds:
                 loss, idx, rate = scan[k]["loss"][c], scan[k]["anomaly_index"][c], scan[k]["flip_rate"][c]
-                cells.append("       n/a    n/a   n/a" if loss is None else f"{loss:>10.3f} {idx:>6.2f} {rate:>5.0%}")
+                # a class searched in a form where fewer than 3 were has a loss and no index (new-user run 22)
+                cells.append("       n/a    n/a   n/a" if loss is None else
+                             f"{loss:>10.3f} {'n/a' if idx is None else format(idx, '.2f'):>6} {rate:>5.0%}")
             mark = "  <- anomalous" if scan.get("found") and c == scan.get("suspect") else ""
             lines.append(f"{c:>5}  " + "  ".join(cells) + mark)
     for r in evidence.get("rounds", []):
