@@ -206,18 +206,21 @@ def cli():
               help="No triggered images: search, for every class, a small shared patch, blend or additive change "
                    "that sends the clean images to it (needs --model); a class reached anomalously easily is the backdoor's "
                    "target, and its recovered trigger stamps the pairs to fit on. No anomalous class: 'no backdoor "
-                   "found', exit 0, nothing written.")
+                   "found', exit 0, nothing written; a scan that left classes or forms unsearched, or a model with fewer than 6 "
+                   "classes: 'inconclusive', exit 1, nothing written.")
 @click.option("--force", is_flag=True,
               help="Write the repair even when its held-out check refuses it (it changes more than 5 % of held-out "
                    "clean predictions), and fit even when another common preprocessing classifies the labelled clean "
-                   "images far better than the one given; --trigger-free: repair the most anomalous class even when none is anomalous; "
+                   "images far better than the one given; --trigger-free: repair the most anomalous class even when none is anomalous or the scan is "
+                   "inconclusive; "
                    "--unlabeled: write directions even when no triggered inputs are confirmed (fitted on the closest "
                    "candidate class's outliers).")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
               help="--trigger-free: seconds the whole run may take (scan, repair fit, later rounds). The scan's "
                    "steps adapt to it; short of the full 80 steps, every class is searched with fewer and the most "
                    "anomalous ones again with 80; what it shortened is noted. With --steps the scan runs in full and "
-                   "only the later rounds stop at it.")
+                   "only the later rounds stop at it. It counts loading and timing; a budget too small to search every class "
+                   "at 5 steps is refused with the budget that would do.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="--trigger-free: gradient steps per class and search (default: as many as --budget allows, at "
                    "most 80); fixing it makes the search independent of the machine's speed.")
