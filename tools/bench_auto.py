@@ -114,9 +114,10 @@ def run_cell(dataset: str, attack: str, args) -> list[dict]:
                              max_layers=max_layers, method=args.method, k=args.k if args.method == "subspace" else None,
                              force=True)  # a fixed layer is measured even where fit's held-out check refuses it
             d = run_fit(req)
-            path = tmp / f"{mode}-{layer}.npz"
+            safe = layer.strip("/").replace("/", "_")  # a tensor name (PreAct's Relu outputs) holds slashes
+            path = tmp / f"{mode}-{safe}.npz"
             dirs.save(d, path)
-            patched = tmp / f"{mode}-{layer}.fire.onnx"
+            patched = tmp / f"{mode}-{safe}.fire.onnx"
             patch_file(onnx_path, path, patched)
             t = d.targets[0]
             rec = dict(base, mode=mode, layers=[x.module or x.tensor for x in d.targets], tensor=t.tensor, gate=t.gate,
