@@ -369,6 +369,19 @@ def class_images(x: np.ndarray, pred: np.ndarray, labels: np.ndarray | None, cls
     return x[keep]
 
 
+def searchable(x: np.ndarray, pred: np.ndarray, labels: np.ndarray | None, classes) -> dict[int, np.ndarray]:
+    """``{class: its search images}`` for each of ``classes`` that has at least ``MIN_IMAGES`` of them (the others
+    are not searched)."""
+    sets = {int(c): class_images(x, pred, labels, c) for c in classes}
+    return {c: xc for c, xc in sets.items() if len(xc) >= MIN_IMAGES}
+
+
+def scan_seconds(cost: dict, count: int, steps: int, kinds=None) -> float:
+    """Seconds of ``count`` searches in each form of ``kinds`` (default: every form of ``cost``) at ``steps`` steps,
+    from ``cost`` (``kind -> search_cost``)."""
+    return sum(count * (cost[k][0] + steps * cost[k][1]) for k in (cost if kinds is None else kinds))
+
+
 def scan(net: Model, x: np.ndarray, labels: np.ndarray | None = None, *, kinds=KINDS, steps: int = STEPS,
          batch: int = BATCH, seed: int = 0, progress: Progress | None = None,
          classes: list[int] | None = None) -> Scan:
@@ -377,14 +390,14 @@ def scan(net: Model, x: np.ndarray, labels: np.ndarray | None = None, *, kinds=K
     logits = net.logits(x)
     pred, n_classes = logits.argmax(1), int(logits.shape[1])
     todo = list(range(n_classes)) if classes is None else list(classes)
+    xs = searchable(x, pred, labels, todo)
     out = Scan(n_classes=n_classes, steps=steps, n_images=len(x))
     total, done = len(todo) * len(kinds), 0
     for kind in kinds:
         out.results[kind] = [None] * n_classes
         for c in todo:
-            xc = class_images(x, pred, labels, c)
-            if len(xc) >= MIN_IMAGES:
-                out.results[kind][c] = search_class(net, xc, c, kind, steps=steps, batch=batch, seed=seed)
+            if c in xs:
+                out.results[kind][c] = search_class(net, xs[c], c, kind, steps=steps, batch=batch, seed=seed)
             done += 1
             if progress:
                 progress(done, total)
@@ -450,25 +463,23 @@ def budgeted_scan(net: Model, x: np.ndarray, labels: np.ndarray | None = None, *
     t0 = time.perf_counter()
     logits = net.logits(x)
     pred, n_classes = logits.argmax(1), int(logits.shape[1])
-    xs = {c: class_images(x, pred, labels, c) for c in range(n_classes)}
-    todo = [c for c in range(n_classes) if len(xs[c]) >= MIN_IMAGES]
+    xs = searchable(x, pred, labels, range(n_classes))
+    todo = list(xs)
     n = len(todo)
     out = Scan(n_classes=n_classes, steps=STEPS, n_images=len(x))
     again = min(TOP + REF, n)
 
-    def est(kinds_left, steps, count):
-        return sum(count * (cost[k][0] + steps * cost[k][1]) for k in kinds_left)
-
-    two_pass = (est(kinds, STEPS, n) > seconds and n > TOP + REF + 2
-                and est(kinds, MIN_TWO_PASS, n) + est(kinds, STEPS, again) <= seconds)
+    two_pass = (scan_seconds(cost, n, STEPS, kinds) > seconds and n > TOP + REF + 2
+                and scan_seconds(cost, n, MIN_TWO_PASS, kinds) + scan_seconds(cost, again, STEPS, kinds) <= seconds)
     total = len(kinds) * (n + (again if two_pass else 0))
     done, slow, first = 0, 1.0, {}
     for i, kind in enumerate(kinds):
         left = kinds[i:]
         # the second pass of every form comes after all first passes: its time stays reserved throughout
-        rem = seconds - (time.perf_counter() - t0) - (est(kinds, STEPS, again) * slow if two_pass else 0.0)
-        fixed = est(left, 0, n) * slow
-        per = (est(left, 1, n) - est(left, 0, n)) * slow
+        reserved = scan_seconds(cost, again, STEPS, kinds) * slow if two_pass else 0.0
+        rem = seconds - (time.perf_counter() - t0) - reserved
+        fixed = scan_seconds(cost, n, 0, left) * slow
+        per = (scan_seconds(cost, n, 1, left) - scan_seconds(cost, n, 0, left)) * slow
         steps = int(np.clip((rem - fixed) / max(per, 1e-9), FLOOR_STEPS, STEPS))
         first[kind] = steps
         out.results[kind] = [None] * n_classes
@@ -483,7 +494,7 @@ def budgeted_scan(net: Model, x: np.ndarray, labels: np.ndarray | None = None, *
                 progress(done, total)
         # the machine's speed now against the timing (kept >= 1 for the plan: a fast kind must not spend the
         # others' margin)
-        ratio = (time.perf_counter() - t_kind) / max(est([kind], steps, n), 1e-9)
+        ratio = (time.perf_counter() - t_kind) / max(scan_seconds(cost, n, steps, [kind]), 1e-9)
         slow = max(slow, ratio)
     out.steps = min(first.values())
     out.passes = {k: {"first_steps": s} for k, s in first.items()} if out.steps < STEPS else {}
@@ -493,7 +504,8 @@ def budgeted_scan(net: Model, x: np.ndarray, labels: np.ndarray | None = None, *
             continue
         # planned, or where the first pass ended early (a machine that got less busy than when it was timed: new-user
         # run 20's 180 s scan planned 114 s and took 82), each form whose second pass still fits
-        if not two_pass and time.perf_counter() + est([kind], STEPS, again) * ratio > t0 + seconds:
+        if not two_pass and (time.perf_counter() + scan_seconds(cost, again, STEPS, [kind]) * ratio
+                             > t0 + seconds):
             continue
         out.passes[kind]["full_steps"] = STEPS
         total += 0 if two_pass else again

@@ -110,11 +110,6 @@ def _costs(net, x: np.ndarray, stop_by: float) -> dict:
     return out
 
 
-def _scan_seconds(cost: dict, n: int, steps: int) -> float:
-    """Seconds of a one-pass scan of ``n`` classes in every form at ``steps`` steps, from ``cost``."""
-    return sum(n * (f + steps * p) for f, p in cost.values())
-
-
 def _budget_for(before: float, scan_seconds: float) -> int:
     """The --budget (seconds, rounded up to 10) whose scan share holds ``scan_seconds`` after ``before`` seconds."""
     return int(np.ceil((before + scan_seconds) / SCAN_SHARE / 10) * 10)
@@ -148,7 +143,7 @@ def _unsearched_text(scan, n_classes: int) -> str | None:
     skipped = set(scan.skipped)
     why = ("when --budget ran out" if all(m in skipped for m in missing) else
            f"for lack of clean images of other classes (a class is searched with at least {invert.MIN_IMAGES})"
-           if not skipped else f"when --budget ran out or for lack of clean images of other classes")
+           if not skipped else "when --budget ran out or for lack of clean images of other classes")
     text = f"{len(missing)} of {n_classes * len(invert.KINDS)} class searches never ran ({why})"
     if len(whole) == len(invert.KINDS):
         return text + ": no class was searched at all"
@@ -236,6 +231,7 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
             f"a class above {invert.ANOMALY_THRESHOLD} is still reported, otherwise the verdict is inconclusive")
     deadline = t_start + req.budget
     t_scan = None
+    pred = net.logits(x_search).argmax(1)  # the classes the searches start from (invert.class_images)
     if req.steps:  # fixed steps: a scan that does not depend on the machine
         steps = req.steps
         say(f"trigger-free: scanning {n_classes} classes x {len(invert.KINDS)} searches ({steps} steps each) on "
@@ -249,15 +245,13 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
             f"images in about {max(seconds, 0):.0f} s of --budget {req.budget:g} s ({before:.0f} s spent loading and "
             "timing; one search here: "
             + ", ".join(f"{k} {f:.2f} s + {p * 1000:.0f} ms a step" for k, (f, p) in cost.items()) + ")")
-        pred = net.logits(x_search).argmax(1)
-        n_search = sum(len(invert.class_images(x_search, pred, y_search, c)) >= invert.MIN_IMAGES
-                       for c in range(n_classes))
-        floor = _scan_seconds(cost, n_search, invert.FLOOR_STEPS)
+        n_search = len(invert.searchable(x_search, pred, y_search, range(n_classes)))
+        floor = invert.scan_seconds(cost, n_search, invert.FLOOR_STEPS)
         # some class or form would never be searched, even by the scan's hard stop: say so now, not after the budget
         if floor > SCAN_HARD * req.budget - before:
             again = min(invert.TOP + invert.REF, n_search)  # budgeted_scan's two passes: the suspects at full steps
-            full = (_scan_seconds(cost, n_search, invert.MIN_TWO_PASS) + _scan_seconds(cost, again, invert.STEPS)
-                    if n_search > invert.TOP + invert.REF + 2 else _scan_seconds(cost, n_search, invert.STEPS))
+            full = (invert.scan_seconds(cost, n_search, invert.MIN_TWO_PASS) + invert.scan_seconds(cost, again, invert.STEPS)
+                    if n_search > invert.TOP + invert.REF + 2 else invert.scan_seconds(cost, n_search, invert.STEPS))
             need = (f"--budget {_budget_for(before, floor)} or more (about {_budget_for(before, full)} s for the most "
                     f"anomalous classes at the full {invert.STEPS} steps)")
             why = (f"--budget {req.budget:g} s cannot search every class: {n_search} classes x {len(invert.KINDS)} "
@@ -316,7 +310,7 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
         if scan.skipped:  # out of time: the budget that would search every class, from what a search took here
             done = sum(r is not None for k in scan.results for r in scan.results[k])
             total = n_search * len(invert.KINDS)
-            need = (_scan_seconds(cost, n_search, invert.FLOOR_STEPS) if not done else
+            need = (invert.scan_seconds(cost, n_search, invert.FLOOR_STEPS) if not done else
                     scan.seconds / done * total)
             todo.append(f"--budget {_budget_for(t_scan - t_start, need)} or more (from "
                         + (f"the {scan.seconds / done:.1f} s a search took here" if done else "the timing")
@@ -350,7 +344,6 @@ def run_trigger_free(req, progress=None, log=None, fit_progress=None) -> Trigger
 
     if not req.steps and (p := scan.passes.get(kind)) and not p.get("searched_again"):
         steps = p["first_steps"]  # the suspect's form as the scan searched it (the later rounds compare with it)
-    pred = net.logits(x_search).argmax(1)
     x_cls = invert.class_images(x_search, pred, y_search, cls)
     req.target = cls
     found = scan.best()
