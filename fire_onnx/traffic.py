@@ -142,7 +142,9 @@ class ClassEvidence:
     confirmed: bool = False
     control: float | None = None  # best rate of the same reconstruction from the class's clean reference images
     n_control: int = 0  # clean reference images the control reconstruction was estimated from
-    refuted: bool = False  # confirmed, but not by CONTROL_MARGIN more than the control
+    # confirmed, but not taken: "control" (not CONTROL_MARGIN more than the control), "shift" (under SHIFT_RATE in a
+    # globally shifted traffic)
+    refuted: str = ""
     tail: bool = False  # flagged above the clean references' TAIL_QUANTILE (the two-cluster cut failed)
 
     def record(self) -> dict:
@@ -323,10 +325,10 @@ def detect(reps: np.ndarray, pred: np.ndarray, ref: np.ndarray, ref_pred: np.nda
         cut = class_cut(st, sr)
         above = st > cut
         if tail and float((sr > cut).mean()) > REFERENCE_ABOVE_MAX and len(sr) >= TAIL_MIN_REFERENCE:
-            tail = float(np.quantile(sr, TAIL_QUANTILE))
-            n_tail = int((st > tail).sum())
-            if n_tail >= MIN_FLAGGED and n_tail >= TAIL_EXCESS * max(float((sr > tail).mean()), 1e-9) * len(st):
-                cut, above, ev.tail = tail, st > tail, True
+            tail_cut = float(np.quantile(sr, TAIL_QUANTILE))
+            n_tail = int((st > tail_cut).sum())
+            if n_tail >= MIN_FLAGGED and n_tail >= TAIL_EXCESS * max(float((sr > tail_cut).mean()), 1e-9) * len(st):
+                cut, above, ev.tail = tail_cut, st > tail_cut, True
         ev.cut, ev.n_flagged = cut, int(above.sum())
         ev.reference_above = float((sr > cut).mean())
         spread = 1.4826 * float(np.median(np.abs(sr - np.median(sr))))
@@ -419,7 +421,7 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
     ref_reps, ref_logits = represent(reference)
     ref_pred = ref_logits.argmax(axis=1)
     n_classes = logits.shape[1]
-    det = detect(reps, logits.argmax(axis=1), ref_reps, ref_logits.argmax(axis=1), n_classes)
+    det = detect(reps, logits.argmax(axis=1), ref_reps, ref_pred, n_classes)
     result = TrafficResult(np.zeros(0, np.int64), None, det, len(traffic), tensor, len(reference))
     # a model that misreads its inputs (wrong --scale/--mean/--std/--input-layout) puts the traffic in one
     # class or at random: "no triggered inputs found" would then be a wrong all-clear (it was, exit 0, with
@@ -442,25 +444,28 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
         result.notes.append(f"{len(cands)} candidate classes; the {MAX_CONFIRM} most separated were confirmed")
         cands = cands[:MAX_CONFIRM]
     shift = global_shift(det) if target is None else None
+    def reconstruct(images: np.ndarray, cls: int):
+        """The trigger reconstruction of ``images`` as flagged inputs at ``cls`` (the class's clean images left out
+        of those it stamps)."""
+        return rc.reconstruct(images, clean, held, predict, flagged_pred=np.full(len(images), cls),
+                              clean_excluded=None if clean_y is None else clean_y == cls,
+                              held_excluded=None if held_y is None else held_y == cls)
+
     best, best_rec, best_r = None, None, None
     for ev in cands:
         idx = det.flagged[ev.cls]
-        r = rc.reconstruct(traffic[idx], clean, held, predict, flagged_pred=np.full(len(idx), ev.cls),
-                           clean_excluded=None if clean_y is None else clean_y == ev.cls,
-                           held_excluded=None if held_y is None else held_y == ev.cls)
+        r = reconstruct(traffic[idx], ev.cls)
         rec = r.describe()
         ev.confirmation, ev.kind, ev.confirmed = float(rec.get("rate", 0.0)), rec.get("kind", ""), r.confirmed
         ctl = control_group(ref_pred, reference_y, ev.cls, len(idx)) if r.confirmed else np.zeros(0, np.int64)
         if len(ctl) >= MIN_FLAGGED:  # the control: the same reconstruction from the class's own clean images
-            rc_ctl = rc.reconstruct(reference[ctl], clean, held, predict, flagged_pred=np.full(len(ctl), ev.cls),
-                                    clean_excluded=None if clean_y is None else clean_y == ev.cls,
-                                    held_excluded=None if held_y is None else held_y == ev.cls)
             ev.n_control = int(len(ctl))
-            ev.control = max((float(c.rate) for c in rc_ctl.candidates if c.rate is not None), default=0.0)
+            ev.control = max((float(c.rate) for c in reconstruct(reference[ctl], ev.cls).candidates
+                              if c.rate is not None), default=0.0)
             if ev.confirmation - ev.control < CONTROL_MARGIN:
-                ev.confirmed, ev.refuted = False, True
+                ev.confirmed, ev.refuted = False, "control"
         if ev.confirmed and shift and ev.confirmation < SHIFT_RATE:
-            ev.confirmed, ev.refuted = False, True
+            ev.confirmed, ev.refuted = False, "shift"
         say(f"unlabeled: class {ev.cls}: {ev.n_flagged} of {ev.n} inputs flagged, reconstruction "
             f"{ev.kind or 'none'} confirmed by {ev.confirmation:.0%}"
             + ("" if ev.control is None else f" (from {ev.n_control} of its clean images: {ev.control:.0%})"))
@@ -468,15 +473,14 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
                                                                                       best.separation or 0)):
             best, best_rec, best_r = ev, rec, r
     confirmed = [ev for ev in cands if ev.confirmed]
-    refuted = [ev for ev in cands if ev.refuted]
-    by_control = [ev for ev in refuted if ev.control is not None and ev.confirmation - ev.control < CONTROL_MARGIN]
+    by_control = [ev for ev in cands if ev.refuted == "control"]
     if by_control:
         names = ", ".join(f"{ev.cls} ({ev.confirmation:.0%} against {ev.control:.0%})" for ev in by_control)
         result.notes.append(f"not taken as triggered: the outlying group of class {names} (its reconstruction against "
                             f"the same reconstruction from as many of the class's clean images; at least "
                             f"{CONTROL_MARGIN:.0%} more is needed): what the class's own clean images also give is "
                             "the class's content, not a trigger")
-    if by_shift := [ev for ev in refuted if ev not in by_control]:
+    if by_shift := [ev for ev in cands if ev.refuted == "shift"]:
         result.notes.append("not taken as triggered under the traffic's global shift (below "
                             f"{SHIFT_RATE:.0%}): class " + ", ".join(f"{ev.cls} ({ev.confirmation:.0%})" for ev in by_shift))
     if shift:
