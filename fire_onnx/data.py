@@ -43,6 +43,13 @@ def _pixels(x: np.ndarray, what, float_hint: str, int_hint: str = "") -> np.ndar
     return x
 
 
+def _whole_labels(y: np.ndarray) -> np.ndarray:
+    """Float labels that are all whole numbers, as the int64 class indices they spell; any other ``y`` as it is."""
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+        return y.astype(np.int64)
+    return y
+
+
 def check_images(images: Images, what: str = "images") -> Images:
     """``images`` built in Python, checked as load_images checks a file's (new-user run 17: float pixels in [0, 1]
     gave CA 10 % and a repair that did nothing, labels shaped (N, 1) broadcast to an N x N comparison, a list
@@ -60,8 +67,7 @@ def check_images(images: Images, what: str = "images") -> Images:
             y = y[:, 0]
         if y.ndim != 1 or len(y) != len(x):
             raise FireError(f"{what}: labels must be one per image, shape ({len(x)},), got {np.shape(images.y)}")
-        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
+        y = _whole_labels(y)
         if y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
             raise FireError(f"{what}: labels must be class indices (integers >= 0)")
         if y.dtype != np.int64:
@@ -88,9 +94,7 @@ def load_images(path: str | Path, split: str = "test") -> Images:
                 and np.isin(raw, (0, 1)).all() and (raw.sum(axis=1) == 1).all()):
             raise FireError(f"{path}: the labels are one-hot ({list(raw.shape)}); fire-onnx reads one class index per "
                             "image: save y.argmax(axis=1)")
-        y = raw.reshape(-1)
-        if y.dtype.kind == "f" and y.shape[0] == x.shape[0] and np.isfinite(y).all() and (y == np.round(y)).all():
-            y = y.astype(np.int64)  # whole numbers stored as floats: the class indices they spell (as check_images)
+        y = _whole_labels(raw.reshape(-1))
         if y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
             raise FireError(f"{path}: labels must be integers, one per image")
         if len(y) and y.min() < 0:

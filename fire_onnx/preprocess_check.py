@@ -65,17 +65,18 @@ def check(predict, x: np.ndarray, y: np.ndarray, given: Preprocess, labels_in_ra
     scores = predict(given(x))
     if scores is None or scores.ndim != 2 or scores.shape[1] < 2:
         return None
+    pred = scores.argmax(axis=1)
     if labels_in_range:  # fit: before any other work (it refused only after collecting every activation:
         # 19 minutes on a ResNet-50, new-user run 7)
         from fire_onnx.evaluate import check_labels_in_range
 
-        check_labels_in_range(scores.argmax(axis=1), y, scores.shape[1])
-    right = scores.argmax(axis=1) == y
+        check_labels_in_range(pred, y, scores.shape[1])
+    right = pred == y
     acc = float(right.mean())
     out: dict = {"accuracy": acc, "n": int(len(y)), "alternatives": [], "gap": 0.0}
     if acc >= PROBE_BELOW:
         return out
-    if (ren := renumbered(scores.argmax(axis=1), y, scores.shape[1])) is not None:
+    if (ren := renumbered(pred, y, scores.shape[1])) is not None:
         out["renumbered"] = ren  # another class numbering explains it, not the preprocessing (alternatives not scored)
         return out
     n0 = min(N_FIRST, len(y))
