@@ -106,7 +106,37 @@ Typical flow:
 """
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+ONCE_HINTS = {("fit", "triggered_path"): "; to repair two backdoors, fit each file on its own and add the second repair with "
+                            "'fire-onnx patch --add'"}
+
+
+class _Command(click.Command):
+    """A subcommand that refuses an option of one value given twice: click keeps the last one silently, and
+    ``fit --triggered A.npz --triggered B.npz`` fitted B alone with exit 0 (new-user run 23)."""
+
+    def parse_args(self, ctx, args):
+        once = {o: p for p in self.params if isinstance(p, click.Option) and not (p.multiple or p.count or p.is_flag)
+                for o in p.opts + p.secondary_opts}
+        seen: dict[str, str] = {}
+        for a in args:
+            if a == "--":
+                break
+            opt = a.split("=", 1)[0] if a.startswith("--") else a
+            p = once.get(opt)
+            if p is None:
+                continue
+            if p.name in seen:
+                raise click.UsageError(f"{opt} is given twice, but it takes one value (only the last would be used)"
+                                       + ONCE_HINTS.get((self.name, p.name), ""), ctx=ctx)
+            seen[p.name] = opt
+        return super().parse_args(ctx, args)
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="fire-onnx")
 def cli():
     """FIRE backdoor repair for ONNX models: fit directions in PyTorch, patch the ONNX graph,
@@ -369,20 +399,27 @@ def _nothing_found(record: dict, notes: list[str], json_out: str | None) -> None
                    "MODEL.fire.r1.onnx).")
 @click.option("--tensor", default=None, help="Patch this ONNX tensor instead of the recorded one.")
 @click.option("--replace", is_flag=True,
-              help="MODEL is already patched by fire-onnx: swap its repair for DIRECTIONS (same tensors); the "
-                   "result equals patching the original model. Refused for a model without a fire-onnx repair.")
+              help="MODEL is already patched by fire-onnx: swap its repair for DIRECTIONS (same tensors, a refit of "
+                   "the same backdoor); the result equals patching the original model. Refused for a model without "
+                   "a fire-onnx repair, and (unless --force) when the repair dropped is for another class.")
+@click.option("--add", is_flag=True,
+              help="MODEL is already patched by fire-onnx: keep its repair and add DIRECTIONS' (a second backdoor, "
+                   "fitted on the original model); at a tensor already repaired, the new repair acts on the repaired "
+                   "activation.")
 @click.option("--no-verify", is_flag=True, help="Skip loading the patched model in onnxruntime before writing it.")
 @click.option("--force", is_flag=True,
               help="Patch even when the directions' model fingerprint does not match MODEL (fitted on another "
-                   "model, tensor or preprocessing); the mismatch is still reported.")
+                   "model, tensor or preprocessing), or when --replace drops the repair of another class; what was "
+                   "overridden is still reported.")
 @click.option("--json", "json_out", default=None, metavar="PATH", help="Write a JSON summary (- for stdout).")
-def patch(model, directions, output, tensor, replace, no_verify, force, json_out):
+def patch(model, directions, output, tensor, replace, add, no_verify, force, json_out):
     """Insert the repair described by DIRECTIONS into MODEL (an ONNX file); MODEL is never modified."""
     from fire_onnx.patch import default_output, patch_file
 
     out = Path(output) if output else default_output(model)
     check_outputs([out, json_out], [model, directions])
-    path, res = patch_file(model, directions, out, tensor=tensor, replace=replace, verify=not no_verify, force=force)
+    path, res = patch_file(model, directions, out, tensor=tensor, replace=replace, add=add, verify=not no_verify,
+                           force=force)
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     for t in res.targets if json_out != "-" else []:

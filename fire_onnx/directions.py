@@ -278,6 +278,22 @@ def _check_meta(meta: dict, path) -> None:
         raise _Damaged(f"{path}: meta.trigger must be an object, got {_kind(trigger)}")
 
 
+def repaired_class(meta: dict) -> int | None:
+    """The class whose backdoor a repair is for: the recorded ``target`` (``--target``, ``--trigger`` fits,
+    ``--unlabeled``), else the class its trigger reconstruction confirmed (flagged inputs), else the class most of
+    its held-out triggered images went to on the original model (the fit's check). None when nothing says.
+
+    A flagged fit records no ``target``: ``patch --replace`` then could not tell that a repair for class 3 was
+    swapped in for one for class 0, and the class-0 backdoor came back to 98 % with nothing said (new-user run 23)."""
+    if is_int(meta.get("target")):
+        return int(meta["target"])
+    rc = meta.get("reconstruction") or {}
+    if isinstance(rc, dict) and rc.get("confirmed") and is_int(rc.get("majority_class")):
+        return int(rc["majority_class"])
+    check = meta.get("check") or {}
+    return int(check["target"]) if isinstance(check, dict) and is_int(check.get("target")) else None
+
+
 DAMAGED = "(a damaged or hand-edited directions file: fit the directions again)"
 
 

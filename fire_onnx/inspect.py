@@ -230,11 +230,17 @@ def describe_repair(summ: dict) -> list[str]:
     for t in targets:
         what = [f"layout {t['layout']}" if t.get("layout") else "", f"k={t['k']}" if t.get("k") else "",
                 f"gate {t['gate']}" if t.get("gate") else "", f"repair {t.get('repair', 'project')}",
-                f"{t['nodes']} nodes" if t.get("nodes") else ""]
-        lines.append(f"  {shown_tensor(t['tensor'], t.get('output'))}" + (f" (module {t['module']})" if t.get("module") else "") + ": "
+                f"{t['nodes']} nodes" if t.get("nodes") else "",
+                f"for class {t['target_class']}" if t.get("target_class") is not None else "",
+                "after the repair above at the same tensor (--add)" if t.get("activation") else ""]
+        shown = t.get("activation") or shown_tensor(t['tensor'], t.get('output'))
+        lines.append(f"  {shown}" + (f" (module {t['module']})" if t.get("module") else "") + ": "
                      + ", ".join(w for w in what if w))
     attack = rec.get("attack")
-    if isinstance(attack, dict) and (attack.get("target") is not None or attack.get("trigger")):
+    if isinstance(attack, dict) and isinstance(attack.get("targets"), list) and attack["targets"]:
+        lines.append("recorded attack: several backdoors repaired, targets "
+                     + ", ".join(str(c) for c in attack["targets"]))
+    elif isinstance(attack, dict) and (attack.get("target") is not None or attack.get("trigger")):
         trig = attack.get("trigger")
         if isinstance(trig, dict):
             opts = ", ".join(f"{k}={v}" for k, v in trig.items() if k != "kind" and not k.endswith("_sha256"))

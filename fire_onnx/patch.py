@@ -77,13 +77,18 @@ class PatchedTarget:
     shape: list = field(default_factory=list)
     nodes: int = 0
     repair: str = "project"
+    target_class: int | None = None  # the class whose backdoor this repair is for (directions.repaired_class)
+    activation: str = ""  # a repair added on top of another at the same tensor (--add): that model activation
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if not self.activation:
+            del out["activation"]
+        return out
 
     @property
     def shown(self) -> str:
-        return shown_tensor(self.tensor, self.output)
+        return self.activation or shown_tensor(self.tensor, self.output)
 
 
 OUTPUT_INPUT_SUFFIX = ".fire_onnx_in"  # a repaired graph output keeps its name; the activation it reads gets this
@@ -189,6 +194,31 @@ def repair_problems(model: onnx.ModelProto) -> list[str]:
 def patched_targets(model: onnx.ModelProto) -> list[dict]:
     """The targets an earlier patch recorded (``fire_onnx.targets``); [] when absent or unreadable."""
     return read_patched_targets(model)[0]
+
+
+def recorded_classes(model: onnx.ModelProto) -> list[int]:
+    """The classes whose backdoors a patched model's repairs are for: each recorded target's ``target_class``, else
+    the ``fire_onnx.attack`` metadata's ``targets`` / ``target`` (models patched before targets carried a class)."""
+    from fire_onnx.fileio import is_int, loads_json
+
+    out = [int(r["target_class"]) for r in patched_targets(model) if is_int(r.get("target_class"))]
+    if not out:
+        raw = {p.key: p.value for p in model.metadata_props}.get(META_ATTACK)
+        try:
+            attack = loads_json(raw) if raw else {}
+        except ValueError:
+            attack = {}
+        if isinstance(attack, dict):
+            listed = attack.get("targets") if isinstance(attack.get("targets"), list) else [attack.get("target")]
+            out = [int(c) for c in listed if is_int(c)]
+    return list(dict.fromkeys(out))
+
+
+def next_repair_index(model: onnx.ModelProto) -> int:
+    """The first ``fire_onnx/<i>/`` node index not used yet (a repair added with --add is named after the others)."""
+    used = [int(parts[1]) for n in model.graph.node if (parts := n.name.split("/")) and len(parts) > 2
+            and parts[0] == PREFIX and parts[1].isdigit()]
+    return max(used, default=-1) + 1
 
 
 def read_patched_targets(model: onnx.ModelProto) -> tuple[list[dict], str | None]:
@@ -478,7 +508,7 @@ def _unpatch(graph, gs, recorded: list[dict]) -> list[str]:
     Returns the names of the tensors the earlier repair read, as they are in the restored graph."""
     tensors = graph.tensors()
     restored = []
-    for rec in recorded:
+    for rec in reversed(recorded):  # a repair added on top of another (--add) reads its output: remove it first
         h = tensors.get(rec.get("tensor", ""))
         y = tensors.get(rec.get("output", ""))
         if h is None or y is None:
@@ -492,10 +522,11 @@ def _unpatch(graph, gs, recorded: list[dict]) -> list[str]:
             y.name = public + ".fire_onnx_old"
             h.name = public
             graph.outputs = [h if t is y else t for t in graph.outputs]
-        restored.append(h.name)
+        if not rec.get("activation"):  # a stacked repair's own input is the repair below it, not an activation
+            restored.append(h.name)
     graph.nodes = [n for n in graph.nodes if not n.name.startswith(PREFIX + "/")]
     graph.cleanup()
-    return restored
+    return restored[::-1]
 
 
 def patch_model(
@@ -504,15 +535,23 @@ def patch_model(
     *,
     tensor: str | None = None,
     replace: bool = False,
+    add: bool = False,
+    force: bool = False,
     directions_sha256: str = "",
 ) -> PatchResult:
-    """Return a patched copy of ``model`` (the argument is not modified)."""
+    """Return a patched copy of ``model`` (the argument is not modified). ``replace``: swap the repair of a patched
+    model for ``directions`` (refused, unless ``force``, when that drops the repair of another class); ``add``: keep
+    it and add ``directions`` (a second backdoor; at a tensor already repaired, the new repair reads the repaired
+    activation)."""
     import onnx_graphsurgeon as gs
     from fire_onnx import __version__
 
     notes: list[str] = []
     if tensor and len(directions.targets) != 1:
         raise FireError("--tensor needs a directions file with exactly one target")
+    if replace and add:
+        raise FireError("--replace swaps the model's repair for the new one, --add keeps it and adds the new one: give "
+                        "one of them")
     already = has_repair_nodes(model)
     if is_patched(model) and not already:  # metadata copied onto an unrepaired model: patch it as one
         notes.append("the model carries fire-onnx metadata but no repair nodes (copied from a repaired model?): it is "
@@ -528,11 +567,15 @@ def patch_model(
                         "fire_onnx/ nodes excluded" if replace else
                         "model is already patched by fire-onnx, and its repair was quantized; patch the float model "
                         "(before quantization) instead")
-    if already and not replace:
-        raise FireError("model is already patched by fire-onnx; pass --replace to swap in the new directions")
-    if replace and not already:
-        raise FireError("--replace swaps the repair of a model patched by fire-onnx, but this model has no fire-onnx "
-                        "repair (no fire_onnx.targets metadata, no fire_onnx/ nodes); patch it without --replace")
+    if already and not replace and not add:
+        raise FireError("model is already patched by fire-onnx: --add keeps its repair and adds this one (another "
+                        "backdoor), --replace swaps its repair for this one (a refit of the same backdoor: the repair "
+                        "it drops is gone)")
+    if (replace or add) and not already:
+        opt = "--replace" if replace else "--add"
+        raise FireError(f"{opt} {'swaps' if replace else 'adds to'} the repair of a model patched by fire-onnx, but this "
+                        "model has no fire-onnx repair (no fire_onnx.targets metadata, no fire_onnx/ nodes); patch it "
+                        f"without {opt}")
     opset = opset_of(model)
     if opset < MIN_OPSET:
         raise FireError(f"model opset {opset} is older than {MIN_OPSET}, the oldest fire-onnx patches")
@@ -541,20 +584,26 @@ def patch_model(
     recorded, why = read_patched_targets(src) if already else ([], None)
     if already and not recorded:
         raise FireError(f"the model carries fire-onnx nodes but {why or 'no fire_onnx.targets metadata'}, so the old "
-                        "repair cannot be removed safely; patch the original (unpatched) model instead")
-    if already:
-        old_attack = {p.key: p.value for p in model.metadata_props}.get(META_ATTACK)
-        try:
-            old_target = json.loads(old_attack).get("target") if old_attack else None
-        except (ValueError, AttributeError):
-            old_target = None
-        new_target = directions.meta.get("target")
-        if old_target is not None and new_target is not None and old_target != new_target:
-            # --replace swaps, it does not add: new-user run 13 swapped a repair for class 0 for one for class 7, and
-            # the class-0 backdoor came back to 99 % with nothing said
-            notes.append(f"the repair replaced was fitted for class {old_target}, the new one for class {new_target}: "
-                         f"the class-{old_target} backdoor is no longer repaired in the output (--replace swaps "
-                         "repairs, it does not add one: a patched model carries the repair of one backdoor)")
+                        "repair cannot be " + ("kept safely" if add else "removed safely")
+                        + "; patch the original (unpatched) model instead")
+    new_class = dirs.repaired_class(directions.meta)
+    old_classes = recorded_classes(model) if already else []
+    if add and new_class is not None and new_class in old_classes:
+        notes.append(f"the model's repair is already for class {new_class}: --add stacks a second repair for the same "
+                     "class (to refine that repair instead: 'fit --update', then 'patch --replace')")
+    if replace:
+        # --replace swaps, it does not add: new-user run 13 swapped a repair for class 0 for one for class 7, and the
+        # class-0 backdoor came back to 99 % (a note said so); run 23's flagged fits recorded no target, and a repair
+        # for class 3 replaced one for class 0 with nothing said (ASR 4.6 -> 98.3 %)
+        dropped = [c for c in old_classes if c != new_class] if new_class is not None else []
+        if dropped:
+            what = ", ".join(str(c) for c in dropped)
+            msg = (f"the repair replaced is for class {what}, the new one for class {new_class}: --replace drops the "
+                   f"class-{what} repair, and that backdoor works again in the output")
+            if not force:
+                raise FireError(f"{msg}. To keep it and repair class {new_class} too: 'fire-onnx patch --add' (the "
+                                "repaired model and the new directions); to drop it anyway: --force")
+            notes.append(f"{msg} (--force)")
         g0 = gs.import_onnx(src)
         before = _unpatch(g0, gs, recorded)
         src = gs.export_onnx(g0, do_type_check=False)
@@ -566,8 +615,13 @@ def patch_model(
 
     plan = []
     later = None  # tensors with the batch on a later axis, found once when a target's first axis is not the batch
+    below = {r["tensor"]: r for r in recorded} if add else {}  # --add: the repairs already at each tensor
+    outputs = {r["output"] for r in recorded} if add else set()
     for t in directions.targets:
         name = resolve_target(inferred, t, tensor)
+        if name in outputs:  # a repaired graph output keeps its public name on the repaired tensor
+            raise FireError(f"tensor {name!r} is a graph output the model's repair already acts on: --add cannot "
+                            "stack another repair there; patch the original model, then --add the other repair")
         elem, dims = tensor_info(inferred, name)
         if elem is not None and elem not in FLOAT_TYPES:
             raise FireError(f"tensor {name!r} has element type {onnx.TensorProto.DataType.Name(elem)}; fire-onnx repairs float tensors only")
@@ -587,7 +641,7 @@ def patch_model(
         if warn:
             notes.append(warn)
         plan.append((t, name, elem, dims))
-    if already and not tensor and sorted(p[1] for p in plan) != sorted(before):
+    if replace and not tensor and sorted(p[1] for p in plan) != sorted(before):
         raise FireError(f"the new directions repair {', '.join(sorted(p[1] for p in plan))} but the model's fire-onnx "
                         f"repair is at {', '.join(sorted(before))}: --replace swaps a repair at the same tensors; to "
                         "repair other tensors, patch the original (unpatched) model")
@@ -598,7 +652,14 @@ def patch_model(
     graph = gs.import_onnx(src)
     tensors = graph.tensors()
     patched: list[PatchedTarget] = []
-    for idx, (t, name, elem, dims) in enumerate(plan):
+    first = next_repair_index(src) if add else 0
+    for idx, (t, name, elem, dims) in enumerate(plan, start=first):
+        activation = ""
+        if name in below:  # --add at a repaired tensor: read the topmost repair's output
+            top = below[name]
+            while top["output"] in below:
+                top = below[top["output"]]
+            name, activation = top["output"], top.get("activation") or name
         h = tensors[name]
         if h.dtype is None and elem is not None:
             h.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
@@ -622,7 +683,7 @@ def patch_model(
                     n.inputs[i] = y
         patched.append(PatchedTarget(tensor=h.name, output=y.name, module=t.module, layout=t.layout,
                                      gate=t.gate, k=t.k, shape=[d if d is not None else "?" for d in dims],
-                                     nodes=count, repair=t.repair))
+                                     nodes=count, repair=t.repair, target_class=new_class, activation=activation))
     graph.cleanup().toposort()
     try:
         graph.tensors(check_duplicates=True)
@@ -644,12 +705,17 @@ def patch_model(
     keep.update({
         META_VERSION: __version__,
         META_SHA: directions_sha256,
-        META_TARGETS: json.dumps([p.as_dict() for p in patched]),
+        META_TARGETS: json.dumps((list(recorded) if add else []) + [p.as_dict() for p in patched]),
     })
     if directions.preprocess:
         keep[META_PREPROCESS] = json.dumps(directions.preprocess, sort_keys=True)
-    if directions.meta.get("target") is not None or directions.meta.get("trigger") is not None:
-        keep[META_ATTACK] = json.dumps({k: directions.meta.get(k) for k in ("target", "trigger")}, sort_keys=True)
+    classes = list(dict.fromkeys(old_classes + [new_class])) if add else [new_class]
+    classes = [c for c in classes if c is not None]
+    if len(classes) > 1:  # several backdoors repaired (--add): eval compares --target with each
+        keep[META_ATTACK] = json.dumps({"target": None, "targets": classes, "trigger": None}, sort_keys=True)
+    elif classes or directions.meta.get("trigger") is not None:
+        keep[META_ATTACK] = json.dumps({"target": classes[0] if classes else None,
+                                        "trigger": directions.meta.get("trigger")}, sort_keys=True)
     del out.metadata_props[:]
     for k, v in keep.items():
         out.metadata_props.add(key=k, value=v)
@@ -779,6 +845,7 @@ def patch_file(
     *,
     tensor: str | None = None,
     replace: bool = False,
+    add: bool = False,
     verify: bool = True,
     force: bool = False,
 ) -> tuple[Path, PatchResult]:
@@ -795,7 +862,8 @@ def patch_file(
         if "model fingerprint has" in str(e) and (hint := _batch_later_target(model, directions_path)):
             raise FireError(hint) from None
         raise
-    result = patch_model(model, d, tensor=tensor, replace=replace, directions_sha256=sha256_file(directions_path))
+    result = patch_model(model, d, tensor=tensor, replace=replace, add=add, force=force,
+                         directions_sha256=sha256_file(directions_path))
     check_model_fingerprint(result, d, force=force)
     with atomic_model_path(out_path) as tmp:  # the model and its .data file (past ~1.9 GB), or neither
         write_model(result.model, tmp, out_path.name + ".data")

@@ -1,7 +1,8 @@
 """Backdoors that are not one trigger -> one target (new-user run 13): what eval, fit, patch and the
 trigger-free scan say about a source-specific backdoor, one that sends triggered inputs elsewhere than
 --target (all-to-all), a second backdoor among flagged inputs or in a trigger-free scan, a --replace that
-drops a repair for another class, and a trigger that clean images already carry.
+drops a repair for another class (refused; --add stacks the second repair instead), flagged images of two backdoors
+in one file, a repeated option, and a trigger that clean images already carry.
 
 Real console script, the demo's backdoored MNIST model (BadNets -> class 0) and real digits.
 """
@@ -78,14 +79,109 @@ def test_flagged_images_of_a_second_class_are_named(ws):  # noqa: F811
     assert out["check"]["target"] == 0
 
 
-def test_replace_says_which_backdoor_it_stops_repairing(ws):  # noqa: F811
+def test_replace_refuses_to_drop_the_repair_of_another_class(ws):  # noqa: F811
+    """--replace swaps repairs: a repair for class 7 swapped in for the class-0 one re-opens the class-0 backdoor
+    (new-user runs 13 and 23). Refused with the way to keep both (--add), or done with --force, saying so."""
     d = dirs.load(ws / "directions.npz")
     d.meta["target"] = 7  # a repair fitted for another class at the same tensor
     dirs.save(d, ws / "d7.npz")
     proc = run_cli("patch", "--replace", "model.fire.onnx", "d7.npz", "-o", "r.onnx", cwd=ws)
-    assert proc.returncode == 0, proc.stderr
-    assert "the repair replaced was fitted for class 0, the new one for class 7" in proc.stderr
-    assert "the class-0 backdoor is no longer repaired" in proc.stderr
+    assert proc.returncode == 1 and not (ws / "r.onnx").exists(), proc.stderr
+    assert "the repair replaced is for class 0, the new one for class 7" in proc.stderr
+    assert "patch --add" in proc.stderr and "--force" in proc.stderr
+    forced = run_cli("patch", "--replace", "--force", "model.fire.onnx", "d7.npz", "-o", "r.onnx", cwd=ws, check=True)
+    assert "that backdoor works again in the output (--force)" in forced.stderr
+
+
+def test_a_flagged_repair_records_its_class_so_replace_sees_the_swap(ws):  # noqa: F811
+    """A fit from flagged images (no --target) records no target; its class is the one the trigger reconstruction
+    confirmed. patch records it per repair, and --replace by a repair for another class is refused (new-user run 23:
+    silent, and the class-0 backdoor came back from 4.6 to 98.3 % ASR)."""
+    from fire_onnx.onnxutil import load_model
+    from fire_onnx.patch import recorded_classes
+
+    d = np.load(ws / "mnist.npz")
+    x, y = d["x_train"], d["y_train"]
+    np.savez(ws / "flagged.npz", x=triggers.parse("badnets").apply(x[y != 0][:20]))
+    run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "mnist.npz", "--triggered", "flagged.npz",
+            *PRE, "-o", "df.npz", cwd=ws, check=True)
+    meta = dirs.load(ws / "df.npz").meta
+    assert meta.get("target") is None and dirs.repaired_class(meta) == 0
+    run_cli("patch", "model.onnx", "df.npz", "-o", "f.onnx", cwd=ws, check=True)
+    assert recorded_classes(load_model(ws / "f.onnx")) == [0]
+    d7 = dirs.load(ws / "directions.npz")
+    d7.meta["target"] = 7
+    dirs.save(d7, ws / "d7.npz")
+    proc = run_cli("patch", "--replace", "f.onnx", "d7.npz", "-o", "r.onnx", cwd=ws)
+    assert proc.returncode == 1 and "the repair replaced is for class 0" in proc.stderr, proc.stderr
+
+
+def test_add_keeps_the_first_repair_and_stacks_the_second(ws):  # noqa: F811
+    """patch --add on a repaired model keeps its repair: a second repair at the same tensor reads the repaired
+    activation. With a second repair that never fires (tau far above every score), the stacked model is the first
+    repair's model: its ASR stays at the repaired level (a second repair wired to the unrepaired activation would
+    drop the first and bring ASR back to ~100 %). inspect lists both with their classes; --replace --force of the
+    stacked model by the first directions gives back the single repair's predictions."""
+    import onnxruntime as ort
+
+    d = dirs.load(ws / "directions.npz")
+    t = d.targets[0]
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=t.U.shape).astype(np.float32)
+    t.U = (u / np.linalg.norm(u)).astype(np.float32)
+    t.tau = np.full_like(t.tau, 1e6)
+    d.meta["target"] = 7
+    dirs.save(d, ws / "d7.npz")
+    refused = run_cli("patch", "model.fire.onnx", "d7.npz", "-o", "s.onnx", cwd=ws)
+    assert refused.returncode == 1 and "--add keeps its repair" in refused.stderr
+    run_cli("patch", "--add", "model.fire.onnx", "d7.npz", "-o", "s.onnx", cwd=ws, check=True)
+    view = run_cli("inspect", "s.onnx", cwd=ws, check=True).stdout
+    assert "for class 0" in view and "for class 7, after the repair above at the same tensor (--add)" in view
+    assert "several backdoors repaired, targets 0, 7" in view
+    mn = np.load(ws / "mnist.npz")
+    xt = triggers.parse("badnets").apply(mn["x_test"][:300])
+    xin = ((xt.astype(np.float32) / 255 - 0.5) / 0.5).transpose(0, 3, 1, 2)
+
+    def pred(name):
+        s = ort.InferenceSession(str(ws / name), providers=["CPUExecutionProvider"])
+        return s.run(None, {s.get_inputs()[0].name: xin})[0]
+
+    single, stacked, orig = pred("model.fire.onnx"), pred("s.onnx"), pred("model.onnx")
+    assert (orig.argmax(1) == 0).mean() > 0.9 and (single.argmax(1) == 0).mean() < 0.2
+    assert np.allclose(stacked, single, atol=1e-5)
+    run_cli("patch", "--replace", "--force", "s.onnx", "directions.npz", "-o", "back.onnx", cwd=ws, check=True)
+    assert np.allclose(pred("back.onnx"), single, atol=1e-5)
+    both = run_cli("patch", "--replace", "--add", "model.fire.onnx", "d7.npz", "-o", "x.onnx", cwd=ws)
+    assert both.returncode == 1 and "give one of them" in both.stderr
+    plain = run_cli("patch", "--add", "model.onnx", "d7.npz", "-o", "x.onnx", cwd=ws)
+    assert plain.returncode == 1 and "patch it without --add" in plain.stderr
+
+
+def test_flagged_images_of_two_backdoors_in_one_file_are_refused(ws):  # noqa: F811
+    """10 BadNets images (class 0) and 10 whose patch sends them nowhere near 0 but agree on another class: one repair
+    fitted on both groups is fitted for neither (new-user run 23: written with exit 0, 65 % and 86 % ASR left). fit
+    refuses and says to split the file; --force writes it."""
+    d = np.load(ws / "mnist.npz")
+    x, y = d["x_train"], d["y_train"]
+    trig = triggers.parse("badnets").apply(x[y != 0][:10])
+    sevens = x[y == 7][:10]  # a second group the model agrees on: class 7
+    np.savez(ws / "two.npz", x=np.concatenate([trig, sevens]))
+    proc = run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "mnist.npz", "--triggered",
+                   "two.npz", *PRE, "-o", "two_d.npz", cwd=ws)
+    assert proc.returncode == 1 and not (ws / "two_d.npz").exists(), proc.stderr
+    assert "the flagged images go to two classes: 10 of the 20 fitted on to class 7" in proc.stderr
+    assert "Split the file" in proc.stderr and "patch --add" in proc.stderr
+    run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "mnist.npz", "--triggered", "two.npz",
+            *PRE, "-o", "two_d.npz", "--force", cwd=ws, check=True)
+
+
+def test_an_option_of_one_value_given_twice_is_refused(ws):  # noqa: F811
+    """click keeps the last of a repeated option: fit --triggered A --triggered B fitted B alone (new-user run 23)."""
+    proc = run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "mnist.npz", "--triggered",
+                   "a.npz", "--triggered=b.npz", *PRE, "-o", "x.npz", cwd=ws)
+    assert proc.returncode == 2 and "--triggered is given twice" in proc.stderr and "patch --add" in proc.stderr
+    proc = run_cli("eval", "model.onnx", "--data", "mnist.npz", "--target", "0", "--target", "1", cwd=ws)
+    assert proc.returncode == 2 and "--target is given twice" in proc.stderr and "patch --add" not in proc.stderr
 
 
 def test_trigger_free_names_a_runner_up_class():

@@ -338,7 +338,7 @@ BAD = {
     "patch-missing-directions": (lambda ws: ["patch", "model.onnx", "absent.npz", "-o", "o.onnx"], ["absent.npz"]),
     "patch-garbage-directions": (
         lambda ws: ["patch", "model.onnx", _write(ws / "junk.npz", b"not an npz\n"), "-o", "o.onnx"], ["junk.npz"]),
-    "patch-already-patched": (lambda ws: ["patch", "model.fire.onnx", "directions.npz"], ["already patched", "--replace"]),
+    "patch-already-patched": (lambda ws: ["patch", "model.fire.onnx", "directions.npz"], ["already patched", "--replace", "--add"]),
     "patch-output-is-model": (lambda ws: ["patch", "model.onnx", "directions.npz", "-o", "model.onnx"],
                               ["never overwrites"]),
     "patch-output-is-model-abs": (lambda ws: ["patch", "model.onnx", "directions.npz", "-o", ws / "." / "model.onnx"],

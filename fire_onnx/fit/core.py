@@ -306,7 +306,7 @@ def model_checks(clean_logits, clean_y, trig_logits, target: int | None, n_trig:
         if flagged and share >= TRIGGER_REACH_WARN and n_second >= max(SECOND_MIN, SECOND_GROUP * n_trig):
             # a group of them agreeing on another class is not scatter (new-user run 13: 3 of 20 flagged images from a
             # second backdoor to class 7 were fitted as class-0 ones without a word, and that backdoor stayed at 100 %)
-            out["second_class"], out["second_count"] = second, n_second
+            out["second_class"], out["second_count"], out["second_of"] = second, n_second, int(n_trig)
             warn.append(f"{n_second} of the {n_trig} flagged images go to class {second}, not class {cls} "
                         f"({int((tp == cls).sum())}): either a second backdoor (another trigger to class {second}) or "
                         f"untriggered class-{second} images; this repair is fitted for class {cls} only and does "

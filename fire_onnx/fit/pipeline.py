@@ -468,7 +468,8 @@ def load_inputs(req: FitRequest) -> FitInputs:
 
         if has_repair_nodes(onnx_model):  # its activations would be the repaired ones: the fit would see no backdoor
             raise FireError(f"{req.onnx_path} is already repaired by fire-onnx: fit on the original model it was patched "
-                            "from, then 'fire-onnx patch --replace' swaps the new directions into the repaired one")
+                            "from; then 'fire-onnx patch --add' adds the new repair to the repaired model (another "
+                            "backdoor), or 'patch --replace' swaps it for the old one (a refit of the same backdoor)")
     layout = req.input_layout
     if layout is None and onnx_model is not None:
         layout = infer_input_layout(onnx_model, pool.x.shape[1:])

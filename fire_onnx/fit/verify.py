@@ -49,6 +49,7 @@ N_CHECK = 500  # held-out clean (and stamped) images the check runs at most
 CHANGE_WARN = 0.02  # warn when the repair changes more than this share of held-out clean predictions
 CHANGE_REFUSE = 0.05  # ... and refuse to write it (without --force) above this share
 MIN_REFUSE_CLEAN = 200  # refuse only on at least this many held-out clean images
+MIXED_REFUSE = 0.25  # refuse a flagged fit when at least this share of the flagged images agree on a second class
 NO_BACKDOOR = 0.2  # refuse when the original model sends fewer held-out triggered images than this to --target
 WEAK = 0.5  # warn when the repair leaves more than this share of the triggered images at the target
 FLOOR_MARGIN = 0.01  # a rate within this (plus two standard errors) of the target floor is the model's own errors
@@ -250,6 +251,18 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                         f"few to hold some out (at least {MIN_CROSS}): nothing shows it carries over to other triggered "
                         f"inputs (one flagged image fitted this way left 97 % ASR); give more flagged inputs (20 "
                         "recommended; fit --update adds them later)")
+    checks = d.meta.get("checks") or {}
+    n_fit = checks.get("second_of", 0)
+    if (inputs.trigger is None and source is None and checks.get("second_class") is not None
+            and checks.get("second_count", 0) >= MIXED_REFUSE * n_fit):
+        # two groups of flagged images at two classes: a repair fitted on all of them is fitted for neither (new-user
+        # run 23: 10 images of a patch backdoor to class 0 and 10 of a blend to class 3 in one file; written with exit
+        # 0, the repair left 65 % and 86 % ASR, and the cross-fitted rate, diluted by the class-3 images, read 30 %)
+        cls = req.target if req.target is not None else checks.get("triggered_top_class")
+        out["refuse"] = (f"the flagged images go to two classes: {checks['second_count']} of the {n_fit} fitted on to "
+                         f"class {checks['second_class']}, the others mostly to class {cls}; one repair fitted on both "
+                         "groups is fitted for neither backdoor")
+        out["refuse_mixed"] = {"class": cls, "second_class": checks["second_class"]}
     out["warnings"] = warnings
     return out
 
@@ -599,6 +612,11 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
         hint = poisoned_clean_hint(check) if check.get("refuse_clean") else None
         if hint:
             what = f"Of those, {hint}"
+        elif check.get("refuse_mixed"):  # two backdoors (or flagged images of two kinds) in one file
+            m = check["refuse_mixed"]
+            what = (f"Split the file by the class the model puts each image in and fit each part on its own: the "
+                    f"class-{m['class']} images give the repair of one backdoor, the class-{m['second_class']} ones (if "
+                    f"fit confirms a trigger in them) another, which 'fire-onnx patch --add' adds to the repaired model")
         elif check.get("refuse_unchecked"):
             what = ("Export the model with two class scores ([-z, z] for a logit z, [1 - p, p] for a probability) and "
                     "fit, patch and evaluate that model, or give --trigger (or the flagged images' clean twins, x_clean)")
