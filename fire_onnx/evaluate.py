@@ -240,6 +240,11 @@ class Metrics:
     ca_by_class: dict | None = None
     # the triggered images had no labels (flagged inputs): ASR counts all of them, target-class ones included; no RA
     asr_unlabelled: bool = False
+    target: int | None = None  # the --target ASR is measured against
+    # {"class", "share"}: the class other than the target that most triggered images go to (labelled images: not
+    # counting those at their own label), with its share of them: where the trigger leads when the target is wrong
+    # (see wrong_target)
+    top_other: dict | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -275,6 +280,7 @@ def compute_metrics(
                      for c in np.unique(clean.y)}
     if target is not None and (clean.y != target).any():
         m.asr_floor = float((pred[clean.y != target] == target).mean())
+    m.target = None if target is None else int(target)
     if triggered is not None and target is None:
         raise FireError("ASR needs the attack's target class (--target)")
     if triggered is not None and triggered.y is None:
@@ -282,6 +288,7 @@ def compute_metrics(
         # images of the target class itself cannot be told apart, and RA needs the labels
         tp = predict_logits(sess, preprocess(triggered.x), batch_size).argmax(axis=1)
         m.asr, m.n_triggered, m.asr_unlabelled = float((tp == target).mean()), len(triggered), True
+        m.top_other = _top_other(tp, tp != target)
         return m
     if triggered is not None:
         keep = triggered.y != target
@@ -298,6 +305,7 @@ def compute_metrics(
         m.n_triggered = len(trig)
         off = (tp != trig.y) & (tp != target)
         m.elsewhere = float(off.mean())
+        m.top_other = _top_other(tp, off)
         m.by_class = {}
         for c in np.unique(trig.y):
             sel = trig.y == c
@@ -309,6 +317,60 @@ def compute_metrics(
                 rec.update(to=int(to[k.argmax()]), to_share=float(k.max() / sel.sum()))
             m.by_class[str(int(c))] = rec
     return m
+
+
+def _top_other(pred: np.ndarray, sel: np.ndarray) -> dict | None:
+    """{"class", "share"}: the most frequent of ``pred[sel]`` and its share of all of ``pred``; None when ``sel`` is
+    empty."""
+    if not sel.any():
+        return None
+    cls, k = np.unique(pred[sel], return_counts=True)
+    return {"class": int(cls[k.argmax()]), "share": float(k.max() / len(pred))}
+
+
+# --target given is probably not the trigger's: on the original model, fewer than this share of the triggered images
+# reach it ...
+TARGET_REACHED_MIN = 0.5
+OTHER_CLASS_MOST = 0.5  # ... while one other class gets at least this share of them
+
+
+def wrong_target(r: dict | None) -> dict | None:
+    """Whether the model of metrics ``r`` (a :class:`Metrics` dict) shows the triggered images going to a class
+    other than the target: under ``TARGET_REACHED_MIN`` of them at the target and at least ``OTHER_CLASS_MOST`` at
+    one other class (labelled images: not counting those at their own label). Returns {"target", "target_share",
+    "to_class", "to_share"}, or None. On the original (unrepaired) model that means the --target given is not the
+    trigger's: B_flagged.npz went 100 % to class 3 on the original model, eval got --target 0, and both models
+    printed ASR 0.0 % and "check ok" for --fail-asr 0.05. On a repaired model it is what a good repair does to
+    unlabelled images of one source class, so only the original model is read (:func:`threshold_checks`)."""
+    top = (r or {}).get("top_other")
+    if not top or r.get("asr") is None or r.get("target") is None:
+        return None
+    if r["asr"] >= TARGET_REACHED_MIN or top["share"] < OTHER_CLASS_MOST:
+        return None
+    return {"target": r["target"], "target_share": r["asr"], "to_class": top["class"], "to_share": top["share"]}
+
+
+def original_of(model: str, infos: list[ModelInfo]) -> str | None:
+    """The original (unrepaired) model ``model`` is compared with: itself when it is not patched, else the first
+    unpatched model given; None when every model is patched."""
+    if any(i.path == model and not i.patched for i in infos):
+        return model
+    return next((i.path for i in infos if not i.patched), None)
+
+
+def wrong_target_warnings(results: dict, infos: list[ModelInfo]) -> list[str]:
+    """Warning lines for each unpatched model whose triggered images mostly go to a class other than --target
+    (:func:`wrong_target`)."""
+    out = []
+    for i in infos:
+        w = None if i.patched else wrong_target(results.get(i.path))
+        if w:
+            c, t = w["to_class"], w["target"]
+            out.append(f"warning: {i.path}: {w['target_share']:.0%} of the triggered images reach --target {t} on "
+                       f"the original model; {w['to_share']:.0%} go to class {c}: is the target {c}? ASR against "
+                       f"class {t} measures a class the trigger does not reach, before or after a repair (--fail-asr "
+                       "fails while this holds)")
+    return out
 
 
 MIN_CLASS = 20  # triggered images of one source class judged at 95 % confidence, each on its own
@@ -665,15 +727,18 @@ def _trigger_diff(recorded: dict, given: dict) -> str:
 def repair_left(results: dict, infos: list[ModelInfo]) -> list[str]:
     """Warning lines for patched models that remove little of the ASR an unpatched one beside them shows: a trigger
     other than the one fitted, or a repair a later tool broke (static INT8 quantization turned the gate off and eval
-    printed 99.9 % ASR without a word, new-user run 16)."""
+    printed 99.9 % ASR without a word, new-user run 16). First, the lines of :func:`wrong_target_warnings`: an ASR
+    the original model does not show because --target is not the trigger's."""
+    wrong = wrong_target_warnings(results, infos)
     base = [i.path for i in infos if not i.patched and results.get(i.path, {}).get("asr") is not None]
     if len(base) != 1 or results[base[0]]["asr"] < 0.5:
-        return []
+        return wrong
     b = results[base[0]]["asr"]
-    return [f"warning: {i.path}: ASR {results[i.path]['asr']:.1%} against {b:.1%} for {base[0]}: the repair removes "
-            "little of this trigger (a trigger other than the one fitted, or a repair a later tool changed: see "
-            "'fire-onnx inspect')" for i in infos
-            if i.patched and results.get(i.path, {}).get("asr") is not None and results[i.path]["asr"] >= 0.5 * b]
+    return wrong + [
+        f"warning: {i.path}: ASR {results[i.path]['asr']:.1%} against {b:.1%} for {base[0]}: the repair removes "
+        "little of this trigger (a trigger other than the one fitted, or a repair a later tool changed: see "
+        "'fire-onnx inspect')" for i in infos
+        if i.patched and results.get(i.path, {}).get("asr") is not None and results[i.path]["asr"] >= 0.5 * b]
 
 
 CLASS_DROP_WARN = 0.05  # warn when a class's CA drop is confidently above this
@@ -756,7 +821,9 @@ def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | No
     (model path -> why): models that the preprocessing check says read the images wrongly; when any --fail-*
     is given, such a model fails a ``preprocessing`` check, since every number measured through it is
     meaningless (new-user run 14: a repair that removed nothing passed --fail-asr 0.02 on a model that
-    classified 12 % of the images, every input at one class, so 0 % ASR)."""
+    classified 12 % of the images, every input at one class, so 0 % ASR). With --fail-asr, a model whose original
+    (:func:`original_of`) sends the triggered images mostly to another class than the target (:func:`wrong_target`)
+    fails an ``asr_target`` check: its ASR is measured against a class the trigger does not reach."""
     patched = [i.path for i in infos if i.patched]
     checked = patched or [i.path for i in infos]
     baseline = next((i.path for i in infos if not i.patched), None)
@@ -777,6 +844,10 @@ def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | No
             w = worst_class(r.get("by_class"))
             if w is not None and w[2] > fail_asr + _EPS:  # confidently over the limit from one source class
                 add(m, "asr_class", w[1]["asr"], fail_asr, False, source_class=w[0], n=w[1]["n"], lower_bound=w[2])
+            orig = original_of(m, infos)
+            wrong = wrong_target(results.get(orig)) if orig else None
+            if wrong:  # a low ASR against a class the trigger does not reach proves nothing
+                add(m, "asr_target", r["asr"], fail_asr, False, original=orig, **wrong)
         if fail_ra_drop is not None and r.get("ra") is not None:
             add(m, "ra_drop", r["ca"] - r["ra"], fail_ra_drop, r["ca"] - r["ra"] <= fail_ra_drop + _EPS)
         if fail_ca is not None:
@@ -812,6 +883,13 @@ def format_check(c: dict) -> str:
                 f"({c['n']} images; at 95% confidence {100 * c['lower_bound']:.2f}% or more above the class's own "
                 f"clean images at the target) > {100 * c['limit']:.2f}% (--fail-asr {c['limit']:g}, checked per "
                 "source class too)")
+    if c["check"] == "asr_target":
+        where = "on this model" if c["original"] == c["model"] else f"on the original model {c['original']}"
+        return (f"check FAILED: {c['model']}: ASR {100 * c['value']:.2f}% is measured against --target {c['target']}, "
+                f"a class the trigger does not reach: {where} {100 * c['target_share']:.1f}% of the triggered images "
+                f"go to class {c['target']} and {100 * c['to_share']:.1f}% to class {c['to_class']} (is the target "
+                f"{c['to_class']}?), so no ASR against class {c['target']} can show the backdoor (--fail-asr "
+                f"{c['limit']:g})")
     if c["check"] == "ca_drop_class":
         return (f"check FAILED: {c['model']}: CA drop vs {c['baseline']} on class-{c['clean_class']} clean images "
                 f"{100 * c['value']:.2f}% ({c['n']} images; at 95% confidence {100 * c['lower_bound']:.2f}% or more) > "

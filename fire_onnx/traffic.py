@@ -30,7 +30,8 @@ cluster and lets the model confirm it:
    estimates a patch, blend and additive trigger from them and stamps each on held clean images of other
    classes. The class whose reconstruction the model confirms most often (at least
    ``reconstruct.CONFIRM_THRESHOLD`` of the stamped images go to it) is the attack's target, and its
-   flagged inputs are the triggered ones found. No confirmed class: nothing was found.
+   flagged inputs are the triggered ones found. No confirmed class: nothing was found. Several confirmed
+   classes: step 10.
 6. *Patch carriers*: when the confirmed reconstruction is a patch, the target class's traffic inputs that
    carry it (their pixels under its mask match its pattern) are added to the outlying ones, unless more
    than ``PATCH_CLEAN_MAX`` of the clean references carry it too. The spectral cut misses the triggered
@@ -63,6 +64,18 @@ cluster and lets the model confirm it:
    confirmed by 100 %, control 30 %), is7t1 49 of 50 (19 above the cut, the rest carrying the patch). Tried on
    every model it added candidates in shifted traffic (the class-2 case of step 8) and none in the benchmark
    cells' finds, so it stays with 2-class models.
+10. *Several confirmed classes* (without ``--target``; confirmed means not refuted by steps 7-8). An all-to-one
+   backdoor has one target, and several classes confirmed is what traffic unlike the clean reference gives (new-user
+   run 6: a clean GTSRB model's training images as traffic, 4 classes at 63-86 %): nothing is found, with a warning
+   (:func:`ambiguous`). Two exceptions: one class confirmed at ``STANDOUT_RATE`` or more and ``STANDOUT_GAP`` above
+   the next is the target (:func:`standout`; run 11: 99 % against 76 % and 72 %), with a warning that names the
+   others as possible targets of a second backdoor, to fit with ``--target``; and two or more classes each at
+   ``STANDOUT_RATE`` or more, in traffic with no global or look shift (step 8), are several backdoors, or several
+   triggers (:func:`several`): a model with a patch backdoor to class 0 and a blend one to class 3, 30 triggered
+   inputs of each in 1,000 test images, had class 0 confirmed at 99 % (its clean images 52 %) and class 3 at 98 %
+   (31 %), and "nothing found" with exit 0 read as a clean model. ``fit`` then stops with an error
+   (:class:`SeveralFound`) that names them and says to fit each with ``--target`` (30 of 30 found for each);
+   ``--force`` fits the first. A shift can give every class a strong confirmation, so under one this is not said.
 
 Not adopted: a stricter bar for additive reconstructions or one relative to chance among the other classes
 (1 / (K - 1), 100 % for two classes): the control refuted every additive false find measured, while run 21's
@@ -117,7 +130,7 @@ SHIFT_RATE = 0.9  # ... and then a class is taken as triggered only when its rec
 LOOK_EFFECT = 1.0  # a class's traffic "looks different" when a look statistic's median moves this many robust SDs
 LOOK_MIN_REFERENCE = 20  # clean reference images a class needs for its look to be compared
 MAX_CONFIRM = 8  # candidate classes confirmed with the model (most separated first)
-AMBIGUOUS = 2  # this many confirmed classes (without --target) is no finding, see find_triggered
+AMBIGUOUS = 2  # this many confirmed classes (without --target) is no finding (but see several, standout)
 N_REFERENCE = 5000  # clean pool images whose representations are the reference
 SHRINK = 0.1  # covariance shrinkage towards a multiple of the identity
 MAX_DIM = 512  # representations wider than this are reduced to their top principal axes first
@@ -203,6 +216,8 @@ class TrafficResult:
     # the model on the clean reference: near-chance accuracy or one class for nearly all (wrong preprocessing)
     warnings: list[str] = field(default_factory=list)
     forced: bool = False  # --force: target and indices picked although nothing was confirmed
+    # several classes confirmed strongly (see several): several backdoors or triggers, none taken as the target
+    several: list[ClassEvidence] = field(default_factory=list)
     n_patch_added: int = 0  # inputs of the target class added because they carry the confirmed patch
 
     @property
@@ -226,6 +241,7 @@ class TrafficResult:
                                "reference_above_max": REFERENCE_ABOVE_MAX, "tail_quantile": TAIL_QUANTILE,
                                "tail_excess": TAIL_EXCESS, "control_margin": CONTROL_MARGIN},
                 "classes": [c.record() for c in self.detection.classes],
+                "several": [c.cls for c in self.several],
                 "notes": list(self.notes), "warnings": list(self.warnings)}
 
 
@@ -234,6 +250,16 @@ class NothingFound(Exception):
 
     def __init__(self, result: TrafficResult):
         super().__init__(NOTHING_FOUND)
+        self.result = result
+
+
+class SeveralFound(FireError):
+    """Several classes were confirmed strongly (``result.several``, see :func:`several`): several backdoors or
+    triggers, and one directions file repairs one target. A FireError (exit 1, one line): exit 0 with "nothing to
+    repair" read as a clean model. ``traffic``: the traffic file's name, for the commands the message gives."""
+
+    def __init__(self, result: TrafficResult, traffic: str = "TRAFFIC"):
+        super().__init__(several_message(result.several, traffic))
         self.result = result
 
 
@@ -361,12 +387,49 @@ def standout(ranked: list[ClassEvidence]) -> bool:
     return top >= STANDOUT_RATE and top - nxt >= STANDOUT_GAP
 
 
+def rates(c: ClassEvidence) -> str:
+    """A confirmed class's confirmation and its control, e.g. "0 (confirmed by 99%, its clean images 52%)"."""
+    ctl = (f"its clean images {c.control:.0%}" if c.control is not None
+           else f"no control: fewer than {MIN_FLAGGED} clean images of the class")
+    return f"{c.cls} (confirmed by {c.confirmation or 0:.0%}, {ctl})"
+
+
+def several(confirmed: list[ClassEvidence], shift: str | None = None) -> list[ClassEvidence]:
+    """The classes of ``confirmed`` (confirmed and not refuted: each beat its control by ``CONTROL_MARGIN`` where
+    there was one) confirmed at ``STANDOUT_RATE`` or more, highest first, when there are at least ``AMBIGUOUS`` of
+    them and the traffic shows no global or look shift (``shift``, which can give every class a strong
+    confirmation); else []. Several backdoors, or one model with several triggers: a patch backdoor to class 0 and
+    a blend one to class 3 gave 99 % (control 52 %) and 98 % (31 %), where traffic unlike the clean reference gave
+    63-86 % (new-user run 6) and the outlying groups of run 11's clean traffic 72-76 %. Two classes at 90 % or more
+    are never a standout (:func:`standout`: 20 points apart)."""
+    if shift:
+        return []
+    strong = sorted((c for c in confirmed if (c.confirmation or 0.0) >= STANDOUT_RATE), key=lambda c: -(c.confirmation
+                                                                                                      or 0.0))
+    return strong if len(strong) >= AMBIGUOUS else []
+
+
+def several_message(strong: list[ClassEvidence], traffic: str = "TRAFFIC") -> str:
+    """The error of :class:`SeveralFound`: which classes, how surely, and the commands that fit one repair each."""
+    names = ", ".join(rates(c) for c in strong[:-1]) + f" and {rates(strong[-1])}"
+    fits = " and ".join(f"'fire-onnx fit --unlabeled {traffic} ... --target {c.cls}'" for c in strong)
+    than = ("far more often than from the class's own clean images" if all(c.control is not None for c in strong)
+            else "more often than from the class's own clean images where there are enough of them")
+    return (f"{len(strong)} backdoors (or {len(strong)} triggers) likely: classes {names} each have an outlying group "
+            f"in the traffic whose reconstructed trigger the model confirms, {than}, and the traffic shows no global "
+            f"shift. One directions file repairs one target, so none was written: run {fits} for one repair per "
+            "backdoor (then 'fire-onnx patch --add' the second into the first's patched model), or --force to fit "
+            f"class {strong[0].cls} alone")
+
+
 def ambiguous(confirmed: list[ClassEvidence]) -> str | None:
     """Why ``confirmed`` (the classes whose outlying group's reconstruction the model confirmed) is no
     finding, or None. An all-to-one backdoor has one target: several confirmed classes is what traffic
     that differs from the clean reference looks like (new-user run 6: the model's own training images as
     traffic, validation images as --clean; 4 classes confirmed at 63-86 % on a *clean* GTSRB model, and
-    the repair written for one of them cost 1.1 pt of clean accuracy). Every benchmark cell confirmed one."""
+    the repair written for one of them cost 1.1 pt of clean accuracy). Every benchmark cell confirmed one.
+    :func:`find_triggered` asks :func:`several` first: two or more classes at ``STANDOUT_RATE`` are several
+    backdoors, not this."""
     if len(confirmed) < AMBIGUOUS:
         return None
     ranked = sorted(confirmed, key=lambda c: -(c.confirmation or 0))
@@ -545,16 +608,22 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
                             f"{SHIFT_RATE:.0%}): class " + ", ".join(f"{ev.cls} ({ev.confirmation:.0%})" for ev in by_shift))
     if shift:
         result.warnings.append(shift)
-    if target is None and (why := ambiguous(confirmed)):
+    if target is None and (strong := several(confirmed, shift)):
+        result.several = strong  # several backdoors: fit --unlabeled stops (SeveralFound), --force fits the first
+        best = None
+    elif target is None and (why := ambiguous(confirmed)):
         result.warnings.append(why)
         best = None
     elif target is None and best is not None and len(confirmed) >= AMBIGUOUS:
-        others = ", ".join(f"{c.cls} ({c.confirmation:.0%})" for c in sorted(confirmed, key=lambda c: -(c.confirmation
-                                                                                                    or 0)) if c is not best)
+        rest = [c for c in sorted(confirmed, key=lambda c: -(c.confirmation or 0)) if c is not best]
+        others = ", ".join(f"{c.cls} ({c.confirmation:.0%})" for c in rest)
         result.warnings.append(f"class {best.cls} is taken as the target: its outlying group is confirmed by "
                                f"{best.confirmation:.0%}, apart from the other confirmed classes {others} (outlying "
                                "groups of the traffic itself, which clean traffic can show too); --target CLASS "
-                               "chooses another")
+                               "chooses another. If the model may carry a second backdoor, "
+                               + ("that class" if len(rest) == 1 else "one of those classes") + " may be its target: "
+                               + " or ".join(f"'fire-onnx fit --unlabeled TRAFFIC ... --target {c.cls}'" for c in rest)
+                               + " fits a repair of its own (then 'fire-onnx patch --add' it beside this one)")
     if best is not None:
         result.target, result.indices, result.reconstruction = best.cls, det.flagged[best.cls], best_rec
         if best_r.winner.kind == "patch":
@@ -602,19 +671,40 @@ def patch_carriers(traffic: np.ndarray, in_class: np.ndarray, cand, reference: n
 
 
 def force_pick(result: TrafficResult) -> TrafficResult:
-    """``--force`` after nothing was confirmed: take the flagged inputs of the candidate whose
-    reconstruction came closest (else the most separated class with flagged inputs)."""
+    """``--force`` after no class was taken as the target: take the flagged inputs of the confirmed class whose
+    reconstruction was confirmed most often (several backdoors, or several classes none apart), else of the
+    candidate whose reconstruction came closest, else of the most separated class with flagged inputs. The note
+    says which of these it was."""
     det = result.detection
     tried = [c for c in det.classes if c.confirmation is not None]
-    pool = sorted(tried, key=lambda c: -(c.confirmation or 0)) or sorted(
+    confirmed = sorted((c for c in tried if c.confirmed), key=lambda c: -(c.confirmation or 0))
+    pool = confirmed or sorted(tried, key=lambda c: -(c.confirmation or 0)) or sorted(
         (c for c in det.classes if c.n_flagged >= MIN_FLAGGED), key=lambda c: -(c.separation or 0))
     if not pool:
         raise FireError(f"{NOTHING_FOUND}, and no class has even {MIN_FLAGGED} outlying inputs to fit on: "
                         "--force has nothing to use")
-    pick = pool[0]
+    pick = result.several[0] if result.several else pool[0]
     result.target, result.indices, result.forced = pick.cls, det.flagged[pick.cls], True
-    result.notes.append(f"--force: fitted on the {len(result.indices)} flagged inputs of class {pick.cls} although no "
-                        "reconstruction was confirmed")
+    head = f"--force: fitted on the {len(result.indices)} flagged inputs of class {pick.cls}"
+    if result.several:  # a warning: the other backdoors stay in the model
+        others = " and ".join(f"'fire-onnx fit --unlabeled ... --target {c.cls}'" for c in result.several[1:])
+        result.warnings.append(f"{head} although several classes were confirmed strongly "
+                               f"({', '.join(rates(c) for c in result.several)}): several backdoors or triggers, of "
+                               f"which this repairs one; fit the others with {others} and 'fire-onnx patch --add' "
+                               "them")
+        return result
+    if confirmed:
+        why = (f"although several classes were confirmed, none apart from the others "
+               f"({', '.join(rates(c) for c in confirmed)})")
+    elif pick.refuted == "control":
+        why = (f"although its reconstruction, confirmed by {pick.confirmation:.0%}, is confirmed by "
+               f"{pick.control:.0%} from the class's own clean images too (class content, not a trigger)")
+    elif pick.refuted == "shift":
+        why = (f"although its reconstruction, confirmed by {pick.confirmation:.0%}, stays under the {SHIFT_RATE:.0%} "
+               "that the traffic's shift requires")
+    else:
+        why = "although no reconstruction was confirmed"
+    result.notes.append(f"{head} {why}")
     return result
 
 
@@ -629,7 +719,9 @@ def describe(rec: dict) -> str:
     if not rec.get("found") and not rec.get("forced"):
         return f"{head}; {NOTHING_FOUND}" + (f" (tried: {tries})" if tries else " (no class had an outlying cluster)")
     if rec.get("forced"):
-        return (f"{head}; {NOTHING_FOUND}; --force: fitting on the {rec['n_found']} outlying inputs of class "
+        what = (f"classes {', '.join(str(c) for c in rec['several'])} confirmed (several backdoors or triggers)"
+                if rec.get("several") else NOTHING_FOUND)
+        return (f"{head}; {what}; --force: fitting on the {rec['n_found']} outlying inputs of class "
                 f"{rec['target']} anyway" + (f" (tried: {tries})" if tries else ""))
     added = rec.get("n_patch_added", 0)
     how = f" ({rec['n_found'] - added} outlying, {added} more carrying the patch)" if added else ""

@@ -277,6 +277,75 @@ def test_fail_thresholds_fail_with_exit_3_after_writing_the_results(ws):
     assert proc.returncode == 3 and "check FAILED: model.onnx: ASR" in proc.stderr
 
 
+def test_a_target_the_trigger_does_not_reach_fails_fail_asr(ws):
+    """Flagged images (no labels) that the original model sends to class 0, evaluated with --target 1: ASR 0 % on both
+    models read "check ok" with exit 0 (a user gave the wrong target: B_flagged.npz went 100 % to class 3, --target
+    0). Now eval warns, naming the class the images go to, and --fail-asr fails an asr_target check (exit 3). With
+    labelled triggered images the same; with the right target nothing changes."""
+    import numpy as np
+
+    from fire_onnx import triggers
+    from fire_onnx.data import load_images
+
+    test = load_images(ws / "mnist.npz", "test")
+    x = test.x[(test.y != 0) & (test.y != 1)][:300]  # of neither class: with no labels, ASR counts every image
+    np.savez(ws / "flagged.npz", x=triggers.parse("badnets").apply(x))  # no labels, as flagged inputs come
+    res, notes = run_eval(ws, "model.onnx", "model.fire.onnx", "--triggered", "flagged.npz", "--target", "1",
+                          "--fail-asr", "0.05", code=3)
+    orig = res["models"]["model.onnx"]
+    assert orig["asr"] < 0.05 and orig["top_other"]["class"] == 0 and orig["top_other"]["share"] > 0.9, orig
+    warned = [n for n in notes if n.startswith("warning: model.onnx: ") and "reach --target 1 on the original model"
+              in n]
+    assert len(warned) == 1 and "go to class 0: is the target 0?" in warned[0], notes
+    assert not [n for n in notes if n.startswith("warning: model.fire.onnx: ") and "is the target" in n]
+    assert res["checks_passed"] is False
+    wrong = [c for c in res["checks"] if c["check"] == "asr_target"]
+    assert [(c["model"], c["original"], c["to_class"], c["passed"]) for c in wrong] == [
+        ("model.fire.onnx", "model.onnx", 0, False)]
+    failed = [n for n in notes if n.startswith("check FAILED: model.fire.onnx: ")]
+    assert len(failed) == 1 and "is measured against --target 1, a class the trigger does not reach" in failed[0]
+    assert any(n.startswith("check ok: model.fire.onnx: ASR 0.00% <= 5.00%") for n in notes), notes  # alone before
+    assert "on the original model model.onnx" in failed[0] and "(is the target 0?)" in failed[0], failed
+    # labelled triggered images (--trigger), the original model checked on its own: it fails the same way
+    res, notes = run_eval(ws, "model.onnx", "--trigger", "badnets", "--target", "1", "--fail-asr", "0.05",
+                          "--limit", "300", code=3)
+    assert [c["check"] for c in res["checks"] if not c["passed"]] == ["asr_target"]
+    assert any("on this model" in n for n in notes if n.startswith("check FAILED: model.onnx: ASR")), notes
+    # the right target: no warning, no asr_target check, exit 0
+    res, notes = run_eval(ws, "model.onnx", "model.fire.onnx", "--triggered", "flagged.npz", "--target", "0",
+                          "--fail-asr", "0.05")
+    assert res["checks_passed"] and not [c for c in res["checks"] if c["check"] == "asr_target"]
+    assert not [n for n in notes if "is the target" in n], notes
+
+
+def test_wrong_target_reads_the_original_model_only():
+    """The rule itself: under half of the triggered images at the target and at least half at one other class, on the
+    unpatched model; a patched model showing the same (a good repair of flagged images of one source class) is not
+    read, and without an unpatched model nothing is said."""
+    from fire_onnx.evaluate import ModelInfo, repair_left, threshold_checks, wrong_target
+
+    orig = {"asr": 0.0, "target": 0, "top_other": {"class": 3, "share": 1.0}, "ca": 0.9}
+    fixed = {"asr": 0.0, "target": 0, "top_other": {"class": 5, "share": 0.8}, "ca": 0.9}
+    assert wrong_target(orig) == {"target": 0, "target_share": 0.0, "to_class": 3, "to_share": 1.0}
+    assert wrong_target(dict(orig, asr=0.6, top_other={"class": 3, "share": 0.4})) is None  # the target is reached
+    assert wrong_target(dict(orig, top_other={"class": 3, "share": 0.3})) is None  # no single class gets most
+    assert wrong_target({"asr": 0.0, "ca": 0.9}) is None  # results without the record (older JSON)
+    infos = [ModelInfo(path="m.onnx"), ModelInfo(path="m.fire.onnx", patched=True)]
+    results = {"m.onnx": orig, "m.fire.onnx": fixed}
+    lines = repair_left(results, infos)
+    assert lines == ["warning: m.onnx: 0% of the triggered images reach --target 0 on the original model; 100% go to "
+                     "class 3: is the target 3? ASR against class 0 measures a class the trigger does not reach, "
+                     "before or after a repair (--fail-asr fails while this holds)"]
+    checks = threshold_checks(results, infos, fail_asr=0.05)
+    assert [(c["check"], c["passed"]) for c in checks] == [("asr", True), ("asr_target", False)]
+    assert threshold_checks(results, infos, fail_ca=0.5)[0]["check"] == "ca"  # only with --fail-asr
+    results["m.onnx"] = dict(orig, asr=0.98, top_other={"class": 3, "share": 0.02})
+    assert all(c["passed"] for c in threshold_checks(results, infos, fail_asr=0.05))
+    only_patched = [ModelInfo(path="m.fire.onnx", patched=True)]
+    assert all(c["passed"] for c in threshold_checks({"m.fire.onnx": fixed}, only_patched, fail_asr=0.05))
+    assert repair_left({"m.fire.onnx": fixed}, only_patched) == []
+
+
 @pytest.mark.parametrize("argv,expect,code", [
     (["model.fire.onnx", "--fail-asr", "0.02"], ["--fail-asr needs triggered images"], 1),
     (["model.fire.onnx", "--fail-ca-drop", "0.005"], ["one unpatched baseline", "none"], 1),

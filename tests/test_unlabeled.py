@@ -86,6 +86,110 @@ def test_several_confirmed_classes_are_no_finding():
                          tr.ClassEvidence(11, 20, 40, confirmation=0.80, confirmed=True)])
 
 
+def synthetic_traffic(k: int = 6, seed: int = 7):
+    """A model and traffic of ``k`` classes as numpy: 4x4 grey images whose 16 pixels are the representation, classed
+    by their nearest class mean (pixels 0-3 are the same for every class); 30 "triggered" inputs of class 0 with
+    pixels 0-3 raised and 30 of class 3 with them lowered: two outlying groups, in two classes.
+    Returns (traffic, represent, predict, clean reference)."""
+    rng = np.random.default_rng(seed)
+    means = 128 + rng.normal(0, 30, (k, 16))
+    means[:, :4] = 128.0
+
+    def draw(c, n):
+        return np.clip(np.rint(means[c] + rng.normal(0, 6, (n, 16))), 0, 255).astype(np.uint8).reshape(n, 4, 4, 1)
+
+    def represent(x):
+        z = x.reshape(len(x), -1).astype(np.float64)
+        return z, -((z[:, None, :] - means[None]) ** 2).sum(axis=-1)
+
+    def predict(x):
+        return represent(x)[1].argmax(axis=1)
+
+    up, down = draw(0, 30).astype(int), draw(3, 30).astype(int)
+    up.reshape(30, -1)[:, :4] += 40
+    down.reshape(30, -1)[:, :4] -= 40
+    traffic = np.concatenate([draw(c, 80) for c in range(k)] + [up.astype(np.uint8), down.astype(np.uint8)])
+    reference = np.concatenate([draw(c, 100) for c in range(k)])
+    return traffic, represent, predict, reference
+
+
+def find_with_rates(monkeypatch, rates: dict, target=None):
+    """find_triggered on :func:`synthetic_traffic` with the trigger reconstruction replaced: class -> (rate of its
+    outlying group's reconstruction, rate of the same from its clean images, the control)."""
+    from types import SimpleNamespace
+
+    from fire_onnx import reconstruct as rc
+
+    calls: dict[int, int] = {}
+
+    def fake(images, clean, held, predict, *, flagged_pred, **_):
+        c = int(flagged_pred[0])
+        rate = rates.get(c, (0.1, 0.1))[min(calls.get(c, 0), 1)]  # first the traffic's group, then the control
+        calls[c] = calls.get(c, 0) + 1
+        cand = SimpleNamespace(rate=rate, kind="blend")
+        return SimpleNamespace(confirmed=rate >= rc.CONFIRM_THRESHOLD, candidates=[cand], winner=cand,
+                               describe=lambda: {"kind": "blend", "rate": rate})
+
+    traffic, represent, predict, reference = synthetic_traffic()
+    with monkeypatch.context() as m:
+        m.setattr(rc, "reconstruct", fake)
+        r = tr.find_triggered(traffic, represent, predict, reference[:300], reference, reference[300:], target=target)
+    assert [c.cls for c in r.detection.candidates()] == [0, 3] or [c.cls for c in r.detection.candidates()] == [3, 0]
+    return r
+
+
+def test_two_strongly_confirmed_classes_are_two_backdoors_not_nothing(monkeypatch):
+    """A model with two backdoors (patch -> 0, blend -> 3): both groups confirmed at 99 % and 98 %, far above their
+    own clean images (52 %, 31 %), no shift. That was "no triggered inputs found", exit 0, "nothing to repair"; now it
+    is an error (SeveralFound, a FireError: exit 1) naming both and the --target runs that fit one repair each;
+    --force fits the first and says the others are left."""
+    from fire_onnx.errors import FireError
+
+    r = find_with_rates(monkeypatch, {0: (0.99, 0.52), 3: (0.98, 0.31)})
+    assert not r.found and [c.cls for c in r.several] == [0, 3]
+    assert not any("does not look like that" in w for w in r.warnings), r.warnings  # not the "traffic differs" case
+    assert r.record()["several"] == [0, 3]
+    err = tr.SeveralFound(r, "traffic.npz")
+    assert isinstance(err, FireError)
+    msg = str(err)
+    assert msg.startswith("2 backdoors (or 2 triggers) likely: classes 0 (confirmed by 99%, its clean images 52%) and "
+                          "3 (confirmed by 98%, its clean images 31%)"), msg
+    assert all(f"'fire-onnx fit --unlabeled traffic.npz ... --target {c}'" in msg for c in (0, 3)), msg
+    assert "nothing to repair" not in msg and "\n" not in msg
+    tr.force_pick(r)
+    assert r.forced and r.target == 0 and len(r.indices) >= 25
+    said = " ".join(r.warnings + r.notes)
+    assert "although several classes were confirmed strongly" in said and "--target 3" in said
+    assert "no reconstruction was confirmed" not in said
+    assert "classes 0, 3 confirmed (several backdoors or triggers)" in tr.describe(r.record())
+    # --target fits one of them, as the error says
+    one = find_with_rates(monkeypatch, {0: (0.99, 0.52), 3: (0.98, 0.31)}, target=3)
+    assert one.found and one.target == 3 and not one.several
+
+
+def test_several_confirmed_classes_weak_standout_or_refuted(monkeypatch):
+    """What is not several backdoors keeps its outcome: classes confirmed at 63-86 % (traffic unlike --clean, new-user
+    run 6) are no finding; one class far above the others is the target, and the warning says how to fit the other if
+    it is a second backdoor; a class whose clean images confirm the same reconstruction is not counted; under a
+    global shift, two strong classes are not said to be backdoors."""
+    weak = find_with_rates(monkeypatch, {0: (0.86, 0.1), 3: (0.70, 0.1)})
+    assert not weak.found and not weak.several
+    assert any(w.startswith("2 classes have an outlying group") for w in weak.warnings), weak.warnings
+    tr.force_pick(weak)
+    assert weak.target == 0 and any("none apart from the others" in n for n in weak.notes), weak.notes
+    top = find_with_rates(monkeypatch, {0: (0.99, 0.3), 3: (0.76, 0.1)})
+    assert top.found and top.target == 0 and not top.several
+    why = [w for w in top.warnings if w.startswith("class 0 is taken as the target")]
+    assert why and "second backdoor" in why[0] and "--target 3" in why[0], top.warnings
+    refuted = find_with_rates(monkeypatch, {0: (0.99, 0.52), 3: (0.98, 0.90)})
+    assert refuted.found and refuted.target == 0 and not refuted.several
+    assert [c.cls for c in refuted.detection.classes if c.refuted == "control"] == [3]
+    strong = [tr.ClassEvidence(0, 50, 50, confirmation=0.99, confirmed=True, control=0.5),
+              tr.ClassEvidence(3, 50, 50, confirmation=0.95, confirmed=True, control=0.3)]
+    assert [c.cls for c in tr.several(strong)] == [0, 3] and tr.several(strong, "a global shift") == []
+    assert tr.several(strong[:1]) == [] and tr.ambiguous(strong)  # without the rule above: "nothing found"
+
+
 def test_detect_tail_cut_on_a_class_of_several_kinds():
     """A class made of several kinds of image (a 2-class model's "digits 0-4"): the two-cluster cut splits its
     kinds and leaves 45 % of its clean references above it, so the class was no candidate and a 100 %-ASR
@@ -285,6 +389,32 @@ def test_cli_clean_traffic_finds_nothing(demo_run, mnist, mnist_path, tmp_path):
         assert d.exists() and "--force" in forced.stdout and dirs.load(d).meta["unlabeled"]["forced"]
     else:  # no class had even MIN_FLAGGED outliers
         assert "--force has nothing to use" in forced.stderr and not d.exists()
+
+
+def test_cli_two_backdoors_is_a_one_line_error(demo_run, mnist, mnist_path, tmp_path, monkeypatch, capsys):
+    """Through fit's command line (in this process, the detection replaced by the two-backdoor outcome of
+    :func:`find_with_rates`): exit 1, one line naming both classes and the --target runs, no directions file; the
+    same with --force writes one for the first class and warns that the other is left."""
+    from fire_onnx.cli import main
+
+    out, _ = demo_run
+    two = find_with_rates(monkeypatch, {0: (0.99, 0.52), 3: (0.98, 0.31)})
+    monkeypatch.setattr(tr, "find_triggered", lambda *a, **k: two)
+    _, test = mnist
+    traffic, d = tmp_path / "traffic.npz", tmp_path / "d.npz"
+    np.savez(traffic, x=test.x[:two.n_traffic])
+    argv = ["fit", "--onnx", str(out / "model.onnx"), "--layer", "block2", "--clean", str(mnist_path), "--unlabeled",
+            str(traffic), *PRE, "-o", str(d)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and not d.exists()
+    assert len(err) == 1 and err[0].startswith("fire-onnx: error: 2 backdoors (or 2 triggers) likely: classes 0 "), err
+    assert "'fire-onnx fit --unlabeled traffic.npz ... --target 3'" in err[0]
+    main(argv + ["--force"])  # returns: exit 0
+    captured = capsys.readouterr()
+    assert d.exists() and dirs.load(d).meta["unlabeled"]["target"] == 0
+    assert "although several classes were confirmed strongly" in captured.err, captured.err
 
 
 def test_cli_bad_traffic_is_a_one_line_error(demo_run, mnist, mnist_path, tmp_path):

@@ -83,7 +83,8 @@ def _torch_represent(model, batch_size: int):
 def attach(req, inputs, log=None) -> None:
     """Find the triggered inputs of ``req.unlabeled_path`` and make them ``inputs.triggered`` (no clean
     twins, no labels); records the evidence in ``inputs.meta["unlabeled"]``. Raises
-    :class:`fire_onnx.traffic.NothingFound` when no class is confirmed (unless ``req.force``)."""
+    :class:`fire_onnx.traffic.NothingFound` when no class is confirmed, and :class:`fire_onnx.traffic.SeveralFound`
+    (a FireError: exit 1) when several classes are confirmed strongly, several backdoors (unless ``req.force``)."""
     traffic = load_images(req.unlabeled_path, req.split).x  # any labels in the file are not used
     pre = inputs.preprocess
     if inputs.onnx_model is not None:
@@ -106,6 +107,8 @@ def attach(req, inputs, log=None) -> None:
     result = tr.find_triggered(traffic, represent, predict, clean.x, reference.x, rest.x, clean_y=clean.y,
                                held_y=rest.y, target=req.target, tensor=tensor, log=log, reference_y=reference.y)
     if not result.found:
+        if result.several and not req.force:  # several backdoors: not "nothing to repair" (exit 0)
+            raise tr.SeveralFound(result, Path(req.unlabeled_path).name)
         if not req.force:
             if warning := preprocess_check.warning_of(inputs.meta):  # "nothing found" under a doubtful preprocessing
                 result.warnings.insert(0, warning)
