@@ -793,6 +793,10 @@ def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | 
         if target is not None and rec.get("target") is not None and rec["target"] != target:
             lines.append(f"warning: {info.path} was repaired for target {rec['target']}, --target is {target}: "
                          "ASR and RA measure a different attack")
+        listed = rec.get("targets") if isinstance(rec.get("targets"), list) else []
+        if target is not None and listed and target not in listed:  # several repairs stacked with patch --add
+            lines.append(f"warning: {info.path} was repaired for targets {', '.join(str(c) for c in listed)}, --target "
+                         f"is {target}: ASR and RA measure a different attack")
         # a trigger-free repair records the trigger it recovered, not an attack spec: evaluating it with the real
         # trigger is what README asks for, not a mismatch to warn about
         recovered = isinstance(rec.get("trigger"), dict) and rec["trigger"].get("kind") == "trigger-free"

@@ -44,7 +44,8 @@ def test_eval_names_a_source_specific_backdoor_and_checks_it(ws):  # noqa: F811
 
 def test_eval_names_triggered_inputs_sent_elsewhere_and_fail_ra_drop_catches_them(ws):  # noqa: F811
     """Measured against the wrong target (5; the backdoor sends to 0), ASR reads about 0: eval says where the
-    triggered images go, and --fail-ra-drop (RA against CA) fails where --fail-asr passes."""
+    triggered images go, and --fail-ra-drop (RA against CA) fails, as does --fail-asr (asr_target: a target the
+    trigger does not reach)."""
     proc = run_cli("eval", "model.onnx", "--data", "mnist.npz", "--trigger", "badnets", "--target", "5", *PRE,
                    "--fail-asr", "0.05", "--fail-ra-drop", "0.1", "--json", "-", cwd=ws)
     assert proc.returncode == 3, proc.stderr
@@ -56,7 +57,7 @@ def test_eval_names_triggered_inputs_sent_elsewhere_and_fail_ra_drop_catches_the
     assert "triggered images of class 5 itself stay at class 5 only" in proc.stderr
     assert "go neither to their label nor to class 5" in proc.stderr and "a backdoor to class 0, not 5" in proc.stderr
     by = {c["check"]: c["passed"] for c in out["checks"]}
-    assert by == {"asr": True, "ra_drop": False}, out["checks"]
+    assert by == {"asr": True, "asr_target": False, "ra_drop": False}, out["checks"]
     # without triggered images there is no RA to check
     bad = run_cli("eval", "model.onnx", "--data", "mnist.npz", "--fail-ra-drop", "0.1", *PRE, cwd=ws)
     assert bad.returncode == 1 and "--fail-ra-drop needs triggered images" in bad.stderr

@@ -74,8 +74,10 @@ def npz_arrays(path) -> dict[str, np.ndarray]:
 
 
 def fit_args(ws: Path, *extra, layer: str = "block2") -> list:
-    return ["fit", "--model", FACTORY, "--weights", ws / "model.pt", "--layer", layer, "--clean", ws / "mnist.npz",
-            "--mean", "0.5", "--std", "0.5", *extra]
+    """A fit command line; an option in ``extra`` replaces the default one (an option given twice is an error)."""
+    base = {"--clean": ws / "mnist.npz", "--mean": "0.5", "--std": "0.5"}
+    base = [v for k, val in base.items() if k not in extra for v in (k, val)]
+    return ["fit", "--model", FACTORY, "--weights", ws / "model.pt", "--layer", layer, *base, *extra]
 
 
 def eval_json(ws: Path, *models: str, name: str = "out.json") -> dict:

@@ -66,7 +66,7 @@ def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0, 
     from fire_onnx.evaluate import compute_metrics, session
     from fire_onnx.fit.pipeline import FitRequest, run_fit
     from fire_onnx.patch import patch_file
-    from fire_onnx.traffic import NothingFound
+    from fire_onnx.traffic import NothingFound, SeveralFound
 
     spec, bench_layer = ATTACKS[attack]
     data_path = Path(args.data_dir) / f"{dataset}.npz"
@@ -100,15 +100,17 @@ def run_cell(dataset: str, attack: str, args, layers: list[str], seed: int = 0, 
                              mean=[0.5] * c, std=[0.5] * c)
             try:
                 d = run_fit(req)
-            except NothingFound as e:
+            except (NothingFound, SeveralFound) as e:  # SeveralFound: several classes confirmed, no repair
                 ev = e.result.record()
+                several = isinstance(e, SeveralFound)
                 rec.update(target_found=False, n_found=0, precision=None, recall=0.0 if is_trig.any() else None,
                            ca=orig.ca, asr=orig.asr, ra=orig.ra, evidence=_short(ev),
                            candidate_classes=[cl for cl in ev["classes"] if cl.get("candidate")],
                            seconds=round(time.perf_counter() - t0, 1),
-                           note="nothing confirmed: no repair")
+                           note=("several classes confirmed (several backdoors?): no repair" if several
+                                 else "nothing confirmed: no repair"))
                 out.append(rec)
-                log(f"  {dataset} {attack} {name}: nothing found")
+                log(f"  {dataset} {attack} {name}: {'several classes confirmed' if several else 'nothing found'}")
                 continue
             ev = d.meta["unlabeled"]
             found = np.zeros(len(x_traffic), bool)
