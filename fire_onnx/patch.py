@@ -503,8 +503,84 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to, dims)
     return y, len(graph.nodes) - nodes_before
 
 
-def _unpatch(graph, gs, recorded: list[dict]) -> list[str]:
-    """Remove an earlier fire-onnx patch (for --replace): rewire consumers back, restore names.
+def is_int_class(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _exported(gs, graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` exported with ``model``'s IR version, opsets and graph inputs."""
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    keep_source_inputs(out, model)
+    return out
+
+
+def _repair_prefixes(graph, recs: list[dict]) -> list[str]:
+    """The node-name prefixes (``fire_onnx/<i>/``) of the repairs ``recs``: of the node that computes each output."""
+    tensors = graph.tensors()
+    out = []
+    for rec in recs:
+        y = tensors.get(rec.get("output", ""))
+        node = y.inputs[0] if y is not None and y.inputs else None
+        parts = node.name.split("/") if node is not None else []
+        if len(parts) < 3 or parts[0] != PREFIX:
+            raise FireError("cannot replace one repair of the model: its recorded output is not computed by a fire-onnx "
+                            "node; patch the original (unpatched) model instead")
+        out.append(f"{PREFIX}/{parts[1]}/")
+    return out
+
+
+def _rebased(kept: list[dict], dropped: list[dict]) -> list[dict]:
+    """The records of the repairs ``kept`` once ``dropped`` are removed: one that read a dropped repair's output reads
+    what that repair read (and, back on the model's own activation, is no longer stacked)."""
+    reads = {r["output"]: r["tensor"] for r in dropped}
+    out = []
+    for r in kept:
+        r = dict(r)
+        while r["tensor"] in reads:
+            r["tensor"] = reads[r["tensor"]]
+        if r.get("activation") and r["tensor"] == r["activation"]:
+            del r["activation"]
+        out.append(r)
+    return out
+
+
+def _check_preprocess(model: onnx.ModelProto, directions: dirs.Directions, force: bool, notes: list[str]) -> None:
+    """--add / --replace: the new directions must be fitted with the preprocessing the model records (its repairs'):
+    a model records one, and a repair fitted under another does not see the activations it was fitted on (new-user
+    run 24: --add of a repair fitted with --mean 0 --std 1 onto one fitted with 0.5 / 0.5 rewrote the recorded
+    preprocessing with exit 0, and the new repair left 97 % ASR)."""
+    from fire_onnx.evaluate import parse_recorded_preprocess
+
+    raw = {p.key: p.value for p in model.metadata_props}.get(META_PREPROCESS)
+    if not raw or not directions.preprocess:
+        return
+    try:
+        old = parse_recorded_preprocess(raw).as_dict()
+    except (ValueError, FireError):
+        return
+    from fire_onnx.data import Preprocess
+
+    new = Preprocess.from_dict(directions.preprocess).as_dict()
+    if json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True):
+        return
+
+    def show(d):
+        return ", ".join(f"{k}={d[k]}" for k in sorted(d))
+
+    msg = (f"the new directions were fitted with other preprocessing ({show(new)}) than the model's repair records "
+           f"({show(old)})")
+    if not force:
+        raise FireError(f"{msg}: one of them reads the images wrongly; fit both with the model's preprocessing "
+                        "(--scale/--mean/--std/--input-layout), or --force")
+    notes.append(f"{msg} (--force): the model now records the new one")
+
+
+def _unpatch(graph, gs, recorded: list[dict], only: list[str] | None = None) -> list[str]:
+    """Remove an earlier fire-onnx patch (for --replace): rewire consumers back, restore names. ``only``: node-name
+    prefixes of the repairs ``recorded`` (the ones removed; the model's other repairs stay).
     Returns the names of the tensors the earlier repair read, as they are in the restored graph."""
     tensors = graph.tensors()
     restored = []
@@ -524,7 +600,8 @@ def _unpatch(graph, gs, recorded: list[dict]) -> list[str]:
             graph.outputs = [h if t is y else t for t in graph.outputs]
         if not rec.get("activation"):  # a stacked repair's own input is the repair below it, not an activation
             restored.append(h.name)
-    graph.nodes = [n for n in graph.nodes if not n.name.startswith(PREFIX + "/")]
+    graph.nodes = [n for n in graph.nodes if not (n.name.startswith(tuple(only)) if only is not None
+                                                  else n.name.startswith(PREFIX + "/"))]
     graph.cleanup()
     return restored[::-1]
 
@@ -590,8 +667,26 @@ def patch_model(
     old_classes = recorded_classes(model) if already else []
     if add and new_class is not None and new_class in old_classes:
         notes.append(f"the model's repair is already for class {new_class}: --add stacks a second repair for the same "
-                     "class (to refine that repair instead: 'fit --update', then 'patch --replace')")
-    if replace:
+                     "class (to refine that repair instead: 'fit --update', then 'patch --replace', which swaps the "
+                     f"class-{new_class} repair and keeps the others)")
+    # --replace on a model repaired for several classes (--add) swaps the repairs of the new directions' class only
+    # and keeps the others, as --add would add them (new-user run 24: updating one of two repairs had no way but
+    # rebuilding from the original model)
+    swap_one = (replace and new_class is not None and len(old_classes) > 1 and new_class in old_classes
+                and all(is_int_class(r.get("target_class")) for r in recorded))
+    if add or swap_one:  # the repairs kept were fitted with the preprocessing the model records
+        _check_preprocess(model, directions, force, notes)
+    if swap_one:
+        drop = [r for r in recorded if r["target_class"] == new_class]
+        g0 = gs.import_onnx(src)
+        _unpatch(g0, gs, drop, only=_repair_prefixes(g0, drop))
+        before = [r.get("activation") or r["tensor"] for r in drop]  # the model activations they repaired
+        recorded = _rebased([r for r in recorded if r["target_class"] != new_class], drop)
+        src = _exported(gs, g0, model)
+        replace, add = False, True  # the rest is an --add onto the model without the dropped repairs
+        notes.append(f"--replace swapped the class-{new_class} repair and kept the repair of class "
+                     + ", ".join(str(c) for c in old_classes if c != new_class))
+    elif replace:
         # --replace swaps, it does not add: new-user run 13 swapped a repair for class 0 for one for class 7, and the
         # class-0 backdoor came back to 99 % (a note said so); run 23's flagged fits recorded no target, and a repair
         # for class 3 replaced one for class 0 with nothing said (ASR 4.6 -> 98.3 %)
@@ -601,16 +696,20 @@ def patch_model(
             msg = (f"the repair replaced is for class {what}, the new one for class {new_class}: --replace drops the "
                    f"class-{what} repair, and that backdoor works again in the output")
             if not force:
-                raise FireError(f"{msg}. To keep it and repair class {new_class} too: 'fire-onnx patch --add' (the "
-                                "repaired model and the new directions); to drop it anyway: --force")
+                how = (f"To keep it and repair class {new_class} too: 'fire-onnx patch --add' (the repaired model and "
+                       "the new directions)" if new_class not in old_classes else
+                       "The model's repairs record no class each (patched before fire-onnx recorded it): patch the "
+                       "original model with each repair again ('patch', then 'patch --add')")
+                raise FireError(f"{msg}. {how}; to drop it anyway: --force")
             notes.append(f"{msg} (--force)")
         g0 = gs.import_onnx(src)
         before = _unpatch(g0, gs, recorded)
-        src = gs.export_onnx(g0, do_type_check=False)
-        src.ir_version = model.ir_version
-        del src.opset_import[:]
-        src.opset_import.extend(model.opset_import)
-        keep_source_inputs(src, model)
+        src = _exported(gs, g0, model)
+    unrepaired = src  # what fingerprints are checked on: the model without any repair
+    if add:
+        g1 = gs.import_onnx(src)
+        _unpatch(g1, gs, recorded)
+        unrepaired = _exported(gs, g1, model)
     inferred = infer_shapes(src, weights=False)  # names, shapes and types only
 
     plan = []
@@ -641,7 +740,7 @@ def patch_model(
         if warn:
             notes.append(warn)
         plan.append((t, name, elem, dims))
-    if replace and not tensor and sorted(p[1] for p in plan) != sorted(before):
+    if (replace or swap_one) and not tensor and sorted(p[1] for p in plan) != sorted(before):
         raise FireError(f"the new directions repair {', '.join(sorted(p[1] for p in plan))} but the model's fire-onnx "
                         f"repair is at {', '.join(sorted(before))}: --replace swaps a repair at the same tensors; to "
                         "repair other tensors, patch the original (unpatched) model")
@@ -723,7 +822,7 @@ def patch_model(
     if checked:
         _check(lambda: onnx.checker.check_model(out, full_check=False),
                lambda: onnx.checker.check_model(model, full_check=False), notes)
-    return PatchResult(model=out, targets=patched, warnings=notes, source=src,
+    return PatchResult(model=out, targets=patched, warnings=notes, source=unrepaired,
                        source_tensors=[name for _, name, _, _ in plan], checked=checked)
 
 

@@ -158,6 +158,47 @@ def test_add_keeps_the_first_repair_and_stacks_the_second(ws):  # noqa: F811
     assert plain.returncode == 1 and "patch it without --add" in plain.stderr
 
 
+def test_replace_in_a_stack_swaps_one_class_and_add_checks_fingerprints_on_the_unrepaired_model(ws):  # noqa: F811
+    """A model repaired for two classes (--add): --replace with a refit of one class swaps that class's repair and keeps
+    the other's (new-user run 24: no way but rebuilding from the original). A repair added downstream of another is
+    checked against the unrepaired model's activations (the upstream gate firing on the probe images made --add refuse
+    it as 'fitted on another model'), and one fitted with other preprocessing than the model records is refused."""
+    import onnxruntime as ort
+
+    run_cli("fit", "--onnx", "model.onnx", "--layer", "block1", "--clean", "mnist.npz", "--trigger", "badnets",
+            "--target", "0", *PRE, "-o", "d_b1.npz", cwd=ws, check=True)
+    up = dirs.load(ws / "d_b1.npz")
+    up.meta["target"], up.targets[0].gate = 7, "none"  # fires on every input, probe images included
+    dirs.save(up, ws / "d7_b1.npz")
+    run_cli("patch", "model.onnx", "d7_b1.npz", "-o", "up.onnx", cwd=ws, check=True)
+    run_cli("patch", "--add", "up.onnx", "directions.npz", "-o", "up_add.onnx", cwd=ws, check=True)
+    # a stack at one tensor: class 0, then a class-7 repair that never fires
+    d = dirs.load(ws / "directions.npz")
+    t = d.targets[0]
+    u = np.random.default_rng(0).normal(size=t.U.shape).astype(np.float32)
+    t.U, t.tau = (u / np.linalg.norm(u)).astype(np.float32), np.full_like(t.tau, 1e6)
+    d.meta["target"] = 7
+    dirs.save(d, ws / "d7.npz")
+    run_cli("patch", "--add", "model.fire.onnx", "d7.npz", "-o", "s.onnx", cwd=ws, check=True)
+    swap = run_cli("patch", "--replace", "s.onnx", "directions.npz", "-o", "s2.onnx", cwd=ws, check=True)
+    assert "swapped the class-0 repair and kept the repair of class 7" in swap.stderr
+    view = run_cli("inspect", "s2.onnx", cwd=ws, check=True).stdout
+    assert "for class 7" in view and "for class 0, after the repair above at the same tensor (--add)" in view
+    xt = triggers.parse("badnets").apply(np.load(ws / "mnist.npz")["x_test"][:200])
+    xin = ((xt.astype(np.float32) / 255 - 0.5) / 0.5).transpose(0, 3, 1, 2)
+
+    def out(name):
+        sess = ort.InferenceSession(str(ws / name), providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: xin})[0]
+
+    assert np.allclose(out("s2.onnx"), out("model.fire.onnx"), atol=1e-5)
+    other = dirs.load(ws / "d7.npz")
+    other.preprocess = dict(other.preprocess, mean=[0.0], std=[1.0])
+    dirs.save(other, ws / "d7_pre.npz")
+    bad = run_cli("patch", "--add", "model.fire.onnx", "d7_pre.npz", "-o", "p.onnx", cwd=ws)
+    assert bad.returncode == 1 and "other preprocessing" in bad.stderr and not (ws / "p.onnx").exists()
+
+
 def test_flagged_images_of_two_backdoors_in_one_file_are_refused(ws):  # noqa: F811
     """10 BadNets images (class 0) and 10 whose patch sends them nowhere near 0 but agree on another class: one repair
     fitted on both groups is fitted for neither (new-user run 23: written with exit 0, 65 % and 86 % ASR left). fit
