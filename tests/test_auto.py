@@ -142,6 +142,35 @@ def test_objective_prefers_a_worse_target_rate_within_budget_and_falls_back_to_l
     assert rank([failed, t1], 0.005)[0][-1] is failed
 
 
+def test_objective_with_twins_prefers_restoring_triggered_images_near_the_lowest_target_rate():
+    """A repair can push triggered images out of the target class without giving them their own class back (PreAct
+    CIFAR-10 Blended: layer4.0 0.1 % ASR at 34 % RA, layer2 1.1 % at 63 %). With twins, the candidates within
+    RESTORE_WINDOW of the lowest target rate (or of the model's own floor) are ranked by the restored share."""
+    from fire_onnx.fit.auto import RESTORE_WINDOW
+
+    def score(label, rate, restored, change=0.0):
+        return Score(site=Site(tensor=f"/{label}", module=label, shape=[4]), target_rate=rate, clean_change=change,
+                     clean_shift=0.0, restored=restored)
+
+    a, b, c = score("a", 0.001, 0.34), score("b", 0.011, 0.63), score("c", 0.022, 0.76)
+    assert RESTORE_WINDOW == 0.01
+    assert rank([a, b, c], 0.005)[0][0] is a  # the target rate alone
+    ranked, within = rank([a, b, c], 0.005, floor=0.0, restore=True)
+    assert [s.site.label for s in ranked] == ["b", "a", "c"]  # c is 2.1 pt above the lowest: out of the window
+    line = why(ranked, within, 0.005, 1000, 1.0)
+    assert "b: held-out target rate 1.1%" in line and "63.0% of the held-out triggered images" in line
+    assert rank([a, b, c], 0.005, floor=0.025, restore=True)[0][0] is c  # below the model's own floor: all alike
+    # over the budget: not considered, whatever it restores
+    d = score("d", 0.005, 0.99, change=0.02)
+    assert rank([a, b, d], 0.005, floor=0.0, restore=True)[0][0] is b
+    # restoring barely more than the lowest-rate candidate (within RESTORE_MARGIN) is noise: the target rate decides
+    f = score("f", 0.006, 0.37)
+    assert rank([a, f], 0.005, floor=0.0, restore=True)[0][0] is a
+    # a candidate without a restored share (no twins): the target rate alone
+    e = score("e", 0.001, None)
+    assert rank([e, b], 0.005, floor=0.0, restore=True)[0][0] is e
+
+
 def test_auto_with_the_pytorch_model_reads_modules_and_chooses_the_same(synth):
     d = run_fit(request(synth, model_spec=f"{SYNTH}:build", no_weights=True))
     assert d.targets[0].module == "block2" and d.targets[0].tensor == "/block2/Concat_output_0"
@@ -156,6 +185,10 @@ def test_auto_with_a_known_trigger_holds_out_stamped_clean_images(synth, tmp_pat
     assert a["n_fit_triggered"] == 20 and a["n_held_triggered"] == a["n_held_clean"] == 1000
     assert a["target"] == 0 and all(r["target_rate"] is not None for r in a["candidates"])
     assert d.targets[0].fit["n_triggered"] == 20
+    # the stamped images' clean twins are known: each candidate records the share it gives their twin's class back,
+    # and a repair that removes the trigger restores most of them
+    assert all(0 <= r["restored"] <= 1 for r in a["candidates"])
+    assert max(r["restored"] for r in a["candidates"]) >= 0.8, a["candidates"]
 
 
 def test_auto_judges_on_the_files_other_images_when_it_has_more_than_the_fit_takes(synth, tmp_path):
@@ -545,7 +578,9 @@ def test_held_out_scoring_through_the_cut_out_graph_equals_the_whole_patched_mod
     base = session(inputs.onnx_model.SerializeToString())
     split = split_samples(req, inputs, clean, trig, source, 0,
                           lambda x: predict_logits(base, inputs.preprocess(x)).argmax(1))
-    held = HeldOut(inputs.onnx_model, inputs.preprocess, split.held_clean, split.held_triggered, batch_size=64)
+    held = HeldOut(inputs.onnx_model, inputs.preprocess, split.held_clean, split.held_triggered, batch_size=64,
+                   twins=split.twins, target=0)
+    assert (held.base_twin is not None) == (split.twins is not None)
     held.fast_after = 0.0  # a tiny model: cut the graph anyway
     names = ["block1", "block2"] if model_key == "synth" else ["fc1_act", "fc2_act", "block2"]
     fitted = [run_fit(request(s, layers=[n], n_triggered=req.n_triggered, force=True)).targets[0] for n in names]
@@ -554,7 +589,7 @@ def test_held_out_scoring_through_the_cut_out_graph_equals_the_whole_patched_mod
     cands = [*fitted, none]
     got = held.score_many(inputs.onnx_model, [], cands, 0)
     want = [held.score(dirs.Directions(targets=[c], preprocess=pre), 0) for c in cands]
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    same(got, want)
     # block2's gate fires on the triggered images only; a gate that fires on every held-out image (the
     # auto gate lowered below the clean scores at fc1_act/fc2_act) leaves no image to check the cut-out
     # graph on, and is scored on the whole model like gate none
@@ -565,7 +600,13 @@ def test_held_out_scoring_through_the_cut_out_graph_equals_the_whole_patched_mod
         chained = chained_inputs(inputs, prefix).onnx_model
         got = held.score_many(chained, prefix, fitted[1:], 0)
         want = [held.score(dirs.Directions(targets=[*prefix, c], preprocess=pre), 0) for c in fitted[1:]]
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        same(got, want)
+
+
+def same(got, want):
+    """Score tuples equal: the rates to 1e-12, the restored share (None without twins) exactly."""
+    np.testing.assert_allclose([g[:3] for g in got], [w[:3] for w in want], rtol=0, atol=1e-12)
+    assert [g[3] for g in got] == [w[3] for w in want]
 
 
 def test_several_given_layers_are_fitted_in_sequence_like_a_chain(two, tmp_path):

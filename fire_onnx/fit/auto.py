@@ -90,8 +90,20 @@ SUFFIX_BUDGET = 768 * 2**20  # held-out scoring: bytes of cut-out graph parts (w
 HELD_BATCH_BYTES = 256 * 2**20  # held-out scoring: bytes of tensors read per batch of the pass
 ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candidates are grouped under it)
 OBJECTIVE = ("lowest held-out target rate among candidates whose held-out clean change rate is within the clean "
-             "budget; ties: lower clean change, then lower clean shift (mean softmax total-variation change), then "
-             "earlier in the graph; none within the budget: lowest clean change")
+             "budget; with a known trigger, among those within RESTORE_WINDOW of that rate (or of the model's own "
+             "rate of clean twins at the target, when higher), the one that gives most held-out triggered images "
+             "their clean twin's class, if RESTORE_MARGIN more than the lowest-rate candidate does; ties: lower clean change, then lower clean shift (mean softmax total-"
+             "variation change), then earlier in the graph; none within the budget: lowest clean change")
+# A repair can push triggered images out of the target class without giving them back their own class: on the
+# PreAct-ResNet18 (CIFAR-10, width 16) the lowest held-out target rate was a late tensor, test ASR 0.1 % (Blended,
+# layer4.0) and 0.0 % (SIG, avgpool) but RA 34 % and 26 %, where layer2 / layer1.0 left 1.1 % / 2.6 % at RA 63 % /
+# 76 % (the model's own floor: 2.4-3.1 % of clean non-target images at the target). With twins (--trigger), the
+# candidates within this of the lowest target rate are ranked by the share of triggered images restored ...
+RESTORE_WINDOW = 0.01
+# ... when one restores this much more than the candidate with the lowest target rate (a margin above the held-out
+# noise: SmallCNN CIFAR-10 Blended had block1.1 at 85.9 % restored against block1's 85.1 %, 2.9 vs 2.3 % held out,
+# and 4.9 vs 3.6 % test ASR; the PreAct cells differ by 55-66 points)
+RESTORE_MARGIN = 0.05
 
 
 @dataclass
@@ -126,6 +138,7 @@ class Score:
     target_rate: float | None = None  # held-out triggered images classified as the target
     clean_change: float | None = None  # held-out clean images whose prediction the repair changed
     clean_shift: float | None = None  # mean total-variation distance of the held-out clean softmax outputs
+    restored: float | None = None  # held-out triggered images given their clean twin's class (None: no twins)
     gate_fires_clean: float | None = None  # on the fitting clean images (from the fit record)
     error: str = ""
     seconds: float = 0.0
@@ -139,7 +152,7 @@ class Score:
         """The row of the ranking table recorded in the directions file (flat JSON)."""
         row = {"layer": self.site.label, "tensor": self.site.tensor, "module": self.site.module,
                "repair": self.repair, "gate": self.gate, "k": self.k, "target_rate": self.target_rate,
-               "clean_change": self.clean_change, "clean_shift": self.clean_shift,
+               "clean_change": self.clean_change, "clean_shift": self.clean_shift, "restored": self.restored,
                "gate_fires_clean": self.gate_fires_clean,
                "within_budget": self.ok and self.clean_change <= budget + 1e-12, "seconds": round(self.seconds, 2)}
         if self.error:
@@ -227,6 +240,7 @@ class Split:
     reconstruct_pool: Images | None  # pool images the trigger reconstruction may stamp (never held out)
     how: str  # one line on how the triggered samples were split
     refit_sees_held: bool = False  # the final refit (on all triggered samples) includes the held-out triggered ones
+    twins: Images | None = None  # the held-out triggered images' clean originals (--trigger), in the same order
 
 
 def _bytes(model) -> bytes:
@@ -250,12 +264,18 @@ class HeldOut:
     fast_after = FAST_AFTER_SECONDS
 
     def __init__(self, onnx_model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256,
-                 base_session=None):
+                 base_session=None, twins: Images | None = None, target: int | None = None):
         from fire_onnx.evaluate import session
 
         self.model, self.pre, self.batch_size = onnx_model, preprocess, batch_size
         self.base = base_session or session(_bytes(onnx_model))
         self._held(held_clean, held_triggered)
+        # the original model's class for each triggered image's clean twin: a repair that restores it gives it back
+        self.base_twin, self.floor = None, None
+        if twins is not None and len(twins) == len(self.x_trig) and len(twins):
+            self.base_twin = self.runner(None)(self.pre(twins.x)).argmax(axis=1)
+            if target is not None:  # twins the model itself puts at the target: no repair takes those away
+                self.floor = float((self.base_twin == target).mean())
 
     def _held(self, held_clean: Images, held_triggered: Images) -> None:
         """The preprocessed held-out images and the original model's outputs on them."""
@@ -283,10 +303,11 @@ class HeldOut:
         """Whether each held-out triggered image ``idx`` goes to ``target`` in the model patched with ``d``."""
         return self.runner(d)(self.x_trig[idx]).argmax(axis=1) == target
 
-    def score(self, d: dirs.Directions, target: int) -> tuple[float, float, float]:
-        """(held-out target rate, clean change rate, clean shift) of the model patched with ``d``: the share
-        of held-out triggered images it classifies as ``target``, the share of held-out clean images whose
-        class it changes, and the mean total-variation distance of their softmax outputs (the tie-breaker)."""
+    def score(self, d: dirs.Directions, target: int) -> tuple[float, float, float, float | None]:
+        """(held-out target rate, clean change rate, clean shift, restored) of the model patched with ``d``: the
+        share of held-out triggered images it classifies as ``target``, the share of held-out clean images whose
+        class it changes, the mean total-variation distance of their softmax outputs (the tie-breaker), and the
+        share of held-out triggered images given their clean twin's class (None without twins)."""
         return self.rates(*self.outputs(d), target)
 
     def outputs(self, d: dirs.Directions) -> tuple[np.ndarray, np.ndarray | None]:
@@ -294,12 +315,15 @@ class HeldOut:
         run = self.runner(d)
         return run(self.x_clean), (run(self.x_trig) if len(self.x_trig) else None)
 
-    def rates(self, pc: np.ndarray, pt: np.ndarray | None, target: int) -> tuple[float, float, float]:
+    def rates(self, pc: np.ndarray, pt: np.ndarray | None, target: int) -> tuple[float, float, float, float | None]:
         """:meth:`score` of the outputs ``pc`` (clean) and ``pt`` (triggered) of a patched model."""
-        rate = float((pt.argmax(axis=1) == target).mean()) if pt is not None and len(pt) else 0.0
+        has_trig = pt is not None and len(pt)
+        rate = float((pt.argmax(axis=1) == target).mean()) if has_trig else 0.0
         change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
         shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
-        return rate, change, shift
+        twin = getattr(self, "base_twin", None)
+        restored = float((pt.argmax(axis=1) == twin).mean()) if has_trig and twin is not None else None
+        return rate, change, shift, restored
 
     def _reference(self, model, prefix: list[dirs.Target]) -> tuple[np.ndarray, np.ndarray | None]:
         """Softmax outputs of ``model`` (the original with ``prefix`` patched in) on the held-out clean and
@@ -513,12 +537,22 @@ def _shift_key(s: Score) -> int:
     return round((s.clean_shift or 0.0) / SHIFT_TIE)
 
 
-def rank(scores: list[Score], budget: float) -> tuple[list[Score], bool]:
-    """(the scores best first, whether the best is within the budget); failed candidates come last."""
+def rank(scores: list[Score], budget: float, floor: float | None = None,
+         restore: bool = False) -> tuple[list[Score], bool]:
+    """(the scores best first, whether the best is within the budget); failed candidates come last. ``restore``:
+    where every candidate within the budget has a restored share (twins known), those whose target rate is within
+    RESTORE_WINDOW of the lowest (or of ``floor``, the original model's rate of twins at the target, when higher)
+    come first, most restored first (see RESTORE_WINDOW)."""
     ok = [s for s in scores if s.ok]
     order = {id(s): i for i, s in enumerate(scores)}
     within = sorted((s for s in ok if s.clean_change <= budget + 1e-12),
                     key=lambda s: (s.target_rate, s.clean_change, _shift_key(s), order[id(s)]))
+    if restore and within and all(s.restored is not None for s in within):
+        bar = max(within[0].target_rate, floor or 0.0) + RESTORE_WINDOW + 1e-12
+        better = within[0].restored + RESTORE_MARGIN - 1e-12
+        near = sorted((s for s in within if s.target_rate <= bar and s.restored >= better),
+                      key=lambda s: (-s.restored, s.target_rate, s.clean_change, _shift_key(s), order[id(s)]))
+        within = near + [s for s in within if s not in near]
     over = sorted((s for s in ok if s.clean_change > budget + 1e-12),
                   key=lambda s: (s.clean_change, s.target_rate, _shift_key(s), order[id(s)]))
     failed = [s for s in scores if not s.ok]
@@ -552,6 +586,14 @@ def why(ranked: list[Score], within: bool, budget: float, n_held_clean: int, ori
                 f"changes the fewest held-out clean predictions ({best.clean_change:.1%} of {n_held_clean}; "
                 f"held-out target rate {best.target_rate:.1%}{base})")
     n_within = sum(1 for s in ranked if s.ok and s.clean_change <= budget + 1e-12)
+    inside = [s for s in ranked[:n_within] if s.ok]
+    lowest = min(inside, key=lambda s: s.target_rate) if inside else best
+    if best.restored is not None and lowest.target_rate < best.target_rate:  # chosen by the restored share
+        return (f"{_name(best)}: held-out target rate {best.target_rate:.1%}{base}, within {RESTORE_WINDOW:.0%} of the "
+                f"lowest ({_name(lowest)}, {lowest.target_rate:.1%}) or of the model's own rate of clean twins at the "
+                f"target, and it gives {best.restored:.1%} of the held-out triggered images their clean twin's class "
+                f"({_name(lowest)}: {lowest.restored:.1%}), the most of those; it changes {best.clean_change:.1%} of "
+                f"{n_held_clean} held-out clean predictions")
     line = (f"{_name(best)}: lowest held-out target rate ({best.target_rate:.1%}{base}) among the {n_within} "
             f"candidate(s) within the clean budget {budget:.1%} (it changes {best.clean_change:.1%} of "
             f"{n_held_clean} held-out clean predictions)")
@@ -622,7 +664,7 @@ def split_samples(req, inputs, clean: Images, triggered: Images, source: Images 
                                   None if src_imgs.y is None or more.y is None else np.concatenate([src_imgs.y, more.y]),
                                   src_imgs.classes)
         held_trig = Images(inputs.trigger.apply(src_imgs.x), src_imgs.y)
-        return Split(clean, triggered, source, held_clean, held_trig, recon, how)
+        return Split(clean, triggered, source, held_clean, held_trig, recon, how, twins=src_imgs)
     n = len(triggered)
     # a file with more triggered images than the fit takes: fit each candidate on the ones a plain fit uses and
     # judge it on the others (a 200-image file was judged on 10, rates in steps of 10 %, six layers tied)
@@ -726,7 +768,8 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
         target = int(np.bincount(base_predict(triggered.x)).argmax())
         target_from = "the class the original model gives most triggered samples"
     split = split_samples(req, inputs, clean, triggered, source, target, base_predict)
-    held = HeldOut(inputs.onnx_model, pre, split.held_clean, split.held_triggered, req.batch_size, base_session=base)
+    held = HeldOut(inputs.onnx_model, pre, split.held_clean, split.held_triggered, req.batch_size, base_session=base,
+                   twins=split.twins, target=target)
     original_rate = float((held.base_trig == target).mean()) if held.base_trig is not None else None
     notes = []
     if len(split.held_clean) < FEW_HELD_CLEAN:
@@ -746,7 +789,7 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
 
     repairs = list(REPAIRS) if req.repair == AUTO_REPAIR else [req.repair]
     scores = score_sites(req, inputs, sites, repairs, split, held, target, [], progress, say)
-    ranked, within = rank(scores, req.clean_budget)
+    ranked, within = rank(scores, req.clean_budget, held.floor, restore=True)
     from fire_onnx.fit.pipeline import SUSPECT_ROUNDS
 
     rounds = len(inputs.clean_left_out)  # the pool is known to hold poisoned images from the first on
@@ -788,7 +831,7 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
     # chain sees a different residual, and its gate (set to reach it) may fire on other clean inputs. So the
     # refitted repair is scored on the same held-out clean images (no fit uses them), and a chain over the
     # budget loses its last layer until it is within it.
-    refit_rate, refit_change, _ = held.score(d, target)
+    refit_rate, refit_change, *_ = held.score(d, target)
     dropped = []
     while len(chain) > 1 and refit_change > req.clean_budget + 1e-12:
         dropped.append({"layer": chain[-1].site.label, "chain_clean_change": refit_change})
@@ -796,7 +839,7 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
             f"predictions (budget {req.clean_budget:.2%}): dropping {chain[-1].site.label}")
         chain = chain[:-1]
         d = refit_chain(req, inputs, chain, clean, triggered, source, progress)
-        refit_rate, refit_change, _ = held.score(d, target)
+        refit_rate, refit_change, *_ = held.score(d, target)
     # judged like `fit --layer <chosen>`: auto's own held-out triggered images were half of a triggered file
     # (10 of 20 flagged images: a layer it rated 10 % left 32 % ASR), so the refit gets fit's held-out check,
     # cross-fitted over all the flagged images, and a confirmed blend's fit is chosen by it (one layer); a
@@ -805,7 +848,7 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
         chosen, check = check_refit(req, inputs, chain[0], d, clean, triggered, source)
         if chosen is not d:  # the blend's pseudo-pair fit won: score what is written
             d = chosen
-            refit_rate, refit_change, _ = held.score(d, target)
+            refit_rate, refit_change, *_ = held.score(d, target)
     else:
         from fire_onnx.fit.verify import verify
 
@@ -938,7 +981,7 @@ def score_sites(req, inputs, sites: list[Site], repairs: list[str], split: Split
             if isinstance(res, FireError):
                 sc.error = str(res)
             else:
-                sc.target_rate, sc.clean_change, sc.clean_shift = res
+                sc.target_rate, sc.clean_change, sc.clean_shift, sc.restored = res
         scores.append(sc)
         say(f"layer auto{f' step {step}' if step > 1 else ''} [{n}/{len(fitted)}] {site.label}"
             + (f" ({repair})" if len(repairs) > 1 else "") + ": "

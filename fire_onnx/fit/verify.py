@@ -132,7 +132,7 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
     if target is None and held.base_trig is not None and len(held.base_trig):
         target = int(np.bincount(held.base_trig).argmax())
     pc, pt = held.outputs(d)
-    rate, change, _ = held.rates(pc, pt, -1 if target is None else target)
+    rate, change, *_ = held.rates(pc, pt, -1 if target is None else target)
     before = float((held.base_trig == target).mean()) if target is not None and len(held_trig) else None
     floor = None  # held-out clean images of other classes the original model already puts at the target
     if target is not None and held_clean.y is not None and held.base_clean is not None:
