@@ -67,7 +67,8 @@ def bn_folder(tmp_path_factory, mnist_path):
 def _bn_fit(folder: Path, layer: str, *extra):
     """fit on the random-weight BatchNorm net: it has no backdoor, so the held-out check would refuse the repair
     ('nothing to remove'); these tests are about which tensor a module maps to, hence --force."""
-    return run_cli("fit", "--model", "bnnet.py:build", "--weights", "bn.pt", "--layer", layer, "--onnx", "bn.onnx",
+    onnx = [] if "--onnx" in extra else ["--onnx", "bn.onnx"]  # an option given twice is an error
+    return run_cli("fit", "--model", "bnnet.py:build", "--weights", "bn.pt", "--layer", layer, *onnx,
                    "--clean", "mnist.npz", "--trigger", "badnets", "--target", "0", "--n-clean", "200", "--force",
                    *extra, cwd=folder)
 
