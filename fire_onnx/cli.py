@@ -106,8 +106,9 @@ Typical flow:
 """
 
 
-ONCE_HINTS = {("fit", "triggered_path"): "; to repair two backdoors, fit each file on its own and add the second repair with "
-                            "'fire-onnx patch --add'"}
+ONCE_HINTS = {  # (command, option) -> what to do instead of giving it twice
+    ("fit", "triggered_path"): "; to repair two backdoors, fit each file on its own and add the second repair with "
+                               "'fire-onnx patch --add'"}
 
 
 class _Command(click.Command):

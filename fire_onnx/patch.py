@@ -37,7 +37,7 @@ import onnx
 
 from fire_onnx import directions as dirs
 from fire_onnx.errors import FireError, first_line, suggest
-from fire_onnx.fileio import check_outputs, sha256_file
+from fire_onnx.fileio import check_outputs, is_int, sha256_file
 from fire_onnx.onnxutil import (
     FLOAT_TYPES,
     approx_size,
@@ -199,7 +199,7 @@ def patched_targets(model: onnx.ModelProto) -> list[dict]:
 def recorded_classes(model: onnx.ModelProto) -> list[int]:
     """The classes whose backdoors a patched model's repairs are for: each recorded target's ``target_class``, else
     the ``fire_onnx.attack`` metadata's ``targets`` / ``target`` (models patched before targets carried a class)."""
-    from fire_onnx.fileio import is_int, loads_json
+    from fire_onnx.fileio import loads_json
 
     out = [int(r["target_class"]) for r in patched_targets(model) if is_int(r.get("target_class"))]
     if not out:
@@ -214,10 +214,15 @@ def recorded_classes(model: onnx.ModelProto) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+def _repair_index(node_name: str) -> int | None:
+    """``i`` of a repair node named ``fire_onnx/<i>/...`` (see _build), else None."""
+    parts = node_name.split("/")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == PREFIX and parts[1].isdigit() else None
+
+
 def next_repair_index(model: onnx.ModelProto) -> int:
     """The first ``fire_onnx/<i>/`` node index not used yet (a repair added with --add is named after the others)."""
-    used = [int(parts[1]) for n in model.graph.node if (parts := n.name.split("/")) and len(parts) > 2
-            and parts[0] == PREFIX and parts[1].isdigit()]
+    used = [i for n in model.graph.node if (i := _repair_index(n.name)) is not None]
     return max(used, default=-1) + 1
 
 
@@ -503,10 +508,6 @@ def _build(graph, gs, h, target: dirs.Target, idx: int, np_dtype, cast_to, dims)
     return y, len(graph.nodes) - nodes_before
 
 
-def is_int_class(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _exported(gs, graph, model: onnx.ModelProto) -> onnx.ModelProto:
     """``graph`` exported with ``model``'s IR version, opsets and graph inputs."""
     out = gs.export_onnx(graph, do_type_check=False)
@@ -523,12 +524,11 @@ def _repair_prefixes(graph, recs: list[dict]) -> list[str]:
     out = []
     for rec in recs:
         y = tensors.get(rec.get("output", ""))
-        node = y.inputs[0] if y is not None and y.inputs else None
-        parts = node.name.split("/") if node is not None else []
-        if len(parts) < 3 or parts[0] != PREFIX:
+        idx = _repair_index(y.inputs[0].name) if y is not None and y.inputs else None
+        if idx is None:
             raise FireError("cannot replace one repair of the model: its recorded output is not computed by a fire-onnx "
                             "node; patch the original (unpatched) model instead")
-        out.append(f"{PREFIX}/{parts[1]}/")
+        out.append(f"{PREFIX}/{idx}/")
     return out
 
 
@@ -552,26 +552,21 @@ def _check_preprocess(model: onnx.ModelProto, directions: dirs.Directions, force
     a model records one, and a repair fitted under another does not see the activations it was fitted on (new-user
     run 24: --add of a repair fitted with --mean 0 --std 1 onto one fitted with 0.5 / 0.5 rewrote the recorded
     preprocessing with exit 0, and the new repair left 97 % ASR)."""
-    from fire_onnx.evaluate import parse_recorded_preprocess
+    from fire_onnx.data import Preprocess
+    from fire_onnx.evaluate import describe_preprocess, parse_recorded_preprocess
 
     raw = {p.key: p.value for p in model.metadata_props}.get(META_PREPROCESS)
     if not raw or not directions.preprocess:
         return
     try:
-        old = parse_recorded_preprocess(raw).as_dict()
+        old = parse_recorded_preprocess(raw)
     except (ValueError, FireError):
         return
-    from fire_onnx.data import Preprocess
-
-    new = Preprocess.from_dict(directions.preprocess).as_dict()
-    if json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True):
+    new = Preprocess.from_dict(directions.preprocess)
+    if old.as_dict() == new.as_dict():
         return
-
-    def show(d):
-        return ", ".join(f"{k}={d[k]}" for k in sorted(d))
-
-    msg = (f"the new directions were fitted with other preprocessing ({show(new)}) than the model's repair records "
-           f"({show(old)})")
+    msg = (f"the new directions were fitted with other preprocessing ({describe_preprocess(new)}) than the model's "
+           f"repair records ({describe_preprocess(old)})")
     if not force:
         raise FireError(f"{msg}: one of them reads the images wrongly; fit both with the model's preprocessing "
                         "(--scale/--mean/--std/--input-layout), or --force")
@@ -673,7 +668,7 @@ def patch_model(
     # and keeps the others, as --add would add them (new-user run 24: updating one of two repairs had no way but
     # rebuilding from the original model)
     swap_one = (replace and new_class is not None and len(old_classes) > 1 and new_class in old_classes
-                and all(is_int_class(r.get("target_class")) for r in recorded))
+                and all(is_int(r.get("target_class")) for r in recorded))
     if add or swap_one:  # the repairs kept were fitted with the preprocessing the model records
         _check_preprocess(model, directions, force, notes)
     if swap_one:

@@ -92,8 +92,9 @@ ACTIVATION_BUDGET = 512 * 2**20  # bytes of activations read per fit call (candi
 OBJECTIVE = ("lowest held-out target rate among candidates whose held-out clean change rate is within the clean "
              "budget; with a known trigger, among those within RESTORE_WINDOW of that rate (or of the model's own "
              "rate of clean twins at the target, when higher), the one that gives most held-out triggered images "
-             "their clean twin's class, if RESTORE_MARGIN more than the lowest-rate candidate does; ties: lower clean change, then lower clean shift (mean softmax total-"
-             "variation change), then earlier in the graph; none within the budget: lowest clean change")
+             "their clean twin's class, if RESTORE_MARGIN more than the lowest-rate candidate does; ties: lower "
+             "clean change, then lower clean shift (mean softmax total-variation change), then earlier in the graph; "
+             "none within the budget: lowest clean change")
 # A repair can push triggered images out of the target class without giving them back their own class: on the
 # PreAct-ResNet18 (CIFAR-10, width 16) the lowest held-out target rate was a late tensor, test ASR 0.1 % (Blended,
 # layer4.0) and 0.0 % (SIG, avgpool) but RA 34 % and 26 %, where layer2 / layer1.0 left 1.1 % / 2.6 % at RA 63 % /
@@ -262,6 +263,10 @@ class HeldOut:
     # score_many cuts the graph only where one pass over the held-out images takes this long: on small
     # models, building the cut-out parts costs more than it saves
     fast_after = FAST_AFTER_SECONDS
+    # with twins (see __init__): the original model's class for each held-out triggered image's clean twin, and the
+    # share of them it puts at the target
+    base_twin: np.ndarray | None = None
+    floor: float | None = None
 
     def __init__(self, onnx_model, preprocess, held_clean: Images, held_triggered: Images, batch_size: int = 256,
                  base_session=None, twins: Images | None = None, target: int | None = None):
@@ -270,8 +275,7 @@ class HeldOut:
         self.model, self.pre, self.batch_size = onnx_model, preprocess, batch_size
         self.base = base_session or session(_bytes(onnx_model))
         self._held(held_clean, held_triggered)
-        # the original model's class for each triggered image's clean twin: a repair that restores it gives it back
-        self.base_twin, self.floor = None, None
+        # a repair that restores a triggered image gives it back its twin's class
         if twins is not None and len(twins) == len(self.x_trig) and len(twins):
             self.base_twin = self.runner(None)(self.pre(twins.x)).argmax(axis=1)
             if target is not None:  # twins the model itself puts at the target: no repair takes those away
@@ -321,8 +325,8 @@ class HeldOut:
         rate = float((pt.argmax(axis=1) == target).mean()) if has_trig else 0.0
         change = float((pc.argmax(axis=1) != self.base_clean.argmax(axis=1)).mean())
         shift = float(0.5 * np.abs(pc - self.base_clean).sum(axis=1).mean())
-        twin = getattr(self, "base_twin", None)
-        restored = float((pt.argmax(axis=1) == twin).mean()) if has_trig and twin is not None else None
+        restored = (float((pt.argmax(axis=1) == self.base_twin).mean()) if has_trig and self.base_twin is not None
+                    else None)
         return rate, change, shift, restored
 
     def _reference(self, model, prefix: list[dirs.Target]) -> tuple[np.ndarray, np.ndarray | None]:
