@@ -780,6 +780,14 @@ def class_drop_warnings(results: dict, infos: list[ModelInfo]) -> list[str]:
     return out
 
 
+def repaired_classes(info: ModelInfo) -> list[int]:
+    """The classes a patched model records its repairs as being for (``fire_onnx.attack``: ``targets`` when
+    several were stacked with ``patch --add``, else ``target``); [] when it records none."""
+    rec = info.attack or {}
+    listed = rec.get("targets") if isinstance(rec.get("targets"), list) else [rec.get("target")]
+    return [int(c) for c in listed if isinstance(c, int) and not isinstance(c, bool)]
+
+
 def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | None) -> list[str]:
     """Warning lines where ``target`` / ``trigger`` (a triggers.describe() dict) differ from what a
     patched model records as the attack it was fitted for, and what makes a patched model's repair not work
@@ -790,13 +798,11 @@ def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | 
             lines.append(f"warning: {info.path}: {info.attack_error}; cannot compare --target/--trigger with it")
             continue
         rec = info.attack or {}
-        if target is not None and rec.get("target") is not None and rec["target"] != target:
-            lines.append(f"warning: {info.path} was repaired for target {rec['target']}, --target is {target}: "
-                         "ASR and RA measure a different attack")
-        listed = rec.get("targets") if isinstance(rec.get("targets"), list) else []
-        if target is not None and listed and target not in listed:  # several repairs stacked with patch --add
-            lines.append(f"warning: {info.path} was repaired for targets {', '.join(str(c) for c in listed)}, --target "
-                         f"is {target}: ASR and RA measure a different attack")
+        listed = repaired_classes(info)  # several when repairs were stacked with patch --add
+        if target is not None and listed and target not in listed:
+            lines.append(f"warning: {info.path} was repaired for target{'s' if len(listed) > 1 else ''} "
+                         f"{', '.join(str(c) for c in listed)}, --target is {target}: ASR and RA measure a different "
+                         "attack")
         # a trigger-free repair records the trigger it recovered, not an attack spec: evaluating it with the real
         # trigger is what README asks for, not a mismatch to warn about
         recovered = isinstance(rec.get("trigger"), dict) and rec["trigger"].get("kind") == "trigger-free"
@@ -852,6 +858,13 @@ def threshold_checks(results: dict, infos: list[ModelInfo], fail_asr: float | No
             wrong = wrong_target(results.get(orig)) if orig else None
             if wrong:  # a low ASR against a class the trigger does not reach proves nothing
                 add(m, "asr_target", r["asr"], fail_asr, False, original=orig, **wrong)
+            else:
+                info = next(i for i in infos if i.path == m)
+                classes = repaired_classes(info)
+                if info.patched and classes and r.get("target") is not None and r["target"] not in classes:
+                    # the patched model alone, repaired for class 0 and checked with --target 3: 0.7 % ASR against
+                    # a class the repair is not for passed "check ok" beside a warning
+                    add(m, "asr_repaired_for", r["asr"], fail_asr, False, target=r["target"], repaired_for=classes)
         if fail_ra_drop is not None and r.get("ra") is not None:
             add(m, "ra_drop", r["ca"] - r["ra"], fail_ra_drop, r["ca"] - r["ra"] <= fail_ra_drop + _EPS)
         if fail_ca is not None:
@@ -894,6 +907,12 @@ def format_check(c: dict) -> str:
                 f"go to class {c['target']} and {100 * c['to_share']:.1f}% to class {c['to_class']} (is the target "
                 f"{c['to_class']}?), so no ASR against class {c['target']} can show the backdoor (--fail-asr "
                 f"{c['limit']:g})")
+    if c["check"] == "asr_repaired_for":
+        return (f"check FAILED: {c['model']}: ASR {100 * c['value']:.2f}% is measured against --target {c['target']}, "
+                f"but the model was repaired for {'class' if len(c['repaired_for']) == 1 else 'classes'} "
+                f"{', '.join(str(k) for k in c['repaired_for'])}: a low ASR against another class shows nothing "
+                f"about the repair (--fail-asr {c['limit']:g}; give --target "
+                f"{c['repaired_for'][0]}{' or another of them' if len(c['repaired_for']) > 1 else ''})")
     if c["check"] == "ca_drop_class":
         return (f"check FAILED: {c['model']}: CA drop vs {c['baseline']} on class-{c['clean_class']} clean images "
                 f"{100 * c['value']:.2f}% ({c['n']} images; at 95% confidence {100 * c['lower_bound']:.2f}% or more) > "

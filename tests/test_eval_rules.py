@@ -318,6 +318,23 @@ def test_a_target_the_trigger_does_not_reach_fails_fail_asr(ws):
     assert not [n for n in notes if "is the target" in n], notes
 
 
+def test_the_patched_model_alone_with_another_target_fails_fail_asr(ws):
+    """The repaired model alone, checked with a --target it was not repaired for: 0.7 % ASR against class 3 on a
+    class-0 repair read "check ok" with exit 0 beside a warning. With --fail-asr it now fails (exit 3), naming the
+    class the model was repaired for; with that class it passes."""
+    res, notes = run_eval(ws, "model.fire.onnx", "--trigger", "badnets", "--target", "3", "--fail-asr", "0.05",
+                          "--limit", "300", code=3)
+    assert res["models"]["model.fire.onnx"]["asr"] <= 0.05  # the number alone would pass
+    failed = [c for c in res["checks"] if not c["passed"]]
+    assert [(c["check"], c["target"], c["repaired_for"]) for c in failed] == [("asr_repaired_for", 3, [0])]
+    lines = [n for n in notes if n.startswith("check FAILED: model.fire.onnx: ")]
+    assert len(lines) == 1 and "repaired for class 0" in lines[0] and "give --target 0" in lines[0], notes
+    assert any("was repaired for target 0, --target is 3" in n for n in notes), notes
+    res, _ = run_eval(ws, "model.fire.onnx", "--trigger", "badnets", "--target", "0", "--fail-asr", "0.05",
+                      "--limit", "300")
+    assert res["checks_passed"] and [c["check"] for c in res["checks"]] == ["asr"]
+
+
 def test_wrong_target_reads_the_original_model_only():
     """The rule itself: under half of the triggered images at the target and at least half at one other class, on the
     unpatched model; a patched model showing the same (a good repair of flagged images of one source class) is not
