@@ -79,11 +79,13 @@ class PatchedTarget:
     repair: str = "project"
     target_class: int | None = None  # the class whose backdoor this repair is for (directions.repaired_class)
     activation: str = ""  # a repair added on top of another at the same tensor (--add): that model activation
+    directions_sha256: str = ""  # the directions file this repair was patched from (a stack keeps each one's)
 
     def as_dict(self) -> dict:
         out = dict(self.__dict__)
-        if not self.activation:
-            del out["activation"]
+        for k in ("activation", "directions_sha256"):
+            if not out[k]:
+                del out[k]
         return out
 
     @property
@@ -777,7 +779,8 @@ def patch_model(
                     n.inputs[i] = y
         patched.append(PatchedTarget(tensor=h.name, output=y.name, module=t.module, layout=t.layout,
                                      gate=t.gate, k=t.k, shape=[d if d is not None else "?" for d in dims],
-                                     nodes=count, repair=t.repair, target_class=new_class, activation=activation))
+                                     nodes=count, repair=t.repair, target_class=new_class, activation=activation,
+                                     directions_sha256=directions_sha256))
     graph.cleanup().toposort()
     try:
         graph.tensors(check_duplicates=True)

@@ -232,6 +232,7 @@ def test_patched_model_keeps_ir_opset_metadata_and_dynamic_batch(ws):
     assert m["fire_onnx.directions_sha256"] == dir_sha
     targets = json.loads(m["fire_onnx.targets"])
     assert [t["tensor"] for t in targets] == [TENSOR]
+    assert targets[0]["directions_sha256"] == dir_sha  # each repair records its own file (a stack keeps them all)
     assert fire_nodes(out) == targets[0]["nodes"] > 0
     assert fire_nodes(src) == 0
     for vi in (out.graph.input[0], out.graph.output[0]):

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import run_cli
 from fire_onnx import triggers
+from fire_onnx.fileio import sha256_file
 
 PRE = ("--mean", "0.5", "--std", "0.5")
 PATCH, BLEND = "badnets", "blended:alpha=0.2"
@@ -84,6 +85,8 @@ def test_each_incident_fitted_alone_then_added_repairs_both(two):
     assert orig["ca"] - both["ca"] <= 0.01, (orig, both)
     view = run_cli("inspect", "m_ab.onnx", cwd=ws, check=True).stdout
     assert "for class 0" in view and "for class 3" in view and "targets 0, 3" in view
+    # each repair names the directions file it came from (the model-wide record holds only the last one's)
+    assert all(f"directions {sha256_file(ws / f'd_{n}.npz')[:12]}" in view for n in "ab"), view
     # one file with both kinds of flagged image: refused, not fitted for neither
     a, b = np.load(ws / "flagged_a.npz")["x"], np.load(ws / "flagged_b.npz")["x"]
     np.savez(ws / "mixed.npz", x=np.concatenate([a[:10], b[:10]]))
