@@ -93,3 +93,9 @@ def test_each_incident_fitted_alone_then_added_repairs_both(two):
     mixed = run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "clean.npz", "--triggered",
                     "mixed.npz", *PRE, "-o", "d_mix.npz", cwd=ws)
     assert mixed.returncode == 1 and "go to two classes" in mixed.stderr and not (ws / "d_mix.npz").exists()
+    # ... also when --n-clean takes every clean image and the held-out check is skipped (the refusal ran inside it)
+    n_all = str(len(np.load(ws / "clean.npz")["x"]))
+    mixed = run_cli("fit", "--onnx", "model.onnx", "--layer", "block2", "--clean", "clean.npz", "--triggered",
+                    "mixed.npz", "--n-clean", n_all, *PRE, "-o", "d_mix.npz", cwd=ws)
+    assert mixed.returncode == 1 and "go to two classes" in mixed.stderr and not (ws / "d_mix.npz").exists(), (
+        mixed.stderr)

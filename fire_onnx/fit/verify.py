@@ -76,6 +76,35 @@ def _held_indices(req, inputs) -> tuple[np.ndarray, np.ndarray]:
 
 def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, source: Images | None,
            refit=None, progress=None, seek_suspects: bool = False) -> dict:
+    """:func:`_verify`, and on every path (a check skipped for want of held-out clean images too) the refusal of a
+    flagged file whose images go to two classes (:func:`_mixed`)."""
+    out = _verify(req, inputs, d, triggered, clean, source, refit, progress, seek_suspects)
+    mixed = _mixed(req, inputs, d, source)
+    if mixed and not out.get("refuse"):
+        out.update(mixed)
+    return out
+
+
+def _mixed(req, inputs, d: dirs.Directions, source: Images | None) -> dict:
+    """{"refuse", "refuse_mixed"} when the flagged images fitted on go to two classes, else {}."""
+    out = {}
+    checks = d.meta.get("checks") or {}
+    n_fit = checks.get("second_of", 0)
+    if (inputs.trigger is None and source is None and checks.get("second_class") is not None
+            and checks.get("second_count", 0) >= MIXED_REFUSE * n_fit):
+        # two groups of flagged images at two classes: a repair fitted on all of them is fitted for neither (new-user
+        # run 23: 10 images of a patch backdoor to class 0 and 10 of a blend to class 3 in one file; written with exit
+        # 0, the repair left 65 % and 86 % ASR, and the cross-fitted rate, diluted by the class-3 images, read 30 %)
+        cls = req.target if req.target is not None else checks.get("triggered_top_class")
+        out["refuse"] = (f"the flagged images go to two classes: {checks['second_count']} of the {n_fit} fitted on to "
+                         f"class {checks['second_class']}, the others mostly to class {cls}; one repair fitted on both "
+                         "groups is fitted for neither backdoor")
+        out["refuse_mixed"] = {"class": cls, "second_class": checks["second_class"]}
+    return out
+
+
+def _verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, source: Images | None,
+            refit=None, progress=None, seek_suspects: bool = False) -> dict:
     """Run the repaired model beside the original on held-out images (module docstring); the record
     for ``meta["check"]``, with ``warnings`` and, when the repair must not be written, ``refuse``.
     ``clean`` and ``source`` (the clean samples and the triggered samples' twins the fit used) let an
@@ -251,18 +280,6 @@ def verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, so
                         f"few to hold some out (at least {MIN_CROSS}): nothing shows it carries over to other triggered "
                         f"inputs (one flagged image fitted this way left 97 % ASR); give more flagged inputs (20 "
                         "recommended; fit --update adds them later)")
-    checks = d.meta.get("checks") or {}
-    n_fit = checks.get("second_of", 0)
-    if (inputs.trigger is None and source is None and checks.get("second_class") is not None
-            and checks.get("second_count", 0) >= MIXED_REFUSE * n_fit):
-        # two groups of flagged images at two classes: a repair fitted on all of them is fitted for neither (new-user
-        # run 23: 10 images of a patch backdoor to class 0 and 10 of a blend to class 3 in one file; written with exit
-        # 0, the repair left 65 % and 86 % ASR, and the cross-fitted rate, diluted by the class-3 images, read 30 %)
-        cls = req.target if req.target is not None else checks.get("triggered_top_class")
-        out["refuse"] = (f"the flagged images go to two classes: {checks['second_count']} of the {n_fit} fitted on to "
-                         f"class {checks['second_class']}, the others mostly to class {cls}; one repair fitted on both "
-                         "groups is fitted for neither backdoor")
-        out["refuse_mixed"] = {"class": cls, "second_class": checks["second_class"]}
     out["warnings"] = warnings
     return out
 
