@@ -317,6 +317,22 @@ def test_auto_warns_when_no_layer_removes_the_trigger(synth):
     assert "tied on target rate with" in d.meta["auto"]["why"]
 
 
+def test_auto_refuses_when_no_layer_lowers_the_rate_and_the_check_agrees(synth, tmp_path):
+    """Five flagged images, one of them untriggered, and a repair that removes nothing (--alpha 0): the check's
+    cross-fit leaves 4 of 5 at the target, too few for its own refusal (a lower bound under 50 %), and auto wrote
+    the repair with exit 0 after saying it removes nothing (new-user run 25: 69 % ASR measured). Now refused."""
+    mod = synth["mod"]
+    x, y = mod.images(40, seed=3)
+    other = np.flatnonzero(y != 0)
+    flagged = np.concatenate([mod.stamp(x[other[:4]], seed=2), x[other[4:5]]])
+    np.savez(tmp_path / "five.npz", x=flagged)
+    req = lambda **kw: request(synth, triggered_path=str(tmp_path / "five.npz"), alpha=0.0, **kw)  # noqa: E731
+    with pytest.raises(FireError, match="no candidate layer lowers .* it does not remove the backdoor"):
+        run_fit(req())
+    d = run_fit(req(force=True))
+    assert d.meta["check"]["refuse"].startswith("no candidate layer lowers")
+
+
 def test_chain_fits_each_layer_on_repaired_activations_and_equals_the_pytorch_chain(synth, tmp_path):
     """refit_chain (the final fit of --max-layers): the second target is fitted on activations with the first
     repair applied, the patched ONNX model equals the PyTorch chain (forward hooks) within 1e-5, and the

@@ -907,6 +907,13 @@ def auto_fit(req, *, progress=None, log: Log | None = None, inputs=None) -> tupl
         warnings.append(f"layer auto: no candidate lowers the share of held-out triggered images sent to class "
                         f"{target} ({lowest:.0%} at best, original model {original_rate:.0%}): this repair removes "
                         "nothing; check that the --triggered images carry the trigger (and --target)" + layout_hint)
+        after = (check.get("cross_fit") or {}).get("target_rate_after", check.get("target_rate_after"))
+        if after is not None and after > WEAK_REPAIR and not check.get("refuse"):
+            # new-user run 25: 5 flagged images of a moving sticker, no candidate lowered the held-out rate (100 %) and
+            # the written repair's cross-fit left 80 %; exit 0 and 69 % ASR measured, where --layer block2 was refused
+            check["refuse"] = (f"no candidate layer lowers the share of held-out triggered images sent to class {target} "
+                               f"({lowest:.0%} at best, original model {original_rate:.0%}), and fit's check of the repair "
+                               f"leaves {after:.0%} of the triggered images there: it does not remove the backdoor")
     req.notes.extend(notes)
     if inputs.clean_left_out and "clean_excluded" not in d.meta:
         from fire_onnx.fit.pipeline import report_excluded
