@@ -187,6 +187,11 @@ def cli():
               help="hard: act only above tau (a clean-score quantile); none: plain projection on every input; "
                    "auto: hard, with tau lowered where needed to reach the triggered fitting samples.")
 @click.option("--quantile", type=float, default=0.999, show_default=True, help="Clean-score quantile used as tau.")
+@click.option("--gate-reach", type=click.Choice(["trigger", "weaker"]), default="trigger", show_default=True,
+              help="What gate auto lowers tau to reach: the triggered fitting samples, or also weaker copies of the "
+                   "trigger (the pairs redrawn at 30-90 % of its strength) that the original model still sends to "
+                   "the target: a fainter patch or blend otherwise passes under tau. Needs clean twins (--trigger, "
+                   "x_clean, or a confirmed reconstruction).")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Repair strength.")
 @click.option("--shrink/--no-shrink", default=True, show_default=True,
               help="Without clean twins, shrink the mean shift on each clean principal axis by its content "
@@ -257,7 +262,8 @@ def cli():
                    "most 80); fixing it makes the search independent of the machine's speed.")
 @preprocess_options
 def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_path, trigger_spec, target, split,
-        n_clean, n_triggered, method, k, gate, quantile, alpha, shrink, layout, onnx_path, batch_size, seed, output,
+        n_clean, n_triggered, method, k, gate, quantile, gate_reach, alpha, shrink, layout, onnx_path, batch_size, seed,
+        output,
         json_out, reconstruct, repair, update_path, clean_budget, n_holdout, max_layers, unlabeled_path, trigger_free,
         force, budget, steps, scale, mean, std, input_layout):
     """Fit backdoor directions at one or more layers of a model and save directions.npz."""
@@ -266,8 +272,8 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
 
     if update_path:  # these come from the file being updated: an explicit value would be silently ignored
         ctx = click.get_current_context()
-        given = [f"--{n.replace('_', '-')}" for n in ("method", "k", "gate", "quantile", "alpha", "layout", "repair",
-                                                         "shrink")
+        given = [f"--{n.replace('_', '-')}" for n in ("method", "k", "gate", "quantile", "gate_reach", "alpha", "layout",
+                                                         "repair", "shrink")
                  if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise FireError(f"--update takes {', '.join(given)} from {update_path} (the repair being refined); "
@@ -287,7 +293,7 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         layers=list(layers), clean_path=clean_path, model_spec=model_spec, weights=weights, no_weights=no_weights,
         onnx_path=onnx_path, tensor=tensor, triggered_path=triggered_path, trigger_spec=trigger_spec, target=target,
         split=split, n_clean=n_clean, n_triggered=n_triggered, method=method, k=k, gate=gate, quantile=quantile,
-        alpha=alpha, shrink=shrink, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
+        gate_reach=gate_reach, alpha=alpha, shrink=shrink, layout=layout, batch_size=batch_size, seed=seed, scale=scale, mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"), input_layout=input_layout, reconstruct=reconstruct, repair=repair,
         update_path=update_path, clean_budget=clean_budget, n_holdout=n_holdout,
         max_layers=max_layers, trigger_free=trigger_free, force=force, budget=budget,

@@ -53,6 +53,7 @@ AUTO_LOW_QUANTILE = 0.1  # the triggered scores' low end that gate auto reaches
 AUTO_MAX_SIGMAS = 3.0  # ... but never further below their median than this many robust sigmas
 SHRINK_MIN_RATIO = 0.05  # keep the plain shift when shrinking leaves less than this fraction of it
 CLEAN_FIRE_WARN = 0.02  # warn when a hard gate fires on more than this fraction of clean samples
+WEAKER_CLEAN_FIRE = 0.02  # gate reach "weaker" lowers tau at most to the clean scores' 1 - this quantile (as CLEAN_FIRE_WARN)
 
 
 def robust_std(s: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -210,6 +211,7 @@ def fit_target(
     triggered_labels: np.ndarray | None = None,
     shrink: bool = True,
     gate_triggered: np.ndarray | None = None,
+    gate_weaker: np.ndarray | None = None,
     repair: str = "project",
     prior: ShiftStats | None = None,
     prior_fit: dict | None = None,
@@ -222,6 +224,9 @@ def fit_target(
     labels, when both given and no pairing, make the clean reference class-matched.
     ``gate_triggered``: activations of further triggered samples that gate auto must reach as well,
     without entering the direction (the real flagged inputs behind a reconstructed trigger).
+    ``gate_weaker``: activations of weaker copies of the trigger that the original model still sends to the
+    target (``fit --gate-reach weaker``); gate auto lowers tau to reach them too, but not below the clean
+    quantile ``1 - WEAKER_CLEAN_FIRE`` (see WEAKER_CLEAN_FIRE).
     ``repair`` "translate" records the mean shift along each direction, so the repair subtracts the
     shift itself (the FIRE paper's x - alpha beta) instead of projecting. ``prior`` are the statistics
     of earlier triggered samples (``fit --update``; ``prior_fit`` their target's fit record): the
@@ -272,6 +277,11 @@ def fit_target(
         if gate_triggered.shape[1:] != triggered.shape[1:]:
             raise FireError(f"gate triggered activations {gate_triggered.shape[1:]} differ from {triggered.shape[1:]}")
         G = as_rows(gate_triggered, layout)
+    Wk = None
+    if gate_weaker is not None and len(gate_weaker):
+        if gate_weaker.shape[1:] != triggered.shape[1:]:
+            raise FireError(f"weaker-trigger activations {gate_weaker.shape[1:]} differ from {triggered.shape[1:]}")
+        Wk = as_rows(gate_weaker, layout)
     new = ShiftStats.from_rows(T, None if pairing == "unpaired" else ref, mu, n_images=triggered.shape[0],
                                sketch=method == "subspace", gate_rows=G)
     stats, T_all, T_new = new, T, T
@@ -326,6 +336,18 @@ def fit_target(
         chosen = "hard"
         if np.any(tau < tau_clean):
             rule = "triggered-margin"
+        if Wk is not None:
+            # weaker copies of the trigger the original model still obeys: reach them as well, as far as the clean
+            # scores allow (a patch separated by 9 sigma: tau 7.1 -> 3.4 closed every weaker variant at no CA cost; a
+            # blend at 2 sigma would have fired on 45 % of the clean inputs without the floor)
+            sw = (Wk - mu) @ U.T
+            floor = np.quantile(sc, 1 - WEAKER_CLEAN_FIRE, axis=0)
+            lowered = np.minimum(tau, np.maximum(auto_reach(sw), floor))
+            if weak_floor:
+                lowered = np.where((np.arange(len(sep)) >= 1) & (sep < SUBSPACE_MIN_SEPARATION), tau, lowered)
+            if np.any(lowered < tau):
+                rule = "weaker-trigger-margin"
+            tau = lowered
     if chosen == "none":  # the plain projection acts on every sample; tau is recorded but unused
         recall, clean_fp, rule = 1.0, 1.0, "unused"
     else:
@@ -361,6 +383,9 @@ def fit_target(
     }
     if shrinkage is not None:
         fit["shrinkage"] = shrinkage
+    if Wk is not None:
+        sw_fire = float(((Wk - mu) @ U.T > tau).any(axis=1).mean()) if chosen != "none" else 1.0
+        fit["gate_weaker"] = {"n": int(Wk.shape[0]), "gate_fires": sw_fire, "clean_fire_cap": WEAKER_CLEAN_FIRE}
     if sg is not None:
         fit["n_gate_triggered"] = int(gate_triggered.shape[0])
         fit["gate_recall_gate_triggered"] = float((sg > tau).any(axis=1).mean()) if chosen != "none" else 1.0

@@ -56,6 +56,29 @@ def test_tau_is_the_clean_quantile_and_gate_auto_reaches_the_triggered_samples()
     assert none.gate == "none" and none.fit["gate_fires_clean"] == 1.0
 
 
+def test_gate_reach_weaker_lowers_tau_to_weaker_copies_but_not_past_the_clean_cap():
+    """Weaker copies of the trigger (here at a quarter of its shift) score under the 0.999 clean quantile: gate auto
+    left them alone. Given as gate_weaker it lowers tau to reach them, never below the clean quantile 1 -
+    WEAKER_CLEAN_FIRE; the direction and the full-strength reach are unchanged."""
+    from fire_onnx.estimate import WEAKER_CLEAN_FIRE
+
+    clean, trig, src, u = planted(strength=8.0, n_clean=2000)
+    base = fit_target(clean, trig, paired=src, module="m")
+    weak_src = np.random.default_rng(5).normal(size=(60, clean.shape[1]))
+    weaker = weak_src + 2.5 * u  # about the clean 99th percentile along u
+    t = fit_target(clean, trig, paired=src, gate_weaker=weaker, module="m")
+    np.testing.assert_allclose(t.U, base.U)
+    s_clean, s_weak = (clean - t.mu) @ t.U[0], (weaker - t.mu) @ t.U[0]
+    assert float(t.tau[0]) < float(base.tau[0]) and t.fit["tau_rule"] == "weaker-trigger-margin"
+    assert float((s_weak > float(base.tau[0])).mean()) < 0.5 < float((s_weak > float(t.tau[0])).mean())
+    assert float((s_clean > float(t.tau[0])).mean()) <= WEAKER_CLEAN_FIRE + 1e-9
+    assert t.fit["gate_weaker"]["n"] == 60 and t.fit["gate_weaker"]["gate_fires"] > 0.5
+    # copies too weak to tell from clean inputs: tau stops at the cap, it does not follow them down
+    faint = fit_target(clean, trig, paired=src, gate_weaker=weak_src + 0.2 * u, module="m")
+    assert abs(float(faint.tau[0]) - float(np.quantile((clean - faint.mu) @ faint.U[0], 1 - WEAKER_CLEAN_FIRE))) < 1e-6
+    assert faint.fit["gate_fires_clean"] <= WEAKER_CLEAN_FIRE + 1e-9
+
+
 def test_class_matched_reference_removes_class_mix_bias():
     rng = np.random.default_rng(3)
     d = 32

@@ -336,6 +336,19 @@ PSEUDO_PAIRS = 100  # reconstructed-trigger pairs to fit on (at least as many as
 # Fashion-MNIST Blended images: 38 % ASR against 81 %).
 PSEUDO_PAIR_KINDS = ("patch", "additive")
 GATE_FLAGGED = True  # gate auto must also reach the real flagged images (not only the pseudo-pairs)
+GATE_REACH_CHOICES = ("trigger", "weaker")
+# gate reach "weaker": the fitting pairs redrawn at these strengths of the trigger, x + t (x_trig - x); those the
+# original model sends to the target are what gate auto must reach too (new-user run 26: a BadNets patch at grey 150
+# or 60 % strength fooled the original model on 50-55 % of the images at scores under tau, the 0.999 clean quantile,
+# and passed the repaired model unchanged)
+WEAKER_STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def weaker_copies(x_clean: np.ndarray, x_trig: np.ndarray, strengths=WEAKER_STRENGTHS) -> np.ndarray:
+    """uint8 images ``x + t (x_trig - x)`` for each strength ``t`` (in that order, one block of len(x) per t): the
+    trigger at a fraction of its strength (a fainter patch, a weaker blend or signal)."""
+    xc, xt = x_clean.astype(np.float32), x_trig.astype(np.float32)
+    return np.concatenate([np.clip(np.rint(xc + t * (xt - xc)), 0, 255).astype(np.uint8) for t in strengths])
 
 
 def reconstruct_pairs(source, preprocess: Preprocess, clean: Images, flagged: Images, logits_f, held: Images | None,
@@ -411,6 +424,25 @@ def _priors(previous: dirs.Directions, layers: Sequence[str], source) -> dict:
     return out
 
 
+def _weaker_reach(source, preprocess, triggered: Images, acts_p, meta: dict, progress, target,
+                  twins: Images | None) -> dict:
+    """Gate reach "weaker": per layer, the activations of the fitting pairs redrawn at the weaker strengths
+    (:func:`weaker_copies`) that the original model sends to ``target``, for gate auto to reach as well
+    (``fire_onnx.estimate.fit_target``'s ``gate_weaker``). Needs twins (a known trigger, x_clean, or a confirmed
+    reconstruction's pseudo-pairs); records what it found in ``meta["gate_reach"]``."""
+    if twins is None or acts_p is None or target is None:
+        raise FireError("--gate-reach weaker needs the triggered images' clean twins (--trigger, x_clean in the "
+                        "triggered file, or flagged images whose trigger fit reconstructs): without them there is no "
+                        "weaker copy of the trigger to stamp")
+    xw = weaker_copies(twins.x, triggered.x)
+    acts_w, logits_w = source.run(preprocess(xw), progress)
+    hit = np.asarray(logits_w).argmax(axis=1) == int(target)
+    n = len(triggered)
+    meta["gate_reach"] = {"mode": "weaker", "strengths": list(WEAKER_STRENGTHS), "n_pairs": int(n),
+                          "at_target": [int(hit[i * n:(i + 1) * n].sum()) for i in range(len(WEAKER_STRENGTHS))]}
+    return {name: a[hit] for name, a in acts_w.items()}
+
+
 def fit_directions(
     model,
     layers: Sequence[str],
@@ -440,6 +472,7 @@ def fit_directions(
     pair_blend: bool = False,
     weak_floor: bool = True,
     merge: bool = True,
+    gate_reach: str = "trigger",
 ) -> dirs.Directions:
     """Fit one target per layer and return the directions, with the checks' results in
     ``meta["checks"]`` and each target's fingerprint.
@@ -536,6 +569,15 @@ def fit_directions(
             acts_t = source.run(preprocess(stamped.x), progress)[0]
             acts_p = source.run(preprocess(originals.x), progress)[0]
             triggered = stamped
+    if gate_reach not in GATE_REACH_CHOICES:
+        raise FireError(f"gate_reach must be one of {', '.join(GATE_REACH_CHOICES)}")
+    acts_weak = None
+    if gate_reach == "weaker":
+        acts_weak = _weaker_reach(source, preprocess, triggered, acts_p, meta, progress,
+                                  target if target is not None else checks.get("triggered_top_class"),
+                                  triggered_source if triggered_source is not None else
+                                  (pseudo["pairs"][1] if reconstruct == "auto" and pseudo["pairs"] is not None
+                                   else None))
     probe_x = probes.probe_images(clean.x)
     acts_probe = source.run(preprocess(probe_x))[0]
 
@@ -552,6 +594,7 @@ def fit_directions(
                        paired=None if acts_p is None else acts_p[name],
                        clean_labels=clean.y, triggered_labels=triggered.y,
                        gate_triggered=None if acts_gate is None else acts_gate[name], shrink=shrink, repair=repair,
+                       gate_weaker=None if acts_weak is None else acts_weak[name],
                        weak_floor=weak_floor,
                        prior=prior, prior_fit=prior_fit,
                        prior_direction=None if old_target is None else old_target.U[0])

@@ -44,6 +44,7 @@ class FitRequest:
     k: int | None = None
     gate: str = "auto"
     quantile: float = 0.999
+    gate_reach: str = "trigger"  # "weaker": gate auto also reaches weaker copies of the trigger (fit.core.weaker_copies)
     alpha: float = 1.0
     layout: str | None = None
     batch_size: int = 128
@@ -593,7 +594,7 @@ def fit_inputs(req: FitRequest, inputs: FitInputs, layers: list[str], clean: Ima
                        onnx_name=inputs.onnx_name, reconstruct=reconstruct, held=held, shrink=req.shrink,
                        repair=req.repair, previous=inputs.previous, merge=not inputs.refit_all,
                        pair_blend=req.blend_fit == "pseudo-pairs",
-                       weak_floor=not req.trigger_free)
+                       weak_floor=not req.trigger_free, gate_reach=req.gate_reach)
     if inputs.previous is not None:
         from fire_onnx.fit.update import stamp_update
 

@@ -194,6 +194,22 @@ def _verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, s
                 out["poison_evidence"] = {"n": int(len(sus["suspects"])), "carried_share": sus["carried_share"]}
     elif seek_suspects and target is not None:  # the pool is known to hold some: look again after each refit
         out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
+    if inputs.trigger is not None and target is not None and before is not None and before >= WEAKER_FOOLS:
+        weak = _weaker_check(held, d, inputs.pool.subset(stamp_idx).x, held_trig.x, target, inputs.preprocess)
+        out["weaker_trigger"] = weak
+        if weak.get("bypass"):
+            w = weak["bypass"]
+            reach = getattr(req, "gate_reach", "trigger")
+            warnings.append(
+                f"a weaker copy of the trigger (at {w['strength']:.0%} of its strength, x + {w['strength']:g} (stamped - "
+                f"x)) sends {w['before']:.0%} of {weak['n']} held-out images to class {target} on the original model "
+                f"and {w['after']:.0%} after the repair: the gate's threshold sits above such inputs' scores, so a "
+                "fainter trigger passes it; "
+                + ("fit with --gate-reach weaker (the gate then reaches the weaker copies the model obeys, firing on "
+                   "at most 2% of clean inputs)" if reach != "weaker" else
+                   "--gate-reach weaker reached what it could within 2% of the clean inputs")
+                + ", or --gate none (the repair acts on every input); check with 'fire-onnx eval --trigger' at lower "
+                  "strengths (a blend's alpha, a patch's value)")
     if change > CHANGE_WARN:
         warnings.append(f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
                         "images (a repair that acts on triggered inputs only changes almost none): "
@@ -281,6 +297,37 @@ def _verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, s
                         f"inputs (one flagged image fitted this way left 97 % ASR); give more flagged inputs (20 "
                         "recommended; fit --update adds them later)")
     out["warnings"] = warnings
+    return out
+
+
+# weaker copies of a known trigger (x + t (stamped - x)) the held-out check also runs, on this many images at most
+WEAKER_CHECK = (0.5, 0.6, 0.7, 0.8)
+WEAKER_CHECK_N = 200
+WEAKER_FOOLS = 0.5  # a strength whose copies the original model sends to the target at least this often ...
+# ... and the repaired model at more than PARTIAL and more than this share of that: the gate lets them through
+WEAKER_LEFT = 0.5
+
+
+def _weaker_check(held, d: dirs.Directions, src_x: np.ndarray, trig_x: np.ndarray, target: int, pre) -> dict:
+    """The original and repaired models' target rates on held-out images stamped with the trigger at the weaker
+    strengths ``WEAKER_CHECK`` (``fire_onnx.fit.core.weaker_copies``). New-user run 26: a BadNets patch at 60 % of
+    its strength fooled the original model on 55 % of the images and the repaired one on 55 %, the gate firing on
+    2 % of them, while fit's check of the full-strength trigger read 99 % -> 3 %. ``bypass``: the strength the repair
+    leaves most of (see WEAKER_FOOLS, WEAKER_LEFT), absent when none."""
+    from fire_onnx.fit.core import weaker_copies
+
+    n = min(len(src_x), len(trig_x), WEAKER_CHECK_N)
+    if n == 0:
+        return {"n": 0, "rows": []}
+    x = pre(weaker_copies(src_x[:n], trig_x[:n], WEAKER_CHECK))
+    before = held.runner(None)(x).argmax(axis=1) == target
+    after = held.runner(d)(x).argmax(axis=1) == target
+    rows = [{"strength": t, "before": float(before[i * n:(i + 1) * n].mean()),
+             "after": float(after[i * n:(i + 1) * n].mean())} for i, t in enumerate(WEAKER_CHECK)]
+    out = {"n": int(n), "rows": rows}
+    left = [r for r in rows if r["before"] >= WEAKER_FOOLS and r["after"] > max(PARTIAL, WEAKER_LEFT * r["before"])]
+    if left:
+        out["bypass"] = max(left, key=lambda r: r["after"])
     return out
 
 
