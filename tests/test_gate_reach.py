@@ -94,3 +94,11 @@ def test_gate_reach_weaker_needs_twins_and_is_taken_from_the_file_on_update(ws):
                    fit_args(ws)[2], "--weights", ws / "model.pt", "--clean", ws / "mnist.npz", "--gate-reach",
                    "weaker", "-o", "u.npz", cwd=ws)
     assert_user_error(proc, ws, before, "--update takes --gate-reach")
+
+
+def test_a_layer_auto_run_is_not_told_to_try_layer_auto():
+    """new-user run 26: inside a --layer auto run the changed-clean warning said "try another layer: --layer auto"."""
+    check = {"changed": 16, "changed_from_target": 11, "target": 0}
+    assert "(try --layer auto)" in verify.poisoned_clean_hint(check)
+    hint = verify.poisoned_clean_hint(check, "a larger --max-layers or --clean-budget")
+    assert "--layer auto" not in hint and "(try a larger --max-layers or --clean-budget)" in hint

@@ -213,8 +213,8 @@ def _verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, s
     if change > CHANGE_WARN:
         warnings.append(f"the repair changes the predicted class of {change:.1%} of {len(held_clean)} held-out clean "
                         "images (a repair that acts on triggered inputs only changes almost none): "
-                        + (poisoned_clean_hint(out) or "it will cost clean accuracy; check the triggered images, "
-                           "--target and the layer"
+                        + (poisoned_clean_hint(out, _other_layers(req))
+                           or "it will cost clean accuracy; check the triggered images, --target and the layer"
                            + ("" if req.auto else " (--layer auto judges every candidate on held-out images)")))
     n_changed = int(round(change * len(held_clean)))
     # few held-out images decide only when even the lower confidence bound is over the level (17 of 18
@@ -626,8 +626,9 @@ def _triggered_scores(inputs, d: dirs.Directions, x: np.ndarray, target: int) ->
     return ((scores > mid) & apart).any(axis=1) & (logits.argmax(axis=1) == target)
 
 
-def poisoned_clean_hint(check: dict) -> str | None:
-    """What to say when most changed clean predictions left the target (see :func:`_changed_from_target`)."""
+def poisoned_clean_hint(check: dict, other: str = "--layer auto") -> str | None:
+    """What to say when most changed clean predictions left the target (see :func:`_changed_from_target`); ``other``:
+    the layer advice (:func:`_other_layers`: a --layer auto run was told to try --layer auto, new-user run 26)."""
     n, away = check.get("changed") or 0, check.get("changed_from_target") or 0
     if not n or away < POISONED_SHARE * n:
         return None
@@ -639,7 +640,7 @@ def poisoned_clean_hint(check: dict) -> str | None:
                 f"{max(g['carried_share'], 0):.0%} of the trigger's pixel change (poisoned images carry as much as the triggered "
                 f"images do): "
                 f"they are genuine class-{check['target']} images, and the repair removes the class's own features "
-                f"at this layer; try an earlier layer (--layer auto)")
+                f"at this layer; try an earlier layer" + (" (--layer auto)" if other == "--layer auto" else ""))
     t = check["target"]
     if check.get("poison_evidence"):  # clean images that score like triggered ones carry the trigger in pixels too
         e = check["poison_evidence"]
@@ -655,7 +656,7 @@ def poisoned_clean_hint(check: dict) -> str | None:
     why = f" ({relabelled} of them labelled {t} in the clean file)" if relabelled else ""
     return (f"{away} of the {n} it changes were at class {t} and move away from it{why}, as triggered inputs do: "
             f"either the repair removes features that genuine class-{t} images share with triggered ones at this "
-            "layer (try another layer: --layer auto), or the clean file holds triggered (poisoned) images, e.g. "
+            f"layer (try {other}), or the clean file holds triggered (poisoned) images, e.g. "
             "drawn from the training set (give clean images from elsewhere, a validation split)")
 
 
@@ -673,7 +674,7 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
     """Record ``check`` in the directions; raise when it refuses the repair and ``--force`` was not given."""
     d.meta["check"] = {k: v for k, v in check.items() if k != "warnings" and not k.startswith("_")}
     if check.get("refuse") and not req.force:
-        hint = poisoned_clean_hint(check) if check.get("refuse_clean") else None
+        hint = poisoned_clean_hint(check, _other_layers(req)) if check.get("refuse_clean") else None
         if hint:
             what = f"Of those, {hint}"
         elif check.get("refuse_mixed"):  # two backdoors (or flagged images of two kinds) in one file
