@@ -83,6 +83,24 @@ def _write_json(dest: str, payload: dict) -> None:
         write_text_atomic(dest, text)
 
 
+class _JsonOnRefusal:
+    """``with _JsonOnRefusal(json_out):`` around a fit: a refusal (exit 1) still writes ``--json`` with what the fit
+    saw and why it refused, before the one-line error."""
+
+    def __init__(self, json_out: str | None):
+        self.json_out = json_out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        from fire_onnx.errors import Refused
+
+        if isinstance(err, Refused) and self.json_out and err.report:
+            _write_json(self.json_out, err.report)
+        return False
+
+
 def _sigma(sep: float) -> str:
     """A separation in clean standard deviations; clean scores (nearly) constant along the direction make it huge
     (new-user run 14 read 9791363952766.5 sigma)."""
@@ -302,8 +320,9 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
     if trigger_free:
         from fire_onnx.fit.trigger_free import describe_scan, run_trigger_free
 
-        res = run_trigger_free(req, progress=_progress("searching"), log=lambda line: click.echo(line, err=True),
-                               fit_progress=_progress("fitting"))
+        with _JsonOnRefusal(json_out):
+            res = run_trigger_free(req, progress=_progress("searching"), log=lambda line: click.echo(line, err=True),
+                                   fit_progress=_progress("fitting"))
         if not quiet:
             for line in describe_scan(res.evidence):
                 click.echo(line)
@@ -328,7 +347,9 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
         from fire_onnx.traffic import NothingFound
 
         try:
-            d = run_fit(req, progress=_progress("collecting activations"), log=lambda line: click.echo(line, err=True))
+            with _JsonOnRefusal(json_out):
+                d = run_fit(req, progress=_progress("collecting activations"),
+                            log=lambda line: click.echo(line, err=True))
         except NothingFound as e:  # --unlabeled: nothing to repair is an answer, not an error (exit 0)
             _nothing_found(e.result.record(), req.notes, json_out)
             return

@@ -15,6 +15,16 @@ class FireError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class Refused(FireError):
+    """fit refused to write a repair its checks judged useless or harmful: a user-facing error that also carries
+    what the fit saw (``report``: the summary ``fit --json`` writes, with ``refused`` set), so ``--json`` can still
+    be written (new-user run 25: a refusal left no JSON, when it is most needed)."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
+
+
 def suggest(name: str, candidates: list[str], limit: int = 8) -> str:
     """A short " (closest candidates: ...)" or " (candidates: ...)" suffix for a not-found message."""
     import difflib

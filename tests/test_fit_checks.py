@@ -709,3 +709,15 @@ def test_unlabelled_clean_images_collapsing_onto_one_class_warn_of_the_preproces
     assert ok["top_class_share"] == 0.2 and "warning" not in ok
     one_class = assess_unlabeled(lambda z: np.eye(5)[np.zeros(len(z), int)], Images(x), Preprocess(1.0, [0.0], [1.0], "NCHW"))
     assert "warning" not in one_class
+
+
+def test_a_refused_fit_still_writes_its_json_report(ws):
+    """new-user run 25: a refusal (exit 1) left no --json file, when it is the one the user needs. Now the report
+    is written, with what the fit saw and why it refused; the directions file is not."""
+    proc = run_cli(*fit_args(ws, "--trigger", "badnets", "--target", "0", "--alpha", "0", "-o", "a.npz", "--json",
+                             "a.json"), cwd=ws)
+    assert proc.returncode == 1 and "not written" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (ws / "a.npz").exists()
+    rep = json.loads((ws / "a.json").read_text())
+    assert rep["written"] is False and rep["output"] is None and rep["refused"].startswith("not written: ")
+    assert rep["check"]["target_rate_after"] > 0.5 and rep["targets"][0]["module"] == "block2"

@@ -712,7 +712,14 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
         else:
             what = ("Check that the triggered images carry the trigger (and --target), or try "
                     f"{_other_layers(req)}")
-        raise FireError(f"not written: {check['refuse']}. {what}; --force writes it anyway")
+        from fire_onnx.errors import Refused
+        from fire_onnx.fit.pipeline import summary
+
+        msg = f"not written: {check['refuse']}. {what}; --force writes it anyway"
+        report = summary(d)
+        report["warnings"] += [w for w in check.get("warnings", []) if w not in report["warnings"]]
+        report.update(output=None, written=False, refused=" ".join(msg.split()))
+        raise Refused(msg, report)
     d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(check.get("warnings", []))
     if check.get("refuse"):
         d.meta["checks"]["warnings"].append(f"written with --force although {check['refuse']}")
