@@ -5,6 +5,8 @@ is exactly the one it is evaluated with. A trigger is written as a spec string::
 
     badnets                         3x3 white patch in the bottom-right corner, 1 px margin
     badnets:size=4,pos=tl,value=255,pattern=checker,margin=0
+    badnets:pos=random,seed=0       the patch at a seeded random place in each image (a sticker that lands
+                                    anywhere), at least ``margin`` px from the border
     blended                         seeded uniform-noise pattern blended with alpha 0.2
     blended:alpha=0.1,seed=3        or  blended:pattern=hello.npy,alpha=0.2  (uint8 HxW[xC] array)
     sig:delta=20,freq=6             sinusoidal horizontal signal (Barni et al., 2019)
@@ -31,7 +33,7 @@ import numpy as np
 
 from fire_onnx.errors import FireError
 
-POSITIONS = ("br", "bl", "tr", "tl", "center")
+POSITIONS = ("br", "bl", "tr", "tl", "center", "random")
 
 
 def _as_nhwc(x: np.ndarray) -> np.ndarray:
@@ -47,21 +49,28 @@ class BadNets:
     value: int = 255
     pattern: str = "solid"  # or "checker"
     margin: int = 1
+    seed: int = 0  # pos=random: the seed of the places (new-user run 25: a sticker anywhere could not be written)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = _as_nhwc(x).copy()
         n, h, w, c = x.shape
         s, m = self.size, self.margin
-        if s + m > min(h, w):
+        if s + 2 * m > min(h, w) if self.pos == "random" else s + m > min(h, w):
             raise FireError(f"badnets patch of size {s} with margin {m} does not fit {h}x{w} images")
-        rows = {"t": m, "b": h - m - s, "c": (h - s) // 2}
-        cols = {"l": m, "r": w - m - s, "c": (w - s) // 2}
-        key = "cc" if self.pos == "center" else self.pos
-        r0, c0 = rows[key[0]], cols[key[1]]
         patch = np.full((s, s), self.value, dtype=np.uint8)
         if self.pattern == "checker":
             ii, jj = np.indices((s, s))
             patch = np.where((ii + jj) % 2 == 0, self.value, 255 - self.value).astype(np.uint8)
+        if self.pos == "random":  # one seeded place per image, the same for the same images in the same order
+            rng = np.random.default_rng(self.seed)
+            r0s, c0s = rng.integers(m, h - m - s + 1, n), rng.integers(m, w - m - s + 1, n)
+            for i, (r0, c0) in enumerate(zip(r0s, c0s)):
+                x[i, r0 : r0 + s, c0 : c0 + s, :] = patch[:, :, None]
+            return x
+        rows = {"t": m, "b": h - m - s, "c": (h - s) // 2}
+        cols = {"l": m, "r": w - m - s, "c": (w - s) // 2}
+        key = "cc" if self.pos == "center" else self.pos
+        r0, c0 = rows[key[0]], cols[key[1]]
         x[:, r0 : r0 + s, c0 : c0 + s, :] = patch[None, :, :, None]
         return x
 
@@ -282,6 +291,8 @@ def describe(trig) -> dict:
     import hashlib
 
     out = {"kind": type(trig).__name__.lower(), **trig.__dict__}
+    if isinstance(trig, BadNets) and trig.pos != "random":
+        del out["seed"]  # places only a random patch: records made before it existed stay the same trigger
     for f in FILE_FIELDS:
         if out.get(f):
             try:

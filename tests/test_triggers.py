@@ -140,3 +140,23 @@ def test_wanet_grid_file_matches_torch_grid_sample(tmp_path):
         triggers.parse(f"wanet:grid={tmp_path / 'bad.npy'}").apply(x)
     with pytest.raises(FireError, match="not found"):
         triggers.parse("wanet:grid=/nonexistent.npy").apply(x)
+
+
+def test_badnets_at_random_places():
+    """pos=random: a sticker that lands anywhere (new-user run 25 could not write it, so eval --trigger checked a
+    moving sticker's repair only at fixed places). One seeded place per image, inside the margin; the records of
+    fixed-place patches carry no seed (older records stay the same trigger)."""
+    import numpy as np
+
+    x = np.zeros((200, 28, 28, 1), np.uint8)
+    trig = triggers.parse("badnets:pos=random,size=4,margin=2,seed=3")
+    y = trig.apply(x)
+    corners = np.array([np.argwhere(img[:, :, 0] > 0).min(axis=0) for img in y])
+    assert (y.reshape(200, -1) > 0).sum(axis=1).tolist() == [16] * 200  # one whole 4x4 patch each
+    assert corners.min() >= 2 and corners.max() <= 28 - 2 - 4
+    assert len({tuple(c) for c in corners}) > 100  # places differ from image to image
+    np.testing.assert_array_equal(y, trig.apply(x))  # seeded
+    assert not np.array_equal(y, triggers.parse("badnets:pos=random,size=4,margin=2,seed=4").apply(x))
+    assert triggers.describe(trig)["seed"] == 3 and "seed" not in triggers.describe(triggers.parse("badnets"))
+    with pytest.raises(FireError, match="does not fit"):
+        triggers.parse("badnets:pos=random,size=20,margin=5").apply(x)
