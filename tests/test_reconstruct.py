@@ -185,7 +185,7 @@ def test_fit_from_flagged_images_only_removes_the_backdoor(demo_run, mnist_path,
 
     k = round(cross["target_rate_after"] * 20)
     assert cross["upper_bound"] == round(upper_bound(k, 20), 4) >= 0.139
-    assert f"shows only that the rate on unseen triggered inputs is below {cross['upper_bound']:.0%}" in proc.stdout
+    assert f"on unseen triggered inputs the rate may be as high as {cross['upper_bound']:.0%}" in proc.stdout
     # --reconstruct off: the plain unpaired estimate, no reconstruction recorded
     run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean", mnist_path, "--triggered", flagged,
             "--mean", "0.5", "--std", "0.5", "--reconstruct", "off", "-o", tmp_path / "off.npz", "--json",

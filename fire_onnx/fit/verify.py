@@ -469,10 +469,15 @@ def describe(check: dict) -> str:
                      f"{cross['target_rate_after']:.0%}")
             bound = cross.get("upper_bound")
             if bound is not None and bound > PARTIAL:
-                line += (f" (from {cross['n']} images this shows only that the rate on unseen triggered inputs is "
-                         f"below {bound:.0%}, at {BOUND_LEVEL:.0%} confidence)")
+                # "below 100 %" said nothing (new-user run 25)
+                line += (f" (from {cross['n']} images: on unseen triggered inputs the rate may be as high as "
+                         f"{bound:.0%}, at {BOUND_LEVEL:.0%} confidence)")
         elif "skipped" in cross:
             line += f" (not cross-fitted: {cross['skipped']})"
+    rows = (check.get("weaker_trigger") or {}).get("rows") or []
+    if rows:  # what was checked beyond the trigger itself (new-user run 26 asked what the check covers)
+        strengths, before, after = ("/".join(f"{100 * r[k]:.0f}" for r in rows) for k in ("strength", "before", "after"))
+        line += f"; the trigger at {strengths} % strength: {before} % -> {after} %"
     return line
 
 
