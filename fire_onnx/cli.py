@@ -404,16 +404,22 @@ def fit(model_spec, weights, no_weights, layers, tensor, clean_path, triggered_p
 
 
 def _nothing_found(record: dict, notes: list[str], json_out: str | None) -> None:
-    """``fit --unlabeled`` confirmed no triggered input: say so; no directions file."""
+    """``fit --unlabeled`` confirmed no triggered input: say so; no directions file. A strongly outlying group that no
+    trigger model confirms is warned about and not called "nothing to repair" (new-user run 25: a moving sticker's 45
+    inputs, all triggered, were dropped with that all-clear; its indices are in the JSON's unconfirmed_groups)."""
     from fire_onnx.traffic import describe as describe_traffic
 
     for note in notes + record.get("notes", []):
         click.echo(f"note: {note}", err=True)
     for warning in record.get("warnings", []):
-        click.echo(f"warning: {warning}: 'nothing found' means nothing here", err=True)
+        tail = "" if warning == record.get("unconfirmed_warning") else ": 'nothing found' means nothing here"
+        click.echo(f"warning: {warning}{tail}", err=True)
     if json_out != "-":
         click.echo(describe_traffic(record))
-        click.echo("no directions file written: there is nothing to repair (--force fits anyway)")
+        groups = record.get("unconfirmed_groups") or []
+        click.echo("no directions file written: " + (
+            f"nothing confirmed to repair (--force fits on class {groups[0]['class']}'s outlying group)" if groups
+            else "there is nothing to repair (--force fits anyway)"))
     if json_out:
         _write_json(json_out, {"unlabeled": record, "output": None, "warnings": list(record.get("warnings", []))})
 

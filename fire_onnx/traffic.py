@@ -76,6 +76,13 @@ cluster and lets the model confirm it:
    (31 %), and "nothing found" with exit 0 read as a clean model. ``fit`` then stops with an error
    (:class:`SeveralFound`) that names them and says to fit each with ``--target`` (30 of 30 found for each);
    ``--force`` fits the first. A shift can give every class a strong confirmation, so under one this is not said.
+11. *Unconfirmed groups*: a candidate whose reconstruction nothing confirms is not dropped silently when its group
+   stands clear of the clean references (:func:`unconfirmed_groups`: separation at least ``UNCONFIRMED_SEPARATION``,
+   at most ``UNCONFIRMED_REFERENCE_ABOVE`` of the references above the cut, no global or look shift): a trigger the
+   patch, blend and additive models cannot express gives such a group. New-user run 25's sticker at a random place
+   per image gave class 0 a group of 45 inputs, all triggered, separation 17.2, confirmed 0 %, and fit said "nothing
+   to repair". ``fit`` now warns (not repaired, exit 0), records the group's indices (``unconfirmed_groups``), and
+   ``--force`` fits on it (5.6 % ASR left there).
 
 Not adopted: a stricter bar for additive reconstructions or one relative to chance among the other classes
 (1 / (K - 1), 100 % for two classes): the control refuted every additive false find measured, while run 21's
@@ -131,6 +138,11 @@ LOOK_EFFECT = 1.0  # a class's traffic "looks different" when a look statistic's
 LOOK_MIN_REFERENCE = 20  # clean reference images a class needs for its look to be compared
 MAX_CONFIRM = 8  # candidate classes confirmed with the model (most separated first)
 AMBIGUOUS = 2  # this many confirmed classes (without --target) is no finding (but see several, standout)
+# an outlying group that no reconstruction confirms is still reported, not repaired (see unconfirmed_groups), when it is
+# at least this separated from its class's clean references ...
+UNCONFIRMED_SEPARATION = 6.0
+# ... and leaves at most this share of them above its cut
+UNCONFIRMED_REFERENCE_ABOVE = 0.02
 N_REFERENCE = 5000  # clean pool images whose representations are the reference
 SHRINK = 0.1  # covariance shrinkage towards a multiple of the identity
 MAX_DIM = 512  # representations wider than this are reduced to their top principal axes first
@@ -139,6 +151,8 @@ Represent = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]  # uint8 NHW
 Predict = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC -> predicted classes (N,)
 
 NOTHING_FOUND = "no triggered inputs found in the traffic"
+# said instead when a strongly outlying group was found that no reconstruction confirms (see unconfirmed_groups)
+NOTHING_CONFIRMED = "no triggered inputs confirmed in the traffic"
 
 
 @dataclass
@@ -219,6 +233,9 @@ class TrafficResult:
     # several classes confirmed strongly (see several): several backdoors or triggers, none taken as the target
     several: list[ClassEvidence] = field(default_factory=list)
     n_patch_added: int = 0  # inputs of the target class added because they carry the confirmed patch
+    # strongly outlying groups no reconstruction confirmed (see unconfirmed_groups): reported, not repaired
+    unconfirmed: list[ClassEvidence] = field(default_factory=list)
+    unconfirmed_warning: str = ""  # the warning on them (set by the caller, who knows the traffic file's name)
 
     @property
     def found(self) -> bool:
@@ -239,14 +256,25 @@ class TrafficResult:
                            "two-cluster cut of traffic and reference scores; confirmed by trigger reconstruction"),
                 "thresholds": {"min_inputs": MIN_INPUTS, "min_reference": MIN_REFERENCE, "min_flagged": MIN_FLAGGED,
                                "reference_above_max": REFERENCE_ABOVE_MAX, "tail_quantile": TAIL_QUANTILE,
-                               "tail_excess": TAIL_EXCESS, "control_margin": CONTROL_MARGIN},
+                               "tail_excess": TAIL_EXCESS, "control_margin": CONTROL_MARGIN,
+                               "unconfirmed_separation": UNCONFIRMED_SEPARATION,
+                               "unconfirmed_reference_above": UNCONFIRMED_REFERENCE_ABOVE},
                 "classes": [c.record() for c in self.detection.classes],
                 "several": [c.cls for c in self.several],
+                "unconfirmed_groups": [{"class": c.cls, "n": c.n_flagged, "n_class": c.n,
+                                        "separation": round(float(c.separation or 0.0), 4),
+                                        "reference_above": round(float(c.reference_above or 0.0), 4),
+                                        "confirmation": round(float(c.confirmation or 0.0), 4),
+                                        "indices": [int(i) for i in self.detection.flagged[c.cls]]}
+                                       for c in self.unconfirmed],
+                "unconfirmed_warning": self.unconfirmed_warning or None,
                 "notes": list(self.notes), "warnings": list(self.warnings)}
 
 
 class NothingFound(Exception):
-    """No class of the traffic was confirmed: there is nothing to repair (not a user error: exit 0)."""
+    """No class of the traffic was confirmed: nothing confirmed to repair (not a user error: exit 0). The result may
+    still hold strongly outlying groups that no reconstruction confirmed (``result.unconfirmed``), which ``fit`` reports
+    with a warning instead of an all-clear."""
 
     def __init__(self, result: TrafficResult):
         super().__init__(NOTHING_FOUND)
@@ -624,6 +652,8 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
                                + ("that class" if len(rest) == 1 else "one of those classes") + " may be its target: "
                                + " or ".join(f"'fire-onnx fit --unlabeled TRAFFIC ... --target {c.cls}'" for c in rest)
                                + " fits a repair of its own (then 'fire-onnx patch --add' it beside this one)")
+    if not result.several:  # several backdoors stop fit with an error of their own
+        result.unconfirmed = unconfirmed_groups(det, shift)
     if best is not None:
         result.target, result.indices, result.reconstruction = best.cls, det.flagged[best.cls], best_rec
         if best_r.winner.kind == "patch":
@@ -633,6 +663,57 @@ def find_triggered(traffic: np.ndarray, represent: Represent, predict: Predict, 
                 result.indices = np.concatenate([result.indices, new])
             result.n_patch_added = int(len(new))
     return result
+
+
+def unconfirmed_groups(det: Detection, shift: str | None = None) -> list[ClassEvidence]:
+    """The candidate classes whose outlying group no trigger reconstruction confirmed (tried, not confirmed, not
+    refuted) although it stands clear of the class's clean references: separation at least ``UNCONFIRMED_SEPARATION``
+    and at most ``UNCONFIRMED_REFERENCE_ABOVE`` of the references above the cut; most separated first. None under a
+    global or look shift (``shift``), which gives outlying groups of its own and is warned about already.
+
+    New-user run 25: a 4x4 checkerboard at a random place per image (ASR 99.6 %) gave class 0 a group of 45 inputs,
+    all 45 triggered, separation 17.2 and no clean reference above the cut; no patch, blend or additive trigger
+    reproduces a moving sticker (confirmed 0 %), and fit said "no triggered inputs found ... nothing to repair", exit
+    0, where --force on the same group left 5.6 % ASR. The bounds keep clean traffic quiet: the benchmark's clean-
+    traffic controls (benchmarks/trigger_free/results.json, "unlabeled-clean-traffic") had candidates at separation
+    2.5-3.7 with 9-22 % of the references above the cut, and the non-target candidates beside real finds 2.1-2.9 with
+    10-24 %; the real targets there were at 3.0-53.9 and 0-11 % (so a weak real group, GTSRB Blended's 3.0, would not
+    be reported by this rule if it went unconfirmed)."""
+    if shift:
+        return []
+    return sorted((c for c in det.classes if c.candidate and c.confirmation is not None and not c.confirmed
+                   and not c.refuted and (c.separation or 0.0) >= UNCONFIRMED_SEPARATION
+                   and (c.reference_above or 0.0) <= UNCONFIRMED_REFERENCE_ABOVE),
+                  key=lambda c: -(c.separation or 0.0))
+
+
+def _group_text(c: ClassEvidence) -> str:
+    """e.g. "class 0 (45 of its 152 inputs, separation 17.2, no clean reference image above the cut)"."""
+    ref = ("no clean reference image above the cut" if not c.reference_above
+           else f"{c.reference_above:.0%} of its clean reference images above the cut")
+    return f"class {c.cls} ({c.n_flagged} of its {c.n} inputs, separation {c.separation or 0:.1f}, {ref})"
+
+
+def unconfirmed_warning(result: TrafficResult, traffic: str = "TRAFFIC") -> str | None:
+    """The warning on ``result.unconfirmed`` (other than a group --force fitted on), or None: where it is, what it may
+    be, that it is not repaired, and how to fit on it. ``traffic``: the traffic file's name."""
+    groups = [c for c in result.unconfirmed if not (result.forced and c.cls == result.target)]
+    if not groups:
+        return None
+    one = len(groups) == 1
+    what = (f"an outlying group in {_group_text(groups[0])}" if one else
+            "outlying groups in " + " and ".join(_group_text(c) for c in groups))
+    best = max(c.confirmation or 0.0 for c in groups)
+    # --force takes the most separated group when no class is taken (force_pick); beside a target, --target picks it
+    force = f"{'--force' if result.target is None else f'--target {groups[0].cls} --force'} fits on class " \
+            f"{groups[0].cls}'s group, "
+    return (f"{what} that no trigger model confirms (patch, blend and additive reconstructions: best {best:.0%}): a "
+            "trigger these pixel models cannot express (a moving patch, a warp, a sample-specific trigger) or natural "
+            f"outliers; not repaired. {'Its' if one else 'Their'} indices into {traffic} are in fit --json "
+            f"(unlabeled.unconfirmed_groups); {force}or save those inputs as a flagged file (np.savez('flagged.npz', "
+            f"x=np.load('{traffic}')['x'][indices])) and fit --triggered flagged.npz on them; then check the repair with "
+            "eval on triggered inputs (new-user run 25: a sticker at a random place per image, 45 of 45 of the group "
+            "triggered, 5.6 % ASR left by --force)")
 
 
 def control_group(ref_pred: np.ndarray, reference_y: np.ndarray | None, cls: int, n: int, seed: int = 0) -> np.ndarray:
@@ -672,13 +753,15 @@ def patch_carriers(traffic: np.ndarray, in_class: np.ndarray, cand, reference: n
 
 def force_pick(result: TrafficResult) -> TrafficResult:
     """``--force`` after no class was taken as the target: take the flagged inputs of the confirmed class whose
-    reconstruction was confirmed most often (several backdoors, or several classes none apart), else of the
-    candidate whose reconstruction came closest, else of the most separated class with flagged inputs. The note
-    says which of these it was."""
+    reconstruction was confirmed most often (several backdoors, or several classes none apart), else of the most
+    separated strongly outlying group no reconstruction confirmed (:func:`unconfirmed_groups`: new-user run 25's moving
+    sticker, where the candidate whose reconstruction came closest could have been a weak clean group), else of the
+    candidate whose reconstruction came closest, else of the most separated class with flagged inputs. The note says
+    which of these it was."""
     det = result.detection
     tried = [c for c in det.classes if c.confirmation is not None]
     confirmed = sorted((c for c in tried if c.confirmed), key=lambda c: -(c.confirmation or 0))
-    pool = confirmed or sorted(tried, key=lambda c: -(c.confirmation or 0)) or sorted(
+    pool = confirmed or list(result.unconfirmed) or sorted(tried, key=lambda c: -(c.confirmation or 0)) or sorted(
         (c for c in det.classes if c.n_flagged >= MIN_FLAGGED), key=lambda c: -(c.separation or 0))
     if not pool:
         raise FireError(f"{NOTHING_FOUND}, and no class has even {MIN_FLAGGED} outlying inputs to fit on: "
@@ -702,6 +785,9 @@ def force_pick(result: TrafficResult) -> TrafficResult:
     elif pick.refuted == "shift":
         why = (f"although its reconstruction, confirmed by {pick.confirmation:.0%}, stays under the {SHIFT_RATE:.0%} "
                "that the traffic's shift requires")
+    elif pick in result.unconfirmed:
+        why = (f"although no trigger model confirmed them: an outlying group in {_group_text(pick)}, which a trigger the "
+               "pixel models cannot express (a moving patch, a warp) gives, and so can natural outliers")
     else:
         why = "although no reconstruction was confirmed"
     result.notes.append(f"{head} {why}")
@@ -716,13 +802,25 @@ def describe(rec: dict) -> str:
                       for c in sorted(tried, key=lambda c: -c["confirmation"]))
     head = (f"unlabeled traffic: {rec['n_traffic']} inputs, {len([c for c in rec.get('classes', []) if 'cut' in c])} "
             f"classes scored at {rec.get('representation') or 'the classifier input'}")
+    groups = rec.get("unconfirmed_groups") or []
     if not rec.get("found") and not rec.get("forced"):
+        if groups:  # not "no triggered inputs found": new-user run 25's moving sticker was such a group, 45 of 45
+            where = " and ".join(f"class {g['class']} ({g['n']} inputs, separation {g['separation']:.1f})" for g in groups)
+            return (f"{head}; {NOTHING_CONFIRMED}, but {'an outlying group' if len(groups) == 1 else 'outlying groups'} "
+                    f"in {where} that no trigger model confirms (see the warning; tried: {tries})")
         return f"{head}; {NOTHING_FOUND}" + (f" (tried: {tries})" if tries else " (no class had an outlying cluster)")
     if rec.get("forced"):
-        what = (f"classes {', '.join(str(c) for c in rec['several'])} confirmed (several backdoors or triggers)"
-                if rec.get("several") else NOTHING_FOUND)
-        return (f"{head}; {what}; --force: fitting on the {rec['n_found']} outlying inputs of class "
-                f"{rec['target']} anyway" + (f" (tried: {tries})" if tries else ""))
+        picked = rec["target"]
+        if rec.get("several"):
+            what = f"classes {', '.join(str(c) for c in rec['several'])} confirmed (several backdoors or triggers)"
+        elif any(g["class"] == picked for g in groups):
+            what = f"an outlying group of class {picked} was found but no trigger model confirms it"
+        else:
+            what = f"the outlying group of class {picked} was found but not taken as triggered"
+        return (f"{head}; {what}; --force: fitting on its {rec['n_found']} inputs anyway"
+                if not rec.get("several") else
+                f"{head}; {what}; --force: fitting on the {rec['n_found']} outlying inputs of class {picked} anyway"
+                ) + (f" (tried: {tries})" if tries else "")
     added = rec.get("n_patch_added", 0)
     how = f" ({rec['n_found'] - added} outlying, {added} more carrying the patch)" if added else ""
     return (f"{head}; found {rec['n_found']} triggered inputs{how} predicted as class {rec['target']} (reconstruction "

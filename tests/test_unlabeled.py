@@ -190,6 +190,95 @@ def test_several_confirmed_classes_weak_standout_or_refuted(monkeypatch):
     assert tr.several(strong[:1]) == [] and tr.ambiguous(strong)  # without the rule above: "nothing found"
 
 
+def test_unconfirmed_group_rule_keeps_clean_traffic_quiet():
+    """The rule for reporting an outlying group no trigger model confirms, on the recorded group statistics: new-user
+    run 25's moving sticker (class 0: 45 inputs, all triggered, separation 17.2, no clean reference above the cut,
+    confirmed 0 %) is reported; the candidates of the benchmark's clean-traffic controls (benchmarks/trigger_free/
+    results.json: separation 2.5-3.7 with 9-22 % of the references above the cut) and the weak non-target groups
+    beside real finds are not, nor a strong group that was confirmed, refuted by its control, never tried, or seen
+    under a global shift."""
+    def ev(cls, sep, above, conf=0.0, **kw):
+        return tr.ClassEvidence(cls, 152, 46, n_flagged=45, candidate=True, separation=sep, reference_above=above,
+                                confirmation=conf, **kw)
+
+    def det(*classes):
+        return tr.Detection(list(classes), np.zeros(0), {}, np.zeros(0, int), 64)
+
+    run25 = ev(0, 17.17, 0.0)
+    controls = [ev(1, 3.69, 0.186, 0.455), ev(2, 2.90, 0.149, 0.145), ev(3, 2.99, 0.219, 0.035),
+                ev(4, 2.49, 0.095, 0.145), ev(5, 2.35, 0.243, 0.365)]
+    assert tr.unconfirmed_groups(det(*controls)) == []
+    assert [c.cls for c in tr.unconfirmed_groups(det(run25, *controls))] == [0]
+    # just past each bound: too little separation, or too many clean references above the cut
+    assert tr.unconfirmed_groups(det(ev(0, tr.UNCONFIRMED_SEPARATION - 0.1, 0.0))) == []
+    assert tr.unconfirmed_groups(det(ev(0, 17.2, tr.UNCONFIRMED_REFERENCE_ABOVE + 0.01))) == []
+    assert tr.unconfirmed_groups(det(ev(0, 17.2, 0.0, 0.97, confirmed=True))) == []  # found, not unconfirmed
+    assert tr.unconfirmed_groups(det(ev(0, 17.2, 0.0, 0.6, refuted="control"))) == []  # class content
+    assert tr.unconfirmed_groups(det(ev(0, 17.2, 0.0, None))) == []  # never reconstructed (past MAX_CONFIRM)
+    assert tr.unconfirmed_groups(det(run25), "the traffic differs as a whole") == []
+
+
+def test_strong_unconfirmed_group_is_said_not_dropped(monkeypatch):
+    """Two strongly outlying groups (synthetic traffic: separation 13-17, no clean reference above the cut) whose
+    reconstructions nothing confirms: not "no triggered inputs found" (new-user run 25 read that, and "nothing to
+    repair", for a moving sticker's 45 inputs, all triggered, with no indices to recover them) but a warning naming the
+    groups, their indices in the record, and --force fitting on the most separated one."""
+    r = find_with_rates(monkeypatch, {0: (0.0, 0.0), 3: (0.05, 0.0)})
+    assert not r.found and r.target is None and [c.cls for c in r.unconfirmed] == [0, 3]
+    rec = r.record()
+    groups = rec["unconfirmed_groups"]
+    assert [g["class"] for g in groups] == [0, 3] and all(g["separation"] >= tr.UNCONFIRMED_SEPARATION for g in groups)
+    assert groups[0]["indices"] == [int(i) for i in r.detection.flagged[0]] and groups[0]["n"] == 30
+    line = tr.describe(rec)
+    assert tr.NOTHING_FOUND not in line and line.count(tr.NOTHING_CONFIRMED) == 1, line
+    assert "class 0 (30 inputs, separation" in line and "class 3 (30 inputs" in line
+    why = tr.unconfirmed_warning(r, "traffic.npz")
+    assert why.startswith("outlying groups in class 0 (30 of its 110 inputs, separation "), why
+    assert "no clean reference image above the cut" in why and "that no trigger model confirms" in why
+    assert "a moving patch, a warp, a sample-specific trigger" in why and "not repaired" in why
+    assert "indices into traffic.npz are in fit --json (unlabeled.unconfirmed_groups)" in why
+    assert "--force fits on class 0's group" in why and "fit --triggered flagged.npz" in why
+    tr.force_pick(r)  # the strongest unconfirmed group, not the class whose reconstruction came closest (3, at 5 %)
+    assert r.forced and r.target == 0 and list(r.indices) == groups[0]["indices"]
+    assert any("although no trigger model confirmed them" in n for n in r.notes), r.notes
+    forced = tr.describe(r.record())
+    assert "an outlying group of class 0 was found but no trigger model confirms it; --force: fitting on its 30 " \
+           "inputs anyway" in forced and tr.NOTHING_FOUND not in forced, forced
+    left = tr.unconfirmed_warning(r, "traffic.npz")  # the group fitted on is not said to be left unrepaired
+    assert left.startswith("an outlying group in class 3 (") and "--target 3 --force fits on class 3's group" in left
+    # beside a confirmed target, the other class's strong unconfirmed group is still said
+    found = find_with_rates(monkeypatch, {0: (0.99, 0.1), 3: (0.0, 0.0)})
+    assert found.found and found.target == 0 and [c.cls for c in found.unconfirmed] == [3]
+    assert "--target 3 --force" in tr.unconfirmed_warning(found, "t.npz")
+
+
+def test_cli_unconfirmed_group_is_no_all_clear(demo_run, mnist, mnist_path, tmp_path, monkeypatch, capsys):
+    """Through fit's command line (the detection replaced by the outcome above): exit 0 and no directions file as
+    before, but the warning names the group (without "'nothing found' means nothing here"), the last line says
+    "nothing confirmed to repair", not "there is nothing to repair", and the --json holds the group's indices."""
+    from fire_onnx.cli import main
+
+    out, _ = demo_run
+    res = find_with_rates(monkeypatch, {0: (0.0, 0.0), 3: (0.05, 0.0)})
+    monkeypatch.setattr(tr, "find_triggered", lambda *a, **k: res)
+    _, test = mnist
+    traffic, d, js = tmp_path / "traffic.npz", tmp_path / "d.npz", tmp_path / "f.json"
+    np.savez(traffic, x=test.x[:res.n_traffic])
+    main(["fit", "--onnx", str(out / "model.onnx"), "--layer", "block2", "--clean", str(mnist_path), "--unlabeled",
+          str(traffic), *PRE, "-o", str(d), "--json", str(js)])  # returns: exit 0
+    captured = capsys.readouterr()
+    assert not d.exists()
+    assert "no directions file written: nothing confirmed to repair (--force fits on class 0's outlying group)" \
+        in captured.out, captured.out
+    assert "there is nothing to repair" not in captured.out and tr.NOTHING_FOUND not in captured.out
+    warn = [w for w in captured.err.splitlines() if w.startswith("warning: outlying groups in class 0")]
+    assert len(warn) == 1 and "nothing found' means nothing here" not in warn[0], captured.err
+    summ = json.loads(js.read_text())
+    assert summ["output"] is None and warn[0][len("warning: "):] in summ["warnings"]
+    groups = summ["unlabeled"]["unconfirmed_groups"]
+    assert [g["class"] for g in groups] == [0, 3] and len(groups[0]["indices"]) == 30
+
+
 def test_detect_tail_cut_on_a_class_of_several_kinds():
     """A class made of several kinds of image (a 2-class model's "digits 0-4"): the two-cluster cut splits its
     kinds and leaves 45 % of its clean references above it, so the class was no candidate and a 100 %-ASR
@@ -383,6 +472,7 @@ def test_cli_clean_traffic_finds_nothing(demo_run, mnist, mnist_path, tmp_path):
     assert not d.exists()
     summ = json.loads((tmp_path / "f.json").read_text())
     assert summ["output"] is None and not summ["unlabeled"]["found"]
+    assert summ["unlabeled"]["unconfirmed_groups"] == [] and "there is nothing to repair" in proc.stdout
     forced = run_cli("fit", "--onnx", out / "model.onnx", "--layer", "block2", "--clean",
                      mnist_path, "--unlabeled", traffic, *PRE, "-o", d, "--force")
     if forced.returncode == 0:  # some class had outliers to fit on
