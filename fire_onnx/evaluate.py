@@ -724,6 +724,10 @@ def _trigger_diff(recorded: dict, given: dict) -> str:
     return ", ".join(f"{k}={show(given.get(k))} given, {show(recorded.get(k))} recorded" for k in keys)
 
 
+REPAIR_LEFT_MIN = 0.2  # repair_left judges triggers that send at least this share to the target on the original ...
+REPAIR_LEFT_FLOORS = 3  # ... and this many times its ASR floor
+
+
 def repair_left(results: dict, infos: list[ModelInfo]) -> list[str]:
     """Warning lines for patched models that remove little of the ASR an unpatched one beside them shows: a trigger
     other than the one fitted, or a repair a later tool broke (static INT8 quantization turned the gate off and eval
@@ -731,9 +735,14 @@ def repair_left(results: dict, infos: list[ModelInfo]) -> list[str]:
     the original model does not show because --target is not the trigger's."""
     wrong = wrong_target_warnings(results, infos)
     base = [i.path for i in infos if not i.patched and results.get(i.path, {}).get("asr") is not None]
-    if len(base) != 1 or results[base[0]]["asr"] < 0.5:
+    if len(base) != 1:
         return wrong
-    b = results[base[0]]["asr"]
+    b, floor = results[base[0]]["asr"], results[base[0]].get("asr_floor") or 0.0
+    # a trigger that fools the original model on 44 % of the images and the repaired one on 42 % is a bypass too
+    # (new-user run 26: a patch shifted 2 px got no warning, the same gap at 50 % did): from REPAIR_LEFT_MIN, and
+    # well above what the model sends to the target without any trigger
+    if b < REPAIR_LEFT_MIN or b < REPAIR_LEFT_FLOORS * floor:
+        return wrong
     return wrong + [
         f"warning: {i.path}: ASR {results[i.path]['asr']:.1%} against {b:.1%} for {base[0]}: the repair removes "
         "little of this trigger (a trigger other than the one fitted, or a repair a later tool changed: see "

@@ -232,9 +232,9 @@ def describe_repair(summ: dict) -> list[str]:
                 f"gate {t['gate']}" if t.get("gate") else "", f"repair {t.get('repair', 'project')}",
                 f"{t['nodes']} nodes" if t.get("nodes") else "",
                 f"for class {t['target_class']}" if t.get("target_class") is not None else "",
+                "after the repair above at the same tensor (--add)" if t.get("activation") else "",
                 f"directions {str(t['directions_sha256'])[:12]}" if len(targets) > 1 and t.get("directions_sha256")
-                else "",
-                "after the repair above at the same tensor (--add)" if t.get("activation") else ""]
+                else ""]
         shown = t.get("activation") or shown_tensor(t['tensor'], t.get('output'))
         lines.append(f"  {shown}" + (f" (module {t['module']})" if t.get("module") else "") + ": "
                      + ", ".join(w for w in what if w))
