@@ -392,6 +392,11 @@ def reconstruct(flagged: np.ndarray, clean: np.ndarray, held: np.ndarray, predic
     if cands and best >= threshold:
         near = [c for c in cands if c.rate >= best - tie_tolerance(best, len(hold))]
         winner = min(near, key=_preference)
+    tried = sorted({c.kind for c in cands}, key=lambda k: KIND_RANK.get(k, 9))
+    # name what was tried: a moving sticker gives no patch candidate at all, and "(best 0%)" alone did not say so
+    # (new-user run 25)
+    no_patch = ("; no patch was tried: the flagged images agree on no pixel the clean images lack (a trigger that "
+                "moves or differs per image)" if "patch" not in tried else "")
     reason = "" if winner else (f"no trigger model moves at least {threshold:.0%} of held clean images to class {maj} "
-                                f"(best {best:.0%})")
+                                f"(best {best:.0%}; tried {', '.join(tried) or 'none'}{no_patch})")
     return Reconstruction(winner, cands, maj, share, len(flagged), len(hold), threshold, reason, held=hold)

@@ -217,7 +217,9 @@ def test_flagged_clean_images_warn_nothing_confirmed(demo_run, mnist_path, tmp_p
     proc = run_cli(*args)
     assert proc.returncode == 1 and "no trigger reconstruction confirmed" in proc.stderr
     assert "not written: the repair changes the predicted class of" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "d.npz").exists() and not (tmp_path / "f.json").exists()
+    assert not (tmp_path / "d.npz").exists()  # the JSON report is written, saying so (new-user run 25)
+    refused = json.loads((tmp_path / "f.json").read_text())
+    assert refused["written"] is False and refused["reconstruction"]["kind"] == "none"
     proc = run_cli(*args, "--force")
     assert proc.returncode == 0, proc.stderr
     assert "no trigger reconstruction confirmed" in proc.stderr and "written with --force although" in proc.stderr
