@@ -270,8 +270,9 @@ def parse(spec: str):
     if isinstance(trig, BadNets):
         if trig.pos not in POSITIONS:
             raise FireError(f"badnets pos must be one of {', '.join(POSITIONS)}")
-        if trig.pattern not in ("solid", "checker") or not 0 <= trig.value <= 255 or trig.size < 1:
-            raise FireError("badnets needs size >= 1, value in 0..255, pattern solid|checker")
+        if (trig.pattern not in ("solid", "checker") or not 0 <= trig.value <= 255 or trig.size < 1
+                or trig.margin < 0):  # margin=-1 broke numpy's broadcast with a traceback (new-user run 27)
+            raise FireError("badnets needs size >= 1, margin >= 0, value in 0..255, pattern solid|checker")
     if isinstance(trig, WaNet) and not trig.grid and not (2 <= trig.k <= 64 and 0 < trig.s <= 16):
         raise FireError("wanet needs k in 2..64 and s in (0, 16]")
     if isinstance(trig, InputAware) and not 0 < trig.density <= 0.5:

@@ -53,6 +53,8 @@ def test_sig_changes_columns():
     ("badnets:size=abc", "must be int"),
     ("badnets:colour=1", "bad trigger option"),
     ("badnets:pos=middle", "pos"),
+    ("badnets:margin=-1", "margin >= 0"),  # a traceback from numpy's broadcast (new-user run 27)
+    ("badnets:pos=random,margin=-1", "margin >= 0"),
     ("blended:alpha=0", "alpha"),
 ])
 def test_bad_specs(spec, match):
