@@ -318,6 +318,7 @@ def fit_target(
     tau_clean = np.quantile(sc, quantile, axis=0)
     tau, chosen, rule = tau_clean, gate, "clean-quantile"
     sep = (st.mean(axis=0) - sc.mean(axis=0)) / np.maximum(sc.std(axis=0), 1e-12)
+    sw = None if Wk is None else (Wk - mu) @ U.T  # the weaker copies' scores (U is oriented above)
     if gate == "auto":
         # The hard gate touches only samples scoring above tau, the plain projection touches all of
         # them; so a hard gate whose tau sits just under the triggered scores is never worse on clean
@@ -330,21 +331,17 @@ def fit_target(
         # every clean image and cost 1.3 pt of clean accuracy, the hard gate none, at the same ASR)
         # (``weak_floor=False``: the trigger-free rounds, one direction per recovered trigger, keep the plain
         # rule: with the floor, MNIST SIG's 3-round repair left 10.4 % ASR instead of 5.8 %)
-        if weak_floor:
-            weak = (np.arange(len(sep)) >= 1) & (sep < SUBSPACE_MIN_SEPARATION)
-            tau = np.where(weak, tau_clean, tau)
+        weak = (np.arange(len(sep)) >= 1) & (sep < SUBSPACE_MIN_SEPARATION) if weak_floor else np.zeros(len(sep), bool)
+        tau = np.where(weak, tau_clean, tau)
         chosen = "hard"
         if np.any(tau < tau_clean):
             rule = "triggered-margin"
-        if Wk is not None:
+        if sw is not None:
             # weaker copies of the trigger the original model still obeys: reach them as well, as far as the clean
             # scores allow (a patch separated by 9 sigma: tau 7.1 -> 3.4 closed every weaker variant at no CA cost; a
             # blend at 2 sigma would have fired on 45 % of the clean inputs without the floor)
-            sw = (Wk - mu) @ U.T
             floor = np.quantile(sc, 1 - WEAKER_CLEAN_FIRE, axis=0)
-            lowered = np.minimum(tau, np.maximum(auto_reach(sw), floor))
-            if weak_floor:
-                lowered = np.where((np.arange(len(sep)) >= 1) & (sep < SUBSPACE_MIN_SEPARATION), tau, lowered)
+            lowered = np.where(weak, tau, np.minimum(tau, np.maximum(auto_reach(sw), floor)))
             if np.any(lowered < tau):
                 rule = "weaker-trigger-margin"
             tau = lowered
@@ -383,9 +380,9 @@ def fit_target(
     }
     if shrinkage is not None:
         fit["shrinkage"] = shrinkage
-    if Wk is not None:
-        sw_fire = float(((Wk - mu) @ U.T > tau).any(axis=1).mean()) if chosen != "none" else 1.0
-        fit["gate_weaker"] = {"n": int(Wk.shape[0]), "gate_fires": sw_fire, "clean_fire_cap": WEAKER_CLEAN_FIRE}
+    if sw is not None:
+        sw_fire = float((sw > tau).any(axis=1).mean()) if chosen != "none" else 1.0
+        fit["gate_weaker"] = {"n": int(sw.shape[0]), "gate_fires": sw_fire, "clean_fire_cap": WEAKER_CLEAN_FIRE}
     if sg is not None:
         fit["n_gate_triggered"] = int(gate_triggered.shape[0])
         fit["gate_recall_gate_triggered"] = float((sg > tau).any(axis=1).mean()) if chosen != "none" else 1.0

@@ -792,9 +792,9 @@ def class_drop_warnings(results: dict, infos: list[ModelInfo]) -> list[str]:
 def repaired_classes(info: ModelInfo) -> list[int]:
     """The classes a patched model records its repairs as being for (``fire_onnx.attack``: ``targets`` when
     several were stacked with ``patch --add``, else ``target``); [] when it records none."""
-    rec = info.attack or {}
-    listed = rec.get("targets") if isinstance(rec.get("targets"), list) else [rec.get("target")]
-    return [int(c) for c in listed if isinstance(c, int) and not isinstance(c, bool)]
+    from fire_onnx.patch import attack_classes
+
+    return attack_classes(info.attack)
 
 
 def attack_warnings(infos: list[ModelInfo], target: int | None, trigger: dict | None) -> list[str]:

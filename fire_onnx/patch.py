@@ -210,10 +210,17 @@ def recorded_classes(model: onnx.ModelProto) -> list[int]:
             attack = loads_json(raw) if raw else {}
         except ValueError:
             attack = {}
-        if isinstance(attack, dict):
-            listed = attack.get("targets") if isinstance(attack.get("targets"), list) else [attack.get("target")]
-            out = [int(c) for c in listed if is_int(c)]
+        out = attack_classes(attack)
     return list(dict.fromkeys(out))
+
+
+def attack_classes(attack) -> list[int]:
+    """The classes a ``fire_onnx.attack`` record names: its ``targets`` (several repairs stacked with --add), else
+    its ``target``; [] when it names none (or is not a dict)."""
+    if not isinstance(attack, dict):
+        return []
+    listed = attack.get("targets") if isinstance(attack.get("targets"), list) else [attack.get("target")]
+    return [int(c) for c in listed if is_int(c)]
 
 
 def _repair_index(node_name: str) -> int | None:

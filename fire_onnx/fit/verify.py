@@ -195,7 +195,7 @@ def _verify(req, inputs, d: dirs.Directions, triggered: Images, clean: Images, s
     elif seek_suspects and target is not None:  # the pool is known to hold some: look again after each refit
         out["_suspects"] = _pool_suspects(req, inputs, held, d, target)
     if inputs.trigger is not None and target is not None and before is not None and before >= WEAKER_FOOLS:
-        weak = _weaker_check(held, d, inputs.pool.subset(stamp_idx).x, held_trig.x, target, inputs.preprocess)
+        weak = _weaker_check(held, d, src.x, held_trig.x, target, inputs.preprocess)  # src: their twins (above)
         out["weaker_trigger"] = weak
         if weak.get("bypass"):
             w = weak["bypass"]
@@ -720,11 +720,10 @@ def refuse_or_record(req, d: dirs.Directions, check: dict) -> None:
         from fire_onnx.errors import Refused
         from fire_onnx.fit.pipeline import summary
 
-        msg = f"not written: {check['refuse']}. {what}; --force writes it anyway"
-        report = summary(d)
-        report["warnings"] += [w for w in check.get("warnings", []) if w not in report["warnings"]]
-        report.update(output=None, written=False, refused=" ".join(msg.split()))
-        raise Refused(msg, report)
+        err = Refused(f"not written: {check['refuse']}. {what}; --force writes it anyway", summary(d))
+        err.report["warnings"] += [w for w in check.get("warnings", []) if w not in err.report["warnings"]]
+        err.report.update(output=None, written=False, refused=str(err))
+        raise err
     d.meta.setdefault("checks", {}).setdefault("warnings", []).extend(check.get("warnings", []))
     if check.get("refuse"):
         d.meta["checks"]["warnings"].append(f"written with --force although {check['refuse']}")
